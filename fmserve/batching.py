@@ -1,0 +1,187 @@
+"""Dynamic batching: items submitted concurrently are grouped into one call of a batch handler.
+
+The contract (tests/unit/test_batching.py holds it):
+- A lone item on an idle batcher runs at once unless `max_queue_delay_s` asks to wait for
+  company; the next batch forms from whatever queued while `max_in_flight` batches were running.
+- A batch holds at most `max_batch_size` items and `max_batch_cost` cost (e.g. tokens); one item
+  costlier than the limit still runs, alone.
+- Higher priority first: priority 0 (interactive) is always taken before 1 (background), and a
+  batch that must carry background items while interactive ones wait is cut to
+  `background_batch_size` so interactive work never waits long behind it.
+- Every waiter is answered exactly once on every path: its result, its own error (the handler
+  returns an exception in its slot), the batch's error (the handler raised), or Unavailable on
+  stop. Waiters cancelled while queued are dropped before compute.
+- When `max_queue_size` items already wait, `submit` refuses at once with Overloaded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Generic, TypeVar
+
+from fmserve.errors import FmserveError, Overloaded, Unavailable
+
+I = TypeVar("I")  # noqa: E741 - conventional name for the item type
+R = TypeVar("R")
+
+# The handler gets a batch of items and returns one result, or one exception, per item.
+BatchHandler = Callable[[list[I]], Awaitable[Sequence[R | BaseException]]]
+# Told each batch's size and its items' queueing delays, for metrics.
+BatchObserver = Callable[[int, list[float]], None]
+
+
+@dataclass
+class _Waiter(Generic[I, R]):
+    item: I
+    cost: int
+    future: asyncio.Future[R]
+    enqueued: float = field(default_factory=time.monotonic)
+
+
+@dataclass
+class BatchLimits:
+    max_batch_size: int = 32
+    max_batch_cost: int | None = None
+    max_queue_delay_s: float = 0.0
+    max_in_flight: int = 1
+    max_queue_size: int = 10_000
+    background_batch_size: int = 4
+
+
+class Batcher(Generic[I, R]):
+    """Owns its queues, its in-flight batches and every waiter's future."""
+
+    PRIORITIES = (0, 1)
+
+    def __init__(
+        self,
+        handler: BatchHandler[I, R],
+        limits: BatchLimits | None = None,
+        cost: Callable[[I], int] = lambda _: 1,
+        observer: BatchObserver | None = None,
+    ) -> None:
+        self._handler = handler
+        self.limits = limits or BatchLimits()
+        self._cost = cost
+        self._observer = observer
+        self._queues: dict[int, deque[_Waiter[I, R]]] = {p: deque() for p in self.PRIORITIES}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._timer: asyncio.TimerHandle | None = None
+        self._stopped = False
+
+    @property
+    def queued(self) -> int:
+        return sum(len(q) for q in self._queues.values())
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def submit(self, item: I, priority: int = 0) -> R:
+        """Queue one item and wait for its result; raises its error."""
+        if self._stopped:
+            raise Unavailable("the service is shutting down; retry on another replica")
+        if self.queued >= self.limits.max_queue_size:
+            raise Overloaded(f"{self.queued} items already queued; retry shortly")
+        waiter = _Waiter(item, self._cost(item), asyncio.get_running_loop().create_future())
+        self._queues[1 if priority else 0].append(waiter)
+        self._dispatch()
+        return await waiter.future
+
+    async def stop(self) -> None:
+        """Refuse new items, fail those still queued with Unavailable, let running batches end."""
+        self._stopped = True
+        if self._timer:
+            self._timer.cancel()
+        for queue in self._queues.values():
+            while queue:
+                _settle(queue.popleft().future, Unavailable("the service is shutting down"))
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    def _dispatch(self) -> None:
+        while self.in_flight < self.limits.max_in_flight:
+            self._drop_cancelled()
+            if not self.queued or self._should_wait():
+                return
+            batch = self._take_batch()
+            task = asyncio.get_running_loop().create_task(self._run(batch))
+            self._tasks.add(task)
+            task.add_done_callback(self._finished)
+
+    def _should_wait(self) -> bool:
+        """With a queue delay set, an idle batcher waits for company until the oldest item's
+        delay is spent or the batch is full."""
+        delay = self.limits.max_queue_delay_s
+        if delay <= 0 or self.in_flight or self.queued >= self.limits.max_batch_size:
+            return False
+        oldest = min(q[0].enqueued for q in self._queues.values() if q)
+        left = oldest + delay - time.monotonic()
+        if left <= 0:
+            return False
+        if self._timer is None:
+            self._timer = asyncio.get_running_loop().call_later(left, self._timer_fired)
+        return True
+
+    def _timer_fired(self) -> None:
+        self._timer = None
+        self._dispatch()
+
+    def _drop_cancelled(self) -> None:
+        for priority, queue in self._queues.items():
+            if any(w.future.done() for w in queue):
+                self._queues[priority] = deque(w for w in queue if not w.future.done())
+
+    def _take_batch(self) -> list[_Waiter[I, R]]:
+        limits, batch, cost = self.limits, [], 0
+        for priority in self.PRIORITIES:
+            queue = self._queues[priority]
+            size = limits.max_batch_size
+            if priority and self._queues[0]:
+                size = min(size, limits.background_batch_size)
+            while queue and len(batch) < size:
+                nxt = queue[0]
+                if batch and limits.max_batch_cost and cost + nxt.cost > limits.max_batch_cost:
+                    return batch
+                batch.append(queue.popleft())
+                cost += nxt.cost
+        return batch
+
+    async def _run(self, batch: list[_Waiter[I, R]]) -> None:
+        now = time.monotonic()
+        if self._observer:
+            self._observer(len(batch), [now - w.enqueued for w in batch])
+        try:
+            results = await self._handler([w.item for w in batch])
+            if len(results) != len(batch):
+                raise FmserveError(
+                    f"batch handler returned {len(results)} results for {len(batch)} items"
+                )
+        except BaseException as exc:  # every waiter hears of it, even on cancellation
+            for waiter in batch:
+                _settle(waiter.future, exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            return
+        for waiter, result in zip(batch, results, strict=True):
+            _settle(waiter.future, result)
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not self._stopped:
+            self._dispatch()
+
+
+def _settle(future: asyncio.Future[R], outcome: R | BaseException) -> None:
+    if future.done():
+        return
+    if isinstance(outcome, asyncio.CancelledError):
+        future.set_exception(Unavailable("the batch was cancelled; retry"))
+    elif isinstance(outcome, BaseException):
+        future.set_exception(outcome)
+    else:
+        future.set_result(outcome)

@@ -1,0 +1,86 @@
+"""Client channels between services: round-robin over every address of a service, retries of
+UNAVAILABLE in the service config, and the request id carried on every call."""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+from typing import Any
+
+import grpc
+
+from fmserve import context
+from fmserve.interceptors import REQUEST_ID_KEY
+from fmserve.service import grpc_options
+
+_SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
+
+_SERVICE_CONFIG = json.dumps(
+    {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [
+            {
+                "name": [{}],
+                "retryPolicy": {
+                    "maxAttempts": 4,
+                    "initialBackoff": "0.05s",
+                    "maxBackoff": "1s",
+                    "backoffMultiplier": 2,
+                    "retryableStatusCodes": ["UNAVAILABLE"],
+                },
+            }
+        ],
+        "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
+    }
+)
+
+
+def target(address: str) -> str:
+    """A gRPC target for one address or a comma-separated list of replicas.
+
+    One `host:port` resolves through DNS, so every address the name has (compose replicas) is
+    used and re-resolved; several `ip:port` entries become a static `ipv4:` list.
+    """
+    if address.startswith(_SCHEMES):
+        return address
+    parts = [a.strip() for a in address.split(",") if a.strip()]
+    if len(parts) == 1:
+        return f"dns:///{parts[0]}"
+    return "ipv4:" + ",".join(_literal(p) for p in parts)
+
+
+def _literal(address: str) -> str:
+    host, _, port = address.rpartition(":")
+    host = "127.0.0.1" if host == "localhost" else host
+    ipaddress.IPv4Address(host)  # a list of replicas must name IPv4 addresses
+    return f"{host}:{port}"
+
+
+class _RequestIdInterceptor(
+    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
+):
+    """Adds the current request id to the call's metadata."""
+
+    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_request_id(details), request)
+
+    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
+        return await continuation(_with_request_id(details), request)
+
+
+def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    rid = context.request_id.get()
+    if not rid:
+        return details
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), (REQUEST_ID_KEY, rid))
+    return grpc.aio.ClientCallDetails(
+        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
+    )
+
+
+def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
+    """An asyncio channel to a service (one address or several replicas)."""
+    options = [*grpc_options(max_message_bytes), ("grpc.service_config", _SERVICE_CONFIG)]
+    return grpc.aio.insecure_channel(
+        target(address), options=options, interceptors=[_RequestIdInterceptor()]
+    )

@@ -1,0 +1,104 @@
+"""The one error tree of fmserve. Every class carries its gRPC status code and a message a
+person can act on; a server interceptor (fmserve.interceptors) is the only place that turns
+them into wire statuses, and the clients turn wire statuses back into them.
+
+    FmserveError                      INTERNAL (anything unexpected)
+    ├── InvalidInput                  INVALID_ARGUMENT  bad field, empty input, wrong type
+    │   ├── InputTooLong              INVALID_ARGUMENT  text over the model's maximum length
+    │   └── WrongTask                 INVALID_ARGUMENT  task the model does not do
+    ├── NotFound                      NOT_FOUND
+    │   ├── ModelNotFound             NOT_FOUND         unknown model or version
+    │   └── JobNotFound               NOT_FOUND         unknown job id
+    ├── Conflict                      FAILED_PRECONDITION  e.g. cancel of a finished job
+    ├── Overloaded                    RESOURCE_EXHAUSTED   queue full, retry later
+    │   └── TooLarge                  RESOURCE_EXHAUSTED   too many items in one request
+    ├── Unavailable                   UNAVAILABLE       a stage or store is down, model not ready
+    ├── DeadlineExceeded              DEADLINE_EXCEEDED
+    └── Cancelled                     CANCELLED
+
+Retryable states get retryable codes: not-ready is UNAVAILABLE, overload RESOURCE_EXHAUSTED.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+
+class FmserveError(Exception):
+    """Base of every fmserve error; unexpected failures are reported as INTERNAL."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInput(FmserveError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class InputTooLong(InvalidInput):
+    pass
+
+
+class WrongTask(InvalidInput):
+    pass
+
+
+class NotFound(FmserveError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class ModelNotFound(NotFound):
+    pass
+
+
+class JobNotFound(NotFound):
+    pass
+
+
+class Conflict(FmserveError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Overloaded(FmserveError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class TooLarge(Overloaded):
+    pass
+
+
+class Unavailable(FmserveError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(FmserveError):
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Cancelled(FmserveError):
+    code = grpc.StatusCode.CANCELLED
+
+
+_BY_CODE: dict[grpc.StatusCode, type[FmserveError]] = {
+    grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
+    grpc.StatusCode.NOT_FOUND: NotFound,
+    grpc.StatusCode.FAILED_PRECONDITION: Conflict,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
+    grpc.StatusCode.UNAVAILABLE: Unavailable,
+    grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
+    grpc.StatusCode.CANCELLED: Cancelled,
+}
+
+
+def from_rpc_error(error: grpc.RpcError) -> FmserveError:
+    """Translate a failed call into the error tree, keeping the server's message.
+
+    Client-facing codes pass through unchanged, so a stage's INVALID_ARGUMENT reaches the
+    gateway's caller as INVALID_ARGUMENT; anything else becomes INTERNAL.
+    """
+    code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
+    details = error.details() if hasattr(error, "details") else str(error)
+    return _BY_CODE.get(code, FmserveError)(details or code.name)

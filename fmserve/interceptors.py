@@ -1,0 +1,118 @@
+"""Server-side cross-cutting behaviour, applied to every method of every service:
+request ids, metrics, access logs, and the one place where errors become gRPC statuses."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from fmserve import context
+from fmserve.errors import FmserveError
+from fmserve.metrics import RpcMetrics
+
+log = logging.getLogger("fmserve.rpc")
+
+REQUEST_ID_KEY = "x-request-id"
+# Statuses whose `model` label may be a client's typo: recorded as "-" to keep labels bounded.
+_UNTRUSTED_MODEL_CODES = {"INVALID_ARGUMENT", "NOT_FOUND"}
+
+
+class ServiceInterceptor(grpc.aio.ServerInterceptor):
+    """Wraps unary-unary and unary-stream handlers with request id, metrics, logs and errors."""
+
+    def __init__(self, metrics: RpcMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(
+                self._wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(
+                self._wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler
+
+    def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with _CallScope(self.metrics, method, request, context) as scope:
+                return await scope.run(behavior(request, context))
+
+        return wrapped
+
+    def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            with _CallScope(self.metrics, method, request, context) as scope:
+                async for reply in scope.iterate(behavior(request, context)):
+                    yield reply
+
+        return wrapped
+
+
+class _CallScope:
+    """One call: binds its request id, times it, and maps its exception to a status."""
+
+    def __init__(self, metrics: RpcMetrics, method: str, request: Any, context: Any) -> None:
+        self.metrics, self.method, self.context = metrics, method, context
+        self.model = str(getattr(request, "model", "") or getattr(request, "model_name", ""))
+        self.code = "OK"
+
+    def __enter__(self) -> _CallScope:
+        incoming = dict(self.context.invocation_metadata() or ())
+        self.request_id = incoming.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        self.token = context.request_id.set(self.request_id)
+        context.set_deadline_from(self.context.time_remaining())
+        self.started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        elapsed = time.perf_counter() - self.started
+        model = "-" if self.code in _UNTRUSTED_MODEL_CODES else (self.model or "-")
+        self.metrics.observe(self.method, model, self.code, elapsed)
+        log.debug("rpc", extra={"method": self.method, "code": self.code, "ms": elapsed * 1e3})
+        context.request_id.reset(self.token)
+
+    async def run(self, call: Awaitable[Any]) -> Any:
+        try:
+            return await call
+        except Exception as exc:  # every failure reaches the wire here, and only here
+            await self._abort(exc)
+
+    async def iterate(self, stream: Any) -> Any:
+        try:
+            async for reply in stream:
+                yield reply
+        except Exception as exc:
+            await self._abort(exc)
+
+    async def _abort(self, exc: Exception) -> None:
+        if isinstance(exc, grpc.aio.AbortError):
+            self.code = (self.context.code() or grpc.StatusCode.UNKNOWN).name
+            raise exc
+        if isinstance(exc, FmserveError) and type(exc) is not FmserveError:
+            code, message = exc.code, exc.message
+        else:
+            log.exception("unexpected error in %s", self.method)
+            code = grpc.StatusCode.INTERNAL
+            message = f"internal error; quote request id {self.request_id} when reporting it"
+        self.code = code.name
+        self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        await self.context.abort(code, message)

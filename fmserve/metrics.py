@@ -1,0 +1,41 @@
+"""Prometheus metrics shared by every service: names follow `fmserve_<service>_<what>_<unit>`,
+labels stay bounded (method, model, code; never a user or request id)."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram, start_http_server
+
+# Latency buckets from 0.5 ms to 10 s: cache hits live at the bottom, cold batches at the top.
+LATENCY_BUCKETS = (
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+)  # fmt: skip
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+
+
+class RpcMetrics:
+    """Request count and latency per gRPC method, model and status code, for one service."""
+
+    def __init__(self, service: str) -> None:
+        self.requests = Counter(
+            f"fmserve_{service}_requests_total",
+            "gRPC requests handled, by method, model and status code.",
+            ["method", "model", "code"],
+        )
+        self.latency = Histogram(
+            f"fmserve_{service}_request_duration_seconds",
+            "Time to answer a gRPC request, by method and model.",
+            ["method", "model"],
+            buckets=LATENCY_BUCKETS,
+        )
+
+    def observe(self, method: str, model: str, code: str, seconds: float) -> None:
+        self.requests.labels(method, model, code).inc()
+        self.latency.labels(method, model).observe(seconds)
+
+
+def serve_metrics(port: int, host: str = "0.0.0.0") -> int | None:
+    """Start the /metrics HTTP endpoint in a daemon thread; returns the bound port (None if off)."""
+    if port < 0:
+        return None
+    httpd, _ = start_http_server(port, addr=host)
+    return int(httpd.server_port)

@@ -1,0 +1,190 @@
+"""The model repository: one folder per model, each with a `model.toml` and its Hugging Face
+files (numbered version folders, or one `source` folder). Read by every service that needs to
+know a model; the inference service alone loads weights.
+
+    models/
+      minilm-embed/
+        model.toml          task, source, max_length, batching, runtime, labels
+      my-ner/
+        model.toml
+        1/  config.json model.safetensors tokenizer.json ...
+        2/  ...
+
+See README "Model repository" for every key.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import tomllib
+from dataclasses import dataclass, field
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from fmserve.errors import ModelNotFound
+
+CONFIG_FILE = "model.toml"
+
+
+class TaskName(StrEnum):
+    EMBEDDING = "embedding"
+    TEXT_CLASSIFICATION = "text-classification"
+    TOKEN_CLASSIFICATION = "token-classification"
+
+
+class ConfigError(ValueError):
+    """A model.toml that cannot be used; the message names the file and the key."""
+
+
+@dataclass(frozen=True)
+class Batching:
+    max_batch_size: int = 32
+    """Most texts in one forward pass."""
+    max_batch_tokens: int = 16_384
+    """Most tokens (padded) in one forward pass."""
+    max_queue_delay_ms: float = 0.0
+    """How long an idle model waits for more requests before running; 0 runs at once."""
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: str = "auto"
+    """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
+    precision: str = "fp32"
+    """fp32; fp16 or bf16 on GPU; int8 (dynamic quantisation) on CPU."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    task: TaskName
+    versions: dict[str, Path]
+    """Version name → folder of Hugging Face files; the highest is the default."""
+    max_length: int
+    labels: tuple[str, ...] = ()
+    prototypes: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    """Zero-shot classification on an embedding encoder: label → sentences describing it."""
+    pooling: str = "mean"
+    normalize: bool = True
+    description: str = ""
+    batching: Batching = field(default_factory=Batching)
+    runtime: Runtime = field(default_factory=Runtime)
+
+    @property
+    def default_version(self) -> str:
+        return max(self.versions, key=_version_order)
+
+    def resolve_version(self, version: str = "") -> str:
+        """The version to serve for a request ("" means the default); unknown ones are NOT_FOUND."""
+        version = version or self.default_version
+        if version not in self.versions:
+            raise ModelNotFound(
+                f"model {self.name!r} has no version {version!r}; "
+                f"available: {', '.join(sorted(self.versions, key=_version_order))}"
+            )
+        return version
+
+    def files(self, version: str = "") -> Path:
+        return self.versions[self.resolve_version(version)]
+
+
+class ModelRepository:
+    """Reads model folders under `root`; configs are re-read when their model.toml changes."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._cache: dict[str, tuple[float, ModelConfig]] = {}
+
+    def names(self) -> list[str]:
+        if not self.root.is_dir():
+            return []
+        return sorted(p.parent.name for p in self.root.glob(f"*/{CONFIG_FILE}"))
+
+    def list(self) -> list[ModelConfig]:
+        return [self.get(name) for name in self.names()]
+
+    def get(self, name: str) -> ModelConfig:
+        """The config of a model; ModelNotFound names the models that exist."""
+        path = self.root / name / CONFIG_FILE
+        if not name or "/" in name or name.startswith(".") or not path.is_file():
+            known = ", ".join(self.names()) or "none"
+            raise ModelNotFound(f"unknown model {name!r}; this cluster serves: {known}")
+        mtime = path.stat().st_mtime
+        cached = self._cache.get(name)
+        if cached is None or cached[0] != mtime:
+            cached = (mtime, load_config(path))
+            self._cache[name] = cached
+        return cached[1]
+
+
+def load_config(path: Path) -> ModelConfig:
+    """Parse one model.toml (and the Hugging Face config.json it points at)."""
+    try:
+        raw = tomllib.loads(path.read_text())
+        return _build(path.parent, raw)
+    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+
+
+def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
+    task = TaskName(raw["task"])
+    versions = _versions(folder, raw)
+    hf_config = _hf_config(versions[max(versions, key=_version_order)])
+    prototypes = {k: tuple(v) for k, v in raw.get("prototypes", {}).items()}
+    labels = tuple(prototypes) or _labels(hf_config)
+    if task is not TaskName.EMBEDDING and not labels:
+        raise ValueError(
+            "a classification model needs labels: id2label in config.json or [prototypes]"
+        )
+    return ModelConfig(
+        name=folder.name,
+        task=task,
+        versions=versions,
+        max_length=int(raw.get("max_length") or hf_config.get("max_position_embeddings", 512)),
+        labels=labels,
+        prototypes=prototypes,
+        pooling=raw.get("pooling", "mean"),
+        normalize=bool(raw.get("normalize", True)),
+        description=raw.get("description", ""),
+        batching=Batching(**raw.get("batching", {})),
+        runtime=Runtime(**raw.get("runtime", {})),
+    )
+
+
+def _versions(folder: Path, raw: dict[str, Any]) -> dict[str, Path]:
+    versions = {p.name: p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
+    if source := raw.get("source"):
+        versions.setdefault(str(raw.get("version", "1")), _source_folder(folder, source))
+    if not versions:
+        raise ValueError("no versions: add numbered version folders or a `source`")
+    return versions
+
+
+def _source_folder(folder: Path, source: str) -> Path:
+    """`package:NAME/sub/dir` is a folder inside an installed Python package; anything else a
+    path, relative to the model's folder."""
+    if source.startswith("package:"):
+        package, _, sub = source.removeprefix("package:").partition("/")
+        spec = importlib.util.find_spec(package)
+        if spec is None or not spec.submodule_search_locations:
+            raise ValueError(f"source {source!r}: package {package!r} is not installed")
+        return Path(next(iter(spec.submodule_search_locations))) / sub
+    return (folder / source).resolve()
+
+
+def _hf_config(files: Path) -> dict[str, Any]:
+    config = files / "config.json"
+    if not config.is_file():
+        raise ValueError(f"{files} has no config.json")
+    return json.loads(config.read_text())
+
+
+def _labels(hf_config: dict[str, Any]) -> tuple[str, ...]:
+    id2label = hf_config.get("id2label") or {}
+    return tuple(id2label[k] for k in sorted(id2label, key=int))
+
+
+def _version_order(version: str) -> tuple[int, str]:
+    return (int(version), "") if version.isdigit() else (-1, version)

@@ -1,0 +1,113 @@
+"""The lifecycle every service shares: a grpc.aio server with the standard health service,
+reflection, the service interceptor, a /metrics endpoint, and an ordered graceful stop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from fmserve.interceptors import ServiceInterceptor
+from fmserve.metrics import RpcMetrics, serve_metrics
+from fmserve.settings import ServiceSettings
+
+log = logging.getLogger("fmserve.service")
+
+
+class Resource(Protocol):
+    """Something a service starts before serving and stops after its calls have drained."""
+
+    async def start(self) -> None: ...
+
+    async def stop(self) -> None: ...
+
+
+@dataclass
+class Servicer:
+    """A servicer object, the generated function that adds it, and its full service name."""
+
+    add_to_server: Callable[[Any, grpc.aio.Server], None]
+    servicer: Any
+    name: str
+
+
+def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Channel/server options both sides use: message limits and keepalive that survives idling."""
+    return [
+        ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.keepalive_time_ms", 30_000),
+        ("grpc.http2.max_pings_without_data", 0),
+        ("grpc.keepalive_permit_without_calls", 1),
+    ]
+
+
+@dataclass
+class Service:
+    """One service process: `start()` binds and serves, `stop()` drains and exits in order."""
+
+    name: str
+    settings: ServiceSettings
+    servicers: list[Servicer]
+    resources: list[Resource] = field(default_factory=list)
+    port: int = 0
+    metrics_port: int | None = None
+
+    def __post_init__(self) -> None:
+        self._health = health.aio.HealthServicer()
+        self._server: grpc.aio.Server | None = None
+        self._metrics = RpcMetrics(self.name)
+
+    async def start(self) -> None:
+        for resource in self.resources:
+            await resource.start()
+        server = grpc.aio.server(
+            interceptors=[ServiceInterceptor(self._metrics)],
+            options=grpc_options(self.settings.max_message_bytes),
+        )
+        for s in self.servicers:
+            s.add_to_server(s.servicer, server)
+        health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
+        names = [s.name for s in self.servicers]
+        reflection.enable_server_reflection(
+            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
+        )
+        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        await server.start()
+        self._server = server
+        self.metrics_port = serve_metrics(self.settings.metrics_port, self.settings.host)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port})
+
+    async def stop(self) -> None:
+        """Health NOT_SERVING first (balancers move away), drain calls, then close resources."""
+        if self._server is not None:
+            await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+            await self._server.stop(self.settings.grace_period_s)
+            self._server = None
+        for resource in reversed(self.resources):
+            await resource.stop()
+        log.info("stopped")
+
+    async def _set_health(self, status: int) -> None:
+        for name in ["", *(s.name for s in self.servicers)]:
+            await self._health.set(name, status)
+
+
+async def run_until_signalled(service: Service) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully. Only entry points call this."""
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await service.start()
+    await stopping.wait()
+    log.info("signal received, stopping", extra={"grace_period_s": service.settings.grace_period_s})
+    await service.stop()

@@ -1,0 +1,41 @@
+"""The settings every service shares. Each service subclasses `ServiceSettings` with its own
+`FMSERVE_<SERVICE>_` prefix; the few cluster-wide values read one unprefixed variable each.
+Settings are read here and nowhere else: no other module looks at the environment."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
+
+
+class ServiceSettings(BaseSettings):
+    """Fields common to all five services; subclasses set `env_prefix` and the default port."""
+
+    model_config = SettingsConfigDict(env_prefix="FMSERVE_", extra="ignore")
+
+    host: str = "0.0.0.0"
+    """Interface the gRPC server binds."""
+    port: int = 0
+    """gRPC port; each service has its own default (gateway 50051 … cache 50055)."""
+    metrics_port: int = 0
+    """Port of the Prometheus /metrics endpoint; 0 picks a free port, -1 turns it off."""
+    grace_period_s: float = 10.0
+    """On SIGTERM: how long in-flight calls may take to finish before the server exits."""
+    max_message_bytes: int = 64 * 1024 * 1024
+    """Largest gRPC message sent or received (grpcio's 4 MiB default is too small for batches)."""
+    log_level: str = Field("INFO", validation_alias="FMSERVE_LOG_LEVEL")
+    """Log level for every service: DEBUG, INFO, WARNING or ERROR."""
+    log_format: Literal["json", "text"] = Field("json", validation_alias="FMSERVE_LOG_FORMAT")
+    """`json`: one JSON object per line; `text`: for reading in a terminal."""
+
+
+class RepositorySettings(ServiceSettings):
+    """Services that read the model repository (preprocess, inference, postprocess, gateway)."""
+
+    model_repository: Path = Field(DEFAULT_REPOSITORY, validation_alias="FMSERVE_MODEL_REPOSITORY")
+    """Folder with one sub-folder per model (see README, "Model repository")."""
