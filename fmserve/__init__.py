@@ -5,3 +5,7 @@ batching, the model repository, the client); each service lives in `services/<na
 """
 
 __version__ = "0.1.0"
+
+from fmserve.client import AsyncClient, Client
+
+__all__ = ["AsyncClient", "Client", "__version__"]

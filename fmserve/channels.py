@@ -15,7 +15,7 @@ from fmserve.service import grpc_options
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
 
-_SERVICE_CONFIG = json.dumps(
+SERVICE_CONFIG = json.dumps(
     {
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [
@@ -80,7 +80,7 @@ def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCall
 
 def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
     """An asyncio channel to a service (one address or several replicas)."""
-    options = [*grpc_options(max_message_bytes), ("grpc.service_config", _SERVICE_CONFIG)]
+    options = [*grpc_options(max_message_bytes), ("grpc.service_config", SERVICE_CONFIG)]
     return grpc.aio.insecure_channel(
         target(address), options=options, interceptors=[_RequestIdInterceptor()]
     )

@@ -12,25 +12,37 @@ LATENCY_BUCKETS = (
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+# One pair of collectors per service name and process: Prometheus refuses to register a name
+# twice, and a process may build the same service more than once (tests, a restart in place).
+_RPC_COLLECTORS: dict[str, tuple[Counter, Histogram]] = {}
+
+
 class RpcMetrics:
     """Request count and latency per gRPC method, model and status code, for one service."""
 
     def __init__(self, service: str) -> None:
-        self.requests = Counter(
-            f"fmserve_{service}_requests_total",
-            "gRPC requests handled, by method, model and status code.",
-            ["method", "model", "code"],
-        )
-        self.latency = Histogram(
-            f"fmserve_{service}_request_duration_seconds",
-            "Time to answer a gRPC request, by method and model.",
-            ["method", "model"],
-            buckets=LATENCY_BUCKETS,
-        )
+        if service not in _RPC_COLLECTORS:
+            _RPC_COLLECTORS[service] = _rpc_collectors(service)
+        self.requests, self.latency = _RPC_COLLECTORS[service]
 
     def observe(self, method: str, model: str, code: str, seconds: float) -> None:
         self.requests.labels(method, model, code).inc()
         self.latency.labels(method, model).observe(seconds)
+
+
+def _rpc_collectors(service: str) -> tuple[Counter, Histogram]:
+    requests = Counter(
+        f"fmserve_{service}_requests_total",
+        "gRPC requests handled, by method, model and status code.",
+        ["method", "model", "code"],
+    )
+    latency = Histogram(
+        f"fmserve_{service}_request_duration_seconds",
+        "Time to answer a gRPC request, by method and model.",
+        ["method", "model"],
+        buckets=LATENCY_BUCKETS,
+    )
+    return requests, latency
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> int | None:

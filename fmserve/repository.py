@@ -66,6 +66,8 @@ class ModelConfig:
     labels: tuple[str, ...] = ()
     prototypes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Zero-shot classification on an embedding encoder: label → sentences describing it."""
+    dimensions: int = 0
+    """Width of the encoder's hidden states: an embedding model's vector size."""
     pooling: str = "mean"
     normalize: bool = True
     description: str = ""
@@ -145,6 +147,7 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         max_length=int(raw.get("max_length") or hf_config.get("max_position_embeddings", 512)),
         labels=labels,
         prototypes=prototypes,
+        dimensions=int(hf_config.get("hidden_size", 0)),
         pooling=raw.get("pooling", "mean"),
         normalize=bool(raw.get("normalize", True)),
         description=raw.get("description", ""),

@@ -16,7 +16,9 @@ DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
 class ServiceSettings(BaseSettings):
     """Fields common to all five services; subclasses set `env_prefix` and the default port."""
 
-    model_config = SettingsConfigDict(env_prefix="FMSERVE_", extra="ignore")
+    # populate_by_name: code and tests may pass aliased fields (model_repository, log_level) by
+    # their Python names; the environment still uses the aliases.
+    model_config = SettingsConfigDict(env_prefix="FMSERVE_", extra="ignore", populate_by_name=True)
 
     host: str = "0.0.0.0"
     """Interface the gRPC server binds."""
@@ -39,3 +41,16 @@ class RepositorySettings(ServiceSettings):
 
     model_repository: Path = Field(DEFAULT_REPOSITORY, validation_alias="FMSERVE_MODEL_REPOSITORY")
     """Folder with one sub-folder per model (see README, "Model repository")."""
+
+
+class ClientSettings(BaseSettings):
+    """What the `fmserve` CLI reads: where the gateway is, and for `fmserve up`, Redis."""
+
+    model_config = SettingsConfigDict(env_prefix="FMSERVE_", extra="ignore")
+
+    address: str = "localhost:50051"
+    """Gateway address the CLI talks to (FMSERVE_ADDRESS)."""
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    """Redis used by the cache service (FMSERVE_REDIS_URL); `fmserve up` checks it first."""
+    inference_preload: str = "minilm-embed,minilm-sentiment"
+    """Models `fmserve up` loads before it says ready (FMSERVE_INFERENCE_PRELOAD)."""

@@ -1,0 +1,178 @@
+"""Benchmark: the bundled embedding model in-process against the full cluster.
+
+    make bench            (or: python -m bench.embedding --seconds 10)
+
+In one run it measures
+1. the model called in-process (tokenize, forward, mean-pool, normalise) with 2 torch threads:
+   throughput at several batch sizes (the best is the ceiling on this machine) and the p50 of
+   one sentence alone;
+2. the cluster (five processes, `fmserve up`'s code path) under closed-loop load of
+   single-sentence requests at concurrency 1 and 32, cache bypassed: throughput, p50, p99;
+3. cache hits: the same sentence again and again, at concurrency 1 (p50) and 32 (throughput);
+and prints each figure with its ratio to the in-process baseline of the same run, since the
+machine is shared and absolute numbers drift."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+
+from fmserve.cluster import SERVICES, Cluster, free_port
+from fmserve.repository import ModelRepository
+from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+
+MODEL = "minilm-embed"
+REPOSITORY = Path(__file__).resolve().parent.parent / "models"
+
+
+@dataclass
+class Load:
+    requests: int
+    seconds: float
+    latencies_ms: list[float]
+
+    @property
+    def rate(self) -> float:
+        return self.requests / self.seconds
+
+    def pct(self, q: float) -> float:
+        ordered = sorted(self.latencies_ms)
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def in_process(seconds: float, threads: int) -> tuple[dict[int, float], float]:
+    """Sentences/s per batch size, and the p50 (ms) of one sentence alone."""
+    import torch
+    from transformers import AutoModel, AutoTokenizer
+
+    torch.set_num_threads(threads)
+    folder = ModelRepository(REPOSITORY).get(MODEL).files()
+    tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    model = AutoModel.from_pretrained(folder, local_files_only=True).eval()
+
+    def embed(texts: list[str]) -> None:
+        batch = tokenizer(texts, padding=True, truncation=True, return_tensors="pt")
+        with torch.inference_mode():
+            hidden = model(**batch).last_hidden_state
+            mask = batch["attention_mask"].unsqueeze(-1).float()
+            torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    rates = {}
+    for size in (1, 8, 32, 64):
+        texts = [sentence(i) for i in range(size)]
+        embed(texts)
+        done, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 4:
+            embed(texts)
+            done += size
+        rates[size] = done / (time.perf_counter() - start)
+    singles = []
+    for i in range(200):
+        start = time.perf_counter()
+        embed([sentence(i)])
+        singles.append((time.perf_counter() - start) * 1e3)
+    return rates, statistics.median(singles)
+
+
+def sentence(i: int) -> str:
+    return f"Benchmark sentence number {i} about serving models on your own machines."
+
+
+async def closed_loop(address: str, concurrency: int, seconds: float, *, repeat: bool) -> Load:
+    """`concurrency` clients each sending one single-sentence request after another."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        policy = common_pb2.CACHE_POLICY_USE if repeat else common_pb2.CACHE_POLICY_BYPASS
+        options = gateway_pb2.InferOptions(cache_policy=policy)
+        latencies: list[float] = []
+        stop_at = time.perf_counter() + seconds
+        run = uuid.uuid4().hex[:6]
+
+        async def worker(w: int) -> None:
+            i = 0
+            while time.perf_counter() < stop_at:
+                text = "cached benchmark sentence" if repeat else f"{sentence(i)} {run}-{w}"
+                request = gateway_pb2.InferRequest(model=MODEL, texts=[text], options=options)
+                start = time.perf_counter()
+                await stub.Infer(request, timeout=30)
+                latencies.append((time.perf_counter() - start) * 1e3)
+                i += 1
+
+        if repeat:  # put the entry in the cache before timing hits
+            warm = gateway_pb2.InferRequest(model=MODEL, texts=["cached benchmark sentence"])
+            await stub.Infer(warm, timeout=30)
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return Load(len(latencies), time.perf_counter() - start, latencies)
+
+
+def start_cluster(env: dict[str, str]) -> Cluster:
+    ports = {name: free_port() for name in SERVICES}
+    log_dir = Path(tempfile.mkdtemp(prefix="fmserve-bench-"))
+    env = {
+        "FMSERVE_INFERENCE_PRELOAD": MODEL,
+        "FMSERVE_LOG_LEVEL": "WARNING",
+        "FMSERVE_CACHE_KEY_PREFIX": f"fmserve-bench-{uuid.uuid4().hex[:8]}:",
+        "FMSERVE_CACHE_DEFAULT_TTL_S": "300",
+        **env,
+    }
+    cluster = Cluster(env=env, ports=ports, log_dir=log_dir, say=lambda _: None)
+    cluster.start()
+    return cluster
+
+
+def report(rates: dict[int, float], single_ms: float, loads: dict[str, Load]) -> None:
+    best = max(rates.values())
+    print(
+        "\nin-process (2 threads): " + ", ".join(f"batch {b}: {r:.0f}/s" for b, r in rates.items())
+    )
+    print(f"in-process single sentence p50: {single_ms:.2f} ms")
+    for name, load in loads.items():
+        p50, p99 = load.pct(0.5), load.pct(0.99)
+        print(f"{name:<22} {load.rate:8.1f} req/s   p50 {p50:7.2f} ms   p99 {p99:7.2f} ms")
+    c32, c1, hit1, hit32 = (
+        loads[k] for k in ("model c=32", "model c=1", "cache hit c=1", "cache hit c=32")
+    )
+    print("\nratios (target in brackets)")
+    print(f"  cluster/in-process throughput at c=32: {c32.rate / best:.2f}   [>= 0.8]")
+    print(f"  c=1 p50 minus in-process single p50:   {c1.pct(0.5) - single_ms:+.2f} ms [<= 3 ms]")
+    print(f"  cache-hit p50:                         {hit1.pct(0.5):.2f} ms [<= 1.5 ms]")
+    print(f"  cache-hit/model throughput at c=32:    {hit32.rate / c32.rate:.2f}   [>= 3]")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process")
+    parser.add_argument("--inference-threads", default="", help="FMSERVE_INFERENCE_TORCH_THREADS")
+    args = parser.parse_args()
+    rates, single_ms = in_process(args.seconds, args.threads)
+    env = (
+        {"FMSERVE_INFERENCE_TORCH_THREADS": args.inference_threads}
+        if args.inference_threads
+        else {}
+    )
+    cluster = start_cluster(env)
+    try:
+        address = cluster.address("gateway")
+        loads = {
+            "model c=1": asyncio.run(closed_loop(address, 1, args.seconds, repeat=False)),
+            "model c=32": asyncio.run(closed_loop(address, 32, args.seconds, repeat=False)),
+            "cache hit c=1": asyncio.run(closed_loop(address, 1, args.seconds, repeat=True)),
+            "cache hit c=32": asyncio.run(closed_loop(address, 32, args.seconds, repeat=True)),
+        }
+    finally:
+        cluster.stop()
+    report(rates, single_ms, loads)
+
+
+if __name__ == "__main__":
+    main()

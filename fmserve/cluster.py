@@ -1,0 +1,209 @@
+"""`fmserve up`: the whole cluster as local processes, one per service replica.
+
+The supervisor checks Redis first, starts every service, waits for each one's gRPC health
+check, restarts a service that dies (as compose's `restart: unless-stopped` would) and stops
+everything in order on Ctrl-C or SIGTERM: the gateway first, so no new work enters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+# Start order: stages first, the gateway (the front door) last; stop order is the reverse.
+SERVICES = ("cache", "preprocess", "inference", "postprocess", "gateway")
+DEFAULT_PORTS = {
+    "gateway": 50051,
+    "preprocess": 50052,
+    "inference": 50053,
+    "postprocess": 50054,
+    "cache": 50055,
+}
+METRICS_PORT_OFFSET = 9100 - 50000  # gateway metrics on 9151, preprocess 9152, …
+
+
+class ClusterError(RuntimeError):
+    """The cluster cannot start; the message says why and what to do."""
+
+
+@dataclass
+class Replica:
+    service: str
+    port: int
+    metrics_port: int
+    log_path: Path
+    process: subprocess.Popen[bytes] | None = None
+    restarts: int = 0
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+
+@dataclass
+class Cluster:
+    """Owns the child processes. `start()` returns once every replica is healthy."""
+
+    env: dict[str, str] = field(default_factory=dict)
+    ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
+    replicas: dict[str, int] = field(default_factory=dict)
+    log_dir: Path = Path(".fmserve/logs")
+    say: Callable[[str], None] = print
+    replicas_of: dict[str, list[Replica]] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        for service in SERVICES:
+            count = self.replicas.get(service, 1)
+            base = self.ports[service]
+            self.replicas_of[service] = [
+                Replica(
+                    service,
+                    base if i == 0 else free_port(),
+                    base + METRICS_PORT_OFFSET
+                    if i == 0 and base == DEFAULT_PORTS[service]
+                    else free_port(),
+                    self.log_dir / (f"{service}.log" if count == 1 else f"{service}-{i}.log"),
+                )
+                for i in range(count)
+            ]
+
+    def all(self) -> list[Replica]:
+        return [r for s in SERVICES for r in self.replicas_of[s]]
+
+    def address(self, service: str) -> str:
+        return ",".join(r.address for r in self.replicas_of[service])
+
+    def start(self, timeout_s: float = 180.0) -> None:
+        for replica in self.all():
+            self.spawn(replica)
+        deadline = time.monotonic() + timeout_s
+        for replica in self.all():
+            self.wait_healthy(replica, deadline)
+
+    def spawn(self, replica: Replica) -> None:
+        log = replica.log_path.open("ab")
+        replica.process = subprocess.Popen(
+            [sys.executable, "-m", f"services.{replica.service}"],
+            env=self.child_env(replica),
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+        )
+        log.close()
+
+    def child_env(self, replica: Replica) -> dict[str, str]:
+        prefix = f"FMSERVE_{replica.service.upper()}_"
+        env = {**os.environ, **self.env}
+        env[prefix + "PORT"] = str(replica.port)
+        env[prefix + "METRICS_PORT"] = str(replica.metrics_port)
+        env[prefix + "HOST"] = "127.0.0.1"
+        for stage in ("preprocess", "inference", "postprocess", "cache"):
+            env.setdefault(f"FMSERVE_GATEWAY_{stage.upper()}_ADDRESS", self.address(stage))
+        return env
+
+    def wait_healthy(self, replica: Replica, deadline: float) -> None:
+        with grpc.insecure_channel(replica.address) as channel:
+            stub = health_pb2_grpc.HealthStub(channel)
+            while True:
+                self._check_alive(replica)
+                if _serving(stub):
+                    return
+                if time.monotonic() > deadline:
+                    raise ClusterError(
+                        f"{replica.service} did not become healthy; see {replica.log_path}"
+                    )
+                time.sleep(0.2)
+
+    def _check_alive(self, replica: Replica) -> None:
+        if replica.process is not None and replica.process.poll() is not None:
+            tail = _tail(replica.log_path)
+            raise ClusterError(
+                f"{replica.service} exited with code {replica.process.returncode} while starting; "
+                f"last lines of {replica.log_path}:\n{tail}"
+            )
+
+    def supervise_once(self) -> None:
+        """Restart every replica that has exited since the last look."""
+        for replica in self.all():
+            if replica.process is not None and replica.process.poll() is not None:
+                replica.restarts += 1
+                self.say(
+                    f"{replica.service} on {replica.address} exited with code "
+                    f"{replica.process.returncode}; restarting it (restart {replica.restarts})"
+                )
+                self.spawn(replica)
+
+    def stop(self, grace_s: float = 15.0) -> None:
+        """SIGTERM in reverse start order (gateway first), then SIGKILL what outlives the grace."""
+        for replica in reversed(self.all()):
+            if replica.process is not None and replica.process.poll() is None:
+                replica.process.send_signal(signal.SIGTERM)
+                _wait(replica.process, grace_s)
+
+
+def _wait(process: subprocess.Popen[bytes], grace_s: float) -> None:
+    try:
+        process.wait(grace_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+def _serving(stub: health_pb2_grpc.HealthStub) -> bool:
+    try:
+        reply = stub.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0)
+    except grpc.RpcError:
+        return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def check_redis(url: str) -> None:
+    """Fail early, and say how to fix it, when Redis is not reachable."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        raise ClusterError(
+            f"Redis is not reachable at {host}:{port} (FMSERVE_REDIS_URL={url}).\n"
+            "Start one with:  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 "
+            '--save "" --appendonly no\n'
+            "or point FMSERVE_REDIS_URL at yours."
+        ) from None
+
+
+def check_ports(cluster: Cluster) -> None:
+    for replica in cluster.all():
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                s.bind(("127.0.0.1", replica.port))
+            except OSError:
+                raise ClusterError(
+                    f"port {replica.port} ({replica.service}) is already in use: is another "
+                    "fmserve running? Stop it, or choose other ports."
+                ) from None

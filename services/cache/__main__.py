@@ -1,0 +1,33 @@
+"""`python -m services.cache`: the cache service process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fmserve import logs
+from fmserve.service import Service, run_until_signalled
+from services.cache.cache import ResultCache
+from services.cache.server import servicer
+from services.cache.settings import CacheSettings
+from services.cache.store import RedisStore
+
+log = logging.getLogger("fmserve.cache")
+
+
+def build(settings: CacheSettings) -> Service:
+    """The service wired from its settings: Redis store → result cache → servicer."""
+    redis = RedisStore(settings)
+    cache = ResultCache(redis, settings.default_ttl_s)
+    return Service("cache", settings, [servicer(cache)], resources=[redis])
+
+
+def main() -> None:
+    settings = CacheSettings()
+    logs.configure("cache", settings.log_level, settings.log_format)
+    log.info("settings", extra={"settings": settings.model_dump(mode="json")})
+    asyncio.run(run_until_signalled(build(settings)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""The synchronous path's work: texts through preprocess → inference → postprocess.
+
+Concurrent requests for the same route are grouped by a Batcher into one call per stage, so
+hop costs are paid per batch; identical texts in flight at once are computed once."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from prometheus_client import Histogram
+
+from fmserve.batching import Batcher, BatchLimits
+from fmserve.errors import DeadlineExceeded, InvalidInput
+from fmserve.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
+from fmserve.v1 import common_pb2
+from services.gateway.routes import Route
+from services.gateway.settings import GatewaySettings
+from services.gateway.stages import StageClients
+
+BATCH_SIZE = Histogram(
+    "fmserve_gateway_batch_size", "Texts per downstream batch.", ["model"], buckets=SIZE_BUCKETS
+)
+QUEUE_DELAY = Histogram(
+    "fmserve_gateway_queue_delay_seconds",
+    "Time a text waited in the gateway before its batch left.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+
+
+@dataclass
+class _Item:
+    text: str
+    deadline: float
+    """time.monotonic() by which the request that brought this text wants its answer."""
+
+
+class Pipeline:
+    """Owns one batcher per route and the table of texts in flight."""
+
+    def __init__(self, stages: StageClients, settings: GatewaySettings) -> None:
+        self.stages = stages
+        self.limits = BatchLimits(
+            max_batch_size=settings.max_batch_size,
+            max_in_flight=settings.max_batches_in_flight,
+            max_queue_size=settings.max_queue_size,
+        )
+        self._batchers: dict[Route, Batcher[_Item, common_pb2.Result]] = {}
+        self._in_flight: dict[tuple[Route, str], asyncio.Future[common_pb2.Result]] = {}
+
+    async def run(
+        self, route: Route, texts: Sequence[str], deadline: float
+    ) -> list[common_pb2.Result]:
+        """One result per text, in order; raises the first text's error if any failed."""
+        flights = [self._flight(route, text, deadline) for text in texts]
+        left = deadline - time.monotonic()
+        try:
+            return list(await asyncio.wait_for(asyncio.gather(*map(asyncio.shield, flights)), left))
+        except TimeoutError:
+            raise DeadlineExceeded("the deadline expired before the model answered") from None
+
+    def _flight(
+        self, route: Route, text: str, deadline: float
+    ) -> asyncio.Future[common_pb2.Result]:
+        key = (route, text)
+        flight = self._in_flight.get(key)
+        if flight is None:
+            flight = asyncio.ensure_future(self._batcher(route).submit(_Item(text, deadline)))
+            self._in_flight[key] = flight
+            flight.add_done_callback(lambda f: self._landed(key, f))
+        return flight
+
+    def _landed(self, key: tuple[Route, str], flight: asyncio.Future[common_pb2.Result]) -> None:
+        self._in_flight.pop(key, None)
+        if not flight.cancelled():
+            flight.exception()  # retrieved here, so a flight nobody awaits any more logs nothing
+
+    def _batcher(self, route: Route) -> Batcher[_Item, common_pb2.Result]:
+        batcher = self._batchers.get(route)
+        if batcher is None:
+
+            async def handler(items: list[_Item]) -> list[common_pb2.Result | BaseException]:
+                return await self._run_batch(route, items)
+
+            def observe(size: int, delays: list[float]) -> None:
+                BATCH_SIZE.labels(route.model).observe(size)
+                for delay in delays:
+                    QUEUE_DELAY.labels(route.model).observe(delay)
+
+            batcher = Batcher(handler, self.limits, observer=observe)
+            self._batchers[route] = batcher
+        return batcher
+
+    async def _run_batch(
+        self, route: Route, items: list[_Item]
+    ) -> list[common_pb2.Result | BaseException]:
+        deadline = max(item.deadline for item in items)
+        try:
+            return await self._through_stages(route, [item.text for item in items], deadline)
+        except InvalidInput:
+            if len(items) == 1:
+                raise
+        # One bad text must not fail the requests batched with it: run them one by one.
+        singles = [self._through_stages(route, [item.text], item.deadline) for item in items]
+        outcomes = await asyncio.gather(*singles, return_exceptions=True)
+        return [o if isinstance(o, BaseException) else o[0] for o in outcomes]
+
+    async def _through_stages(
+        self, route: Route, texts: list[str], deadline: float
+    ) -> list[common_pb2.Result]:
+        tokens = await self.stages.tokenize(route, texts, _left(deadline))
+        output = await self.stages.infer(route, tokens, _left(deadline), priority=0)
+        return await self.stages.postprocess(route, texts, tokens, output, _left(deadline))
+
+    async def start(self) -> None:
+        """Nothing to start: batchers are made per route on first use."""
+
+    async def stop(self) -> None:
+        for batcher in self._batchers.values():
+            await batcher.stop()
+
+
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise DeadlineExceeded("the deadline expired before the model answered")
+    return left

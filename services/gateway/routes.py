@@ -1,0 +1,60 @@
+"""Model routing: from a request's model, version and task to the `Route` every stage uses."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fmserve.errors import InvalidInput, TooLarge, WrongTask
+from fmserve.repository import ModelConfig, ModelRepository, TaskName
+
+
+@dataclass(frozen=True)
+class Route:
+    """What a batch of texts shares on its way through the stages."""
+
+    model: str
+    version: str
+    task: TaskName
+    truncate: bool = False
+    top_k: int = 0
+
+
+class Router:
+    """Resolves requests against the model repository and refuses what no model can answer."""
+
+    def __init__(self, repository: ModelRepository, max_items: int, max_text_chars: int) -> None:
+        self.repository = repository
+        self.max_items = max_items
+        self.max_text_chars = max_text_chars
+
+    def route(
+        self, model: str, version: str, task: TaskName | None, truncate: bool, top_k: int
+    ) -> Route:
+        if not model:
+            raise InvalidInput("model is required; `fmserve models` lists the models served")
+        config = self.repository.get(model)
+        if task is not None and task is not config.task:
+            raise WrongTask(f"model {model!r} does {config.task.value}, not {task.value}")
+        if top_k < 0:
+            raise InvalidInput(f"top_k must be 0 (all labels) or positive, got {top_k}")
+        top_k = top_k if config.task is TaskName.TEXT_CLASSIFICATION else 0
+        return Route(model, config.resolve_version(version), config.task, truncate, top_k)
+
+    def check_texts(self, texts: list[str]) -> None:
+        if not texts:
+            raise InvalidInput("texts is empty: send at least one text")
+        if len(texts) > self.max_items:
+            raise TooLarge(
+                f"{len(texts)} texts in one request; the limit is {self.max_items}: split the "
+                "request, or submit a batch job"
+            )
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise InvalidInput(f"texts[{i}] is empty: every text needs some content")
+            if len(text) > self.max_text_chars:
+                raise InvalidInput(
+                    f"texts[{i}] has {len(text)} characters; the limit is {self.max_text_chars}"
+                )
+
+    def models(self) -> list[ModelConfig]:
+        return self.repository.list()

@@ -1,0 +1,33 @@
+"""Gateway settings (`FMSERVE_GATEWAY_*`)."""
+
+from pydantic_settings import SettingsConfigDict
+
+from fmserve.settings import RepositorySettings
+
+
+class GatewaySettings(RepositorySettings):
+    model_config = SettingsConfigDict(env_prefix="FMSERVE_GATEWAY_", extra="ignore")
+
+    port: int = 50051
+    preprocess_address: str = "127.0.0.1:50052"
+    """Preprocess service: `host:port` (DNS, every address used) or `ip:port,ip:port`."""
+    inference_address: str = "127.0.0.1:50053"
+    """Inference service, or any KServe v2 endpoint such as a Triton server; same forms."""
+    postprocess_address: str = "127.0.0.1:50054"
+    cache_address: str = "127.0.0.1:50055"
+    max_items: int = 1024
+    """Most texts in one Infer request."""
+    max_text_chars: int = 100_000
+    """Longest text accepted, in characters (token limits are the model's, checked later)."""
+    default_timeout_s: float = 30.0
+    """Deadline for a request whose client sent none."""
+    cache_timeout_s: float = 0.25
+    """A cache lookup slower than this counts as a miss: the cache never holds up an answer."""
+    cache_ttl_s: int = 0
+    """Time to live of stored results; 0 uses the cache service's default."""
+    max_batch_size: int = 64
+    """Most texts the gateway sends downstream in one call per stage."""
+    max_batches_in_flight: int = 4
+    """Concurrent downstream batches per model; more requests wait and join the next batch."""
+    max_queue_size: int = 10_000
+    """Texts waiting per model before requests are refused with RESOURCE_EXHAUSTED."""

@@ -1,0 +1,176 @@
+"""The gateway's clients for the four stage services. This module is the one boundary that
+sees their gRPC (and tritonclient) errors, and translates them into fmserve errors."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import grpc
+import numpy as np
+import tritonclient.grpc.aio as triton
+from tritonclient.utils import InferenceServerException
+
+from fmserve import context
+from fmserve.channels import SERVICE_CONFIG, open_channel, target
+from fmserve.errors import DeadlineExceeded, FmserveError, Unavailable, from_rpc_error
+from fmserve.interceptors import REQUEST_ID_KEY
+from fmserve.repository import TaskName
+from fmserve.service import grpc_options
+from fmserve.v1 import (
+    cache_pb2,
+    cache_pb2_grpc,
+    common_pb2,
+    postprocess_pb2,
+    postprocess_pb2_grpc,
+    preprocess_pb2,
+    preprocess_pb2_grpc,
+)
+from services.gateway.routes import Route
+from services.gateway.settings import GatewaySettings
+
+TASK_TO_WIRE = {
+    TaskName.EMBEDDING: common_pb2.TASK_EMBEDDING,
+    TaskName.TEXT_CLASSIFICATION: common_pb2.TASK_TEXT_CLASSIFICATION,
+    TaskName.TOKEN_CLASSIFICATION: common_pb2.TASK_TOKEN_CLASSIFICATION,
+}
+OUTPUT_NAME = {TaskName.EMBEDDING: "embeddings"}  # every other task answers "logits"
+
+
+@asynccontextmanager
+async def _translated(stage: str) -> AsyncIterator[None]:
+    """Turn a stage's failure into an fmserve error that names the stage, not its address."""
+    try:
+        yield
+    except grpc.aio.AioRpcError as exc:
+        raise _stage_error(stage, exc.code(), exc.details() or "") from None
+    except InferenceServerException as exc:
+        code = grpc.StatusCode[str(exc.status() or "StatusCode.UNKNOWN").split(".")[-1]]
+        raise _stage_error(stage, code, exc.message() or "") from None
+
+
+def _stage_error(stage: str, code: grpc.StatusCode, details: str) -> FmserveError:
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return Unavailable(f"the {stage} stage is unavailable; retry shortly")
+    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DeadlineExceeded(f"the deadline expired while waiting for the {stage} stage")
+    error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    return from_rpc_error(error)
+
+
+def _metadata() -> tuple[tuple[str, str], ...]:
+    rid = context.request_id.get()
+    return ((REQUEST_ID_KEY, rid),) if rid else ()
+
+
+class StageClients:
+    """Owns the channels to preprocess, inference, postprocess and cache."""
+
+    def __init__(self, settings: GatewaySettings) -> None:
+        self.settings = settings
+        self._channels: list[grpc.aio.Channel] = []
+
+    async def start(self) -> None:
+        s = self.settings
+        self._preprocess = preprocess_pb2_grpc.PreprocessStub(self._open(s.preprocess_address))
+        self._postprocess = postprocess_pb2_grpc.PostprocessStub(self._open(s.postprocess_address))
+        self._cache = cache_pb2_grpc.CacheStub(self._open(s.cache_address))
+        options = [*grpc_options(s.max_message_bytes), ("grpc.service_config", SERVICE_CONFIG)]
+        self._inference = triton.InferenceServerClient(
+            target(s.inference_address), channel_args=options
+        )
+
+    def _open(self, address: str) -> grpc.aio.Channel:
+        channel = open_channel(address, self.settings.max_message_bytes)
+        self._channels.append(channel)
+        return channel
+
+    async def stop(self) -> None:
+        for channel in self._channels:
+            await channel.close()
+        if hasattr(self, "_inference"):
+            await self._inference.close()
+
+    async def tokenize(
+        self, route: Route, texts: list[str], timeout: float
+    ) -> preprocess_pb2.TokenizeResponse:
+        request = preprocess_pb2.TokenizeRequest(
+            model=route.model,
+            version=route.version,
+            texts=texts,
+            truncate=route.truncate,
+            return_offsets=route.task is TaskName.TOKEN_CLASSIFICATION,
+        )
+        async with _translated("preprocess"):
+            return await self._preprocess.Tokenize(request, timeout=timeout, metadata=_metadata())
+
+    async def infer(
+        self, route: Route, tokens: preprocess_pb2.TokenizeResponse, timeout: float, priority: int
+    ) -> common_pb2.Tensor:
+        inputs = [
+            _triton_input("input_ids", tokens.input_ids),
+            _triton_input("lengths", tokens.lengths),
+        ]
+        output = OUTPUT_NAME.get(route.task, "logits")
+        async with _translated("inference"):
+            result = await self._inference.infer(
+                route.model,
+                inputs,
+                model_version=route.version,
+                outputs=[triton.InferRequestedOutput(output)],
+                priority=priority,
+                client_timeout=timeout,
+                headers=dict(_metadata()),
+            )
+        response = result.get_response()
+        index = [o.name for o in response.outputs].index(output)
+        shape = response.outputs[index].shape
+        return common_pb2.Tensor(
+            dtype="FP32", shape=shape, data=response.raw_output_contents[index]
+        )
+
+    async def postprocess(
+        self,
+        route: Route,
+        texts: list[str],
+        tokens: preprocess_pb2.TokenizeResponse,
+        output: common_pb2.Tensor,
+        timeout: float,
+    ) -> list[common_pb2.Result]:
+        request = postprocess_pb2.PostprocessRequest(
+            model=route.model,
+            version=route.version,
+            task=TASK_TO_WIRE[route.task],
+            output=output,
+            top_k=route.top_k,
+        )
+        if route.task is TaskName.TOKEN_CLASSIFICATION:
+            request.texts.extend(texts)
+            request.lengths.CopyFrom(tokens.lengths)
+            request.offsets.CopyFrom(tokens.offsets)
+        async with _translated("postprocess"):
+            reply = await self._postprocess.Postprocess(
+                request, timeout=timeout, metadata=_metadata()
+            )
+        return list(reply.results)
+
+    async def lookup(self, keys: list[str], timeout: float) -> list[common_pb2.Result | None]:
+        request = cache_pb2.LookupRequest(keys=keys)
+        async with _translated("cache"):
+            reply = await self._cache.Lookup(request, timeout=timeout, metadata=_metadata())
+        return [entry.result if entry.found else None for entry in reply.entries]
+
+    async def store(self, items: list[tuple[str, common_pb2.Result]], timeout: float) -> None:
+        request = cache_pb2.StoreRequest(
+            items=[cache_pb2.StoreItem(key=k, result=r) for k, r in items],
+            ttl_s=self.settings.cache_ttl_s,
+        )
+        async with _translated("cache"):
+            await self._cache.Store(request, timeout=timeout, metadata=_metadata())
+
+
+def _triton_input(name: str, tensor: common_pb2.Tensor) -> triton.InferInput:
+    array = np.frombuffer(tensor.data, dtype="<i8" if tensor.dtype == "INT64" else "<i4")
+    infer_input = triton.InferInput(name, list(tensor.shape), tensor.dtype)
+    infer_input.set_data_from_numpy(array.reshape(tuple(tensor.shape)))
+    return infer_input

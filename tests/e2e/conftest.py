@@ -1,0 +1,62 @@
+"""The cluster as separate processes, started once per session through the same code path as
+`fmserve up`, isolated in its own Redis database and key prefix, and stopped at the end."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from fmserve.cluster import SERVICES, Cluster, free_port
+from tests.conftest import REDIS_URL, require_server
+
+REDIS_DB = 13
+MAX_ITEMS = 64
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+
+
+@pytest.fixture(scope="session")
+def key_prefix() -> str:
+    return f"fmserve-e2e-{uuid.uuid4().hex[:8]}:"
+
+
+@pytest.fixture(scope="session")
+def cluster(
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory, key_prefix: str
+) -> Iterator[Cluster]:
+    require_server("Redis", "127.0.0.1", 6379)
+    env = {
+        "FMSERVE_MODEL_REPOSITORY": str(model_repository),
+        "FMSERVE_REDIS_URL": f"{REDIS_URL}/{REDIS_DB}",
+        "FMSERVE_CACHE_KEY_PREFIX": key_prefix,
+        "FMSERVE_INFERENCE_PRELOAD": "minilm-embed",
+        "FMSERVE_INFERENCE_TORCH_THREADS": "1",
+        "FMSERVE_GATEWAY_MAX_ITEMS": str(MAX_ITEMS),
+        "FMSERVE_GATEWAY_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
+        "FMSERVE_LOG_LEVEL": "DEBUG",
+    }
+    ports = {name: free_port() for name in SERVICES}
+    log_dir = tmp_path_factory.mktemp("logs")
+    cluster = Cluster(env=env, ports=ports, log_dir=log_dir, say=lambda _: None)
+    try:
+        cluster.start(timeout_s=180)
+        yield cluster
+    finally:
+        cluster.stop(grace_s=5)
+        _forget(key_prefix)
+
+
+def _forget(prefix: str) -> None:
+    client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def gateway_address(cluster: Cluster) -> str:
+    return cluster.address("gateway")
