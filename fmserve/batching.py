@@ -6,8 +6,8 @@ The contract (tests/unit/test_batching.py holds it):
 - A batch holds at most `max_batch_size` items and `max_batch_cost` cost (e.g. tokens); one item
   costlier than the limit still runs, alone.
 - Higher priority first: priority 0 (interactive) is always taken before 1 (background), and a
-  batch that must carry background items while interactive ones wait is cut to
-  `background_batch_size` so interactive work never waits long behind it.
+  batch that carries interactive items takes background ones only up to `background_batch_size`
+  items in all, so the interactive items in it never wait long behind background work.
 - Every waiter is answered exactly once on every path: its result, its own error (the handler
   returns an exception in its slot), the batch's error (the handler raised), or Unavailable on
   stop. Waiters cancelled while queued are dropped before compute.
@@ -83,14 +83,35 @@ class Batcher(Generic[I, R]):
 
     async def submit(self, item: I, priority: int = 0) -> R:
         """Queue one item and wait for its result; raises its error."""
-        if self._stopped:
-            raise Unavailable("the service is shutting down; retry on another replica")
-        if self.queued >= self.limits.max_queue_size:
-            raise Overloaded(f"{self.queued} items already queued; retry shortly")
+        self._admit(1)
         waiter = _Waiter(item, self._cost(item), asyncio.get_running_loop().create_future())
         self._queues[1 if priority else 0].append(waiter)
         self._dispatch()
         return await waiter.future
+
+    async def submit_many(self, items: Sequence[I], priority: int = 0) -> list[R]:
+        """Queue several items at once (one request's parts) and wait for all their results, in
+        order; raises the first error. Queued together they can share a batch, where one by one
+        the first would start alone on an idle batcher. When one fails or the caller gives up,
+        the others still queued are dropped before compute."""
+        self._admit(len(items))
+        loop = asyncio.get_running_loop()
+        waiters = [_Waiter(item, self._cost(item), loop.create_future()) for item in items]
+        self._queues[1 if priority else 0].extend(waiters)
+        self._dispatch()
+        futures = [w.future for w in waiters]
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            _abandon(futures)
+
+    def _admit(self, count: int) -> None:
+        if self._stopped:
+            raise Unavailable("the service is shutting down; retry on another replica")
+        if self.queued + count > self.limits.max_queue_size:
+            self._drop_cancelled()  # callers that gave up hold no place in the queue
+        if self.queued + count > self.limits.max_queue_size:
+            raise Overloaded(f"{self.queued} items already queued; retry shortly")
 
     async def stop(self) -> None:
         """Refuse new items, fail those still queued with Unavailable, let running batches end."""
@@ -117,7 +138,7 @@ class Batcher(Generic[I, R]):
         """With a queue delay set, an idle batcher waits for company until the oldest item's
         delay is spent or the batch is full."""
         delay = self.limits.max_queue_delay_s
-        if delay <= 0 or self.in_flight or self.queued >= self.limits.max_batch_size:
+        if delay <= 0 or self.in_flight or self._batch_full():
             return False
         oldest = min(q[0].enqueued for q in self._queues.values() if q)
         left = oldest + delay - time.monotonic()
@@ -126,6 +147,14 @@ class Batcher(Generic[I, R]):
         if self._timer is None:
             self._timer = asyncio.get_running_loop().call_later(left, self._timer_fired)
         return True
+
+    def _batch_full(self) -> bool:
+        limits = self.limits
+        if self.queued >= limits.max_batch_size:
+            return True
+        if not limits.max_batch_cost:
+            return False
+        return sum(w.cost for q in self._queues.values() for w in q) >= limits.max_batch_cost
 
     def _timer_fired(self) -> None:
         self._timer = None
@@ -137,11 +166,12 @@ class Batcher(Generic[I, R]):
                 self._queues[priority] = deque(w for w in queue if not w.future.done())
 
     def _take_batch(self) -> list[_Waiter[I, R]]:
-        limits, batch, cost = self.limits, [], 0
+        limits, cost = self.limits, 0
+        batch: list[_Waiter[I, R]] = []
         for priority in self.PRIORITIES:
             queue = self._queues[priority]
             size = limits.max_batch_size
-            if priority and self._queues[0]:
+            if priority and batch:  # interactive items ride along: keep their batch small
                 size = min(size, limits.background_batch_size)
             while queue and len(batch) < size:
                 nxt = queue[0]
@@ -153,9 +183,9 @@ class Batcher(Generic[I, R]):
 
     async def _run(self, batch: list[_Waiter[I, R]]) -> None:
         now = time.monotonic()
-        if self._observer:
-            self._observer(len(batch), [now - w.enqueued for w in batch])
-        try:
+        try:  # the observer too: whatever fails, every waiter must hear of it
+            if self._observer:
+                self._observer(len(batch), [now - w.enqueued for w in batch])
             results = await self._handler([w.item for w in batch])
             if len(results) != len(batch):
                 raise FmserveError(
@@ -174,6 +204,16 @@ class Batcher(Generic[I, R]):
         self._tasks.discard(task)
         if not self._stopped:
             self._dispatch()
+
+
+def _abandon(futures: list[asyncio.Future[R]]) -> None:
+    """Cancel the futures still pending (their items are dropped before compute) and mark the
+    failed ones' errors as seen: asyncio logs every exception nobody retrieved."""
+    for future in futures:
+        if not future.done():
+            future.cancel()
+        elif not future.cancelled():
+            future.exception()
 
 
 def _settle(future: asyncio.Future[R], outcome: R | BaseException) -> None:

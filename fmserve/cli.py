@@ -11,6 +11,7 @@ Add --json to any call for machine-readable output."""
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import signal
 import sys
@@ -24,7 +25,9 @@ import numpy as np
 from fmserve.client import Client
 from fmserve.cluster import PORT_ORDER, SERVICES, Cluster, ClusterError, check_ports, check_redis
 from fmserve.errors import FmserveError
-from fmserve.settings import ClientSettings
+from fmserve.settings import DEFAULT_REPOSITORY, ClientSettings, RepositorySettings, variables
+
+_CLUSTER_WIDE = {"FMSERVE_LOG_LEVEL", "FMSERVE_LOG_FORMAT", "FMSERVE_MODEL_REPOSITORY"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,6 +59,9 @@ def _parser() -> argparse.ArgumentParser:
     models = commands.add_parser("models", help="list the models served")
     models.add_argument("--json", action="store_true")
     models.set_defaults(run=_models)
+
+    config = commands.add_parser("config", help="every environment variable, with its default")
+    config.set_defaults(run=_config)
 
     for name, helptext in (
         ("embed", "one vector per text"),
@@ -132,6 +138,29 @@ def _models(args: argparse.Namespace) -> None:
     for m in models:
         detail = f"{m.dimensions} dimensions" if m.task == "embedding" else ", ".join(m.labels)
         print(f"{m.name:<24} {m.task:<22} versions {','.join(m.versions):<8} {detail}")
+
+
+def _config(args: argparse.Namespace) -> None:
+    """Every variable as Markdown tables (the README's Configuration section is this output)."""
+    _table("`fmserve` CLI and `fmserve up`", variables(ClientSettings))
+    common = [
+        (env if env in _CLUSTER_WIDE else env.replace("FMSERVE_", "FMSERVE_<SERVICE>_", 1), d, doc)
+        for env, d, doc in variables(RepositorySettings)
+    ]
+    _table(
+        "Every service (`<SERVICE>` is GATEWAY, PREPROCESS, INFERENCE, POSTPROCESS or CACHE)",
+        common,
+    )
+    for name in SERVICES:
+        module = importlib.import_module(f"services.{name}.settings")
+        _table(name, variables(getattr(module, f"{name.capitalize()}Settings"), RepositorySettings))
+
+
+def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
+    print(f"\n**{title}**\n\n| variable | default | meaning |\n|---|---|---|")
+    for env, default, doc in rows:
+        default = default.replace(str(DEFAULT_REPOSITORY), "models/ (in the checkout)")
+        print(f"| `{env}` | `{default}` | {doc} |")
 
 
 def _up(args: argparse.Namespace) -> int:

@@ -22,13 +22,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 # Start order: stages first, the gateway (the front door) last; stop order is the reverse.
 SERVICES = ("cache", "preprocess", "inference", "postprocess", "gateway")
-DEFAULT_PORTS = {
-    "gateway": 50051,
-    "preprocess": 50052,
-    "inference": 50053,
-    "postprocess": 50054,
-    "cache": 50055,
-}
+# Ports follow DESIGN.md: gateway 50051, preprocess 50052, … cache 50055.
+PORT_ORDER = ("gateway", "preprocess", "inference", "postprocess", "cache")
+DEFAULT_PORTS = {name: 50051 + i for i, name in enumerate(PORT_ORDER)}
 METRICS_PORT_OFFSET = 9100 - 50000  # gateway metrics on 9151, preprocess 9152, …
 
 
@@ -99,6 +95,9 @@ class Cluster:
             stdout=log,
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
+            # Own session: a terminal's Ctrl-C reaches the supervisor alone, which then stops
+            # the children in order instead of racing them.
+            start_new_session=True,
         )
         log.close()
 

@@ -7,12 +7,14 @@ import logging
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from fmserve import context
-from fmserve.errors import FmserveError
+from fmserve.errors import FmserveError, InvalidInput
 from fmserve.metrics import RpcMetrics
 
 log = logging.getLogger("fmserve.rpc")
@@ -37,16 +39,17 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
             return handler
         method = details.method.rsplit("/", 1)[-1]
+        deserialize = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
                 self._wrap_unary(handler.unary_unary, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(
                 self._wrap_stream(handler.unary_stream, method),
-                request_deserializer=handler.request_deserializer,
+                request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
         return handler
@@ -54,17 +57,48 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with _CallScope(self.metrics, method, request, context) as scope:
-                return await scope.run(behavior(request, context))
+                return await scope.run(behavior, request)
 
         return wrapped
 
     def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
             with _CallScope(self.metrics, method, request, context) as scope:
-                async for reply in scope.iterate(behavior(request, context)):
+                async for reply in scope.iterate(behavior, request):
                     yield reply
 
         return wrapped
+
+
+@dataclass
+class _Undecodable:
+    """A request whose bytes did not parse; the call then fails with INVALID_ARGUMENT."""
+
+    message_type: str
+
+
+def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], Any] | None:
+    """grpcio answers a request that fails to parse with UNKNOWN; catch it to say what it is."""
+    if deserialize is None:
+        return None
+    owner = getattr(deserialize, "__self__", None)
+    message_type = owner.DESCRIPTOR.full_name if hasattr(owner, "DESCRIPTOR") else "request"
+
+    def parse(data: bytes) -> Any:
+        try:
+            return deserialize(data)
+        except DecodeError:
+            return _Undecodable(message_type)
+
+    return parse
+
+
+def _check_decoded(request: Any) -> None:
+    if isinstance(request, _Undecodable):
+        raise InvalidInput(
+            f"the request is not a valid {request.message_type} message; "
+            "build it with the stubs generated from protos/"
+        )
 
 
 class _CallScope:
@@ -90,15 +124,17 @@ class _CallScope:
         log.debug("rpc", extra={"method": self.method, "code": self.code, "ms": elapsed * 1e3})
         context.request_id.reset(self.token)
 
-    async def run(self, call: Awaitable[Any]) -> Any:
+    async def run(self, behavior: Callable[..., Awaitable[Any]], request: Any) -> Any:
         try:
-            return await call
+            _check_decoded(request)
+            return await behavior(request, self.context)
         except Exception as exc:  # every failure reaches the wire here, and only here
             await self._abort(exc)
 
-    async def iterate(self, stream: Any) -> Any:
+    async def iterate(self, behavior: Callable[..., Any], request: Any) -> Any:
         try:
-            async for reply in stream:
+            _check_decoded(request)
+            async for reply in behavior(request, self.context):
                 yield reply
         except Exception as exc:
             await self._abort(exc)

@@ -97,7 +97,7 @@ class ModelRepository:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._cache: dict[str, tuple[float, ModelConfig]] = {}
+        self._cache: dict[str, tuple[tuple[int, int], ModelConfig]] = {}
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -113,10 +113,12 @@ class ModelRepository:
         if not name or "/" in name or name.startswith(".") or not path.is_file():
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"unknown model {name!r}; this cluster serves: {known}")
-        mtime = path.stat().st_mtime
+        # Size as well as time: filesystems stamp at a coarse tick, so an edit can keep the time.
+        stat = path.stat()
+        stamp = (stat.st_mtime_ns, stat.st_size)
         cached = self._cache.get(name)
-        if cached is None or cached[0] != mtime:
-            cached = (mtime, load_config(path))
+        if cached is None or cached[0] != stamp:
+            cached = (stamp, load_config(path))
             self._cache[name] = cached
         return cached[1]
 
@@ -126,7 +128,9 @@ def load_config(path: Path) -> ModelConfig:
     try:
         raw = tomllib.loads(path.read_text())
         return _build(path.parent, raw)
-    except (tomllib.TOMLDecodeError, KeyError, TypeError, ValueError) as exc:
+    except KeyError as exc:  # its text is the bare key name
+        raise ConfigError(f"{path}: missing key {exc}") from exc
+    except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
         raise ConfigError(f"{path}: {exc}") from exc
 
 

@@ -16,9 +16,12 @@ DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
 class ServiceSettings(BaseSettings):
     """Fields common to all five services; subclasses set `env_prefix` and the default port."""
 
-    # populate_by_name: code and tests may pass aliased fields (model_repository, log_level) by
-    # their Python names; the environment still uses the aliases.
-    model_config = SettingsConfigDict(env_prefix="FMSERVE_", extra="ignore", populate_by_name=True)
+    # validate_by_name: code and tests may pass aliased fields (model_repository, log_level) by
+    # their Python names; the environment still uses the aliases. Field docstrings become
+    # descriptions, which `fmserve config` prints.
+    model_config = SettingsConfigDict(
+        env_prefix="FMSERVE_", extra="ignore", validate_by_name=True, use_attribute_docstrings=True
+    )
 
     host: str = "0.0.0.0"
     """Interface the gRPC server binds."""
@@ -46,11 +49,32 @@ class RepositorySettings(ServiceSettings):
 class ClientSettings(BaseSettings):
     """What the `fmserve` CLI reads: where the gateway is, and for `fmserve up`, Redis."""
 
-    model_config = SettingsConfigDict(env_prefix="FMSERVE_", extra="ignore")
+    model_config = SettingsConfigDict(
+        env_prefix="FMSERVE_", extra="ignore", use_attribute_docstrings=True
+    )
 
     address: str = "localhost:50051"
-    """Gateway address the CLI talks to (FMSERVE_ADDRESS)."""
+    """Gateway address the CLI talks to."""
     redis_url: str = "redis://127.0.0.1:6379/0"
-    """Redis used by the cache service (FMSERVE_REDIS_URL); `fmserve up` checks it first."""
+    """Redis used by the cache service; `fmserve up` checks it is reachable first."""
     inference_preload: str = "minilm-embed,minilm-sentiment"
-    """Models `fmserve up` loads before it says ready (FMSERVE_INFERENCE_PRELOAD)."""
+    """Models `fmserve up` has the inference service load before it says ready."""
+
+
+def variables(
+    settings_class: type[BaseSettings], skip: type[BaseSettings] | None = None
+) -> list[tuple[str, str, str]]:
+    """(environment variable, default, description) per field of a settings class; fields that
+    `skip` declares too are left out unless the class changes their default."""
+    prefix = settings_class.model_config.get("env_prefix", "")
+    inherited = skip.model_fields if skip else {}
+    rows = []
+    for name, field in settings_class.model_fields.items():
+        if name in inherited and inherited[name].default == field.default:
+            continue
+        alias = field.validation_alias
+        env = alias if isinstance(alias, str) else f"{prefix}{name}".upper()
+        default = field.default
+        shown = default.get_secret_value() if hasattr(default, "get_secret_value") else default
+        rows.append((env, str(shown), " ".join((field.description or "").split())))
+    return rows

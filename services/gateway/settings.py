@@ -9,12 +9,15 @@ class GatewaySettings(RepositorySettings):
     model_config = SettingsConfigDict(env_prefix="FMSERVE_GATEWAY_", extra="ignore")
 
     port: int = 50051
+    """gRPC port of the gateway: the cluster's public API."""
     preprocess_address: str = "127.0.0.1:50052"
     """Preprocess service: `host:port` (DNS, every address used) or `ip:port,ip:port`."""
     inference_address: str = "127.0.0.1:50053"
     """Inference service, or any KServe v2 endpoint such as a Triton server; same forms."""
     postprocess_address: str = "127.0.0.1:50054"
+    """Postprocess service; same forms."""
     cache_address: str = "127.0.0.1:50055"
+    """Cache service; same forms."""
     max_items: int = 1024
     """Most texts in one Infer request."""
     max_text_chars: int = 100_000

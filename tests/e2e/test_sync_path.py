@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fmserve import AsyncClient, Client
 from fmserve.cluster import Cluster
-from fmserve.errors import InvalidInput, ModelNotFound, NotFound, TooLarge, Unavailable
+from fmserve.errors import InvalidInput, NotFound, Overloaded, Unavailable
 from fmserve.repository import ModelRepository
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc
 from tests import reference
@@ -130,12 +130,12 @@ def test_truncate_option_accepts_long_texts(client: Client) -> None:
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda c: c.embed(["x"], model="no-such-model"), ModelNotFound, "minilm-embed"),
+        (lambda c: c.embed(["x"], model="no-such-model"), NotFound, "minilm-embed"),
         (lambda c: c.infer(["x"], "tiny-classifier", version="9"), NotFound, "version"),
         (lambda c: c.embed(["x"], model="tiny-classifier"), InvalidInput, "text-classification"),
         (lambda c: c.embed([]), InvalidInput, "empty"),
         (lambda c: c.embed(["ok", "  "]), InvalidInput, r"texts\[1\]"),
-        (lambda c: c.embed(["x"] * (MAX_ITEMS + 1)), TooLarge, str(MAX_ITEMS)),
+        (lambda c: c.embed(["x"] * (MAX_ITEMS + 1)), Overloaded, str(MAX_ITEMS)),
         (lambda c: c.infer(["x"], ""), InvalidInput, "model is required"),
         (lambda c: c.classify(["x"], "tiny-classifier", top_k=-1), InvalidInput, "top_k"),
     ],
@@ -150,7 +150,8 @@ def test_raw_grpc_bad_payloads(gateway_address: str) -> None:
         infer = channel.unary_unary("/fmserve.v1.Gateway/Infer")
         with pytest.raises(grpc.RpcError) as garbage:
             infer(b"\xff\xff\xff not a protobuf", timeout=10)
-        assert garbage.value.code() in (grpc.StatusCode.INTERNAL, grpc.StatusCode.INVALID_ARGUMENT)
+        assert garbage.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert "not a valid fmserve.v1.InferRequest" in garbage.value.details()
         stub = gateway_pb2_grpc.GatewayStub(channel)
         huge = gateway_pb2.InferRequest(
             model="minilm-embed", texts=["x" * (MAX_MESSAGE_BYTES + 10)]

@@ -1,0 +1,49 @@
+"""`python -m services.inference`: serve the model repository over the KServe v2 protocol."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from fmserve import logs
+from fmserve.service import Service, Servicer, run_until_signalled
+from services.inference.settings import InferenceSettings
+
+
+def build(settings: InferenceSettings) -> Service:
+    """Wire the inference service; the registry (a Resource) stops every batcher on stop."""
+    # Imported here, not above: these import torch, which must come after main() has set
+    # OpenMP's environment.
+    from tritonclient.grpc.service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
+
+    from fmserve.repository import ModelRepository
+    from services.inference.loading import configure_threads
+    from services.inference.registry import ModelRegistry
+    from services.inference.server import SERVICE_NAME, InferenceServicer
+
+    configure_threads(settings.torch_threads, settings.torch_interop_threads)
+    registry = ModelRegistry(
+        ModelRepository(settings.model_repository),
+        max_loaded_models=settings.max_loaded_models,
+        preload=settings.preload_models,
+        grace_s=settings.grace_period_s,
+    )
+    servicer = Servicer(
+        add_GRPCInferenceServiceServicer_to_server, InferenceServicer(registry), SERVICE_NAME
+    )
+    return Service("inference", settings, [servicer], resources=[registry])
+
+
+def main() -> None:
+    settings = InferenceSettings()
+    # OpenMP reads these once, when torch first loads it, so they are set before anything
+    # imports torch. PASSIVE: spinning threads slowed the model 6-23x whenever another process
+    # kept a core busy (REFERENCE.md).
+    os.environ["OMP_WAIT_POLICY"] = settings.omp_wait_policy
+    os.environ["OMP_NUM_THREADS"] = str(settings.torch_threads)
+    logs.configure("inference", settings.log_level, settings.log_format)
+    asyncio.run(run_until_signalled(build(settings)))
+
+
+if __name__ == "__main__":
+    main()

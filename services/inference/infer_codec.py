@@ -1,0 +1,107 @@
+"""ModelInfer on the wire ↔ the domain: Triton's request tensors (raw bytes or typed contents)
+become per-sequence id arrays; an output array becomes a response with raw_output_contents."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import numpy as np
+from tritonclient.grpc import service_pb2
+
+from fmserve.errors import InvalidInput
+from services.inference import signature
+from services.inference.instance import InferOutput, InferRequest
+from services.inference.ragged import split_padded, split_ragged
+
+_SPECS = {spec.name: spec for spec in signature.INPUTS}
+_NUMPY: dict[str, np.dtype] = {"INT64": np.dtype("<i8"), "INT32": np.dtype("<i4")}
+_CONTENTS = {"INT64": "int64_contents", "INT32": "int_contents"}
+_ACCEPTED = "input_ids with lengths (ragged form), or input_ids with an optional attention_mask"
+
+
+def to_domain(request: service_pb2.ModelInferRequest) -> InferRequest:
+    """The sequences of a request, in its layout, with its priority and requested outputs."""
+    tensors = _tensors(request)
+    if "input_ids" not in tensors:
+        raise InvalidInput(f"input_ids is missing; send {_ACCEPTED}")
+    ids, lengths, mask = tensors["input_ids"], tensors.get("lengths"), tensors.get("attention_mask")
+    if lengths is not None and mask is not None:
+        raise InvalidInput("send lengths (ragged form) or attention_mask (padded form), not both")
+    if lengths is not None:
+        sequences, layout = split_ragged(ids, lengths)
+    else:
+        sequences, layout = split_padded(ids, mask)
+    return InferRequest(
+        model=request.model_name,
+        version=request.model_version,
+        sequences=sequences,
+        layout=layout,
+        priority=_priority(request.parameters),
+        outputs=tuple(output.name for output in request.outputs),
+    )
+
+
+def to_wire(
+    request: service_pb2.ModelInferRequest, version: str, output: InferOutput
+) -> service_pb2.ModelInferResponse:
+    """A response carrying the output as little-endian FP32 raw contents."""
+    array = np.ascontiguousarray(output.array, dtype="<f4")
+    response = service_pb2.ModelInferResponse(
+        model_name=request.model_name, model_version=version, id=request.id
+    )
+    response.outputs.add(name=output.name, datatype="FP32", shape=array.shape)
+    response.raw_output_contents.append(array.tobytes())
+    return response
+
+
+def _tensors(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
+    raw = request.raw_input_contents
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput(
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; "
+            "send one per input, in the order of inputs"
+        )
+    tensors: dict[str, np.ndarray] = {}
+    for index, tensor in enumerate(request.inputs):
+        if tensor.name in tensors:
+            raise InvalidInput(f"input {tensor.name!r} is sent twice")
+        tensors[tensor.name] = _decode(tensor, raw[index] if raw else None)
+    return tensors
+
+
+def _decode(
+    tensor: service_pb2.ModelInferRequest.InferInputTensor, raw: bytes | None
+) -> np.ndarray:
+    spec = _SPECS.get(tensor.name)
+    if spec is None:
+        raise InvalidInput(f"unknown input {tensor.name!r}; send {_ACCEPTED}")
+    if tensor.datatype != spec.datatype:
+        raise InvalidInput(f"{tensor.name}: datatype {tensor.datatype!r}; send {spec.datatype}")
+    shape = tuple(tensor.shape)
+    if any(d < 0 for d in shape):
+        raise InvalidInput(f"{tensor.name}: shape {list(shape)} has a negative dimension")
+    count, dtype = int(np.prod(shape)), _NUMPY[spec.datatype]
+    if raw is not None:
+        if len(raw) != count * dtype.itemsize:
+            raise InvalidInput(
+                f"{tensor.name}: shape {list(shape)} needs {count * dtype.itemsize} bytes of "
+                f"{spec.datatype}, got {len(raw)}"
+            )
+        return np.frombuffer(raw, dtype=dtype).reshape(shape)
+    values = getattr(tensor.contents, _CONTENTS[spec.datatype])
+    if len(values) != count:
+        raise InvalidInput(
+            f"{tensor.name}: shape {list(shape)} needs {count} values, got {len(values)}"
+        )
+    return np.asarray(values, dtype=dtype).reshape(shape)
+
+
+def _priority(parameters: Mapping[str, service_pb2.InferParameter]) -> int:
+    """The `priority` parameter: uint64 as tritonclient sends it, or int64 from other clients."""
+    if "priority" not in parameters:
+        return 0
+    value = parameters["priority"]
+    kind = value.WhichOneof("parameter_choice")
+    if kind not in ("uint64_param", "int64_param"):
+        raise InvalidInput("parameter priority must be an integer (0 default, 1 highest)")
+    return max(0, int(getattr(value, kind)))

@@ -1,0 +1,111 @@
+"""The torch side of one loaded model version: pads a batch of ragged sequences to its longest,
+runs the forward pass under inference_mode, and returns one numpy array per sequence. Called in
+an executor thread, never on the event loop.
+
+    embedding                    pooled (+ normalised) hidden states   [D] per sequence
+    text-classification          the classifier's logits               [C] per sequence
+      with prototypes            cosine to each label's centroid * T   [C] per sequence
+    token-classification         per-token logits                      [L, C] per sequence
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from fmserve.errors import Overloaded
+from fmserve.repository import ModelConfig, TaskName
+from services.inference.loading import LoadFailed, Placement, load_module, load_tokenizer, place
+from services.inference.pooling import POOLINGS, embed
+from services.inference.ragged import pad
+
+# Cosine similarities lie in [-1, 1]; scaled by 20 a softmax over them is decisive for a clear
+# match (a lead of 0.3 over two other labels gives ~0.995) yet still graded for near ties.
+PROTOTYPE_TEMPERATURE = 20.0
+
+Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+class Runner:
+    """Forward passes of one model version on its device, in its precision."""
+
+    def __init__(self, config: ModelConfig, module: torch.nn.Module, placement: Placement) -> None:
+        self.config = config
+        self.module = module
+        self.placement = placement
+        hf_config: Any = module.config
+        self.vocab_size = int(hf_config.vocab_size)
+        self.per_token = config.task is TaskName.TOKEN_CLASSIFICATION
+        self._pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
+        self._centroids: torch.Tensor | None = None
+        self._head = self._pick_head()
+
+    @classmethod
+    def load(cls, config: ModelConfig, version: str, cuda_devices: int | None = None) -> Runner:
+        """Load a version's weights (and prototype centroids); raises LoadFailed with the fix."""
+        if config.pooling not in POOLINGS:
+            raise LoadFailed(f"unknown pooling {config.pooling!r}; use {' or '.join(POOLINGS)}")
+        placement = place(config.runtime, cuda_devices)
+        files = config.files(version)
+        module = load_module(files, config.task, placement, encoder_only=bool(config.prototypes))
+        runner = cls(config, module, placement)
+        if config.prototypes:
+            runner._centroids = runner._prototype_centroids(load_tokenizer(files))
+        return runner
+
+    def forward(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
+        """One output per sequence, in order; runs on the caller's thread."""
+        try:
+            with torch.inference_mode():
+                out = self._head(*self._padded(sequences))
+        except torch.OutOfMemoryError as exc:
+            raise Overloaded(
+                f"the model ran out of memory on a batch of {len(sequences)} sequences; "
+                "retry, or send fewer or shorter texts"
+            ) from exc
+        outputs = out.float().cpu().numpy()
+        if self.per_token:
+            return [outputs[i, : len(s)] for i, s in enumerate(sequences)]
+        return list(outputs)
+
+    def _padded(self, sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
+        ids, mask = pad(sequences, self._pad_id)
+        device = self.placement.device
+        return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
+
+    def _pick_head(self) -> Head:
+        if self.config.prototypes:
+            return self._zero_shot
+        if self.config.task is TaskName.EMBEDDING:
+            return self._embed
+        return self._logits
+
+    def _embed(
+        self, ids: torch.Tensor, mask: torch.Tensor, normalize: bool | None = None
+    ) -> torch.Tensor:
+        hidden = self.module(input_ids=ids, attention_mask=mask).last_hidden_state
+        normalize = self.config.normalize if normalize is None else normalize
+        return embed(hidden, mask, self.config.pooling, normalize)
+
+    def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.module(input_ids=ids, attention_mask=mask).logits
+
+    def _zero_shot(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        assert self._centroids is not None  # set by load() for every prototype model
+        vectors = self._embed(ids, mask, normalize=True)
+        return vectors @ self._centroids.T * PROTOTYPE_TEMPERATURE
+
+    def _prototype_centroids(self, tokenizer: Any) -> torch.Tensor:
+        """Each label's prototype sentences embedded, averaged and normalised: [C, D]."""
+        rows = []
+        for label in self.config.labels:
+            sentences = list(self.config.prototypes[label])
+            encoded = tokenizer(sentences, truncation=True, max_length=self.config.max_length)
+            ids = [np.asarray(row, dtype=np.int64) for row in encoded["input_ids"]]
+            with torch.inference_mode():
+                rows.append(self._embed(*self._padded(ids), normalize=True).mean(dim=0))
+        return F.normalize(torch.stack(rows), p=2, dim=-1)

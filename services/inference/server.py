@@ -1,0 +1,93 @@
+"""The `inference.GRPCInferenceService` servicer (KServe v2 / Triton protocol): wire → registry
+or instance → wire. Methods not listed here answer UNIMPLEMENTED (the generated base class)."""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+
+from fmserve.errors import InvalidInput
+from services.inference import infer_codec, model_codec
+from services.inference.registry import ModelRegistry
+
+SERVICE_NAME = "inference.GRPCInferenceService"
+Context: TypeAlias = grpc.aio.ServicerContext
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
+    def __init__(self, registry: ModelRegistry) -> None:
+        self.registry = registry
+
+    async def ServerLive(
+        self, request: service_pb2.ServerLiveRequest, context: Context
+    ) -> service_pb2.ServerLiveResponse:
+        return service_pb2.ServerLiveResponse(live=True)
+
+    async def ServerReady(
+        self, request: service_pb2.ServerReadyRequest, context: Context
+    ) -> service_pb2.ServerReadyResponse:
+        return service_pb2.ServerReadyResponse(ready=self.registry.ready)
+
+    async def ServerMetadata(
+        self, request: service_pb2.ServerMetadataRequest, context: Context
+    ) -> service_pb2.ServerMetadataResponse:
+        return model_codec.server_metadata()
+
+    async def ModelReady(
+        self, request: service_pb2.ModelReadyRequest, context: Context
+    ) -> service_pb2.ModelReadyResponse:
+        ready = self.registry.is_ready(request.name, request.version)
+        return service_pb2.ModelReadyResponse(ready=ready)
+
+    async def ModelMetadata(
+        self, request: service_pb2.ModelMetadataRequest, context: Context
+    ) -> service_pb2.ModelMetadataResponse:
+        config = self.registry.config(request.name)
+        config.resolve_version(request.version)
+        return model_codec.metadata_to_wire(config)
+
+    async def ModelConfig(
+        self, request: service_pb2.ModelConfigRequest, context: Context
+    ) -> service_pb2.ModelConfigResponse:
+        config = self.registry.config(request.name)
+        config.resolve_version(request.version)
+        return model_codec.config_to_wire(config)
+
+    async def ModelStatistics(
+        self, request: service_pb2.ModelStatisticsRequest, context: Context
+    ) -> service_pb2.ModelStatisticsResponse:
+        records = self.registry.statistics(request.name, request.version)
+        return model_codec.statistics_to_wire(records)
+
+    async def ModelInfer(
+        self, request: service_pb2.ModelInferRequest, context: Context
+    ) -> service_pb2.ModelInferResponse:
+        infer = infer_codec.to_domain(request)
+        instance = await self.registry.instance(infer.model, infer.version)
+        return infer_codec.to_wire(request, instance.version, await instance.infer(infer))
+
+    async def RepositoryIndex(
+        self, request: service_pb2.RepositoryIndexRequest, context: Context
+    ) -> service_pb2.RepositoryIndexResponse:
+        return model_codec.index_to_wire(self.registry.index(), ready_only=request.ready)
+
+    async def RepositoryModelLoad(
+        self, request: service_pb2.RepositoryModelLoadRequest, context: Context
+    ) -> service_pb2.RepositoryModelLoadResponse:
+        if request.parameters:
+            # Triton lets a client send a config or files here: models come from the repository
+            # only, so no client can make this server load code or weights it supplies.
+            raise InvalidInput(
+                "load parameters (config, file:...) are not accepted; models load from the "
+                "model repository only"
+            )
+        await self.registry.load(request.model_name)
+        return service_pb2.RepositoryModelLoadResponse()
+
+    async def RepositoryModelUnload(
+        self, request: service_pb2.RepositoryModelUnloadRequest, context: Context
+    ) -> service_pb2.RepositoryModelUnloadResponse:
+        await self.registry.unload(request.model_name)
+        return service_pb2.RepositoryModelUnloadResponse()

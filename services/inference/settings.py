@@ -1,0 +1,33 @@
+"""Inference settings (`FMSERVE_INFERENCE_*`)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from fmserve.settings import RepositorySettings
+
+
+class InferenceSettings(RepositorySettings):
+    model_config = SettingsConfigDict(env_prefix="FMSERVE_INFERENCE_", extra="ignore")
+
+    port: int = 50053
+    """gRPC port of the KServe v2 / Triton protocol."""
+    torch_threads: int = Field(1, ge=1)
+    """Intra-op threads of one forward pass. One thread held steady on a shared machine; two
+    slowed 6-23x whenever another process kept a core busy."""
+    torch_interop_threads: int = Field(1, ge=1)
+    """Inter-op threads (parallel operators of one graph); encoders gain nothing from more."""
+    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"
+    """OpenMP threads between parallel regions: PASSIVE sleeps, ACTIVE spins (burns a core)."""
+    max_loaded_models: int = Field(8, ge=1)
+    """Most model versions loaded at once; loading one more unloads the least recently used
+    idle one (RESOURCE_EXHAUSTED when none is idle)."""
+    preload: str = ""
+    """Comma-separated model names loaded at start (default version); empty loads on first use."""
+
+    @property
+    def preload_models(self) -> list[str]:
+        return [name.strip() for name in self.preload.split(",") if name.strip()]

@@ -1,0 +1,36 @@
+"""The tensors a model takes and gives, in Triton's terms; ModelMetadata, ModelConfig and
+ModelInfer all read them from here so they never disagree. Shapes include the batch dimension;
+-1 is variable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fmserve.repository import ModelConfig, TaskName
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+    optional: bool = False
+
+
+INPUT_IDS = TensorSpec("input_ids", "INT64", (-1, -1))
+"""[B, T] padded, or [total_tokens] together with `lengths` (ragged)."""
+ATTENTION_MASK = TensorSpec("attention_mask", "INT64", (-1, -1), optional=True)
+"""Padded form only; all ones when absent."""
+LENGTHS = TensorSpec("lengths", "INT32", (-1,), optional=True)
+"""Ragged form: tokens per sequence, summing to input_ids' length."""
+INPUTS = (INPUT_IDS, ATTENTION_MASK, LENGTHS)
+
+
+def output(config: ModelConfig) -> TensorSpec:
+    """The one output of a model: `embeddings` [B, D] or `logits` [B, C] / [B, T, C]."""
+    if config.task is TaskName.EMBEDDING:
+        return TensorSpec("embeddings", "FP32", (-1, config.dimensions or -1))
+    classes = len(config.labels) or -1
+    if config.task is TaskName.TOKEN_CLASSIFICATION:
+        return TensorSpec("logits", "FP32", (-1, -1, classes))
+    return TensorSpec("logits", "FP32", (-1, classes))

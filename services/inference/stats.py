@@ -1,0 +1,48 @@
+"""Statistics of one loaded model version, in the shape of Triton's ModelStatistics: request,
+queue and compute counts with summed durations, since the version was loaded."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Duration:
+    count: int = 0
+    ns: int = 0
+
+    def add(self, ns: int) -> None:
+        self.count += 1
+        self.ns += ns
+
+
+@dataclass
+class ModelStats:
+    inference_count: int = 0
+    """Sequences inferred (Triton counts batch items)."""
+    execution_count: int = 0
+    """Forward passes run."""
+    last_inference_ms: int = 0
+    """Wall-clock time of the last successful request, in ms since the epoch."""
+    success: Duration = field(default_factory=Duration)
+    fail: Duration = field(default_factory=Duration)
+    queue: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    batches: dict[int, Duration] = field(default_factory=dict)
+    """Forward passes and their compute time, by batch size."""
+
+    def record_request(self, ok: bool, ns: int) -> None:
+        (self.success if ok else self.fail).add(ns)
+        if ok:
+            self.last_inference_ms = time.time_ns() // 1_000_000
+
+    def record_queued(self, delays_s: list[float]) -> None:
+        for delay in delays_s:
+            self.queue.add(int(delay * 1e9))
+
+    def record_batch(self, size: int, ns: int) -> None:
+        self.inference_count += size
+        self.execution_count += 1
+        self.compute_infer.add(ns)
+        self.batches.setdefault(size, Duration()).add(ns)

@@ -1,0 +1,33 @@
+"""`python -m services.postprocess`: the postprocess service process."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+from fmserve import logs
+from fmserve.repository import ModelRepository
+from fmserve.service import Service, run_until_signalled
+from services.postprocess.postprocessor import Postprocessor
+from services.postprocess.server import servicer
+from services.postprocess.settings import PostprocessSettings
+
+log = logging.getLogger("fmserve.postprocess")
+
+
+def build(settings: PostprocessSettings) -> Service:
+    """The service wired from its settings: model repository → postprocessor → servicer."""
+    repository = ModelRepository(settings.model_repository)
+    postprocessor = Postprocessor(repository, settings.offload_min_rows, settings.worker_threads)
+    return Service("postprocess", settings, [servicer(postprocessor)], resources=[postprocessor])
+
+
+def main() -> None:
+    settings = PostprocessSettings()
+    logs.configure("postprocess", settings.log_level, settings.log_format)
+    log.info("settings", extra={"settings": settings.model_dump(mode="json")})
+    asyncio.run(run_until_signalled(build(settings)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,21 @@
+"""Preprocess service settings (`FMSERVE_PREPROCESS_*`, plus `FMSERVE_MODEL_REPOSITORY`)."""
+
+from __future__ import annotations
+
+from pydantic import PositiveInt
+from pydantic_settings import SettingsConfigDict
+
+from fmserve.settings import RepositorySettings
+
+
+class PreprocessSettings(RepositorySettings):
+    # validate_by_name: tests and tools may pass `model_repository=` beside the env alias.
+    model_config = SettingsConfigDict(
+        env_prefix="FMSERVE_PREPROCESS_", extra="ignore", validate_by_name=True
+    )
+
+    port: int = 50052
+    """gRPC port of the preprocess service."""
+    tokenizer_threads: PositiveInt = 2
+    """Worker threads that load tokenizers and tokenize, so the event loop never waits on them.
+    Each batch is also split across cores inside the Rust tokenizer, so a few suffice."""

@@ -1,0 +1,111 @@
+"""The tokenizers of the preprocess service: one per (model, version), loaded on first use from
+the model's files, once even when many first requests arrive together; and Tokenize's rules
+(texts required, each within the model's maximum length unless the caller asks to truncate).
+
+Loading and tokenizing run in this module's worker threads, never on the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import TypeVar
+
+from fmserve.errors import InputTooLong, InvalidInput
+from fmserve.repository import ModelConfig, ModelRepository
+from services.preprocess.hf_tokenizer import HfTokenizer, Tokenized
+from services.preprocess.metrics import REQUEST_TOKENS, TOKENIZER_LOADS
+
+log = logging.getLogger("fmserve.preprocess")
+
+T = TypeVar("T")
+
+
+class Tokenizers:
+    """Owns the loaded tokenizers and the threads that load and run them."""
+
+    def __init__(self, repository: ModelRepository, threads: int = 2) -> None:
+        self.repository = repository
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
+        # A load in progress is shared by every request that needs it; a failed one is dropped
+        # so that the next request tries again.
+        self._tokenizers: dict[tuple[str, str], asyncio.Future[HfTokenizer]] = {}
+
+    async def start(self) -> None:
+        """Nothing loads here: a tokenizer loads when its model is first asked for."""
+
+    async def stop(self) -> None:
+        """Called once calls have drained: drop queued work; a running one ends in its thread."""
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self._tokenizers.clear()
+
+    async def tokenize(
+        self,
+        model: str,
+        version: str,
+        texts: Sequence[str],
+        truncate: bool = False,
+        offsets: bool = False,
+    ) -> Tokenized:
+        """The texts as token ids for `model` at `version` ("" is the default version)."""
+        config = self.repository.get(model)
+        version = config.resolve_version(version)
+        check_texts(texts)
+        tokenizer = await self.get(config, version)
+        limit = config.max_length if truncate else None
+        tokenized = await self._in_thread(partial(tokenizer.encode, texts, limit, offsets))
+        check_lengths(tokenized, config)
+        REQUEST_TOKENS.labels(config.name).observe(tokenized.total_tokens)
+        return tokenized
+
+    async def get(self, config: ModelConfig, version: str) -> HfTokenizer:
+        """The tokenizer of a model version, loading it on first use."""
+        key = (config.name, version)
+        loading = self._tokenizers.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load(key, config.files(version)))
+            # Mark its error as seen: if every caller has gone, nobody else would.
+            loading.add_done_callback(lambda f: f.cancelled() or f.exception())
+            self._tokenizers[key] = loading
+        # A caller that gives up must not cancel a load that other callers wait for.
+        return await asyncio.shield(loading)
+
+    async def _load(self, key: tuple[str, str], folder: Path) -> HfTokenizer:
+        try:
+            tokenizer = await self._in_thread(partial(HfTokenizer.load, folder))
+        except BaseException:
+            self._tokenizers.pop(key, None)
+            TOKENIZER_LOADS.labels(key[0], "error").inc()
+            raise
+        TOKENIZER_LOADS.labels(key[0], "ok").inc()
+        log.info("tokenizer loaded", extra={"model": key[0], "version": key[1]})
+        return tokenizer
+
+    async def _in_thread(self, work: Callable[[], T]) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, work)
+
+
+def check_texts(texts: Sequence[str]) -> None:
+    """At least one text, and none empty or only whitespace."""
+    if not texts:
+        raise InvalidInput("texts is empty; send at least one text")
+    for index, text in enumerate(texts):
+        if not text.strip():
+            raise InvalidInput(f"texts[{index}] is empty or only whitespace; send some text")
+
+
+def check_lengths(tokenized: Tokenized, config: ModelConfig) -> None:
+    """Refuse texts longer than the model takes, naming the first and how to fix it."""
+    over = (tokenized.lengths > config.max_length).nonzero()[0]
+    if not over.size:
+        return
+    index = int(over[0])
+    others = f" (and {over.size - 1} more texts)" if over.size > 1 else ""
+    raise InputTooLong(
+        f"texts[{index}] is {tokenized.lengths[index]} tokens long{others}; model "
+        f"{config.name!r} takes at most {config.max_length}. Shorten it, or set truncate "
+        f"to cut it to {config.max_length} tokens"
+    )

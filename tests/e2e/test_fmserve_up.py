@@ -1,0 +1,133 @@
+"""`fmserve up` as a user runs it: a subprocess that says `ready`, restarts a service that dies,
+stops every child on SIGINT, and refuses to start without Redis, saying how to fix it."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from fmserve import Client
+from fmserve.cluster import free_port
+from tests.conftest import REDIS_URL, require_server
+
+pytestmark = pytest.mark.e2e
+
+
+def _fmserve_up(base_port: int, log_dir: Path, env: dict[str, str]) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fmserve.cli",
+            "up",
+            "--base-port",
+            str(base_port),
+            "--log-dir",
+            str(log_dir),
+        ],
+        env={**os.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _read_until(process: subprocess.Popen[str], pattern: str, timeout_s: float) -> list[str]:
+    """Lines printed until one matches `pattern` (fails with the output if it never does)."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    assert process.stdout is not None
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        if not line and process.poll() is not None:
+            break
+        lines.append(line.rstrip())
+        if re.search(pattern, line):
+            return lines
+    pytest.fail(f"never printed {pattern!r}; output:\n" + "\n".join(lines))
+
+
+def _base_port() -> int:
+    """Five consecutive free ports."""
+    for _ in range(50):
+        base = free_port()
+        if base < 60000 and all(_free(base + i) for i in range(5)):
+            return base
+    pytest.fail("no five consecutive free ports")
+
+
+def _free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.fixture
+def up(tmp_path: Path, model_repository: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+    require_server("Redis", "127.0.0.1", 6379)
+    base = _base_port()
+    env = {
+        "FMSERVE_MODEL_REPOSITORY": str(model_repository),
+        "FMSERVE_REDIS_URL": f"{REDIS_URL}/13",
+        "FMSERVE_CACHE_KEY_PREFIX": f"fmserve-up-{uuid.uuid4().hex[:8]}:",
+        "FMSERVE_INFERENCE_PRELOAD": "minilm-embed",
+        "FMSERVE_INFERENCE_TORCH_THREADS": "1",
+    }
+    process = _fmserve_up(base, tmp_path, env)
+    try:
+        yield process, base
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+def test_up_serves_restarts_and_stops_cleanly(up: tuple[subprocess.Popen[str], int]) -> None:
+    process, base = up
+    lines = _read_until(process, r"\bready\b", timeout_s=240)
+    pids = {
+        m[1]: int(m[2]) for line in lines if (m := re.match(r"\s+(\w+)\s+grpc .* pid (\d+)", line))
+    }
+    assert set(pids) == {"gateway", "preprocess", "inference", "postprocess", "cache"}
+    with Client(f"127.0.0.1:{base}") as client:
+        assert client.embed(["hello from fmserve up"]).shape == (1, 384)
+
+    os.kill(pids["postprocess"], signal.SIGKILL)
+    _read_until(process, r"postprocess .* restarting", timeout_s=30)
+
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=60) == 0
+    time.sleep(0.5)
+    assert not [name for name, pid in pids.items() if _alive(pid)]
+
+
+def test_up_without_redis_says_how_to_start_it(tmp_path: Path) -> None:
+    process = _fmserve_up(_base_port(), tmp_path, {"FMSERVE_REDIS_URL": "redis://127.0.0.1:1/0"})
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 1
+    assert "Redis is not reachable at 127.0.0.1:1" in output
+    assert "redis-server" in output

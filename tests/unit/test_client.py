@@ -1,0 +1,200 @@
+"""The Python client (fmserve/client.py): twin clients, request building, result conversion.
+
+No server: requests are checked as built, and answers are messages built here by hand.
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import numpy as np
+import pytest
+
+from fmserve.client import (
+    AsyncClient,
+    Client,
+    Entity,
+    LabelScore,
+    _answer,
+    _model,
+    _request,
+    _result,
+)
+from fmserve.v1 import common_pb2, gateway_pb2
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def public_methods(cls: type) -> dict[str, inspect.Signature]:
+    return {
+        name: inspect.signature(member)
+        for name, member in vars(cls).items()
+        if callable(member) and not name.startswith("_")
+    }
+
+
+# --- the twins -------------------------------------------------------------------------------
+
+
+def test_both_clients_have_the_same_public_methods() -> None:
+    assert public_methods(Client).keys() == public_methods(AsyncClient).keys()
+    assert {"infer", "embed", "classify", "entities", "models", "close"} <= set(
+        public_methods(Client)
+    )
+
+
+@pytest.mark.parametrize("name", [*sorted(public_methods(Client)), "__init__"])
+def test_both_clients_take_the_same_parameters(name: str) -> None:
+    blocking = inspect.signature(getattr(Client, name))
+    awaited = inspect.signature(getattr(AsyncClient, name))
+    assert blocking.parameters == awaited.parameters
+    assert blocking.return_annotation == awaited.return_annotation
+
+
+def test_every_async_method_is_awaited_and_no_blocking_one_is() -> None:
+    for name in public_methods(Client):
+        assert not inspect.iscoroutinefunction(getattr(Client, name)), name
+        assert inspect.iscoroutinefunction(getattr(AsyncClient, name)), name
+
+
+def test_both_clients_are_context_managers() -> None:
+    assert hasattr(Client, "__enter__") and hasattr(Client, "__exit__")
+    assert hasattr(AsyncClient, "__aenter__") and hasattr(AsyncClient, "__aexit__")
+
+
+# --- requests --------------------------------------------------------------------------------
+
+
+def test_request_carries_every_option() -> None:
+    request = _request(["a", "b"], "ner", "token-classification", "3", True, 2, "refresh")
+    assert list(request.texts) == ["a", "b"]
+    assert (request.model, request.version) == ("ner", "3")
+    assert request.task == common_pb2.TASK_TOKEN_CLASSIFICATION
+    assert request.options.truncate is True
+    assert request.options.top_k == 2
+    assert request.options.cache_policy == common_pb2.CACHE_POLICY_REFRESH
+
+
+def test_one_string_is_one_text_and_no_task_is_unspecified() -> None:
+    request = _request("just one", "m", None, "", False, 0, "use")
+    assert list(request.texts) == ["just one"]
+    assert request.task == common_pb2.TASK_UNSPECIFIED
+    assert request.options.cache_policy == common_pb2.CACHE_POLICY_USE
+
+
+@pytest.mark.parametrize(
+    ("name", "wire"),
+    [
+        ("embedding", common_pb2.TASK_EMBEDDING),
+        ("text-classification", common_pb2.TASK_TEXT_CLASSIFICATION),
+        ("token-classification", common_pb2.TASK_TOKEN_CLASSIFICATION),
+    ],
+)
+def test_task_names_map_to_the_wire(name: str, wire: int) -> None:
+    assert _request("x", "m", name, "", False, 0, "bypass").task == wire
+
+
+@pytest.mark.parametrize("task", ["classification", "", "EMBEDDING"])
+def test_unknown_task_is_refused_naming_the_known_ones(task: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown task.*text-classification"):
+        _request("x", "m", task, "", False, 0, "use")
+
+
+@pytest.mark.parametrize("cache", ["skip", "", "USE"])
+def test_unknown_cache_policy_is_refused_naming_the_known_ones(cache: str) -> None:
+    with pytest.raises(ValueError, match=r"unknown cache policy.*bypass"):
+        _request("x", "m", None, "", False, 0, cache)
+
+
+def test_blocking_client_refuses_a_bad_request_before_calling() -> None:
+    with Client("127.0.0.1:9", timeout=1.0) as client, pytest.raises(ValueError):
+        client.infer("x", "m", cache="sometimes")
+
+
+async def test_async_client_refuses_a_bad_request_before_calling() -> None:
+    async with AsyncClient("127.0.0.1:9", timeout=1.0) as client:
+        with pytest.raises(ValueError):
+            await client.infer("x", "m", task="translation")
+
+
+# --- answers ---------------------------------------------------------------------------------
+
+
+def embedding(values: list[float], cached: bool = False) -> common_pb2.Result:
+    return common_pb2.Result(embedding=common_pb2.Embedding(values=values), cached=cached)
+
+
+def test_embedding_result_is_a_float32_vector() -> None:
+    vector = _result(embedding([0.6, 0.8]))
+    assert isinstance(vector, np.ndarray)
+    assert vector.dtype == np.float32
+    np.testing.assert_allclose(vector, [0.6, 0.8])
+
+
+def test_classification_result_keeps_the_order_of_labels() -> None:
+    result = common_pb2.Result(
+        classification=common_pb2.Classification(
+            labels=[
+                common_pb2.LabelScore(label="pos", score=0.75),
+                common_pb2.LabelScore(label="neg", score=0.25),
+            ]
+        )
+    )
+    assert _result(result) == [LabelScore("pos", 0.75), LabelScore("neg", 0.25)]
+
+
+def test_entities_result_keeps_offsets_and_text() -> None:
+    result = common_pb2.Result(
+        entities=common_pb2.Entities(
+            entities=[
+                common_pb2.Entity(label="PER", score=0.5, start=0, end=3, text="Ada"),
+                common_pb2.Entity(label="LOC", score=0.25, start=7, end=13, text="London"),
+            ]
+        )
+    )
+    assert _result(result) == [
+        Entity("PER", 0.5, 0, 3, "Ada"),
+        Entity("LOC", 0.25, 7, 13, "London"),
+    ]
+
+
+def test_answer_converts_every_result_and_its_cache_flag() -> None:
+    reply = gateway_pb2.InferResponse(
+        model="minilm-embed",
+        version="1",
+        task=common_pb2.TASK_EMBEDDING,
+        results=[embedding([1.0, 0.0], cached=True), embedding([0.0, 1.0])],
+    )
+    answer = _answer(reply)
+    assert (answer.model, answer.version, answer.task) == ("minilm-embed", "1", "embedding")
+    np.testing.assert_allclose(np.stack(answer.results), [[1.0, 0.0], [0.0, 1.0]])
+    assert answer.cached == [True, False]
+    assert answer.cache_hit is False
+
+
+def test_cache_hit_means_every_result_came_from_the_cache() -> None:
+    reply = gateway_pb2.InferResponse(task=common_pb2.TASK_EMBEDDING, results=[embedding([1.0])])
+    assert _answer(reply).cache_hit is False
+    reply.results[0].cached = True
+    assert _answer(reply).cache_hit is True
+    assert _answer(gateway_pb2.InferResponse()).cache_hit is False
+
+
+def test_answer_without_a_task_says_unspecified() -> None:
+    assert _answer(gateway_pb2.InferResponse()).task == "unspecified"
+
+
+def test_model_info_conversion() -> None:
+    info = gateway_pb2.ModelInfo(
+        name="ner",
+        task=common_pb2.TASK_TOKEN_CLASSIFICATION,
+        versions=["3", "2"],
+        max_length=128,
+        labels=["O", "PER"],
+        dimensions=64,
+        description="people",
+    )
+    model = _model(info)
+    assert (model.name, model.task, model.versions) == ("ner", "token-classification", ["3", "2"])
+    assert (model.max_length, model.labels, model.dimensions) == (128, ["O", "PER"], 64)
+    assert model.description == "people"

