@@ -67,7 +67,7 @@ def in_process(seconds: float, threads: int) -> tuple[dict[int, float], float]:
 
     rates = {}
     for size in (1, 8, 32, 64):
-        texts = [sentence(i) for i in range(size)]
+        texts = [sentence(i, f"base00-{i % 32}") for i in range(size)]
         embed(texts)
         done, start = 0, time.perf_counter()
         while time.perf_counter() - start < seconds / 4:
@@ -77,13 +77,14 @@ def in_process(seconds: float, threads: int) -> tuple[dict[int, float], float]:
     singles = []
     for i in range(200):
         start = time.perf_counter()
-        embed([sentence(i)])
+        embed([sentence(i, f"base00-{i % 32}")])
         singles.append((time.perf_counter() - start) * 1e3)
     return rates, statistics.median(singles)
 
 
-def sentence(i: int) -> str:
-    return f"Benchmark sentence number {i} about serving models on your own machines."
+def sentence(i: int, tag: str) -> str:
+    """Single sentences of ~23 tokens; the tag keeps cluster requests unique (no cache hits)."""
+    return f"Benchmark sentence number {i} about serving models on your own machines. {tag}"
 
 
 async def closed_loop(address: str, concurrency: int, seconds: float, *, repeat: bool) -> Load:
@@ -99,7 +100,7 @@ async def closed_loop(address: str, concurrency: int, seconds: float, *, repeat:
         async def worker(w: int) -> None:
             i = 0
             while time.perf_counter() < stop_at:
-                text = "cached benchmark sentence" if repeat else f"{sentence(i)} {run}-{w}"
+                text = "cached benchmark sentence" if repeat else sentence(i, f"{run}-{w}")
                 request = gateway_pb2.InferRequest(model=MODEL, texts=[text], options=options)
                 start = time.perf_counter()
                 await stub.Infer(request, timeout=30)
@@ -152,7 +153,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
     parser.add_argument("--threads", type=int, default=2, help="torch threads, in-process")
-    parser.add_argument("--inference-threads", default="", help="FMSERVE_INFERENCE_TORCH_THREADS")
+    parser.add_argument(
+        "--env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="cluster setting, repeatable",
+    )
     args = parser.parse_args()
     rates, single_ms = in_process(args.seconds, args.threads)
     env = (

@@ -15,9 +15,10 @@ class InferenceSettings(RepositorySettings):
 
     port: int = 50053
     """gRPC port of the KServe v2 / Triton protocol."""
-    torch_threads: int = Field(1, ge=1)
-    """Intra-op threads of one forward pass. One thread held steady on a shared machine; two
-    slowed 6-23x whenever another process kept a core busy."""
+    torch_threads: int = Field(2, ge=1)
+    """Intra-op threads of one forward pass. Two, with the PASSIVE wait policy, served 40% more
+    than one at concurrency 32 on a 2-core machine shared with the other services (bench/);
+    spinning threads are what slowed 6-23x when another process kept a core busy."""
     torch_interop_threads: int = Field(1, ge=1)
     """Inter-op threads (parallel operators of one graph); encoders gain nothing from more."""
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"
