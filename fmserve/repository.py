@@ -53,7 +53,11 @@ class Runtime:
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
     precision: str = "fp32"
-    """fp32; fp16 or bf16 on GPU; int8 (dynamic quantisation) on CPU."""
+    """fp32; fp16 or bf16 on GPU; bf16 on CPUs with AVX512-BF16 or AMX; int8 (dynamic
+    quantisation) on CPU; auto: bf16 where the hardware runs it natively, else fp32."""
+    instances: int = 1
+    """Forward passes of this model that may run at once, each in its own thread. On the 2-core
+    CPU here one instance served more than two (larger batches); more suit GPUs and big CPUs."""
 
 
 @dataclass(frozen=True)

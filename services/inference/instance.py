@@ -58,7 +58,10 @@ class ModelInstance:
         self._idle = asyncio.Event()
         self._idle.set()
         self.batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
-            self._run_batch, _limits(self.config.batching), cost=len, observer=self._observed
+            self._run_batch,
+            _limits(self.config.batching, self.config.runtime.instances),
+            cost=len,
+            observer=self._observed,
         )
 
     @property
@@ -133,12 +136,12 @@ class ModelInstance:
         self.stats.record_queued(delays_s)
 
 
-def _limits(batching: Batching) -> BatchLimits:
+def _limits(batching: Batching, instances: int) -> BatchLimits:
     # A batch's cost is the sum of its sequences' tokens; padding to the longest adds at most
     # what the shortest lack, a fair price for not sorting across requests.
     return BatchLimits(
         max_batch_size=batching.max_batch_size,
         max_batch_cost=batching.max_batch_tokens,
         max_queue_delay_s=batching.max_queue_delay_ms / 1000,
-        max_in_flight=1,
+        max_in_flight=instances,
     )

@@ -8,9 +8,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from tokenizers import Encoding, Tokenizer
 from transformers import AutoTokenizer
 
 from fmserve.errors import FmserveError
@@ -33,13 +33,18 @@ class Tokenized:
 
 
 class HfTokenizer:
-    """A fast (Rust) tokenizer, safe to share between threads."""
+    """A fast (Rust) tokenizer, safe to share between threads.
 
-    def __init__(self, tokenizer: Any) -> None:
-        self._tokenizer = tokenizer
-        # transformers configures truncation on the shared Rust tokenizer before every call, so
-        # two threads asking for different truncation would race: one call at a time.
-        self._lock = threading.Lock()
+    It calls the Rust tokenizer under transformers directly: for a single sentence the Python
+    wrapper costs several times the tokenization itself. The Rust tokenizer keeps its
+    truncation setting as state, so instead of reconfiguring one (and racing other threads)
+    there is one copy per setting: untouched, and one truncating per maximum length.
+    """
+
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self._plain = _copy(tokenizer, max_length=None)
+        self._truncating: dict[int, Tokenizer] = {}
+        self._lock = threading.Lock()  # guards only the creation of truncating copies
 
     @classmethod
     def load(cls, folder: Path) -> HfTokenizer:
@@ -52,34 +57,44 @@ class HfTokenizer:
             raise FmserveError(f"cannot load the tokenizer in {folder}: {exc}") from exc
         if not getattr(tokenizer, "is_fast", False):
             raise FmserveError(f"{folder}: needs a fast tokenizer (tokenizer.json) for offsets")
-        return cls(tokenizer)
+        return cls(tokenizer.backend_tokenizer)
 
     def encode(
         self, texts: Sequence[str], max_length: int | None = None, offsets: bool = False
     ) -> Tokenized:
         """Tokenize all texts in one call, special tokens included; with `max_length`, texts
-        are cut to that many tokens. Blocks; call it off the event loop."""
-        with self._lock:
-            batch = self._tokenizer(
-                list(texts),
-                add_special_tokens=True,
-                padding=False,
-                truncation=max_length is not None,
-                max_length=max_length,
-                return_offsets_mapping=offsets,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )
-        ids = batch["input_ids"]
-        lengths = np.fromiter(map(len, ids), dtype=np.int32, count=len(ids))
+        are cut to that many tokens. Short batches are cheap enough for the event loop; long
+        ones belong in a thread (the Rust side releases the GIL)."""
+        tokenizer = self._plain if max_length is None else self._cutting_at(max_length)
+        encodings = tokenizer.encode_batch(list(texts), add_special_tokens=True)
+        lengths = np.fromiter((len(e.ids) for e in encodings), dtype=np.int32, count=len(encodings))
         total = int(lengths.sum())
+        ids = chain.from_iterable(e.ids for e in encodings)
         return Tokenized(
-            input_ids=np.fromiter(chain.from_iterable(ids), dtype=np.int64, count=total),
+            input_ids=np.fromiter(ids, dtype=np.int64, count=total),
             lengths=lengths,
-            offsets=_offsets(batch["offset_mapping"], total) if offsets else None,
+            offsets=_offsets(encodings, total) if offsets else None,
         )
 
+    def _cutting_at(self, max_length: int) -> Tokenizer:
+        tokenizer = self._truncating.get(max_length)
+        if tokenizer is None:
+            with self._lock:
+                tokenizer = self._truncating.setdefault(max_length, _copy(self._plain, max_length))
+        return tokenizer
 
-def _offsets(mapping: list[list[tuple[int, int]]], total: int) -> np.ndarray:
-    pairs = chain.from_iterable(chain.from_iterable(mapping))
+
+def _copy(tokenizer: Tokenizer, max_length: int | None) -> Tokenizer:
+    """An independent Rust tokenizer without padding, truncating at `max_length` if given."""
+    copy = Tokenizer.from_str(tokenizer.to_str())
+    copy.no_padding()
+    if max_length is None:
+        copy.no_truncation()
+    else:
+        copy.enable_truncation(max_length)
+    return copy
+
+
+def _offsets(encodings: list[Encoding], total: int) -> np.ndarray:
+    pairs = chain.from_iterable(chain.from_iterable(e.offsets for e in encodings))
     return np.fromiter(pairs, dtype=np.int32, count=2 * total).reshape(total, 2)

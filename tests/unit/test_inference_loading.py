@@ -12,6 +12,7 @@ from fmserve.repository import Runtime, TaskName
 from services.inference.loading import (
     LoadFailed,
     Placement,
+    _cpu_has_native_bf16,
     load_module,
     place,
     require_safetensors,
@@ -29,7 +30,12 @@ torch.set_num_threads(1)
         ("auto", "fp32", 1, Placement(torch.device("cuda"), torch.float32)),
         ("auto", "fp16", 1, Placement(torch.device("cuda"), torch.float16)),
         ("cuda:1", "bf16", 2, Placement(torch.device("cuda:1"), torch.bfloat16)),
-        ("cpu", "bf16", 1, Placement(torch.device("cpu"), torch.bfloat16)),  # AMX makes it fast
+        (
+            "cpu",
+            "bf16",
+            1,
+            Placement(torch.device("cpu"), torch.bfloat16),
+        ),  # fast with AVX512-BF16 or AMX
         ("auto", "bf16", 0, Placement(torch.device("cpu"), torch.bfloat16)),
         ("cpu", "int8", 0, Placement(torch.device("cpu"), torch.float32, quantize=True)),
         # int8 kernels are CPU-only, so "auto" picks the CPU even beside a GPU
@@ -50,7 +56,12 @@ def test_valid_combinations(device: str, precision: str, gpus: int, expected: Pl
         ("cuda:2", "fp32", 2, "asks for a GPU this machine lacks"),
         ("tpu", "fp32", 0, "unknown runtime.device 'tpu'"),
         ("mps", "fp32", 0, "unknown runtime.device 'mps'"),
-        ("cpu", "fp64", 0, "unknown runtime.precision 'fp64'; use one of fp32, fp16, bf16, int8"),
+        (
+            "cpu",
+            "fp64",
+            0,
+            "unknown runtime.precision 'fp64'; use auto or one of fp32, fp16, bf16, int8",
+        ),
     ],
 )
 def test_invalid_combinations_fail_with_the_fix(
@@ -82,3 +93,9 @@ def test_unreadable_weights_fail_without_paths(tmp_path: Path) -> None:
 def test_scrub_paths_keeps_the_first_line_without_paths() -> None:
     message = "Error no file named model.safetensors found in /srv/models/x/1.\nmore detail"
     assert scrub_paths(message) == "Error no file named model.safetensors found in <path>."
+
+
+def test_auto_precision_is_bf16_only_where_the_cpu_runs_it_natively() -> None:
+    expected = torch.bfloat16 if _cpu_has_native_bf16() else torch.float32
+    placement = place(Runtime(device="auto", precision="auto"), cuda_devices=0)
+    assert placement == Placement(torch.device("cpu"), expected)
