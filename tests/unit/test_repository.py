@@ -230,3 +230,14 @@ def test_an_edit_within_one_timestamp_tick_is_still_seen(tmp_path: Path) -> None
     toml.write_text('task = "text-classification"\ndescription = "newer"\n')
     os.utime(toml, ns=(stamp, stamp))
     assert repository.get("m").description == "newer"
+
+
+def test_runtime_instances_and_auto_precision_are_read(tmp_path: Path) -> None:
+    folder = tmp_path / "m"
+    (folder / "1").mkdir(parents=True)
+    (folder / "1" / "config.json").write_text("{}")
+    (folder / "model.toml").write_text(
+        'task = "embedding"\n[runtime]\ninstances = 2\nprecision = "auto"\n'
+    )
+    runtime = ModelRepository(tmp_path).get("m").runtime
+    assert (runtime.instances, runtime.precision) == (2, "auto")
