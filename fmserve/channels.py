@@ -78,9 +78,26 @@ def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCall
     )
 
 
+# gRPC re-resolves a `dns:///` name when a connection fails or closes (a replica stopped, or
+# its server's max connection age passed), but at most once per this interval; its default of
+# 30 s would leave a replaced replica's new address unknown for that long.
+DNS_MIN_RESOLUTION_INTERVAL_MS = 2_000
+
+
+def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
+    """Options of every channel to a service, tritonclient's included: limits, keepalive,
+    round-robin with retries of UNAVAILABLE, and prompt DNS re-resolution."""
+    return [
+        *grpc_options(max_message_bytes),
+        ("grpc.service_config", SERVICE_CONFIG),
+        ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLUTION_INTERVAL_MS),
+    ]
+
+
 def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
     """An asyncio channel to a service (one address or several replicas)."""
-    options = [*grpc_options(max_message_bytes), ("grpc.service_config", SERVICE_CONFIG)]
     return grpc.aio.insecure_channel(
-        target(address), options=options, interceptors=[_RequestIdInterceptor()]
+        target(address),
+        options=channel_options(max_message_bytes),
+        interceptors=[_RequestIdInterceptor()],
     )

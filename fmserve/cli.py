@@ -5,6 +5,8 @@
     fmserve embed --model minilm-embed "text"   vectors
     fmserve classify --model minilm-sentiment "I love it"
     fmserve entities --model my-ner "Ada lives in London"
+    fmserve submit --model minilm-embed --input items.jsonl --output results.jsonl --wait
+    fmserve job ID / fmserve jobs / fmserve cancel ID
 
 Add --json to any call for machine-readable output."""
 
@@ -22,8 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.client import Client
-from fmserve.cluster import PORT_ORDER, SERVICES, Cluster, ClusterError, check_ports, check_redis
+from fmserve.client import Client, JobStatus
+from fmserve.cluster import (
+    PORT_ORDER,
+    SERVICES,
+    Cluster,
+    ClusterError,
+    check_amqp,
+    check_ports,
+    check_redis,
+)
 from fmserve.errors import FmserveError
 from fmserve.settings import DEFAULT_REPOSITORY, ClientSettings, RepositorySettings, variables
 
@@ -37,9 +47,13 @@ def main(argv: list[str] | None = None) -> int:
     except FmserveError as exc:
         print(f"error ({exc.code.name}): {exc.message}", file=sys.stderr)
         return 1
-    except ClusterError as exc:
+    except (ClusterError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
+
+
+class InputError(ValueError):
+    """An input file the CLI cannot use; the message names the file and line."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -63,6 +77,8 @@ def _parser() -> argparse.ArgumentParser:
     config = commands.add_parser("config", help="every environment variable, with its default")
     config.set_defaults(run=_config)
 
+    _job_commands(commands)
+
     for name, helptext in (
         ("embed", "one vector per text"),
         ("classify", "labels with scores per text"),
@@ -80,6 +96,121 @@ def _parser() -> argparse.ArgumentParser:
         call.add_argument("--json", action="store_true")
         call.set_defaults(run=_call, task=name)
     return parser
+
+
+def _job_commands(commands: Any) -> None:
+    submit = commands.add_parser("submit", help="submit a batch job from a JSONL file")
+    submit.add_argument("--model", required=True)
+    submit.add_argument("--input", type=Path, required=True, help='JSONL: {"text": ...} per line')
+    submit.add_argument("--output", type=Path, help="write the results here as JSONL (waits)")
+    submit.add_argument("--wait", action="store_true", help="wait for the job, with progress")
+    submit.add_argument("--task", default=None)
+    submit.add_argument("--version", default="")
+    submit.add_argument("--truncate", action="store_true")
+    submit.add_argument("--top-k", type=int, default=0)
+    submit.add_argument("--priority", choices=["normal", "high", "low"], default="normal")
+    submit.add_argument("--idempotency-key", default="")
+    submit.add_argument("--timeout-s", type=int, default=0, help="expire the job after this")
+    submit.set_defaults(run=_submit)
+    job = commands.add_parser("job", help="a job's state and progress")
+    job.add_argument("id")
+    job.add_argument("--json", action="store_true")
+    job.set_defaults(run=_job)
+    jobs = commands.add_parser("jobs", help="recent jobs, newest first")
+    jobs.add_argument("--limit", type=int, default=20)
+    jobs.add_argument("--json", action="store_true")
+    jobs.set_defaults(run=_jobs)
+    cancel = commands.add_parser("cancel", help="cancel a job")
+    cancel.add_argument("id")
+    cancel.set_defaults(run=_cancel)
+
+
+def _submit(args: argparse.Namespace) -> None:
+    count = _check_jsonl(args.input)  # every line read once first: a bad one stops us here
+    with Client(args.address) as client:
+        job = client.submit(
+            _texts(args.input),
+            args.model,
+            task=args.task,
+            version=args.version,
+            truncate=args.truncate,
+            top_k=args.top_k,
+            idempotency_key=args.idempotency_key,
+            priority=args.priority,
+            timeout_s=args.timeout_s,
+        )
+        print(f"submitted job {job.id} ({count} items)", flush=True)
+        if args.wait or args.output:
+            status = job.wait(progress=sys.stderr.isatty())
+            print(_status_line(status))
+        if args.output:
+            _write_results(job.results(), args.output)
+            print(f"results written to {args.output}")
+
+
+def _check_jsonl(path: Path) -> int:
+    """Items in the file; InputError naming the first malformed line (the file is streamed)."""
+    return sum(1 for _ in _texts(path))
+
+
+def _texts(path: Path) -> Any:
+    try:
+        with path.open(encoding="utf-8") as lines:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    yield _text_of(line, path, number)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path} is not UTF-8 text") from None
+
+
+def _text_of(line: str, path: Path, number: int) -> str:
+    where = f"{path} line {number}"
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{where}: not JSON ({exc.msg}); write one JSON value per line") from None
+    if isinstance(value, dict) and isinstance(value.get("text"), str):
+        return str(value["text"])
+    if isinstance(value, str):
+        return value
+    raise InputError(f'{where}: expected {{"text": "..."}} or a JSON string')
+
+
+def _write_results(items: Any, path: Path) -> None:
+    with path.open("w", encoding="utf-8") as out:
+        for item in items:
+            row = {"index": item.index}
+            row.update({"result": _jsonable(item.result)} if item.ok else {"error": item.error})
+            out.write(json.dumps(row) + "\n")
+
+
+def _status_line(s: JobStatus) -> str:
+    total = s.total if s.sealed else "?"
+    line = f"{s.id}  {s.state:<9} {s.answered}/{total} answered, {s.failed} failed  {s.model}"
+    return line + (f"  ({s.error})" if s.error else "")
+
+
+def _job(args: argparse.Namespace) -> None:
+    with Client(args.address) as client:
+        status = client.job(args.id).status()
+    print(json.dumps(asdict(status)) if args.json else _status_line(status))
+
+
+def _jobs(args: argparse.Namespace) -> None:
+    with Client(args.address) as client:
+        jobs = client.jobs(args.limit)
+    if args.json:
+        print(json.dumps([asdict(j) for j in jobs]))
+        return
+    for status in jobs:
+        print(_status_line(status))
+
+
+def _cancel(args: argparse.Namespace) -> None:
+    with Client(args.address) as client:
+        print(_status_line(client.job(args.id).cancel()))
 
 
 def _call(args: argparse.Namespace) -> None:
@@ -111,6 +242,8 @@ def _call(args: argparse.Namespace) -> None:
 
 
 def _jsonable(result: Any) -> Any:
+    if result is None:
+        return None
     if isinstance(result, np.ndarray):
         return result.tolist()
     return [asdict(item) for item in result]
@@ -166,6 +299,7 @@ def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
 def _up(args: argparse.Namespace) -> int:
     settings: ClientSettings = args.settings
     check_redis(settings.redis_url)
+    check_amqp(settings.amqp_url)
     env = {"FMSERVE_INFERENCE_PRELOAD": settings.inference_preload}
     ports = {name: args.base_port + i for i, name in enumerate(PORT_ORDER)}
     cluster = Cluster(env=env, ports=ports, replicas=_replicas(args.replicas), log_dir=args.log_dir)

@@ -109,6 +109,9 @@ class Cluster:
         env[prefix + "HOST"] = "127.0.0.1"
         for stage in ("preprocess", "inference", "postprocess", "cache"):
             env.setdefault(f"FMSERVE_GATEWAY_{stage.upper()}_ADDRESS", self.address(stage))
+        # The stages' job workers read job states from, and record items in, the cache service.
+        for stage in ("preprocess", "inference", "postprocess"):
+            env.setdefault(f"FMSERVE_{stage.upper()}_CACHE_ADDRESS", self.address("cache"))
         return env
 
     def wait_healthy(self, replica: Replica, deadline: float) -> None:
@@ -192,6 +195,20 @@ def check_redis(url: str) -> None:
             "Start one with:  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 "
             '--save "" --appendonly no\n'
             "or point FMSERVE_REDIS_URL at yours."
+        ) from None
+
+
+def check_amqp(url: str) -> None:
+    """Fail early, and say how to fix it, when RabbitMQ is not reachable (the job path needs it)."""
+    parsed = urlparse(url)
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or 5672
+    try:
+        socket.create_connection((host, port), timeout=2).close()
+    except OSError:
+        raise ClusterError(
+            f"RabbitMQ is not reachable at {host}:{port} (FMSERVE_AMQP_URL).\n"
+            "Start one with:  rabbitmq-server -detached\n"
+            "or point FMSERVE_AMQP_URL at yours."
         ) from None
 
 

@@ -20,12 +20,15 @@ from fmserve.metrics import RpcMetrics
 log = logging.getLogger("fmserve.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
+# Set by gRPC's retry policy on every attempt after the first (gRFC A6).
+PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
 # Statuses whose `model` label may be a client's typo: recorded as "-" to keep labels bounded.
 _UNTRUSTED_MODEL_CODES = {"INVALID_ARGUMENT", "NOT_FOUND"}
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps unary-unary and unary-stream handlers with request id, metrics, logs and errors."""
+    """Wraps unary-unary, unary-stream and stream-unary handlers with request id, metrics, logs
+    and errors."""
 
     def __init__(self, metrics: RpcMetrics) -> None:
         self.metrics = metrics
@@ -52,6 +55,12 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(
+                self._wrap_client_stream(handler.stream_unary, method),
+                request_deserializer=deserialize,
+                response_serializer=handler.response_serializer,
+            )
         return handler
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
@@ -68,6 +77,20 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                     yield reply
 
         return wrapped
+
+    def _wrap_client_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            with _CallScope(self.metrics, method, None, context) as scope:
+                return await scope.run(behavior, _checked(requests))
+
+        return wrapped
+
+
+async def _checked(requests: Any) -> Any:
+    """A client stream's messages, each checked as it arrives."""
+    async for request in requests:
+        _check_decoded(request)
+        yield request
 
 
 @dataclass
@@ -112,6 +135,8 @@ class _CallScope:
     def __enter__(self) -> _CallScope:
         incoming = dict(self.context.invocation_metadata() or ())
         self.request_id = incoming.get(REQUEST_ID_KEY) or uuid.uuid4().hex
+        if incoming.get(PREVIOUS_ATTEMPTS_KEY):
+            self.metrics.observe_retry(self.method)
         self.token = context.request_id.set(self.request_id)
         context.set_deadline_from(self.context.time_remaining())
         self.started = time.perf_counter()

@@ -14,7 +14,7 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 # One pair of collectors per service name and process: Prometheus refuses to register a name
 # twice, and a process may build the same service more than once (tests, a restart in place).
-_RPC_COLLECTORS: dict[str, tuple[Counter, Histogram]] = {}
+_RPC_COLLECTORS: dict[str, tuple[Counter, Histogram, Counter]] = {}
 
 
 class RpcMetrics:
@@ -23,14 +23,17 @@ class RpcMetrics:
     def __init__(self, service: str) -> None:
         if service not in _RPC_COLLECTORS:
             _RPC_COLLECTORS[service] = _rpc_collectors(service)
-        self.requests, self.latency = _RPC_COLLECTORS[service]
+        self.requests, self.latency, self.retried = _RPC_COLLECTORS[service]
 
     def observe(self, method: str, model: str, code: str, seconds: float) -> None:
         self.requests.labels(method, model, code).inc()
         self.latency.labels(method, model).observe(seconds)
 
+    def observe_retry(self, method: str) -> None:
+        self.retried.labels(method).inc()
 
-def _rpc_collectors(service: str) -> tuple[Counter, Histogram]:
+
+def _rpc_collectors(service: str) -> tuple[Counter, Histogram, Counter]:
     requests = Counter(
         f"fmserve_{service}_requests_total",
         "gRPC requests handled, by method, model and status code.",
@@ -42,7 +45,15 @@ def _rpc_collectors(service: str) -> tuple[Counter, Histogram]:
         ["method", "model"],
         buckets=LATENCY_BUCKETS,
     )
-    return requests, latency
+    # A client's retry policy marks each new attempt; the replica that answers it counts it, so
+    # a replica that died mid-call shows up here even though its own metrics died with it.
+    retried = Counter(
+        f"fmserve_{service}_retried_requests_total",
+        "Requests that arrived as a client's retry of a failed attempt (another replica, "
+        "usually), by method.",
+        ["method"],
+    )
+    return requests, latency, retried
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> int | None:

@@ -49,6 +49,15 @@ def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
+def server_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
+    """`grpc_options` plus a maximum connection age: a client learns of new replicas only when
+    it re-resolves DNS, which it does when a connection closes (gRPC adds ±10% jitter)."""
+    options = grpc_options(settings.max_message_bytes)
+    if settings.max_connection_age_s > 0:
+        options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
+    return options
+
+
 @dataclass
 class Service:
     """One service process: `start()` binds and serves, `stop()` drains and exits in order."""
@@ -70,7 +79,7 @@ class Service:
             await resource.start()
         server = grpc.aio.server(
             interceptors=[ServiceInterceptor(self._metrics)],
-            options=grpc_options(self.settings.max_message_bytes),
+            options=server_options(self.settings),
         )
         for s in self.servicers:
             s.add_to_server(s.servicer, server)

@@ -7,7 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
@@ -33,6 +33,9 @@ class ServiceSettings(BaseSettings):
     """On SIGTERM: how long in-flight calls may take to finish before the server exits."""
     max_message_bytes: int = 64 * 1024 * 1024
     """Largest gRPC message sent or received (grpcio's 4 MiB default is too small for batches)."""
+    max_connection_age_s: float = 30.0
+    """Each client connection is closed gracefully (GOAWAY, calls in flight finish) after about
+    this long, so clients re-resolve DNS and spread onto replicas added since; 0: never."""
     log_level: str = Field("INFO", validation_alias="FMSERVE_LOG_LEVEL")
     """Log level for every service: DEBUG, INFO, WARNING or ERROR."""
     log_format: Literal["json", "text"] = Field("json", validation_alias="FMSERVE_LOG_FORMAT")
@@ -57,6 +60,8 @@ class ClientSettings(BaseSettings):
     """Gateway address the CLI talks to."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis used by the cache service; `fmserve up` checks it is reachable first."""
+    amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
+    """RabbitMQ used by the asynchronous path; `fmserve up` checks it is reachable first."""
     inference_preload: str = "minilm-embed,minilm-sentiment"
     """Models `fmserve up` has the inference service load before it says ready."""
 
@@ -78,3 +83,45 @@ def variables(
         shown = default.get_secret_value() if hasattr(default, "get_secret_value") else default
         rows.append((env, str(shown), " ".join((field.description or "").split())))
     return rows
+
+
+class AmqpSettings(BaseSettings):
+    """Services that use RabbitMQ (the gateway publishes jobs; the stages consume them). The
+    broker and the queue names are cluster-wide; the publish timeout is per service."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FMSERVE_", extra="ignore", validate_by_name=True, use_attribute_docstrings=True
+    )
+
+    amqp_url: SecretStr = Field(
+        SecretStr("amqp://guest:guest@127.0.0.1:5672/"), validation_alias="FMSERVE_AMQP_URL"
+    )
+    """RabbitMQ for the asynchronous path: `amqp://user:password@host:port/vhost`. Only its
+    host and port reach logs and error messages."""
+    amqp_queue_prefix: str = Field("fmserve.", validation_alias="FMSERVE_AMQP_QUEUE_PREFIX")
+    """Prefix of every queue and exchange name, so several clusters (or test runs) can share one
+    RabbitMQ."""
+    amqp_delivery_limit: PositiveInt = Field(5, validation_alias="FMSERVE_AMQP_DELIVERY_LIMIT")
+    """Deliveries of one message before it is dead-lettered (and its items marked failed).
+    Fixed when a queue is first declared: every service must agree on it."""
+    publish_timeout_s: PositiveFloat = 10.0
+    """Longest wait for RabbitMQ to confirm a publish, reconnection included, before the
+    caller is told UNAVAILABLE."""
+
+
+class WorkerSettings(AmqpSettings):
+    """Stage services (preprocess, inference, postprocess): their queue consumer."""
+
+    worker_enabled: bool = True
+    """Consume this stage's job queues; false serves the synchronous path only (no RabbitMQ)."""
+    cache_address: str = "127.0.0.1:50055"
+    """Cache service, where job states are read and answered items recorded; same address
+    forms as the gateway's."""
+    worker_prefetch: PositiveInt = 4
+    """Unacknowledged messages per priority queue at once. Modest, because a crash counts a
+    delivery against every message it held (quorum queues)."""
+    worker_concurrency: PositiveInt = 2
+    """Chunks a stage works on at once, highest priority first."""
+    job_state_ttl_s: PositiveFloat = 1.0
+    """How long a stage trusts a job's state before asking the cache service again; bounds how
+    long a cancelled or expired job's items are still processed."""

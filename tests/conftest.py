@@ -42,3 +42,9 @@ def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def redis_url() -> str:
     require_server("Redis", "127.0.0.1", 6379)
     return REDIS_URL
+
+
+@pytest.fixture(scope="session")
+def amqp_url() -> str:
+    require_server("RabbitMQ", "127.0.0.1", 5672)
+    return AMQP_URL

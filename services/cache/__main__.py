@@ -8,6 +8,8 @@ import logging
 from fmserve import logs
 from fmserve.service import Service, run_until_signalled
 from services.cache.cache import ResultCache
+from services.cache.job_store import RedisJobStore
+from services.cache.jobs import JobBook
 from services.cache.server import servicer
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
@@ -16,10 +18,11 @@ log = logging.getLogger("fmserve.cache")
 
 
 def build(settings: CacheSettings) -> Service:
-    """The service wired from its settings: Redis store → result cache → servicer."""
+    """The service wired from its settings: Redis store → result cache, job book → servicer."""
     redis = RedisStore(settings)
     cache = ResultCache(redis, settings.default_ttl_s)
-    return Service("cache", settings, [servicer(cache)], resources=[redis])
+    jobs = JobBook(RedisJobStore(redis, settings.key_prefix))
+    return Service("cache", settings, [servicer(cache, jobs)], resources=[redis])
 
 
 def main() -> None:

@@ -5,7 +5,7 @@ with a message that names the host and port (never the URL's password).
 Redis layout, every key under `key_prefix` (default "fmserve:"):
 
     {prefix}cache:{key}   string   a serialized fmserve.v1.Result, written with SET ... EX ttl
-    {prefix}job:...       reserved for job records (a later issue)
+    {prefix}job:...       job records and their results (see job_store.py)
 
 `key` is the caller's cache key as sent, e.g. "result:minilm-embed:1:<digest>".
 
@@ -19,6 +19,7 @@ are never evicted. A job store that wants retention by key TTL needs its own ins
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import time
@@ -84,6 +85,15 @@ class RedisStore:
                 for key, value in items:
                     pipe.set(self._prefix + key, value, ex=ttl_s)
                 await pipe.execute()
+
+    @property
+    def client(self) -> Redis:
+        """The connected client, for the job store's scripts (same package, same boundary)."""
+        return self._redis
+
+    def translated(self, operation: str) -> contextlib.AbstractContextManager[None]:
+        """Redis failures inside the block leave as Unavailable, counted and logged."""
+        return self._translated(operation)
 
     @property
     def _redis(self) -> Redis:

@@ -6,10 +6,13 @@ import asyncio
 import logging
 
 from fmserve import logs
+from fmserve.jobs import JobRecords
+from fmserve.messaging import Broker, Topology
 from fmserve.repository import ModelRepository
-from fmserve.service import Service, Servicer, run_until_signalled
+from fmserve.service import Resource, Service, Servicer, run_until_signalled
 from fmserve.v1 import gateway_pb2_grpc
 from services.gateway.gateway import Gateway
+from services.gateway.jobs import Jobs
 from services.gateway.pipeline import Pipeline
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Router
@@ -21,7 +24,8 @@ log = logging.getLogger("fmserve.gateway")
 
 
 def build(settings: GatewaySettings) -> Service:
-    """Wire the gateway. Resources stop in reverse: cache, pipeline, then the stage channels."""
+    """Wire the gateway. Resources stop in reverse: broker, job records, cache, pipeline,
+    then the stage channels."""
     stages = StageClients(settings)
     pipeline = Pipeline(stages, settings)
     cache = ResultCache(stages, settings)
@@ -29,12 +33,19 @@ def build(settings: GatewaySettings) -> Service:
         ModelRepository(settings.model_repository), settings.max_items, settings.max_text_chars
     )
     gateway = Gateway(router, pipeline, cache, settings.default_timeout_s)
+    records = JobRecords(settings.cache_address, settings.max_message_bytes)
+    topology = Topology(settings.amqp_queue_prefix, settings.amqp_delivery_limit)
+    broker = Broker(
+        settings.amqp_url.get_secret_value(), topology, settings.publish_timeout_s, "gateway"
+    )
+    jobs = Jobs(router, broker, records, settings)
     servicer = Servicer(
         gateway_pb2_grpc.add_GatewayServicer_to_server,
-        GatewayServicer(gateway),
+        GatewayServicer(gateway, jobs),
         "fmserve.v1.Gateway",
     )
-    return Service("gateway", settings, [servicer], resources=[stages, pipeline, cache])
+    resources: list[Resource] = [stages, pipeline, cache, records, broker]
+    return Service("gateway", settings, [servicer], resources=resources)
 
 
 def main() -> None:

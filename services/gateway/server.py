@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+
 import grpc
 
+from fmserve.errors import InvalidInput
 from fmserve.repository import ModelConfig, TaskName
-from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
+from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
 from services.gateway.gateway import Answer, CachePolicy, Gateway, InferCall
+from services.gateway.jobs import Jobs, Submission
 from services.gateway.stages import TASK_TO_WIRE
 
 TASK_FROM_WIRE = {wire: task for task, wire in TASK_TO_WIRE.items()}
@@ -18,8 +22,9 @@ POLICY_FROM_WIRE = {
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway) -> None:
+    def __init__(self, gateway: Gateway, jobs: Jobs) -> None:
         self.gateway = gateway
+        self.jobs = jobs
 
     async def Infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
@@ -32,6 +37,66 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return gateway_pb2.ListModelsResponse(
             models=[model_info(m) for m in self.gateway.router.models()]
         )
+
+    async def SubmitJob(
+        self,
+        requests: AsyncIterator[gateway_pb2.SubmitJobRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> jobs_pb2.Job:
+        header = await anext(aiter(requests), None)
+        return await self.jobs.submit(submission_to_domain(header), texts_of(requests))
+
+    async def GetJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.Job:
+        return await self.jobs.get(request.job_id)
+
+    async def GetJobResults(
+        self, request: jobs_pb2.GetJobResultsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.GetJobResultsResponse:
+        return await self.jobs.results(request.job_id, request.start, request.limit)
+
+    async def WatchJob(
+        self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[jobs_pb2.Job]:
+        async for job in self.jobs.watch(request.job_id):
+            yield job
+
+    async def CancelJob(
+        self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.Job:
+        return await self.jobs.cancel(request.job_id)
+
+    async def ListJobs(
+        self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.ListJobsResponse:
+        return jobs_pb2.ListJobsResponse(jobs=await self.jobs.list(request.limit))
+
+
+def submission_to_domain(request: gateway_pb2.SubmitJobRequest | None) -> Submission:
+    if request is None or not request.HasField("header"):
+        raise InvalidInput("the first SubmitJob message must carry the header (model, ...)")
+    h = request.header
+    return Submission(
+        model=h.model,
+        version=h.version,
+        task=TASK_FROM_WIRE.get(h.task),
+        truncate=h.options.truncate,
+        top_k=h.options.top_k,
+        idempotency_key=h.idempotency_key,
+        priority=h.priority,
+        retention_s=h.retention_s,
+        timeout_s=h.timeout_s,
+    )
+
+
+async def texts_of(
+    requests: AsyncIterator[gateway_pb2.SubmitJobRequest],
+) -> AsyncIterator[list[str]]:
+    async for request in requests:
+        if request.HasField("header"):
+            raise InvalidInput("only the first SubmitJob message may carry a header")
+        yield list(request.items.texts)
 
 
 def to_domain(request: gateway_pb2.InferRequest) -> InferCall:

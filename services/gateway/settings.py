@@ -2,10 +2,10 @@
 
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.settings import RepositorySettings
+from fmserve.settings import AmqpSettings, RepositorySettings
 
 
-class GatewaySettings(RepositorySettings):
+class GatewaySettings(RepositorySettings, AmqpSettings):
     model_config = SettingsConfigDict(env_prefix="FMSERVE_GATEWAY_", extra="ignore")
 
     port: int = 50051
@@ -34,3 +34,15 @@ class GatewaySettings(RepositorySettings):
     """Concurrent downstream batches per model; more requests wait and join the next batch."""
     max_queue_size: int = 10_000
     """Texts waiting per model before requests are refused with RESOURCE_EXHAUSTED."""
+    job_chunk_size: int = 32
+    """Items per queue message of a job: one inference batch, so a chunk is one forward pass."""
+    job_max_items: int = 1_000_000
+    """Most items in one job; a bigger submission is refused with RESOURCE_EXHAUSTED."""
+    job_retention_s: int = 86_400
+    """How long a finished job and its results are kept when the submission asks for no
+    particular time."""
+    job_publish_window: int = 64
+    """Chunks of a submission whose publish confirms may be outstanding at once (the stream
+    waits beyond that, so memory stays bounded while confirms arrive as they will)."""
+    job_watch_interval_s: float = 0.25
+    """How often WatchJob looks for a change of a job's state or progress."""

@@ -12,11 +12,10 @@ import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
 from fmserve import context
-from fmserve.channels import SERVICE_CONFIG, open_channel, target
+from fmserve.channels import channel_options, open_channel, target
 from fmserve.errors import DeadlineExceeded, FmserveError, Unavailable, from_rpc_error
 from fmserve.interceptors import REQUEST_ID_KEY
 from fmserve.repository import TaskName
-from fmserve.service import grpc_options
 from fmserve.v1 import (
     cache_pb2,
     cache_pb2_grpc,
@@ -75,9 +74,8 @@ class StageClients:
         self._preprocess = preprocess_pb2_grpc.PreprocessStub(self._open(s.preprocess_address))
         self._postprocess = postprocess_pb2_grpc.PostprocessStub(self._open(s.postprocess_address))
         self._cache = cache_pb2_grpc.CacheStub(self._open(s.cache_address))
-        options = [*grpc_options(s.max_message_bytes), ("grpc.service_config", SERVICE_CONFIG)]
         self._inference = triton.InferenceServerClient(
-            target(s.inference_address), channel_args=options
+            target(s.inference_address), channel_args=channel_options(s.max_message_bytes)
         )
 
     def _open(self, address: str) -> grpc.aio.Channel:

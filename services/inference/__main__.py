@@ -20,6 +20,7 @@ def build(settings: InferenceSettings) -> Service:
     from services.inference.loading import configure_threads
     from services.inference.registry import ModelRegistry
     from services.inference.server import SERVICE_NAME, InferenceServicer
+    from services.inference.worker import worker_resources
 
     configure_threads(settings.torch_threads, settings.torch_interop_threads)
     registry = ModelRegistry(
@@ -31,7 +32,9 @@ def build(settings: InferenceSettings) -> Service:
     servicer = Servicer(
         add_GRPCInferenceServiceServicer_to_server, InferenceServicer(registry), SERVICE_NAME
     )
-    return Service("inference", settings, [servicer], resources=[registry])
+    # The queue worker starts after the registry (preloads done) and stops before it.
+    resources = [registry, *worker_resources(settings, registry)]
+    return Service("inference", settings, [servicer], resources=resources)
 
 
 def main() -> None:

@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.settings import RepositorySettings
+from fmserve.settings import RepositorySettings, WorkerSettings
 
 
-class InferenceSettings(RepositorySettings):
+class InferenceSettings(RepositorySettings, WorkerSettings):
     model_config = SettingsConfigDict(env_prefix="FMSERVE_INFERENCE_", extra="ignore")
 
     port: int = 50053

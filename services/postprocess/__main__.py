@@ -11,15 +11,18 @@ from fmserve.service import Service, run_until_signalled
 from services.postprocess.postprocessor import Postprocessor
 from services.postprocess.server import servicer
 from services.postprocess.settings import PostprocessSettings
+from services.postprocess.worker import worker_resources
 
 log = logging.getLogger("fmserve.postprocess")
 
 
 def build(settings: PostprocessSettings) -> Service:
-    """The service wired from its settings: model repository → postprocessor → servicer."""
+    """The service wired from its settings: model repository → postprocessor → servicer, and
+    the queue workers (stopped first, while the postprocessor still runs)."""
     repository = ModelRepository(settings.model_repository)
     postprocessor = Postprocessor(repository, settings.offload_min_rows, settings.worker_threads)
-    return Service("postprocess", settings, [servicer(postprocessor)], resources=[postprocessor])
+    resources = [postprocessor, *worker_resources(settings, postprocessor)]
+    return Service("postprocess", settings, [servicer(postprocessor)], resources=resources)
 
 
 def main() -> None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import NonNegativeInt, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.settings import RepositorySettings
+from fmserve.settings import RepositorySettings, WorkerSettings
 
 
-class PostprocessSettings(RepositorySettings):
+class PostprocessSettings(RepositorySettings, WorkerSettings):
     # validate_by_name: tests and tools may pass `model_repository=` beside the env alias.
     model_config = SettingsConfigDict(
         env_prefix="FMSERVE_POSTPROCESS_", extra="ignore", validate_by_name=True

@@ -11,15 +11,18 @@ from fmserve.service import Service, run_until_signalled
 from services.preprocess.server import servicer
 from services.preprocess.settings import PreprocessSettings
 from services.preprocess.tokenizers import Tokenizers
+from services.preprocess.worker import worker_resources
 
 log = logging.getLogger("fmserve.preprocess")
 
 
 def build(settings: PreprocessSettings) -> Service:
-    """The service wired from its settings: model repository → tokenizers → servicer."""
+    """The service wired from its settings: model repository → tokenizers → servicer, and the
+    queue worker (stopped first, while the tokenizers still run)."""
     repository = ModelRepository(settings.model_repository)
     tokenizers = Tokenizers(repository, settings.tokenizer_threads)
-    return Service("preprocess", settings, [servicer(tokenizers)], resources=[tokenizers])
+    resources = [tokenizers, *worker_resources(settings, tokenizers)]
+    return Service("preprocess", settings, [servicer(tokenizers)], resources=resources)
 
 
 def main() -> None:

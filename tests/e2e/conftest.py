@@ -3,19 +3,24 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import redis
 
 from fmserve.cluster import SERVICES, Cluster, free_port
-from tests.conftest import REDIS_URL, require_server
+from fmserve.messaging import Topology, delete_queues
+from tests.conftest import AMQP_URL, REDIS_URL, require_server
 
 REDIS_DB = 13
 MAX_ITEMS = 64
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+DELIVERY_LIMIT = 3
+MAX_JOB_ITEMS = 5000
 
 
 @pytest.fixture(scope="session")
@@ -28,13 +33,20 @@ def cluster(
     model_repository: Path, tmp_path_factory: pytest.TempPathFactory, key_prefix: str
 ) -> Iterator[Cluster]:
     require_server("Redis", "127.0.0.1", 6379)
+    require_server("RabbitMQ", "127.0.0.1", 5672)
     env = {
+        "FMSERVE_AMQP_URL": AMQP_URL,
+        # The queues' names start with the run's own prefix (deleted at the end), so runs and
+        # any real cluster on this RabbitMQ never share a queue.
+        "FMSERVE_AMQP_QUEUE_PREFIX": key_prefix.replace(":", "."),
+        "FMSERVE_AMQP_DELIVERY_LIMIT": str(DELIVERY_LIMIT),
         "FMSERVE_MODEL_REPOSITORY": str(model_repository),
         "FMSERVE_REDIS_URL": f"{REDIS_URL}/{REDIS_DB}",
         "FMSERVE_CACHE_KEY_PREFIX": key_prefix,
         "FMSERVE_INFERENCE_PRELOAD": "minilm-embed",
         "FMSERVE_INFERENCE_TORCH_THREADS": "1",
         "FMSERVE_GATEWAY_MAX_ITEMS": str(MAX_ITEMS),
+        "FMSERVE_GATEWAY_JOB_MAX_ITEMS": str(MAX_JOB_ITEMS),
         "FMSERVE_GATEWAY_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
         "FMSERVE_LOG_LEVEL": "DEBUG",
     }
@@ -47,6 +59,13 @@ def cluster(
     finally:
         cluster.stop(grace_s=5)
         _forget(key_prefix)
+        # In a thread of its own: this thread's event loop belongs to pytest-asyncio.
+        with ThreadPoolExecutor(1) as thread:
+            thread.submit(asyncio.run, delete_queues(AMQP_URL, topology(key_prefix))).result()
+
+
+def topology(key_prefix: str) -> Topology:
+    return Topology(key_prefix.replace(":", "."), DELIVERY_LIMIT)
 
 
 def _forget(prefix: str) -> None:

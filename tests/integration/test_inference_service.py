@@ -42,6 +42,7 @@ async def start(repository: Path) -> Service:
         metrics_port=-1,
         grace_period_s=1.0,
         model_repository=repository,
+        worker_enabled=False,  # the synchronous path only: the job workers have their own tests
     )
     service = build(settings)
     await service.start()

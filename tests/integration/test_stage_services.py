@@ -41,6 +41,7 @@ async def preprocess_channel(model_repository: Path):
         grace_period_s=1.0,
         model_repository=model_repository,
         tokenizer_threads=1,
+        worker_enabled=False,  # the synchronous path only: the job workers have their own tests
     )
     async with _serving(build_preprocess(settings)) as channel:
         yield channel
@@ -56,6 +57,7 @@ async def postprocess_channel(model_repository: Path):
         grace_period_s=1.0,
         model_repository=model_repository,
         offload_min_rows=0,
+        worker_enabled=False,
     )
     async with _serving(build_postprocess(settings)) as channel:
         yield channel

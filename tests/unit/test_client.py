@@ -12,8 +12,10 @@ import pytest
 
 from fmserve.client import (
     AsyncClient,
+    AsyncJob,
     Client,
     Entity,
+    Job,
     LabelScore,
     _answer,
     _model,
@@ -43,18 +45,44 @@ def test_both_clients_have_the_same_public_methods() -> None:
     )
 
 
-@pytest.mark.parametrize("name", [*sorted(public_methods(Client)), "__init__"])
-def test_both_clients_take_the_same_parameters(name: str) -> None:
-    blocking = inspect.signature(getattr(Client, name))
-    awaited = inspect.signature(getattr(AsyncClient, name))
+def _twin(annotation: object) -> object:
+    """The blocking twin's name of an async type (`AsyncJob` → `Job`, `AsyncIterator` →
+    `Iterator`): twins return twins."""
+    if not isinstance(annotation, str):
+        return annotation
+    return annotation.replace("AsyncJob", "Job").replace("AsyncIterator", "Iterator")
+
+
+TWINS = [(Client, AsyncClient), (Job, AsyncJob)]
+
+
+def test_both_job_handles_have_the_same_public_methods() -> None:
+    assert public_methods(Job).keys() == public_methods(AsyncJob).keys()
+    assert {"status", "wait", "results", "cancel"} <= set(public_methods(Job))
+    assert {"submit", "job", "jobs"} <= set(public_methods(Client))
+
+
+@pytest.mark.parametrize(
+    ("blocking_class", "async_class", "name"),
+    [(b, a, name) for b, a in TWINS for name in [*sorted(public_methods(b)), "__init__"]],
+)
+def test_twins_take_the_same_parameters(blocking_class: type, async_class: type, name: str) -> None:
+    blocking = inspect.signature(getattr(blocking_class, name))
+    awaited = inspect.signature(getattr(async_class, name))
+    if name == "__init__":  # a handle holds its own kind of client
+        return
     assert blocking.parameters == awaited.parameters
-    assert blocking.return_annotation == awaited.return_annotation
+    assert blocking.return_annotation == _twin(awaited.return_annotation)
 
 
 def test_every_async_method_is_awaited_and_no_blocking_one_is() -> None:
-    for name in public_methods(Client):
-        assert not inspect.iscoroutinefunction(getattr(Client, name)), name
-        assert inspect.iscoroutinefunction(getattr(AsyncClient, name)), name
+    for blocking_class, async_class in TWINS:
+        for name in public_methods(blocking_class):
+            method = getattr(async_class, name)
+            # An async generator (AsyncJob.results) is iterated with `async for`, not awaited.
+            awaited = inspect.iscoroutinefunction(method) or inspect.isasyncgenfunction(method)
+            assert not inspect.iscoroutinefunction(getattr(blocking_class, name)), name
+            assert awaited, name
 
 
 def test_both_clients_are_context_managers() -> None:

@@ -1,0 +1,213 @@
+"""Job records in Redis: every change that must be atomic is one Lua script, so concurrent
+stages, gateways and cache replicas never see or make a half-done change.
+
+    {prefix}job:{id}          hash    the record: state, model, version, task, priority, total,
+                                      sealed, done, failed, *_ms timings, retention_s, error,
+                                      idempotency_key (see FIELDS)
+    {prefix}job:{id}:results  hash    item index → serialized fmserve.v1.JobItemResult
+    {prefix}job:key:{key}     string  idempotency key → job id
+    {prefix}job:index         zset    job id by creation time (ListJobs), newest INDEX_SIZE kept
+
+Job keys carry no TTL while the job runs (so `volatile-lru` never evicts them, see store.py);
+when the job reaches a terminal state its three keys get the job's retention as TTL.
+
+Rules the scripts hold: recording an item is HSETNX (a redelivered item never counts twice, and
+the counters move only for new items); the item that completes a sealed job sets its terminal
+state in the same script; a terminal state is never changed; items of a terminal job are ignored.
+The scripts touch the idempotency key through a name they read from the record (a single
+Redis instance allows it; Redis Cluster would need hash tags).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, cast
+
+from services.cache.store import RedisStore
+
+INDEX_SIZE = 10_000
+ACTIVE = ("QUEUED", "RUNNING")
+
+# Shared by the scripts: complete a sealed job whose items are all answered, and finish a job
+# (terminal state, timings, retention TTLs).
+_PRELUDE = """
+local function finish(job, results, state, err, now)
+  redis.call('HSET', job, 'state', state, 'finished_ms', now)
+  if err ~= '' then redis.call('HSET', job, 'error', err) end
+  local ttl = tonumber(redis.call('HGET', job, 'retention_s'))
+  redis.call('EXPIRE', job, ttl)
+  redis.call('EXPIRE', results, ttl)
+  local key = redis.call('HGET', job, 'idempotency_redis_key')
+  if key and key ~= '' then redis.call('EXPIRE', key, ttl) end
+end
+local function complete(job, results, now)
+  local f = redis.call('HMGET', job, 'sealed', 'total', 'done', 'failed')
+  if f[1] ~= '1' then return '' end
+  local total, done, failed = tonumber(f[2]), tonumber(f[3]), tonumber(f[4])
+  if done + failed < total then return '' end
+  if failed == total then
+    finish(job, results, 'FAILED', 'every item failed; each item says why', now)
+    return 'FAILED'
+  end
+  finish(job, results, 'SUCCEEDED', '', now)
+  return 'SUCCEEDED'
+end
+local function active(state)
+  return state == 'QUEUED' or state == 'RUNNING'
+end
+"""
+
+# KEYS: idempotency key ('' for none), job, index. ARGV: id, now, job key prefix, then
+# field/value pairs, then how many jobs the index keeps.
+# Returns the id of the job the key names (when it is still kept, and was not a submission
+# that broke off: FAILED before it was sealed), or the new id.
+_CREATE = """
+if KEYS[1] ~= '' then
+  local existing = redis.call('GET', KEYS[1])
+  if existing then
+    local f = redis.call('HMGET', ARGV[3] .. existing, 'state', 'sealed')
+    if f[1] and not (f[1] == 'FAILED' and f[2] ~= '1') then return {existing, 0} end
+  end
+  redis.call('SET', KEYS[1], ARGV[1])
+end
+local fields = {}
+for i = 4, #ARGV - 1 do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[2], unpack(fields))
+redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[#ARGV]) + 1))
+return {ARGV[1], 1}
+"""
+
+# KEYS: job, results. ARGV: total, now. Returns {-1} unknown, else {1, the terminal state
+# this call completed the job with, or ''}.
+_SEAL = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1, ''} end
+if not active(state) or redis.call('HGET', KEYS[1], 'sealed') == '1' then return {1, ''} end
+redis.call('HSET', KEYS[1], 'sealed', '1', 'total', ARGV[1])
+return {1, complete(KEYS[1], KEYS[2], ARGV[2])}
+"""
+
+# KEYS: job, results. ARGV: now, then (index, ok, payload) triples. Returns {-1} for an
+# unknown job, else {items recorded now, the terminal state this call completed it with or ''}.
+_RECORD = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {-1, ''} end
+if not active(state) then return {0, ''} end
+local done, failed = 0, 0
+for i = 2, #ARGV, 3 do
+  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 2]) == 1 then
+    if ARGV[i + 1] == '1' then done = done + 1 else failed = failed + 1 end
+  end
+end
+if done > 0 then redis.call('HINCRBY', KEYS[1], 'done', done) end
+if failed > 0 then redis.call('HINCRBY', KEYS[1], 'failed', failed) end
+if state == 'QUEUED' and done + failed > 0 then
+  redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'started_ms', ARGV[1])
+end
+return {done + failed, complete(KEYS[1], KEYS[2], ARGV[1])}
+"""
+
+# KEYS: job, results. ARGV: state, error, now. Returns -1 unknown, 0 already terminal, 1 done.
+_FINISH = """
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return -1 end
+if not active(state) then return 0 end
+finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+return 1
+"""
+
+
+class RedisJobStore:
+    """Job records by id; values are plain field dicts (the rules live in jobs.py)."""
+
+    def __init__(self, redis: RedisStore, key_prefix: str) -> None:
+        self.redis = redis
+        self.prefix = f"{key_prefix}job:"
+        self._scripts: dict[str, Any] = {}
+
+    def _script(self, name: str, body: str) -> Any:
+        if name not in self._scripts:
+            self._scripts[name] = self.redis.client.register_script(_PRELUDE + body)
+        return self._scripts[name]
+
+    def _keys(self, job_id: str) -> list[str]:
+        return [self.prefix + job_id, f"{self.prefix}{job_id}:results"]
+
+    def idempotency_key(self, key: str) -> str:
+        return f"{self.prefix}key:{key}" if key else ""
+
+    async def create(
+        self, job_id: str, now_ms: int, fields: dict[str, str], idempotency_key: str
+    ) -> tuple[str, bool]:
+        """Create a record, or return the job that `idempotency_key` already names."""
+        key = self.idempotency_key(idempotency_key)
+        fields = {**fields, "idempotency_redis_key": key}
+        flat = [str(part) for pair in fields.items() for part in pair]
+        keys = [key, self.prefix + job_id, self.prefix + "index"]
+        args = [job_id, now_ms, self.prefix, *flat, INDEX_SIZE]
+        with self.redis.translated("job create"):
+            found, created = await self._script("create", _CREATE)(keys=keys, args=args)
+        return _text(found), bool(created)
+
+    async def get(self, job_id: str) -> dict[str, str] | None:
+        with self.redis.translated("job get"):
+            raw = await self.redis.client.hgetall(self.prefix + job_id)
+        return {_text(k): _text(v) for k, v in raw.items()} or None
+
+    async def seal(self, job_id: str, total: int, now_ms: int) -> tuple[bool, str]:
+        """(whether the job exists, the terminal state sealing completed it with or "")."""
+        with self.redis.translated("job seal"):
+            found, completed = await self._script("seal", _SEAL)(
+                keys=self._keys(job_id), args=[total, now_ms]
+            )
+        return int(found) >= 0, _text(completed)
+
+    async def record(
+        self, job_id: str, items: Sequence[tuple[int, bool, bytes]], now_ms: int
+    ) -> tuple[int, str]:
+        """(items recorded now, or -1 for an unknown job; the terminal state this completed the
+        job with, or "")."""
+        args: list[Any] = [now_ms]
+        for index, ok, payload in items:
+            args += [index, "1" if ok else "0", payload]
+        with self.redis.translated("job record"):
+            recorded, completed = await self._script("record", _RECORD)(
+                keys=self._keys(job_id), args=args
+            )
+        return int(recorded), _text(completed)
+
+    async def finish(self, job_id: str, state: str, error: str, now_ms: int) -> int:
+        """-1 unknown job, 0 already terminal, 1 finished now."""
+        with self.redis.translated("job finish"):
+            return int(
+                await self._script("finish", _FINISH)(
+                    keys=self._keys(job_id), args=[state, error, now_ms]
+                )
+            )
+
+    async def results(self, job_id: str, start: int, limit: int) -> list[bytes]:
+        indexes = list(range(start, start + limit))
+        with self.redis.translated("job results"):
+            values = await self.redis.client.hmget(self._keys(job_id)[1], indexes)
+        return [cast(bytes, v) for v in values if v is not None]
+
+    async def recent(self, limit: int) -> list[dict[str, str]]:
+        """The newest jobs still kept, newest first; ids whose record has gone are forgotten."""
+        index = self.prefix + "index"
+        with self.redis.translated("job list"):
+            newest = await self.redis.client.zrevrange(index, 0, limit * 2)
+            ids = [_text(cast(bytes, i)) for i in newest]
+            async with self.redis.client.pipeline(transaction=False) as pipe:
+                for job_id in ids:
+                    pipe.hgetall(self.prefix + job_id)
+                records = await pipe.execute()
+            gone = [job_id for job_id, r in zip(ids, records, strict=True) if not r]
+            if gone:
+                await self.redis.client.zrem(index, *gone)
+        found = [{_text(k): _text(v) for k, v in r.items()} for r in records if r]
+        return found[:limit]
+
+
+def _text(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,217 @@
+"""The gateway's side of batch jobs: submission (validate, create the record, publish the items
+in chunks with confirms, seal), and reading, watching, cancelling and listing jobs, whose
+records the cache service owns.
+
+Accepted means durable: `submit` returns only after the record exists and RabbitMQ has
+confirmed every chunk. Items travel in chunks of `job_chunk_size` (matched to the model's
+batches); publishes are pipelined, up to `job_publish_window` chunks awaiting their confirms
+while the stream goes on, so a big submission never sits in memory whole.
+
+Item content is checked per item: an empty or over-long text is recorded FAILED with its reason
+(one bad line must not sink a 100,000-item job); submission-level problems (unknown model or
+task, no items, too many items) refuse the submission. A submission that breaks off after its
+record was created (too many items, the client went away, RabbitMQ down past the timeout) marks
+the job FAILED with the reason, so it never waits for items that will not come.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+from fmserve.errors import FmserveError, InvalidInput, TooLarge
+from fmserve.jobs import TERMINAL, JobRecords, failure, level_of
+from fmserve.messaging import Broker
+from fmserve.repository import TaskName
+from fmserve.v1 import jobs_pb2
+from services.gateway.routes import Route, Router
+from services.gateway.settings import GatewaySettings
+from services.gateway.stages import TASK_TO_WIRE
+
+log = logging.getLogger("fmserve.gateway.jobs")
+
+
+@dataclass
+class Submission:
+    model: str
+    version: str = ""
+    task: TaskName | None = None
+    truncate: bool = False
+    top_k: int = 0
+    idempotency_key: str = ""
+    priority: int = jobs_pb2.JOB_PRIORITY_NORMAL
+    retention_s: int = 0
+    timeout_s: int = 0
+
+
+class Jobs:
+    def __init__(
+        self, router: Router, broker: Broker, records: JobRecords, settings: GatewaySettings
+    ) -> None:
+        self.router = router
+        self.broker = broker
+        self.records = records
+        self.settings = settings
+
+    async def submit(self, submission: Submission, texts: AsyncIterator[list[str]]) -> jobs_pb2.Job:
+        s = submission
+        route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k)
+        if s.priority not in jobs_pb2.JobPriority.values():
+            raise InvalidInput(f"unknown priority {s.priority}; use NORMAL, HIGH or LOW")
+        first = await _first_texts(texts)
+        if not first:
+            raise InvalidInput("the job has no items: send at least one text")
+        job, created = await self.records.create(self._template(route, s))
+        if not created and (job.sealed or job.state in TERMINAL):
+            return job  # the same idempotency key: that job, already accepted
+        try:
+            total = await _Publication(self, job, route).run(first, texts)
+        except BaseException as exc:
+            await asyncio.shield(self._broke_off(job.id, exc))
+            raise
+        return await self.records.seal(job.id, total)
+
+    def _template(self, route: Route, s: Submission) -> jobs_pb2.Job:
+        expires = int(time.time() * 1000) + s.timeout_s * 1000 if s.timeout_s > 0 else 0
+        if s.retention_s < 0 or s.timeout_s < 0:
+            raise InvalidInput("retention_s and timeout_s must be 0 (the default) or positive")
+        return jobs_pb2.Job(
+            model=route.model,
+            version=route.version,
+            task=TASK_TO_WIRE[route.task],
+            priority=s.priority,  # type: ignore[arg-type]
+            retention_s=s.retention_s or self.settings.job_retention_s,
+            expires_unix_ms=expires,
+            idempotency_key=s.idempotency_key,
+        )
+
+    async def _broke_off(self, job_id: str, exc: BaseException) -> None:
+        reason = exc.message if isinstance(exc, FmserveError) else "the client went away"
+        try:
+            await self.records.finish(
+                job_id, jobs_pb2.JOB_STATE_FAILED, f"the submission broke off: {reason}"
+            )
+        except FmserveError as error:  # already ended, or the cache is down: say so, go on
+            log.warning("could not mark a broken-off job failed: %s", error.message)
+
+    async def get(self, job_id: str) -> jobs_pb2.Job:
+        return await self.records.get(job_id)
+
+    async def results(self, job_id: str, start: int, limit: int) -> jobs_pb2.GetJobResultsResponse:
+        return await self.records.results(job_id, start, limit)
+
+    async def cancel(self, job_id: str) -> jobs_pb2.Job:
+        return await self.records.finish(
+            job_id, jobs_pb2.JOB_STATE_CANCELLED, "cancelled by a client"
+        )
+
+    async def list(self, limit: int) -> list[jobs_pb2.Job]:
+        return await self.records.list(limit)
+
+    async def watch(self, job_id: str) -> AsyncIterator[jobs_pb2.Job]:
+        """The record now, then on every change of state or progress, until it is terminal.
+        Polls the cache service (one small read per interval per watcher): simpler than a
+        notification channel through Redis, and bounded by watch_interval_s."""
+        last = None
+        while True:
+            job = await self.records.get(job_id)
+            seen = (job.state, job.done, job.failed, job.sealed)
+            if seen != last:
+                last = seen
+                yield job
+            if job.state in TERMINAL:
+                return
+            await asyncio.sleep(self.settings.job_watch_interval_s)
+
+
+async def _first_texts(texts: AsyncIterator[list[str]]) -> list[str]:
+    async for batch in texts:
+        if batch:
+            return batch
+    return []
+
+
+class _Publication:
+    """One submission's items on their way to the preprocess queue, in chunks."""
+
+    def __init__(self, jobs: Jobs, job: jobs_pb2.Job, route: Route) -> None:
+        self.jobs = jobs
+        self.settings = jobs.settings
+        self.job = job
+        self.chunk = jobs_pb2.JobChunk(
+            route=jobs_pb2.JobRoute(
+                job_id=job.id,
+                model=route.model,
+                version=route.version,
+                task=TASK_TO_WIRE[route.task],
+                truncate=route.truncate,
+                top_k=route.top_k,
+                priority=job.priority,
+            )
+        )
+        self.level = level_of(job.priority)
+        self.count = 0
+        self.pending: set[asyncio.Task[None]] = set()
+        self.failed: list[jobs_pb2.JobItemResult] = []
+
+    async def run(self, first: list[str], rest: AsyncIterator[list[str]]) -> int:
+        """Publish every item; returns how many there were."""
+        try:
+            await self._add(first)
+            async for texts in rest:
+                await self._add(texts)
+            await self._flush()
+            await self._settle(everything=True)
+        finally:
+            for task in self.pending:
+                task.cancel()
+        return self.count
+
+    async def _add(self, texts: list[str]) -> None:
+        limit = self.settings.job_max_items
+        if self.count + len(texts) > limit:
+            raise TooLarge(f"a job holds at most {limit} items; split it into several jobs")
+        for text in texts:
+            self._take(self.count, text)
+            self.count += 1
+            if len(self.chunk.indexes) >= self.settings.job_chunk_size:
+                await self._flush()
+
+    def _take(self, index: int, text: str) -> None:
+        if not text.strip():
+            self.failed.append(failure(index, "the text is empty; every item needs some text"))
+        elif len(text) > self.settings.max_text_chars:
+            limit = self.settings.max_text_chars
+            self.failed.append(
+                failure(index, f"the text has {len(text)} characters; at most {limit}")
+            )
+        else:
+            self.chunk.indexes.append(index)
+            self.chunk.texts.append(text)
+
+    async def _flush(self) -> None:
+        if self.failed:
+            failed, self.failed = self.failed, []
+            await self.jobs.records.record(self.job.id, failed)
+        if not self.chunk.indexes:
+            return
+        self.chunk.submitted_unix_ms = int(time.time() * 1000)
+        body = self.chunk.SerializeToString()
+        del self.chunk.indexes[:]
+        del self.chunk.texts[:]
+        publish = self.jobs.broker.publish("preprocess", self.level, [body])
+        self.pending.add(asyncio.ensure_future(publish))
+        if len(self.pending) >= self.settings.job_publish_window:
+            await self._settle(everything=False)
+
+    async def _settle(self, everything: bool) -> None:
+        """Wait for confirms: all of them, or at least one (the window has room again)."""
+        if not self.pending:
+            return
+        how = asyncio.ALL_COMPLETED if everything else asyncio.FIRST_COMPLETED
+        done, self.pending = await asyncio.wait(self.pending, return_when=how)
+        for task in done:
+            task.result()  # a publish that failed fails the submission

@@ -1,0 +1,33 @@
+"""The postprocess stage of the asynchronous path, the last one: turns each queued chunk's model
+outputs into results, which the stage worker records in the cache service before it acks.
+This service also consumes the dead-letter queue (fmserve.jobs.DeadLetters)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fmserve.jobs import stage_resources
+from fmserve.v1 import common_pb2, jobs_pb2, postprocess_pb2
+from services.postprocess.postprocessor import Postprocessor
+from services.postprocess.server import to_domain, to_wire
+from services.postprocess.settings import PostprocessSettings
+
+
+def worker_resources(settings: PostprocessSettings, postprocessor: Postprocessor) -> list[Any]:
+    async def postprocess(chunk: jobs_pb2.JobChunk) -> list[common_pb2.Result]:
+        route = chunk.route
+        request = postprocess_pb2.PostprocessRequest(
+            model=route.model,
+            version=route.version,
+            task=route.task,
+            output=chunk.output,
+            top_k=route.top_k,
+        )
+        if route.task == common_pb2.TASK_TOKEN_CLASSIFICATION:
+            request.texts.extend(chunk.texts)
+            request.lengths.CopyFrom(chunk.lengths)
+            request.offsets.CopyFrom(chunk.offsets)
+        results = await postprocessor.run(to_domain(request))
+        return [to_wire(result) for result in results]
+
+    return stage_resources("postprocess", settings, postprocess, None, dead_letters=True)

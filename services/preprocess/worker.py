@@ -1,0 +1,35 @@
+"""The preprocess stage of the asynchronous path: tokenizes each queued chunk of a job's texts
+and forwards it to the inference queue (fmserve.jobs.StageWorker owns acks, retries and
+per-item failures; this module only does the stage's work)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fmserve import tensors
+from fmserve.jobs import singles, stage_resources
+from fmserve.v1 import common_pb2, jobs_pb2
+from services.preprocess.settings import PreprocessSettings
+from services.preprocess.tokenizers import Tokenizers
+
+
+def worker_resources(settings: PreprocessSettings, tokenizers: Tokenizers) -> list[Any]:
+    async def tokenize(chunk: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
+        route = chunk.route
+        tokenized = await tokenizers.tokenize(
+            route.model,
+            route.version,
+            list(chunk.texts),
+            truncate=route.truncate,
+            offsets=route.task == common_pb2.TASK_TOKEN_CLASSIFICATION,
+        )
+        out = jobs_pb2.JobChunk()
+        out.CopyFrom(chunk)
+        out.input_ids.CopyFrom(tensors.to_wire(tokenized.input_ids))
+        out.lengths.CopyFrom(tensors.to_wire(tokenized.lengths))
+        if tokenized.offsets is not None:
+            out.offsets.CopyFrom(tensors.to_wire(tokenized.offsets))
+        return out
+
+    # Only this stage sees raw texts, so only it retries a failed chunk item by item.
+    return stage_resources("preprocess", settings, tokenize, singles)

@@ -1,0 +1,288 @@
+"""deploy/compose/ stays runnable without a Docker engine to try it on.
+
+No engine runs here, and the docker CLI has no compose plugin, so `docker compose config` is not
+available; nor is the Compose specification's JSON schema shipped by any installed package (and
+`jsonschema` is not a project dependency). So the file is checked structurally against the parts
+of the specification it uses (known keys, enums, references that resolve), and semantically
+against the code: every command runs a module that exists, every variable is one its service
+reads and parses, every port agrees with health checks, addresses and Prometheus."""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+from typing import Any
+
+import pytest
+from pydantic_settings import BaseSettings
+
+from fmserve.cluster import SERVICES
+from fmserve.settings import variables
+from tests.deployment import (
+    COMPOSE_DIR,
+    COMPOSE_FILE,
+    GPU_FILE,
+    PROMETHEUS_FILE,
+    ROOT,
+    dashboards,
+    environment,
+    expressions,
+    interpolate,
+    load_yaml,
+    metric_names,
+)
+
+STAGES = ("preprocess", "inference", "postprocess", "cache")
+PUBLISHED = {"gateway", "grafana", "prometheus", "rabbitmq"}
+
+# The Compose specification's keys for what this project's files use (compose-spec.json).
+TOP_LEVEL_KEYS = {"version", "name", "include", "services", "networks", "volumes", "secrets"}
+TOP_LEVEL_KEYS |= {"configs", "models"}
+_SERVICE_KEYS = """
+    annotations attach build blkio_config cap_add cap_drop cgroup cgroup_parent command configs
+    container_name cpu_count cpu_percent cpu_shares cpu_quota cpu_period cpu_rt_period
+    cpu_rt_runtime cpus cpuset credential_spec depends_on deploy develop device_cgroup_rules
+    devices dns dns_opt dns_search domainname entrypoint env_file environment expose extends
+    external_links extra_hosts gpus group_add healthcheck hostname image init ipc isolation labels
+    links logging mac_address mem_limit mem_reservation mem_swappiness memswap_limit network_mode
+    networks oom_kill_disable oom_score_adj pid pids_limit platform ports privileged profiles
+    pull_policy read_only restart runtime scale secrets security_opt shm_size stdin_open
+    stop_grace_period stop_signal storage_opt sysctls tmpfs tty ulimits user userns_mode uts
+    volumes volumes_from working_dir"""
+SERVICE_KEYS = set(_SERVICE_KEYS.split())
+HEALTHCHECK_KEYS = {"test", "interval", "timeout", "retries", "start_period", "start_interval"}
+HEALTHCHECK_KEYS |= {"disable"}
+DEVICE_KEYS = {"capabilities", "count", "device_ids", "driver", "options"}
+DEPENDS_CONDITIONS = {"service_started", "service_healthy", "service_completed_successfully"}
+RESTART = re.compile(r"^(no|always|unless-stopped|on-failure(:\d+)?)$")
+DURATION = re.compile(r"^(\d+(\.\d+)?(us|ms|s|m|h))+$")
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict[str, Any]:
+    return load_yaml(COMPOSE_FILE)
+
+
+@pytest.fixture(scope="module")
+def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return compose["services"]
+
+
+def settings_class(service: str) -> type[BaseSettings]:
+    module = importlib.import_module(f"services.{service}.settings")
+    cls: type[BaseSettings] = getattr(module, f"{service.capitalize()}Settings")
+    return cls
+
+
+def settings_of(service: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The service's settings as it would read them from this environment (and nothing else)."""
+    with monkeypatch.context() as patch:
+        for name in _fmserve_variables():
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return settings_class(service)()
+
+
+def _fmserve_variables() -> set[str]:
+    import os
+
+    return {name for name in os.environ if name.startswith("FMSERVE_")}
+
+
+def _port_of(address: str) -> int:
+    return int(address.rsplit(":", 1)[1])
+
+
+# Structure (the Compose specification) ------------------------------------------------------
+
+
+def test_top_level_and_service_keys_are_the_specifications(compose: dict[str, Any]) -> None:
+    for data in (compose, load_yaml(GPU_FILE)):
+        assert set(data) - TOP_LEVEL_KEYS <= {k for k in data if k.startswith("x-")}
+        for name, service in data["services"].items():
+            unknown = {k for k in set(service) - SERVICE_KEYS if not k.startswith("x-")}
+            assert not unknown, f"{name}: keys outside the Compose specification: {unknown}"
+
+
+def test_healthchecks_restart_and_durations_are_well_formed(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    for name, service in services.items():
+        assert RESTART.match(service["restart"]), name
+        check = service["healthcheck"]
+        assert set(check) <= HEALTHCHECK_KEYS, name
+        assert check["test"][0] in {"CMD", "CMD-SHELL"}, name
+        durations = [check[k] for k in ("interval", "timeout", "start_period") if k in check]
+        for value in [*durations, service.get("stop_grace_period", "1s")]:
+            assert DURATION.match(value), f"{name}: {value!r} is not a compose duration"
+
+
+def test_references_resolve(compose: dict[str, Any]) -> None:
+    services, networks, volumes = compose["services"], compose["networks"], compose["volumes"]
+    for name, service in services.items():
+        for dependency, spec in service.get("depends_on", {}).items():
+            assert dependency in services, f"{name} depends on unknown {dependency}"
+            assert spec["condition"] in DEPENDS_CONDITIONS
+            if spec["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], dependency
+        assert set(service.get("networks", [])) <= set(networks), name
+        for mount in service.get("volumes", []):
+            source = interpolate(mount).split(":", 1)[0]
+            if source.startswith((".", "/")):
+                assert (COMPOSE_DIR / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in volumes, f"{name} mounts undeclared volume {source}"
+
+
+def test_gpu_variant_reserves_a_gpu_for_inference_only() -> None:
+    gpu = load_yaml(GPU_FILE)["services"]
+    assert set(gpu) == {"inference"}
+    (device,) = gpu["inference"]["deploy"]["resources"]["reservations"]["devices"]
+    assert set(device) <= DEVICE_KEYS and device["capabilities"] == ["gpu"]
+    assert "cu" in interpolate(gpu["inference"]["build"]["args"]["TORCH_INDEX_URL"])
+
+
+# Topology: scaling, networks, persistence ----------------------------------------------------
+
+
+def test_stage_services_can_scale(services: dict[str, dict[str, Any]]) -> None:
+    for name in STAGES:
+        assert "container_name" not in services[name], name
+        assert "ports" not in services[name], f"{name} publishes a host port: cannot scale"
+
+
+def test_only_the_front_doors_are_published(compose: dict[str, Any]) -> None:
+    published = {name for name, s in compose["services"].items() if s.get("ports")}
+    assert published == PUBLISHED
+    assert [p.rsplit(":", 1)[1] for p in compose["services"]["rabbitmq"]["ports"]] == ["15672"]
+    assert compose["networks"]["backend"]["internal"] is True
+    for name in (*STAGES, "redis"):
+        assert compose["services"][name]["networks"] == ["backend"], name
+
+
+def test_stores_keep_their_data_and_redis_never_evicts_jobs(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    mounts = {
+        name: [m.split(":")[:2] for m in s.get("volumes", [])] for name, s in services.items()
+    }
+    assert ["redis-data", "/data"] in mounts["redis"]
+    assert ["rabbitmq-data", "/var/lib/rabbitmq"] in mounts["rabbitmq"]
+    assert ["prometheus-data", "/prometheus"] in mounts["prometheus"]
+    assert ["grafana-data", "/var/lib/grafana"] in mounts["grafana"]
+    command = [interpolate(part) for part in services["redis"]["command"]]
+    policy = command[command.index("--maxmemory-policy") + 1]
+    assert policy == "volatile-lru", "cache keys have TTLs, job records none: only volatile-*"
+    assert command[command.index("--appendonly") + 1] == "yes"
+
+
+def test_gateway_starts_after_every_stage_is_healthy(services: dict[str, dict[str, Any]]) -> None:
+    depends = services["gateway"]["depends_on"]
+    assert {name for name, d in depends.items() if d["condition"] == "service_healthy"} >= set(
+        STAGES
+    )
+    assert services["cache"]["depends_on"]["redis"]["condition"] == "service_healthy"
+
+
+# The code: commands, variables, ports --------------------------------------------------------
+
+
+def test_commands_run_the_services_of_the_same_name(services: dict[str, dict[str, Any]]) -> None:
+    for name in SERVICES:
+        assert services[name]["command"] == ["python", "-m", f"services.{name}"]
+        assert importlib.util.find_spec(f"services.{name}.__main__"), name
+        assert services[name]["healthcheck"]["test"][:4] == [
+            "CMD",
+            "python",
+            "-m",
+            "fmserve.healthcheck",
+        ]
+    assert importlib.util.find_spec("fmserve.healthcheck")
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_every_variable_is_read_by_its_service(
+    services: dict[str, dict[str, Any]], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    env = environment(services[name])
+    known = {variable for variable, _, _ in variables(settings_class(name))}
+    assert set(env) <= known, f"{name} does not read {set(env) - known}"
+    settings = settings_of(name, env, monkeypatch)  # values parse as the service parses them
+    for variable, value in env.items():
+        if variable in known and variable.startswith(f"FMSERVE_{name.upper()}_"):
+            field = variable.removeprefix(f"FMSERVE_{name.upper()}_").lower()
+            assert str(getattr(settings, field)) == value, variable
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_ports_agree_with_healthcheck_addresses_and_prometheus(
+    services: dict[str, dict[str, Any]], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings = settings_of(name, environment(services[name]), monkeypatch)
+    assert services[name]["healthcheck"]["test"][4] == f"127.0.0.1:{settings.port}"
+    assert settings.metrics_port > 0, "Prometheus needs a fixed metrics port"
+    (job,) = [j for j in load_yaml(PROMETHEUS_FILE)["scrape_configs"] if j["job_name"] == name]
+    (discovery,) = job["dns_sd_configs"]
+    assert discovery == {**discovery, "names": [name], "type": "A", "port": settings.metrics_port}
+    gateway = settings_of("gateway", environment(services["gateway"]), monkeypatch)
+    if name == "gateway":
+        assert services[name]["ports"] == [f"${{FMSERVE_GATEWAY_HOST_PORT:-50051}}:{settings.port}"]
+    else:
+        assert getattr(gateway, f"{name}_address") == f"{name}:{settings.port}"
+    if name == "cache":
+        for stage in ("preprocess", "inference", "postprocess"):
+            worker = settings_of(stage, environment(services[stage]), monkeypatch)
+            assert worker.cache_address == f"cache:{settings.port}", stage
+
+
+def test_rabbitmq_exports_queue_metrics_to_prometheus(services: dict[str, dict[str, Any]]) -> None:
+    plugins = (COMPOSE_DIR / "rabbitmq" / "enabled_plugins").read_text()
+    assert "rabbitmq_prometheus" in plugins and "rabbitmq_management" in plugins
+    (job,) = [
+        j for j in load_yaml(PROMETHEUS_FILE)["scrape_configs"] if j["job_name"] == "rabbitmq"
+    ]
+    assert job["static_configs"][0]["targets"] == ["rabbitmq:15692"]
+    broker = {key: interpolate(value) for key, value in services["rabbitmq"]["environment"].items()}
+    user, password = broker["RABBITMQ_DEFAULT_USER"], broker["RABBITMQ_DEFAULT_PASS"]
+    assert user != "guest", "RabbitMQ lets guest log in from localhost only"
+    for name in ("gateway", "preprocess", "inference", "postprocess"):
+        url = environment(services[name])["FMSERVE_AMQP_URL"]
+        assert url == f"amqp://{user}:{password}@rabbitmq:5672/", name
+
+
+def test_image_installs_the_project_as_the_readme_does() -> None:
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert "make install" in dockerfile
+    assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
+    assert dockerfile.index("$TORCH_INDEX_URL") < dockerfile.index("RUN make install")
+
+
+# Grafana ------------------------------------------------------------------------------------
+
+
+def test_grafana_provisions_the_dashboards_from_prometheus(
+    services: dict[str, dict[str, Any]],
+) -> None:
+    provisioning = COMPOSE_DIR / "grafana" / "provisioning"
+    (source,) = load_yaml(provisioning / "datasources" / "prometheus.yaml")["datasources"]
+    (provider,) = load_yaml(provisioning / "dashboards" / "fmserve.yaml")["providers"]
+    assert (
+        f"./grafana/dashboards:{provider['options']['path']}:ro" in services["grafana"]["volumes"]
+    )
+    assert source["url"] == "http://prometheus:9090"
+    for name, dashboard in dashboards().items():
+        panels = [p for p in dashboard["panels"] if p["type"] != "row"]
+        assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"]), name
+        for panel in panels:
+            assert panel["datasource"]["uid"] == source["uid"], panel["title"]
+            assert all(t["expr"] for t in panel["targets"]), panel["title"]
+
+
+def test_dashboard_queries_name_only_fmserve_rabbitmq_or_prometheus_metrics() -> None:
+    for dashboard in dashboards().values():
+        for expression in expressions(dashboard):
+            names = metric_names(expression)
+            assert names, f"no metric in {expression!r}"
+            assert all(re.match(r"^(fmserve_|rabbitmq_queue_|up$)", n) for n in names), expression
