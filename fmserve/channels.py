@@ -1,5 +1,5 @@
 """Client channels between services: round-robin over every address of a service, retries of
-UNAVAILABLE in the service config, and the request id carried on every call."""
+UNAVAILABLE in the service config, and the request id and trace carried on every call."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from typing import Any
 
 import grpc
 
-from fmserve import context
+from fmserve import context, tracing
 from fmserve.interceptors import REQUEST_ID_KEY
 from fmserve.service import grpc_options
 
@@ -56,23 +56,31 @@ def _literal(address: str) -> str:
     return f"{host}:{port}"
 
 
-class _RequestIdInterceptor(
+class _PropagatingInterceptor(
     grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
 ):
-    """Adds the current request id to the call's metadata."""
+    """Carries the current request id and trace context on every call."""
 
     async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_request_id(details), request)
+        return await continuation(_propagating(details), request)
 
     async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_with_request_id(details), request)
+        return await continuation(_propagating(details), request)
 
 
-def _with_request_id(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    rid = context.request_id.get()
-    if not rid:
+def outgoing_metadata() -> dict[str, str]:
+    """What a downstream call carries: the request id and the trace context (`traceparent`)."""
+    metadata = tracing.inject()
+    if rid := context.request_id.get():
+        metadata[REQUEST_ID_KEY] = rid
+    return metadata
+
+
+def _propagating(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
+    extra = outgoing_metadata()
+    if not extra:
         return details
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), (REQUEST_ID_KEY, rid))
+    metadata = grpc.aio.Metadata(*(details.metadata or ()), *extra.items())
     return grpc.aio.ClientCallDetails(
         details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
     )
@@ -99,5 +107,5 @@ def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024) -> grp
     return grpc.aio.insecure_channel(
         target(address),
         options=channel_options(max_message_bytes),
-        interceptors=[_RequestIdInterceptor()],
+        interceptors=[_PropagatingInterceptor()],
     )

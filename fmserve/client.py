@@ -87,6 +87,8 @@ class Answer:
     results: list[Any] = field(default_factory=list)
     """Per text: a numpy vector, a list of LabelScore, or a list of Entity."""
     cached: list[bool] = field(default_factory=list)
+    trace_id: str = ""
+    """The request's distributed trace, when the cluster exports traces."""
 
     @property
     def cache_hit(self) -> bool:
@@ -136,6 +138,7 @@ def _answer(reply: gateway_pb2.InferResponse) -> Answer:
         task=TASK_NAMES.get(reply.task, "unspecified"),
         results=[_result(r) for r in reply.results],
         cached=[r.cached for r in reply.results],
+        trace_id=reply.trace_id,
     )
 
 
@@ -179,6 +182,8 @@ class JobStatus:
     expires: float
     error: str
     idempotency_key: str
+    trace_id: str = ""
+    """The submission's distributed trace, which its items continue (when traces export)."""
 
     @property
     def ended(self) -> bool:
@@ -220,6 +225,7 @@ def _status(job: jobs_pb2.Job) -> JobStatus:
         expires=job.expires_unix_ms / 1000,
         error=job.error,
         idempotency_key=job.idempotency_key,
+        trace_id=job.trace_id,
     )
 
 

@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from fmserve import context
+from fmserve import context, tracing
 from fmserve.errors import FmserveError, InvalidInput
 from fmserve.metrics import RpcMetrics
 
@@ -30,7 +30,8 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
     """Wraps unary-unary, unary-stream and stream-unary handlers with request id, metrics, logs
     and errors."""
 
-    def __init__(self, metrics: RpcMetrics) -> None:
+    def __init__(self, service: str, metrics: RpcMetrics) -> None:
+        self.service = service
         self.metrics = metrics
 
     async def intercept_service(
@@ -65,14 +66,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with _CallScope(self.metrics, method, request, context) as scope:
+            with _CallScope(self, method, request, context) as scope:
                 return await scope.run(behavior, request)
 
         return wrapped
 
     def _wrap_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            with _CallScope(self.metrics, method, request, context) as scope:
+            with _CallScope(self, method, request, context) as scope:
                 async for reply in scope.iterate(behavior, request):
                     yield reply
 
@@ -80,7 +81,7 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_client_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-            with _CallScope(self.metrics, method, None, context) as scope:
+            with _CallScope(self, method, None, context) as scope:
                 return await scope.run(behavior, _checked(requests))
 
         return wrapped
@@ -125,10 +126,12 @@ def _check_decoded(request: Any) -> None:
 
 
 class _CallScope:
-    """One call: binds its request id, times it, and maps its exception to a status."""
+    """One call: binds its request id, continues the caller's trace, times it, and maps its
+    exception to a status."""
 
-    def __init__(self, metrics: RpcMetrics, method: str, request: Any, context: Any) -> None:
-        self.metrics, self.method, self.context = metrics, method, context
+    def __init__(self, owner: ServiceInterceptor, method: str, request: Any, context: Any) -> None:
+        self.metrics, self.method, self.context = owner.metrics, method, context
+        self.span_name = f"{owner.service}/{method}"
         self.model = str(getattr(request, "model", "") or getattr(request, "model_name", ""))
         self.code = "OK"
 
@@ -139,6 +142,9 @@ class _CallScope:
             self.metrics.observe_retry(self.method)
         self.token = context.request_id.set(self.request_id)
         context.set_deadline_from(self.context.time_remaining())
+        self.tracing = tracing.server_span(self.span_name, incoming)
+        self.span = self.tracing.__enter__()
+        self.span.set_attribute("fmserve.request_id", self.request_id)
         self.started = time.perf_counter()
         return self
 
@@ -147,6 +153,8 @@ class _CallScope:
         model = "-" if self.code in _UNTRUSTED_MODEL_CODES else (self.model or "-")
         self.metrics.observe(self.method, model, self.code, elapsed)
         log.debug("rpc", extra={"method": self.method, "code": self.code, "ms": elapsed * 1e3})
+        self.span.set_attribute("rpc.grpc.status_code", self.code)
+        self.tracing.__exit__(None, None, None)
         context.request_id.reset(self.token)
 
     async def run(self, behavior: Callable[..., Awaitable[Any]], request: Any) -> Any:
@@ -175,5 +183,6 @@ class _CallScope:
             code = grpc.StatusCode.INTERNAL
             message = f"internal error; quote request id {self.request_id} when reporting it"
         self.code = code.name
+        tracing.mark_failed(self.span, exc)
         self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
         await self.context.abort(code, message)

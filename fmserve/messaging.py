@@ -50,6 +50,7 @@ from aio_pika.abc import (
 )
 from prometheus_client import Counter, Gauge, Histogram
 
+from fmserve import tracing
 from fmserve.errors import Unavailable
 from fmserve.metrics import LATENCY_BUCKETS
 
@@ -263,8 +264,12 @@ class Broker:
 
 
 def _message(body: bytes) -> aio_pika.Message:
+    """A persistent message carrying the publisher's trace, so the consumer's span continues it."""
     return aio_pika.Message(
-        body, delivery_mode=aio_pika.DeliveryMode.PERSISTENT, content_type="application/x-protobuf"
+        body,
+        delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+        content_type="application/x-protobuf",
+        headers=tracing.inject(),
     )
 
 
@@ -395,7 +400,9 @@ class Consumer:
         CONSUMED.labels(self.stage).inc()
         if delivery.deliveries > 1:
             REDELIVERED.labels(self.stage).inc()
-        outcome = await self._run(delivery)
+        with tracing.server_span(f"{self.stage}/consume", _trace_headers(message)) as span:
+            span.set_attribute("messaging.delivery_count", delivery.deliveries)
+            outcome = await self._run(delivery)
         if outcome == "requeue" and delivery.deliveries >= self.broker.topology.delivery_limit:
             DEAD_LETTERED.labels(self.stage).inc()
         await self._settle(message, requeue=True if outcome != "ack" else None)
@@ -460,6 +467,12 @@ async def queue_depth(connection: AbstractRobustConnection, queues: Sequence[str
             queue = await channel.declare_queue(name, passive=True)
             total += queue.declaration_result.message_count or 0
     return total
+
+
+def _trace_headers(message: AbstractIncomingMessage) -> dict[str, str]:
+    return {
+        k: str(v) for k, v in (message.headers or {}).items() if k in ("traceparent", "tracestate")
+    }
 
 
 def to_delivery(message: AbstractIncomingMessage) -> Delivery:

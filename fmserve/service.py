@@ -14,6 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from fmserve import tracing
 from fmserve.interceptors import ServiceInterceptor
 from fmserve.metrics import RpcMetrics, serve_metrics
 from fmserve.settings import ServiceSettings
@@ -75,10 +76,11 @@ class Service:
         self._metrics = RpcMetrics(self.name)
 
     async def start(self) -> None:
+        tracing.configure(self.name, self.settings.otlp_endpoint)
         for resource in self.resources:
             await resource.start()
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self._metrics)],
+            interceptors=[ServiceInterceptor(self.name, self._metrics)],
             options=server_options(self.settings),
         )
         for s in self.servicers:
@@ -103,6 +105,7 @@ class Service:
             self._server = None
         for resource in reversed(self.resources):
             await resource.stop()
+        tracing.shutdown()
         log.info("stopped")
 
     async def _set_health(self, status: int) -> None:

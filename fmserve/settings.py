@@ -38,6 +38,8 @@ class ServiceSettings(BaseSettings):
     this long, so clients re-resolve DNS and spread onto replicas added since; 0: never."""
     log_level: str = Field("INFO", validation_alias="FMSERVE_LOG_LEVEL")
     """Log level for every service: DEBUG, INFO, WARNING or ERROR."""
+    otlp_endpoint: str = Field("", validation_alias="FMSERVE_OTLP_ENDPOINT")
+    """OpenTelemetry collector (OTLP over gRPC, `host:port`) to export traces to; empty: off."""
     log_format: Literal["json", "text"] = Field("json", validation_alias="FMSERVE_LOG_FORMAT")
     """`json`: one JSON object per line; `text`: for reading in a terminal."""
 

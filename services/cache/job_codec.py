@@ -22,6 +22,7 @@ def new_job_fields(job: jobs_pb2.Job) -> dict[str, str]:
         "priority": str(job.priority),
         "retention_s": str(job.retention_s),
         "expires_ms": str(job.expires_unix_ms),
+        "trace_id": job.trace_id,
     }
 
 
@@ -43,6 +44,7 @@ def to_wire(record: dict[str, str]) -> jobs_pb2.Job:
         retention_s=number("retention_s"),
         error=record.get("error", ""),
         idempotency_key=record.get("idempotency_key", ""),
+        trace_id=record.get("trace_id", ""),
         **{wire: number(field) for wire, field in _TIMES.items()},
     )
 

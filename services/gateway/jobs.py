@@ -22,6 +22,7 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
+from fmserve import tracing
 from fmserve.errors import FmserveError, InvalidInput, TooLarge
 from fmserve.jobs import TERMINAL, JobRecords, failure, level_of
 from fmserve.messaging import Broker
@@ -86,6 +87,7 @@ class Jobs:
             retention_s=s.retention_s or self.settings.job_retention_s,
             expires_unix_ms=expires,
             idempotency_key=s.idempotency_key,
+            trace_id=tracing.current_trace_id(),
         )
 
     async def _broke_off(self, job_id: str, exc: BaseException) -> None:

@@ -8,10 +8,12 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from opentelemetry.context import Context
 from prometheus_client import Histogram
 
+from fmserve import context, tracing
 from fmserve.batching import Batcher, BatchLimits
 from fmserve.errors import DeadlineExceeded, InvalidInput
 from fmserve.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
@@ -36,6 +38,9 @@ class _Item:
     text: str
     deadline: float
     """time.monotonic() by which the request that brought this text wants its answer."""
+    request_id: str = field(default_factory=context.request_id.get)
+    trace: Context = field(default_factory=tracing.current_context)
+    """The trace of the request that brought this text, which its batch's span links to."""
 
 
 class Pipeline:
@@ -95,6 +100,16 @@ class Pipeline:
         return batcher
 
     async def _run_batch(
+        self, route: Route, items: list[_Item]
+    ) -> list[common_pb2.Result | BaseException]:
+        # A batch runs in a task of its own: it carries its first request's id and trace
+        # (downstream logs and spans name it) and links to the other requests' traces.
+        context.request_id.set(items[0].request_id)
+        with tracing.batch_span("gateway/batch", [item.trace for item in items]) as span:
+            span.set_attribute("fmserve.batch_size", len(items))
+            return await self._run_items(route, items)
+
+    async def _run_items(
         self, route: Route, items: list[_Item]
     ) -> list[common_pb2.Result | BaseException]:
         deadline = max(item.deadline for item in items)

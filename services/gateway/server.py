@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 
 import grpc
 
+from fmserve import tracing
 from fmserve.errors import InvalidInput
 from fmserve.repository import ModelConfig, TaskName
 from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
@@ -120,6 +121,7 @@ def to_wire(answer: Answer) -> gateway_pb2.InferResponse:
         task=TASK_TO_WIRE[route.task],
         results=answer.results,
         cache_hit=answer.cache_hit,
+        trace_id=tracing.current_trace_id(),
     )
 
 

@@ -11,10 +11,8 @@ import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
-from fmserve import context
-from fmserve.channels import channel_options, open_channel, target
+from fmserve.channels import channel_options, open_channel, outgoing_metadata, target
 from fmserve.errors import DeadlineExceeded, FmserveError, Unavailable, from_rpc_error
-from fmserve.interceptors import REQUEST_ID_KEY
 from fmserve.repository import TaskName
 from fmserve.v1 import (
     cache_pb2,
@@ -57,11 +55,6 @@ def _stage_error(stage: str, code: grpc.StatusCode, details: str) -> FmserveErro
     return from_rpc_error(error)
 
 
-def _metadata() -> tuple[tuple[str, str], ...]:
-    rid = context.request_id.get()
-    return ((REQUEST_ID_KEY, rid),) if rid else ()
-
-
 class StageClients:
     """Owns the channels to preprocess, inference, postprocess and cache."""
 
@@ -100,7 +93,7 @@ class StageClients:
             return_offsets=route.task is TaskName.TOKEN_CLASSIFICATION,
         )
         async with _translated("preprocess"):
-            return await self._preprocess.Tokenize(request, timeout=timeout, metadata=_metadata())
+            return await self._preprocess.Tokenize(request, timeout=timeout)
 
     async def infer(
         self, route: Route, tokens: preprocess_pb2.TokenizeResponse, timeout: float, priority: int
@@ -118,7 +111,8 @@ class StageClients:
                 outputs=[triton.InferRequestedOutput(output)],
                 priority=priority,
                 client_timeout=timeout,
-                headers=dict(_metadata()),
+                # tritonclient opens its own channel: the request id and trace travel as headers.
+                headers=outgoing_metadata(),
             )
         response = result.get_response()
         index = [o.name for o in response.outputs].index(output)
@@ -147,15 +141,13 @@ class StageClients:
             request.lengths.CopyFrom(tokens.lengths)
             request.offsets.CopyFrom(tokens.offsets)
         async with _translated("postprocess"):
-            reply = await self._postprocess.Postprocess(
-                request, timeout=timeout, metadata=_metadata()
-            )
+            reply = await self._postprocess.Postprocess(request, timeout=timeout)
         return list(reply.results)
 
     async def lookup(self, keys: list[str], timeout: float) -> list[common_pb2.Result | None]:
         request = cache_pb2.LookupRequest(keys=keys)
         async with _translated("cache"):
-            reply = await self._cache.Lookup(request, timeout=timeout, metadata=_metadata())
+            reply = await self._cache.Lookup(request, timeout=timeout)
         return [entry.result if entry.found else None for entry in reply.entries]
 
     async def store(self, items: list[tuple[str, common_pb2.Result]], timeout: float) -> None:
@@ -164,7 +156,7 @@ class StageClients:
             ttl_s=self.settings.cache_ttl_s,
         )
         async with _translated("cache"):
-            await self._cache.Store(request, timeout=timeout, metadata=_metadata())
+            await self._cache.Store(request, timeout=timeout)
 
 
 def _triton_input(name: str, tensor: common_pb2.Tensor) -> triton.InferInput:

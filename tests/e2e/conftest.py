@@ -15,6 +15,7 @@ import redis
 from fmserve.cluster import SERVICES, Cluster, free_port
 from fmserve.messaging import Topology, delete_queues
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
+from tests.otlp_collector import Collector
 
 REDIS_DB = 13
 MAX_ITEMS = 64
@@ -29,8 +30,20 @@ def key_prefix() -> str:
 
 
 @pytest.fixture(scope="session")
+def collector() -> Iterator[Collector]:
+    """Where the cluster exports its traces (OTLP over gRPC)."""
+    collector = Collector()
+    collector.start()
+    yield collector
+    collector.stop()
+
+
+@pytest.fixture(scope="session")
 def cluster(
-    model_repository: Path, tmp_path_factory: pytest.TempPathFactory, key_prefix: str
+    model_repository: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+    key_prefix: str,
+    collector: Collector,
 ) -> Iterator[Cluster]:
     require_server("Redis", "127.0.0.1", 6379)
     require_server("RabbitMQ", "127.0.0.1", 5672)
@@ -49,6 +62,8 @@ def cluster(
         "FMSERVE_GATEWAY_JOB_MAX_ITEMS": str(MAX_JOB_ITEMS),
         "FMSERVE_GATEWAY_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
         "FMSERVE_LOG_LEVEL": "DEBUG",
+        "FMSERVE_OTLP_ENDPOINT": f"127.0.0.1:{collector.port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # the SDK's own variable: export spans within 0.1 s
     }
     ports = {name: free_port() for name in SERVICES}
     log_dir = tmp_path_factory.mktemp("logs")
