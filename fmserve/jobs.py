@@ -11,6 +11,8 @@ A stage worker, per message (one chunk of a job's items):
     3. publish what succeeded to the next stage (confirmed), or at the last stage record the
        results, and record the failed items, in the cache service;
     4. only then ack (messaging.Consumer acks when the handler returns).
+A chunk that fails unexpectedly (not with an fmserve error) goes back to the first stage item
+by item, so that an item that crashes a stage is dead-lettered alone and its siblings live.
 Transient failures (Unavailable, Overloaded) raise out of the handler, which the consumer
 retries without spending a delivery; anything unexpected spends one, and past the delivery
 limit RabbitMQ dead-letters the message (`DeadLetters` then fails its items).
@@ -62,7 +64,8 @@ log = logging.getLogger("fmserve.jobs")
 
 ITEMS = Counter(
     "fmserve_job_items_total",
-    "Job items leaving a stage, by stage and outcome (forwarded, recorded, failed, dropped).",
+    "Job items leaving a stage, by stage and outcome (forwarded, recorded, failed, dropped, "
+    "isolated: re-queued one by one after their chunk failed unexpectedly).",
     ["stage", "outcome"],
 )
 ITEM_LATENCY = Histogram(
@@ -235,8 +238,16 @@ class StageWorker:
         if not await self.states.active(job_id):
             ITEMS.labels(self.stage, "dropped").inc(len(chunk.indexes))
             return
-        outcome = await self.work(chunk)
         level = LEVEL_OF.get(chunk.route.priority, "normal")
+        try:
+            outcome = await self.work(chunk)
+        except TRANSIENT:
+            raise
+        except Exception:
+            if len(chunk.indexes) < 2:
+                raise  # spends a delivery; past the limit the item is dead-lettered
+            await self._isolate(chunk, level)
+            return
         if outcome.forward:
             bodies = [c.SerializeToString() for c in outcome.forward]
             await self.broker.publish(NEXT_STAGE[self.stage], level, bodies)
@@ -247,6 +258,20 @@ class StageWorker:
             ITEMS.labels(self.stage, "recorded").inc(len(outcome.results))
             ITEMS.labels(self.stage, "failed").inc(len(outcome.failed))
             self._observe_latency(chunk, len(outcome.results))
+
+    async def _isolate(self, chunk: jobs_pb2.JobChunk, level: str) -> None:
+        """A chunk failed unexpectedly (a bug, or an item that crashes the model): its items go
+        back to the first stage one by one, so only the item at fault is dead-lettered and its
+        siblings are answered."""
+        log.exception(
+            "a chunk of %d items failed unexpectedly; re-queueing its items one by one",
+            len(chunk.indexes),
+            extra={"stage": self.stage, "job_id": chunk.route.job_id},
+        )
+        await self.broker.publish(
+            "preprocess", level, [c.SerializeToString() for c in singles(chunk)]
+        )
+        ITEMS.labels(self.stage, "isolated").inc(len(chunk.indexes))
 
     async def work(self, chunk: jobs_pb2.JobChunk) -> Outcome:
         """The whole chunk at once; item by item when the chunk fails for its items."""
@@ -309,7 +334,7 @@ class DeadLetters:
         stage = self.broker.topology.stage_of(delivery.dead_letter_queue) or "a"
         limit = self.broker.topology.delivery_limit
         message = (
-            f"dropped after {limit} deliveries: the {stage} stage failed on this item's batch "
+            f"dropped after {limit} deliveries: the {stage} stage failed on this item "
             "every time (its log has the details)"
         )
         failed = [failure(i, message) for i in chunk.indexes]

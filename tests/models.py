@@ -63,6 +63,7 @@ def build_repository(root: Path) -> Path:
 
     tiny-classifier  text-classification, versions 1 and 2 (different weights)
     tiny-ner         token-classification, version 1
+    tiny-overreach   text-classification whose forward pass crashes on texts over 128 tokens
     """
     root.mkdir(parents=True, exist_ok=True)
     bundled = Path(__file__).resolve().parent.parent / "models"
@@ -72,6 +73,12 @@ def build_repository(root: Path) -> Path:
     build_classifier(root / "tiny-classifier" / "2", seed=2)
     (root / "tiny-classifier" / "model.toml").write_text(
         'task = "text-classification"\nmax_length = 64\n[batching]\nmax_batch_size = 8\n'
+    )
+    build_classifier(root / "tiny-overreach" / "1", seed=4)
+    # Claims more tokens than its 128 position embeddings: a text of 129-256 tokens passes
+    # preprocessing and then crashes the forward pass, as a broken model would.
+    (root / "tiny-overreach" / "model.toml").write_text(
+        'task = "text-classification"\nmax_length = 256\n'
     )
     build_token_classifier(root / "tiny-ner" / "1", seed=3)
     (root / "tiny-ner" / "model.toml").write_text(

@@ -117,6 +117,26 @@ def test_a_poison_item_fails_alone_with_its_error(client: Client) -> None:
     assert all(items[i].ok for i in items if i not in (33, 50))
 
 
+def test_an_item_that_crashes_a_stage_is_dead_lettered_alone(
+    client: Client, cluster: Cluster
+) -> None:
+    batch = texts(40)
+    batch[7] = "word " * 150  # 152 tokens: within the model's max_length, beyond its positions
+    before = metric(
+        cluster, "postprocess", "fmserve_job_items_total", stage="dead-letter", outcome="failed"
+    )
+    job = client.submit(batch, model="tiny-overreach")
+    status = job.wait(timeout=90)
+    assert status.state == "succeeded" and (status.done, status.failed) == (39, 1)
+    items = {item.index: item for item in job.results()}
+    assert "deliveries" in items[7].error
+    assert all(items[i].ok for i in items if i != 7)
+    after = metric(
+        cluster, "postprocess", "fmserve_job_items_total", stage="dead-letter", outcome="failed"
+    )
+    assert after - before == 1
+
+
 def test_a_job_whose_every_item_fails_is_failed(client: Client) -> None:
     status = client.submit(["word " * 500] * 3, model="tiny-classifier").wait(timeout=60)
     assert status.state == "failed" and "every item failed" in status.error
