@@ -99,6 +99,10 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
         *grpc_options(max_message_bytes),
         ("grpc.service_config", SERVICE_CONFIG),
         ("grpc.dns_min_time_between_resolutions_ms", DNS_MIN_RESOLUTION_INTERVAL_MS),
+        # A stage that restarts is reached again within a second of serving (gRPC's default
+        # backoff grows to two minutes; until it reconnects, calls fail with UNAVAILABLE).
+        ("grpc.initial_reconnect_backoff_ms", 100),
+        ("grpc.max_reconnect_backoff_ms", 1_000),
     ]
 
 

@@ -185,30 +185,30 @@ def free_port() -> int:
 
 def check_redis(url: str) -> None:
     """Fail early, and say how to fix it, when Redis is not reachable."""
-    parsed = urlparse(url)
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or 6379
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-    except OSError:
-        raise ClusterError(
-            f"Redis is not reachable at {host}:{port} (FMSERVE_REDIS_URL={url}).\n"
-            "Start one with:  redis-server --daemonize yes --bind 127.0.0.1 --port 6379 "
-            '--save "" --appendonly no\n'
-            "or point FMSERVE_REDIS_URL at yours."
-        ) from None
+    _check_reachable(
+        "Redis",
+        url,
+        6379,
+        "FMSERVE_REDIS_URL",
+        'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
+    )
 
 
 def check_amqp(url: str) -> None:
     """Fail early, and say how to fix it, when RabbitMQ is not reachable (the job path needs it)."""
+    _check_reachable("RabbitMQ", url, 5672, "FMSERVE_AMQP_URL", "rabbitmq-server -detached")
+
+
+def _check_reachable(name: str, url: str, default_port: int, variable: str, start: str) -> None:
     parsed = urlparse(url)
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or 5672
+    host, port = parsed.hostname or "127.0.0.1", parsed.port or default_port
     try:
         socket.create_connection((host, port), timeout=2).close()
     except OSError:
+        # Only host and port: the URL may hold a password.
         raise ClusterError(
-            f"RabbitMQ is not reachable at {host}:{port} (FMSERVE_AMQP_URL).\n"
-            "Start one with:  rabbitmq-server -detached\n"
-            "or point FMSERVE_AMQP_URL at yours."
+            f"{name} is not reachable at {host}:{port} (from {variable}).\n"
+            f"Start one with:  {start}\nor point {variable} at yours."
         ) from None
 
 

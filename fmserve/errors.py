@@ -17,6 +17,8 @@ them into wire statuses, and the clients turn wire statuses back into them.
     └── Cancelled                     CANCELLED
 
 Retryable states get retryable codes: not-ready is UNAVAILABLE, overload RESOURCE_EXHAUSTED.
+The class name travels in the `fmserve-error` trailing metadata, so a client (or the gateway,
+for a stage's error) raises the same class the server did.
 """
 
 from __future__ import annotations
@@ -93,12 +95,23 @@ _BY_CODE: dict[grpc.StatusCode, type[FmserveError]] = {
 }
 
 
-def from_rpc_error(error: grpc.RpcError) -> FmserveError:
-    """Translate a failed call into the error tree, keeping the server's message.
+ERROR_TYPE_KEY = "fmserve-error"
 
-    Client-facing codes pass through unchanged, so a stage's INVALID_ARGUMENT reaches the
-    gateway's caller as INVALID_ARGUMENT; anything else becomes INTERNAL.
-    """
+
+def _classes(root: type[FmserveError] = FmserveError) -> dict[str, type[FmserveError]]:
+    found = {root.__name__: root}
+    for sub in root.__subclasses__():
+        found.update(_classes(sub))
+    return found
+
+
+def from_rpc_error(error: grpc.RpcError) -> FmserveError:
+    """Translate a failed call into the error tree, keeping the server's message: the class the
+    server raised when it said which (and it fits the status code), else one per code;
+    anything else becomes INTERNAL."""
     code = error.code() if hasattr(error, "code") else grpc.StatusCode.UNKNOWN
     details = error.details() if hasattr(error, "details") else str(error)
-    return _BY_CODE.get(code, FmserveError)(details or code.name)
+    trailing = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
+    named = _classes().get(str(trailing.get(ERROR_TYPE_KEY, "")))
+    cls = named if named is not None and named.code == code else _BY_CODE.get(code, FmserveError)
+    return cls(details or code.name)

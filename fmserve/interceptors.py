@@ -3,6 +3,7 @@ request ids, metrics, access logs, and the one place where errors become gRPC st
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 import uuid
@@ -14,7 +15,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fmserve import context, tracing
-from fmserve.errors import FmserveError, InvalidInput
+from fmserve.errors import ERROR_TYPE_KEY, FmserveError, InvalidInput
 from fmserve.metrics import RpcMetrics
 
 log = logging.getLogger("fmserve.rpc")
@@ -105,8 +106,8 @@ def _tolerant(deserialize: Callable[[bytes], Any] | None) -> Callable[[bytes], A
     """grpcio answers a request that fails to parse with UNKNOWN; catch it to say what it is."""
     if deserialize is None:
         return None
-    owner = getattr(deserialize, "__self__", None)
-    message_type = owner.DESCRIPTOR.full_name if hasattr(owner, "DESCRIPTOR") else "request"
+    descriptor = getattr(getattr(deserialize, "__self__", None), "DESCRIPTOR", None)
+    message_type = descriptor.full_name if descriptor is not None else "request"
 
     def parse(data: bytes) -> Any:
         try:
@@ -161,6 +162,9 @@ class _CallScope:
         try:
             _check_decoded(request)
             return await behavior(request, self.context)
+        except asyncio.CancelledError:
+            self.code = "CANCELLED"  # the caller went away or its deadline passed
+            raise
         except Exception as exc:  # every failure reaches the wire here, and only here
             await self._abort(exc)
 
@@ -169,6 +173,9 @@ class _CallScope:
             _check_decoded(request)
             async for reply in behavior(request, self.context):
                 yield reply
+        except asyncio.CancelledError:
+            self.code = "CANCELLED"
+            raise
         except Exception as exc:
             await self._abort(exc)
 
@@ -176,13 +183,15 @@ class _CallScope:
         if isinstance(exc, grpc.aio.AbortError):
             self.code = (self.context.code() or grpc.StatusCode.UNKNOWN).name
             raise exc
+        trailing = [(REQUEST_ID_KEY, self.request_id)]
         if isinstance(exc, FmserveError) and type(exc) is not FmserveError:
             code, message = exc.code, exc.message
+            trailing.append((ERROR_TYPE_KEY, type(exc).__name__))
         else:
             log.exception("unexpected error in %s", self.method)
             code = grpc.StatusCode.INTERNAL
             message = f"internal error; quote request id {self.request_id} when reporting it"
         self.code = code.name
         tracing.mark_failed(self.span, exc)
-        self.context.set_trailing_metadata(((REQUEST_ID_KEY, self.request_id),))
+        self.context.set_trailing_metadata(tuple(trailing))
         await self.context.abort(code, message)

@@ -43,6 +43,15 @@ class _Item:
     """The trace of the request that brought this text, which its batch's span links to."""
 
 
+@dataclass
+class _Flight:
+    """One text being computed for one route, and how many callers wait for it."""
+
+    item: _Item
+    future: asyncio.Future[common_pb2.Result]
+    callers: int = 0
+
+
 class Pipeline:
     """Owns one batcher per route and the table of texts in flight."""
 
@@ -54,40 +63,53 @@ class Pipeline:
             max_queue_size=settings.max_queue_size,
         )
         self._batchers: dict[Route, Batcher[_Item, common_pb2.Result]] = {}
-        self._in_flight: dict[tuple[Route, str], asyncio.Future[common_pb2.Result]] = {}
+        self._in_flight: dict[tuple[Route, str], _Flight] = {}
 
     async def run(
         self, route: Route, texts: Sequence[str], deadline: float
     ) -> list[common_pb2.Result]:
         """One result per text, in order; raises the first text's error if any failed."""
-        flights = [self._flight(route, text, deadline) for text in texts]
-        left = deadline - time.monotonic()
+        flights = [self._join(route, text, deadline) for text in texts]
         try:
-            return list(await asyncio.wait_for(asyncio.gather(*map(asyncio.shield, flights)), left))
+            waits = asyncio.gather(*(asyncio.shield(f.future) for f in flights))
+            return list(await asyncio.wait_for(waits, deadline - time.monotonic()))
         except TimeoutError:
             raise DeadlineExceeded("the deadline expired before the model answered") from None
+        finally:
+            for flight in flights:
+                self._leave(flight)
 
-    def _flight(
-        self, route: Route, text: str, deadline: float
-    ) -> asyncio.Future[common_pb2.Result]:
+    def _join(self, route: Route, text: str, deadline: float) -> _Flight:
+        """The flight computing `text` for `route`: a new one, or the one already under way,
+        whose deadline a caller with more time left extends."""
         key = (route, text)
         flight = self._in_flight.get(key)
         if flight is None:
-            flight = asyncio.ensure_future(self._batcher(route).submit(_Item(text, deadline)))
+            item = _Item(text, deadline)
+            flight = _Flight(item, asyncio.ensure_future(self._batcher(route).submit(item)))
             self._in_flight[key] = flight
-            flight.add_done_callback(lambda f: self._landed(key, f))
+            flight.future.add_done_callback(lambda _: self._landed(key, flight))
+        else:
+            flight.item.deadline = max(flight.item.deadline, deadline)
+        flight.callers += 1
         return flight
 
-    def _landed(self, key: tuple[Route, str], flight: asyncio.Future[common_pb2.Result]) -> None:
-        self._in_flight.pop(key, None)
-        if not flight.cancelled():
-            flight.exception()  # retrieved here, so a flight nobody awaits any more logs nothing
+    def _leave(self, flight: _Flight) -> None:
+        flight.callers -= 1
+        if flight.callers == 0 and not flight.future.done():
+            flight.future.cancel()  # nobody waits for it: dropped before compute if still queued
+
+    def _landed(self, key: tuple[Route, str], flight: _Flight) -> None:
+        if self._in_flight.get(key) is flight:
+            del self._in_flight[key]
+        if not flight.future.cancelled():
+            flight.future.exception()  # retrieved, so a failure nobody awaits logs nothing
 
     def _batcher(self, route: Route) -> Batcher[_Item, common_pb2.Result]:
         batcher = self._batchers.get(route)
         if batcher is None:
 
-            async def handler(items: list[_Item]) -> list[common_pb2.Result | BaseException]:
+            async def handler(items: list[_Item]) -> Sequence[common_pb2.Result | BaseException]:
                 return await self._run_batch(route, items)
 
             def observe(size: int, delays: list[float]) -> None:
@@ -101,7 +123,7 @@ class Pipeline:
 
     async def _run_batch(
         self, route: Route, items: list[_Item]
-    ) -> list[common_pb2.Result | BaseException]:
+    ) -> Sequence[common_pb2.Result | BaseException]:
         # A batch runs in a task of its own: it carries its first request's id and trace
         # (downstream logs and spans name it) and links to the other requests' traces.
         context.request_id.set(items[0].request_id)
@@ -111,7 +133,7 @@ class Pipeline:
 
     async def _run_items(
         self, route: Route, items: list[_Item]
-    ) -> list[common_pb2.Result | BaseException]:
+    ) -> Sequence[common_pb2.Result | BaseException]:
         deadline = max(item.deadline for item in items)
         try:
             return await self._through_stages(route, [item.text for item in items], deadline)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 
-from fmserve.errors import InvalidInput, TooLarge, WrongTask
-from fmserve.repository import ModelConfig, ModelRepository, TaskName
+from fmserve.errors import InvalidInput, TooLarge, Unavailable, WrongTask
+from fmserve.repository import ConfigError, ModelConfig, ModelRepository, TaskName
+
+log = logging.getLogger("fmserve.gateway.routes")
 
 
 @dataclass(frozen=True)
@@ -32,7 +35,7 @@ class Router:
     ) -> Route:
         if not model:
             raise InvalidInput("model is required; `fmserve models` lists the models served")
-        config = self.repository.get(model)
+        config = self._config(model)
         if task is not None and task is not config.task:
             raise WrongTask(f"model {model!r} does {config.task.value}, not {task.value}")
         if top_k < 0:
@@ -57,4 +60,21 @@ class Router:
                 )
 
     def models(self) -> list[ModelConfig]:
-        return self.repository.list()
+        """Every usable model; one with a broken model.toml is left out (and logged)."""
+        usable = []
+        for name in self.repository.names():
+            try:
+                usable.append(self._config(name))
+            except Unavailable:
+                continue
+        return usable
+
+    def _config(self, name: str) -> ModelConfig:
+        try:
+            return self.repository.get(name)
+        except ConfigError as exc:
+            log.error("model %r has an unusable model.toml: %s", name, exc)
+            raise Unavailable(
+                f"model {name!r} cannot be served: its model.toml is invalid (the operator's "
+                "log says why)"
+            ) from exc

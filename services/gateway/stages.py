@@ -3,6 +3,7 @@ sees their gRPC (and tritonclient) errors, and translates them into fmserve erro
 
 from __future__ import annotations
 
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -26,6 +27,8 @@ from fmserve.v1 import (
 from services.gateway.routes import Route
 from services.gateway.settings import GatewaySettings
 
+log = logging.getLogger("fmserve.gateway.stages")
+
 TASK_TO_WIRE = {
     TaskName.EMBEDDING: common_pb2.TASK_EMBEDDING,
     TaskName.TEXT_CLASSIFICATION: common_pb2.TASK_TEXT_CLASSIFICATION,
@@ -34,25 +37,34 @@ TASK_TO_WIRE = {
 OUTPUT_NAME = {TaskName.EMBEDDING: "embeddings"}  # every other task answers "logits"
 
 
+# Only preprocess judges what a client sent; an INVALID_ARGUMENT from a later stage means the
+# gateway sent it something wrong: a server fault, not the client's.
+_JUDGES_INPUT = {"preprocess"}
+
+
 @asynccontextmanager
 async def _translated(stage: str) -> AsyncIterator[None]:
     """Turn a stage's failure into an fmserve error that names the stage, not its address."""
     try:
         yield
     except grpc.aio.AioRpcError as exc:
-        raise _stage_error(stage, exc.code(), exc.details() or "") from None
+        raise _stage_error(stage, exc) from None
     except InferenceServerException as exc:
         code = grpc.StatusCode[str(exc.status() or "StatusCode.UNKNOWN").split(".")[-1]]
-        raise _stage_error(stage, code, exc.message() or "") from None
+        error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), exc.message())
+        raise _stage_error(stage, error) from None
 
 
-def _stage_error(stage: str, code: grpc.StatusCode, details: str) -> FmserveError:
+def _stage_error(stage: str, exc: grpc.aio.AioRpcError) -> FmserveError:
+    code = exc.code()
     if code is grpc.StatusCode.UNAVAILABLE:
         return Unavailable(f"the {stage} stage is unavailable; retry shortly")
     if code is grpc.StatusCode.DEADLINE_EXCEEDED:
         return DeadlineExceeded(f"the deadline expired while waiting for the {stage} stage")
-    error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
-    return from_rpc_error(error)
+    if code is grpc.StatusCode.INVALID_ARGUMENT and stage not in _JUDGES_INPUT:
+        log.error("the %s stage refused what the gateway sent: %s", stage, exc.details())
+        return FmserveError(f"the {stage} stage refused the gateway's request")
+    return from_rpc_error(exc)
 
 
 class StageClients:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -16,7 +17,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fmserve import AsyncClient, Client
 from fmserve.cluster import Cluster
-from fmserve.errors import InvalidInput, NotFound, Overloaded, Unavailable
+from fmserve.errors import (
+    InputTooLong,
+    InvalidInput,
+    ModelNotFound,
+    TooLarge,
+    Unavailable,
+    WrongTask,
+)
 from fmserve.repository import ModelRepository
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc
 from tests import reference
@@ -24,6 +32,7 @@ from tests.e2e.conftest import MAX_ITEMS, MAX_MESSAGE_BYTES
 
 pytestmark = pytest.mark.e2e
 
+BATCHERS = ("gateway", "inference")
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",
     "Serving models on your own machines.",
@@ -122,7 +131,7 @@ def test_cache_keys_include_the_version(client: Client) -> None:
 
 def test_truncate_option_accepts_long_texts(client: Client) -> None:
     long_text = "word " * 400
-    with pytest.raises(InvalidInput, match="truncate"):
+    with pytest.raises(InputTooLong, match="truncate"):
         client.embed([long_text])
     assert client.embed([long_text], truncate=True).shape == (1, 384)
 
@@ -130,12 +139,12 @@ def test_truncate_option_accepts_long_texts(client: Client) -> None:
 @pytest.mark.parametrize(
     ("call", "error", "message"),
     [
-        (lambda c: c.embed(["x"], model="no-such-model"), NotFound, "minilm-embed"),
-        (lambda c: c.infer(["x"], "tiny-classifier", version="9"), NotFound, "version"),
-        (lambda c: c.embed(["x"], model="tiny-classifier"), InvalidInput, "text-classification"),
+        (lambda c: c.embed(["x"], model="no-such-model"), ModelNotFound, "minilm-embed"),
+        (lambda c: c.infer(["x"], "tiny-classifier", version="9"), ModelNotFound, "version"),
+        (lambda c: c.embed(["x"], model="tiny-classifier"), WrongTask, "text-classification"),
         (lambda c: c.embed([]), InvalidInput, "empty"),
         (lambda c: c.embed(["ok", "  "]), InvalidInput, r"texts\[1\]"),
-        (lambda c: c.embed(["x"] * (MAX_ITEMS + 1)), Overloaded, str(MAX_ITEMS)),
+        (lambda c: c.embed(["x"] * (MAX_ITEMS + 1)), TooLarge, str(MAX_ITEMS)),
         (lambda c: c.infer(["x"], ""), InvalidInput, "model is required"),
         (lambda c: c.classify(["x"], "tiny-classifier", top_k=-1), InvalidInput, "top_k"),
     ],
@@ -165,10 +174,31 @@ def test_raw_grpc_bad_payloads(gateway_address: str) -> None:
         assert len(ok.results) == 1
 
 
-async def test_concurrent_requests_are_batched_and_each_answered(gateway_address: str) -> None:
+def _histogram(cluster: Cluster, service: str, name: str, model: str) -> tuple[float, float]:
+    """(count, sum) of a histogram scraped from a service's /metrics."""
+    port = cluster.replicas_of[service][0].metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    values = {}
+    for suffix in ("count", "sum"):
+        line = next(
+            x for x in text.splitlines() if x.startswith(f'{name}_{suffix}{{model="{model}"')
+        )
+        values[suffix] = float(line.rsplit(" ", 1)[1])
+    return values["count"], values["sum"]
+
+
+async def test_concurrent_requests_are_batched_and_each_answered(cluster: Cluster) -> None:
     texts = [unique(f"sentence number {i}") for i in range(32)]
-    async with AsyncClient(gateway_address) as client:
+    before = {
+        s: _histogram(cluster, s, f"fmserve_{s}_batch_size", "minilm-embed") for s in BATCHERS
+    }
+    async with AsyncClient(cluster.address("gateway")) as client:
         answers = await asyncio.gather(*(client.embed([t], cache="bypass") for t in texts))
+    after = {s: _histogram(cluster, s, f"fmserve_{s}_batch_size", "minilm-embed") for s in BATCHERS}
+    for service in BATCHERS:
+        batches, sequences = (a - b for a, b in zip(after[service], before[service], strict=True))
+        assert sequences == 32 and batches < 32, (service, batches)  # some were grouped
+    async with AsyncClient(cluster.address("gateway")) as client:
         together = await client.embed(texts, cache="bypass")
     single = np.concatenate(answers)
     assert (single * together).sum(axis=1).min() >= 0.999
@@ -234,8 +264,20 @@ def test_killed_stage_gives_unavailable_then_recovers(cluster: Cluster, client: 
     assert time.monotonic() - started < 10
     cluster.supervise_once()
     cluster.wait_healthy(postprocess, time.monotonic() + 60)
-    assert client.embed([unique("after restart")]).shape == (1, 384)
+    assert _serves_within(client, seconds=3), "the gateway did not reach the restarted stage"
     assert postprocess.restarts == restarts + 1
+
+
+def _serves_within(client: Client, seconds: float) -> bool:
+    """The gateway reconnects to a restarted stage within its reconnect backoff (1 s)."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return client.embed([unique("after restart")]).shape == (1, 384)
+        except Unavailable:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.1)
 
 
 def _files(repository: Path, model: str) -> Path:

@@ -13,7 +13,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from fmserve.errors import InvalidInput, ModelNotFound, TooLarge, WrongTask
+from fmserve.errors import InvalidInput, ModelNotFound, TooLarge, Unavailable, WrongTask
 from fmserve.repository import ModelRepository, TaskName
 from services.gateway.cache_keys import cache_key
 from services.gateway.routes import Route, Router
@@ -165,3 +165,13 @@ def test_cache_key_names_model_and_version_but_not_the_text() -> None:
     assert "sentiment" in key
     assert ":2:" in key
     assert "private" not in key
+
+
+def test_a_broken_model_toml_is_unavailable_and_left_out_of_the_list(tmp_path: Path) -> None:
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "model.toml").write_text('task = "translation"\n')
+    router = Router(ModelRepository(tmp_path), max_items=8, max_text_chars=100)
+    with pytest.raises(Unavailable, match="model 'broken' cannot be served") as caught:
+        router.route("broken", "", None, False, 0)
+    assert str(tmp_path) not in caught.value.message
+    assert router.models() == []
