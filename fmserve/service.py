@@ -14,7 +14,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fmserve import tracing
+from fmserve import logs, tracing
 from fmserve.interceptors import ServiceInterceptor
 from fmserve.metrics import RpcMetrics, serve_metrics
 from fmserve.settings import ServiceSettings
@@ -111,6 +111,14 @@ class Service:
     async def _set_health(self, status: int) -> None:
         for name in ["", *(s.name for s in self.servicers)]:
             await self._health.set(name, status)
+
+
+def main(settings: ServiceSettings, build: Callable[[Any], Service], name: str) -> None:
+    """A service process's life: JSON logs, its settings logged once, then serve until
+    SIGTERM or SIGINT and stop gracefully. Every service's `__main__` ends here."""
+    logs.configure(name, settings.log_level, settings.log_format)
+    log.info("settings", extra={"service": name, "settings": settings.model_dump(mode="json")})
+    asyncio.run(run_until_signalled(build(settings)))
 
 
 async def run_until_signalled(service: Service) -> None:

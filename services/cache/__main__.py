@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-from fmserve import logs
-from fmserve.service import Service, run_until_signalled
+from fmserve import service
+from fmserve.service import Service
 from services.cache.cache import ResultCache
 from services.cache.job_store import RedisJobStore
 from services.cache.jobs import JobBook
 from services.cache.server import servicer
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
-
-log = logging.getLogger("fmserve.cache")
 
 
 def build(settings: CacheSettings) -> Service:
@@ -26,10 +21,7 @@ def build(settings: CacheSettings) -> Service:
 
 
 def main() -> None:
-    settings = CacheSettings()
-    logs.configure("cache", settings.log_level, settings.log_format)
-    log.info("settings", extra={"settings": settings.model_dump(mode="json")})
-    asyncio.run(run_until_signalled(build(settings)))
+    service.main(CacheSettings(), build, "cache")
 
 
 if __name__ == "__main__":

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-from fmserve import logs
+from fmserve import service
 from fmserve.jobs import JobRecords
 from fmserve.messaging import Broker, Topology
 from fmserve.repository import ModelRepository
-from fmserve.service import Resource, Service, Servicer, run_until_signalled
+from fmserve.service import Resource, Service, Servicer
 from fmserve.v1 import gateway_pb2_grpc
 from services.gateway.gateway import Gateway
 from services.gateway.jobs import Jobs
@@ -19,8 +16,6 @@ from services.gateway.routes import Router
 from services.gateway.server import GatewayServicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.stages import StageClients
-
-log = logging.getLogger("fmserve.gateway")
 
 
 def build(settings: GatewaySettings) -> Service:
@@ -49,10 +44,7 @@ def build(settings: GatewaySettings) -> Service:
 
 
 def main() -> None:
-    settings = GatewaySettings()
-    logs.configure("gateway", settings.log_level, settings.log_format)
-    log.info("settings", extra={"settings": settings.model_dump(mode="json")})
-    asyncio.run(run_until_signalled(build(settings)))
+    service.main(GatewaySettings(), build, "gateway")
 
 
 if __name__ == "__main__":

@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import asyncio
 import os
 
-from fmserve import logs
-from fmserve.service import Service, Servicer, run_until_signalled
+from fmserve import service
+from fmserve.service import Service, Servicer
 from services.inference.settings import InferenceSettings
 
 
@@ -44,8 +43,7 @@ def main() -> None:
     # kept a core busy (REFERENCE.md).
     os.environ["OMP_WAIT_POLICY"] = settings.omp_wait_policy
     os.environ["OMP_NUM_THREADS"] = str(settings.torch_threads)
-    logs.configure("inference", settings.log_level, settings.log_format)
-    asyncio.run(run_until_signalled(build(settings)))
+    service.main(settings, build, "inference")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-from fmserve import logs
+from fmserve import service
 from fmserve.repository import ModelRepository
-from fmserve.service import Service, run_until_signalled
+from fmserve.service import Service
 from services.postprocess.postprocessor import Postprocessor
 from services.postprocess.server import servicer
 from services.postprocess.settings import PostprocessSettings
 from services.postprocess.worker import worker_resources
-
-log = logging.getLogger("fmserve.postprocess")
 
 
 def build(settings: PostprocessSettings) -> Service:
@@ -26,10 +21,7 @@ def build(settings: PostprocessSettings) -> Service:
 
 
 def main() -> None:
-    settings = PostprocessSettings()
-    logs.configure("postprocess", settings.log_level, settings.log_format)
-    log.info("settings", extra={"settings": settings.model_dump(mode="json")})
-    asyncio.run(run_until_signalled(build(settings)))
+    service.main(PostprocessSettings(), build, "postprocess")
 
 
 if __name__ == "__main__":

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
-import logging
-
-from fmserve import logs
+from fmserve import service
 from fmserve.repository import ModelRepository
-from fmserve.service import Service, run_until_signalled
+from fmserve.service import Service
 from services.preprocess.server import servicer
 from services.preprocess.settings import PreprocessSettings
 from services.preprocess.tokenizers import Tokenizers
 from services.preprocess.worker import worker_resources
-
-log = logging.getLogger("fmserve.preprocess")
 
 
 def build(settings: PreprocessSettings) -> Service:
@@ -26,10 +21,7 @@ def build(settings: PreprocessSettings) -> Service:
 
 
 def main() -> None:
-    settings = PreprocessSettings()
-    logs.configure("preprocess", settings.log_level, settings.log_format)
-    log.info("settings", extra={"settings": settings.model_dump(mode="json")})
-    asyncio.run(run_until_signalled(build(settings)))
+    service.main(PreprocessSettings(), build, "preprocess")
 
 
 if __name__ == "__main__":
