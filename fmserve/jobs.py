@@ -6,16 +6,18 @@ A stage worker, per message (one chunk of a job's items):
     1. drop it (ack) when its job is no longer QUEUED or RUNNING: cancelled, expired, failed,
        or unknown (its record gone after retention);
     2. run the stage on the whole chunk; when that fails with an error of the items
-       (InvalidInput, NotFound, ...: not a transient one), run it item by item, so one bad item
-       fails alone, with its error;
+       (ITEM_ERRORS: InvalidInput, NotFound and their kinds), run it item by item, so one bad
+       item fails alone, with its error;
     3. publish what succeeded to the next stage (confirmed), or at the last stage record the
        results, and record the failed items, in the cache service;
     4. only then ack (messaging.Consumer acks when the handler returns).
-A chunk that fails unexpectedly (not with an fmserve error) goes back to the first stage item
-by item, so that an item that crashes a stage is dead-lettered alone and its siblings live.
-Transient failures (Unavailable, Overloaded) raise out of the handler, which the consumer
-retries without spending a delivery; anything unexpected spends one, and past the delivery
-limit RabbitMQ dead-letters the message (`DeadLetters` then fails its items).
+Any other error is not the items' fault, and never becomes their answer (its message may name
+server internals). A chunk that fails so goes back to the first stage item by item, so that an
+item that crashes a stage is dead-lettered alone and its siblings live. Transient failures
+(fmserve.messaging.TRANSIENT: Unavailable, Overloaded, DeadlineExceeded) raise out of the
+handler, which the consumer holds and retries without spending a delivery, for a bounded time;
+anything else spends one, and a message that fails on every delivery is dead-lettered by
+RabbitMQ (`DeadLetters` then fails its items).
 """
 
 from __future__ import annotations
@@ -31,16 +33,17 @@ from google.protobuf.message import DecodeError
 from prometheus_client import Counter, Histogram
 
 from fmserve.channels import open_channel
+from fmserve.context import remaining_s
 from fmserve.errors import (
     DeadlineExceeded,
     FmserveError,
+    InvalidInput,
     JobNotFound,
     NotFound,
-    Overloaded,
     Unavailable,
     from_rpc_error,
 )
-from fmserve.messaging import LEVELS, Broker, Consumer, Delivery, Topology
+from fmserve.messaging import LEVELS, TRANSIENT, Broker, Consumer, Delivery, Topology
 from fmserve.v1 import cache_pb2, cache_pb2_grpc, common_pb2, jobs_pb2
 
 ACTIVE = (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING)
@@ -56,8 +59,9 @@ LEVEL_OF: dict[int, str] = {
     jobs_pb2.JOB_PRIORITY_LOW: "low",
 }
 NEXT_STAGE = {"preprocess": "inference", "inference": "postprocess", "postprocess": ""}
-# Errors that say nothing about the items: retry the message later, spending no delivery.
-TRANSIENT = (Unavailable, Overloaded, DeadlineExceeded)
+# Errors that belong to the items themselves (a text too long or empty, a model that does not
+# exist): each item is answered with its error. Anything else is the server's problem.
+ITEM_ERRORS: tuple[type[FmserveError], ...] = (InvalidInput, NotFound)
 CALL_TIMEOUT_S = 10.0
 
 log = logging.getLogger("fmserve.jobs")
@@ -121,14 +125,19 @@ class JobRecords:
         return list(reply.jobs)
 
     async def _call(self, method: str, request: object) -> Any:
+        # What is left of the caller's deadline (the gateway's SubmitJob, GetJob...), at most
+        # CALL_TIMEOUT_S; stage workers have no caller, so theirs is CALL_TIMEOUT_S.
+        timeout = remaining_s(CALL_TIMEOUT_S)
         try:
-            return await getattr(self._stub, method)(request, timeout=CALL_TIMEOUT_S)
+            return await getattr(self._stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc) from None
+            raise _translate(exc, callers_deadline=timeout < CALL_TIMEOUT_S) from None
 
 
-def _translate(exc: grpc.aio.AioRpcError) -> FmserveError:
+def _translate(exc: grpc.aio.AioRpcError, callers_deadline: bool = False) -> FmserveError:
     code = exc.code()
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED and callers_deadline:
+        return DeadlineExceeded("the deadline expired while waiting for the job records")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable("the cache service (job records) is unavailable; retry shortly")
     error = from_rpc_error(exc)
@@ -216,6 +225,7 @@ class StageWorker:
         prefetch: int = 4,
         concurrency: int = 2,
         grace_s: float = 10.0,
+        transient_hold_s: float = 30.0,
     ) -> None:
         self.stage = stage
         self.run = run
@@ -224,7 +234,9 @@ class StageWorker:
         self.records = records
         self.states = states
         queues = broker.topology.queues(stage)
-        self.consumer = Consumer(broker, queues, self.handle, stage, prefetch, concurrency, grace_s)
+        self.consumer = Consumer(
+            broker, queues, self.handle, stage, prefetch, concurrency, grace_s, transient_hold_s
+        )
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -243,7 +255,7 @@ class StageWorker:
             outcome = await self.work(chunk)
         except TRANSIENT:
             raise
-        except Exception:
+        except Exception:  # not the items' fault (see the module docstring)
             if len(chunk.indexes) < 2:
                 raise  # spends a delivery; past the limit the item is dead-lettered
             await self._isolate(chunk, level)
@@ -274,12 +286,11 @@ class StageWorker:
         ITEMS.labels(self.stage, "isolated").inc(len(chunk.indexes))
 
     async def work(self, chunk: jobs_pb2.JobChunk) -> Outcome:
-        """The whole chunk at once; item by item when the chunk fails for its items."""
+        """The whole chunk at once; item by item when the chunk fails for its items (an
+        ITEM_ERRORS error). Any other error propagates."""
         try:
             return self._outcome(chunk, await self.run(chunk))
-        except TRANSIENT:
-            raise
-        except FmserveError as exc:
+        except ITEM_ERRORS as exc:
             if len(chunk.indexes) == 1 or self.split is None:
                 return Outcome([], [], [failure(i, exc) for i in chunk.indexes])
         total = Outcome([], [], [])
@@ -312,11 +323,24 @@ class DeadLetters:
     deliveries is recorded FAILED (items answered before keep their answer: recording is
     idempotent). Runs in one service (postprocess); a message that names no job is logged."""
 
-    def __init__(self, broker: Broker, records: JobRecords, grace_s: float = 10.0) -> None:
+    def __init__(
+        self,
+        broker: Broker,
+        records: JobRecords,
+        grace_s: float = 10.0,
+        transient_hold_s: float = 30.0,
+    ) -> None:
         self.broker = broker
         self.records = records
         queues = [broker.topology.dead_letter]
-        self.consumer = Consumer(broker, queues, self.handle, "dead-letter", grace_s=grace_s)
+        self.consumer = Consumer(
+            broker,
+            queues,
+            self.handle,
+            "dead-letter",
+            grace_s=grace_s,
+            transient_hold_s=transient_hold_s,
+        )
 
     async def start(self) -> None:
         await self.consumer.start()
@@ -332,9 +356,9 @@ class DeadLetters:
             log.error("dropped an unreadable dead-lettered message", extra={"bytes": size})
             return
         stage = self.broker.topology.stage_of(delivery.dead_letter_queue) or "a"
-        limit = self.broker.topology.delivery_limit
+        deliveries = self.broker.topology.max_deliveries
         message = (
-            f"dropped after {limit} deliveries: the {stage} stage failed on this item "
+            f"dropped after {deliveries} deliveries: the {stage} stage failed on this item "
             "every time (its log has the details)"
         )
         failed = [failure(i, message) for i in chunk.indexes]
@@ -377,8 +401,10 @@ def stage_resources(
         settings.worker_prefetch,
         settings.worker_concurrency,
         settings.grace_period_s,
+        settings.worker_transient_hold_s,
     )
     resources: list[Any] = [records, broker, worker]
     if dead_letters:
-        resources.append(DeadLetters(broker, records, settings.grace_period_s))
+        hold_s = settings.worker_transient_hold_s
+        resources.append(DeadLetters(broker, records, settings.grace_period_s, hold_s))
     return resources

@@ -20,11 +20,21 @@ gathered as they arrive, never awaited one by one.
 
 Consuming uses manual acks and a bounded prefetch per queue. `Consumer` owns ack/nack, retries,
 redelivery counts and metrics; a handler only does the work:
-    - returns            → ack
-    - raises Unavailable → the message stays unacked and the handler is retried after a pause
-                           (a store or broker hiccup must not burn the message's deliveries)
-    - raises other       → nack with requeue: one delivery spent; past the limit RabbitMQ
-                           dead-letters it
+    - returns             → ack
+    - raises TRANSIENT    → (Unavailable, Overloaded, DeadlineExceeded: a store or broker hiccup,
+                            a model not ready, a full batcher) the message stays unacked and the
+                            handler is retried with backoff, spending no delivery; the concurrency
+                            slot is given up during each pause. The hold is bounded
+                            (`transient_hold_s`): an error that does not pass (a model whose files
+                            are broken raises Unavailable every time) then counts like any other
+    - raises other        → nack with requeue: one delivery spent
+
+Delivery limit: a quorum queue's x-delivery-limit N counts *re*deliveries, so RabbitMQ delivers a
+message N + 1 times (`Topology.max_deliveries`) and dead-letters it when the last one fails.
+
+Failures a person must fix (a queue declared before with other arguments, a queue that is
+missing) are logged at ERROR, saying what to do, and retried: a service never sits SERVING
+while consuming nothing in silence.
 """
 
 from __future__ import annotations
@@ -51,7 +61,7 @@ from aio_pika.abc import (
 from prometheus_client import Counter, Gauge, Histogram
 
 from fmserve import tracing
-from fmserve.errors import Unavailable
+from fmserve.errors import DeadlineExceeded, FmserveError, Overloaded, Unavailable
 from fmserve.metrics import LATENCY_BUCKETS
 
 log = logging.getLogger("fmserve.messaging")
@@ -63,8 +73,16 @@ LEVELS = ("high", "normal", "low")
 # Reconnection: how often a service that never reached RabbitMQ tries again; the robust
 # connection then handles later drops on its own, at the same interval.
 RECONNECT_INTERVAL_S = 1.0
+# Retries of what a person must fix (arguments that differ, a missing queue) back off to this.
+MAX_RECONNECT_INTERVAL_S = 30.0
 RETRY_PAUSE_S = 0.5
+MAX_RETRY_PAUSE_S = 5.0
 DEPTH_EVERY_S = 5.0
+
+# Errors that say nothing about the message itself: the consumer holds the message and retries
+# it without spending a delivery (see the module docstring). Defined here, the lower layer, so
+# that fmserve.jobs and the consumer agree by construction.
+TRANSIENT: tuple[type[FmserveError], ...] = (Unavailable, Overloaded, DeadlineExceeded)
 
 CONSUMED = Counter(
     "fmserve_queue_messages_consumed_total", "Messages taken from a queue, by stage.", ["stage"]
@@ -81,7 +99,8 @@ REDELIVERED = Counter(
 )
 DEAD_LETTERED = Counter(
     "fmserve_queue_messages_dead_lettered_total",
-    "Messages that failed on their last allowed delivery (RabbitMQ dead-letters them), by stage.",
+    "Messages that failed on their last delivery (delivery limit + 1: RabbitMQ dead-letters "
+    "them), by stage.",
     ["stage"],
 )
 OUTCOMES = Counter(
@@ -108,6 +127,7 @@ class Topology:
 
     prefix: str = "fmserve."
     delivery_limit: int = 5
+    """The queues' x-delivery-limit: how many times a message is *re*delivered."""
 
     def queue(self, stage: str, level: str = "normal") -> str:
         return f"{self.prefix}{stage}.{level}"
@@ -118,6 +138,12 @@ class Topology:
     @property
     def dead_letter(self) -> str:
         return f"{self.prefix}dead-letter"
+
+    @property
+    def max_deliveries(self) -> int:
+        """How many times RabbitMQ delivers a message before dead-lettering it: the first
+        delivery and `delivery_limit` redeliveries."""
+        return self.delivery_limit + 1
 
     def all_queues(self) -> list[str]:
         return [q for stage in STAGES for q in self.queues(stage)] + [self.dead_letter]
@@ -205,13 +231,32 @@ class Broker:
         return self._connection
 
     async def _connect_until_done(self) -> None:
+        pause = RECONNECT_INTERVAL_S
         while True:
             try:
                 await self._connect()
                 return
+            except aiormq.exceptions.ChannelPreconditionFailed as exc:
+                # Not transient: only a person can fix it. Said loudly, retried slowly.
+                self._refused(exc, pause)
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, MAX_RECONNECT_INTERVAL_S)
             except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
                 log.debug("RabbitMQ connect failed: %s", exc, extra=self._where())
                 await asyncio.sleep(RECONNECT_INTERVAL_S)
+
+    def _refused(self, exc: Exception, retry_in_s: float) -> None:
+        """What a mismatched FMSERVE_AMQP_DELIVERY_LIMIT (or prefix reuse) produces; RabbitMQ's
+        reply names the queue and the argument."""
+        log.error(
+            "RabbitMQ refused to declare the queues (%s): a queue of that name exists with other "
+            "arguments. Delete it (`rabbitmqctl delete_queue NAME`, which drops its messages) or "
+            "use the same FMSERVE_AMQP_DELIVERY_LIMIT it was declared with (x-delivery-limit); "
+            "retrying in %.0f s",
+            exc,
+            retry_in_s,
+            extra=self._where(),
+        )
 
     async def _connect(self) -> None:
         connection = await aio_pika.connect_robust(
@@ -219,8 +264,14 @@ class Broker:
             reconnect_interval=RECONNECT_INTERVAL_S,
             client_properties={"connection_name": f"fmserve-{self.name}"},
         )
-        channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
-        await declare(channel, self.topology)
+        try:
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            await declare(channel, self.topology)
+        except BaseException:
+            # Each attempt opens a connection: one that failed half-way must not linger.
+            with contextlib.suppress(Exception):
+                await connection.close()
+            raise
         self._connection, self._channel = connection, channel  # type: ignore[assignment]
         self._ready.set()
         log.info("connected to RabbitMQ", extra=self._where())
@@ -263,13 +314,17 @@ class Broker:
         return {"amqp": self.address}
 
 
+def _trace_context() -> aio_pika.abc.HeadersType:
+    return {**tracing.inject()}
+
+
 def _message(body: bytes) -> aio_pika.Message:
     """A persistent message carrying the publisher's trace, so the consumer's span continues it."""
     return aio_pika.Message(
         body,
         delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
         content_type="application/x-protobuf",
-        headers=tracing.inject(),
+        headers=_trace_context(),
     )
 
 
@@ -333,8 +388,9 @@ class _PriorityGate:
 
 class Consumer:
     """Consumes a set of queues (one stage's levels, or the dead-letter queue) into a handler.
-    A Resource: `start()` subscribes once the broker is connected; `stop()` stops taking
-    messages, waits up to `grace_s` for those in hand, and requeues the rest."""
+    A Resource: `start()` subscribes once the broker is connected (and keeps trying, logging
+    each failure at ERROR, until it can); `stop()` stops taking messages, waits up to `grace_s`
+    for those in hand, and requeues the rest."""
 
     def __init__(
         self,
@@ -345,6 +401,7 @@ class Consumer:
         prefetch: int = 4,
         concurrency: int = 2,
         grace_s: float = 10.0,
+        transient_hold_s: float = 30.0,
     ) -> None:
         self.broker = broker
         self.queues = list(queues)
@@ -352,28 +409,56 @@ class Consumer:
         self.stage = stage
         self.prefetch = prefetch
         self.grace_s = grace_s
+        self.transient_hold_s = transient_hold_s
         self._gate = _PriorityGate(concurrency)
         self._stopping = False
+        self._stopped = asyncio.Event()  # wakes handlers pausing between retries
         self._channel: AbstractRobustChannel | None = None
         self._subscribed: list[tuple[AbstractQueue, str]] = []
         self._in_hand: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
+        self._tag = {"stage": stage}
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._subscribe()), loop.create_task(self._watch_depth())]
+        self._tasks = [
+            loop.create_task(self._subscribe_until_done()),
+            loop.create_task(self._watch_depth()),
+        ]
+
+    async def _subscribe_until_done(self) -> None:
+        """A consumer that gave up in silence would leave its service SERVING while it consumes
+        nothing: every failure is logged at ERROR and subscribing is tried again, backing off."""
+        pause = RECONNECT_INTERVAL_S
+        while True:
+            try:
+                await self._subscribe()
+                return
+            except Exception as exc:
+                log.error(
+                    "cannot consume %s (%s); retrying in %.0f s",
+                    ", ".join(self.queues),
+                    exc.__cause__ or exc,
+                    pause,
+                    extra=self._tag,
+                    exc_info=not isinstance(exc, Unavailable),  # a bug: show where
+                )
+            await self._cancel_consumers()
+            await self._close_channel()
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, MAX_RECONNECT_INTERVAL_S)
 
     async def _subscribe(self) -> None:
         connection = await self.broker.connection()
         with translated(self.broker.address, f"consuming {self.stage}"):
             channel = await connection.channel()
+            self._channel = channel  # type: ignore[assignment]
             await channel.set_qos(prefetch_count=self.prefetch)
             for level, name in enumerate(self.queues):
                 queue = await channel.get_queue(name, ensure=True)
                 tag = await queue.consume(self._callback(level), no_ack=False)
                 self._subscribed.append((queue, tag))
-        self._channel = channel  # type: ignore[assignment]
-        log.info("consuming", extra={"stage": self.stage, "queues": self.queues})
+        log.info("consuming", extra={**self._tag, "queues": self.queues})
 
     def _callback(self, level: int) -> Callable[[AbstractIncomingMessage], Awaitable[None]]:
         async def on_message(message: AbstractIncomingMessage) -> None:
@@ -388,13 +473,9 @@ class Consumer:
         return on_message
 
     async def _take(self, message: AbstractIncomingMessage, level: int) -> None:
-        async with self._gate.slot(level):
-            if self._stopping:
-                await self._settle(message, requeue=True)
-                return
-            await self._handle(message)
-
-    async def _handle(self, message: AbstractIncomingMessage) -> None:
+        if self._stopping:
+            await self._settle(message, requeue=True)
+            return
         delivery = to_delivery(message)
         started = time.perf_counter()
         CONSUMED.labels(self.stage).inc()
@@ -402,27 +483,55 @@ class Consumer:
             REDELIVERED.labels(self.stage).inc()
         with tracing.server_span(f"{self.stage}/consume", _trace_headers(message)) as span:
             span.set_attribute("messaging.delivery_count", delivery.deliveries)
-            outcome = await self._run(delivery)
-        if outcome == "requeue" and delivery.deliveries >= self.broker.topology.delivery_limit:
+            outcome = await self._run(delivery, level)
+        if outcome == "requeue" and delivery.deliveries >= self.broker.topology.max_deliveries:
             DEAD_LETTERED.labels(self.stage).inc()
         await self._settle(message, requeue=True if outcome != "ack" else None)
         OUTCOMES.labels(self.stage, outcome).inc()
         HANDLE_DURATION.labels(self.stage).observe(time.perf_counter() - started)
 
-    async def _run(self, delivery: Delivery) -> str:
-        """ "ack" when handled; "requeue" when it failed (or the service is stopping)."""
+    async def _run(self, delivery: Delivery, level: int) -> str:
+        """ "ack" when handled; "requeue" when it failed, when transient errors outlasted
+        `transient_hold_s`, or when the service is stopping."""
+        held_since = time.monotonic()
+        pause = RETRY_PAUSE_S
         while True:
+            result = await self._attempt(delivery, level)
+            if isinstance(result, str):
+                return result
+            held_s = time.monotonic() - held_since
+            if held_s + pause > self.transient_hold_s:
+                log.error(
+                    "a message met transient errors for %.0f s (last: %s); it goes back to its "
+                    "queue, spending a delivery",
+                    held_s,
+                    result.message,
+                    extra=self._tag,
+                )
+                return "requeue"
+            await self._pause(pause, result)
+            pause = min(pause * 2, MAX_RETRY_PAUSE_S)
+
+    async def _pause(self, seconds: float, error: FmserveError) -> None:
+        OUTCOMES.labels(self.stage, "retry").inc()
+        log.warning("retrying a message in %.1f s: %s", seconds, error.message, extra=self._tag)
+        with contextlib.suppress(TimeoutError):  # stop() ends the pause early
+            await asyncio.wait_for(self._stopped.wait(), seconds)
+
+    async def _attempt(self, delivery: Delivery, level: int) -> str | FmserveError:
+        """One call of the handler in a concurrency slot: "ack", "requeue", or the transient
+        error to retry after a pause (the slot is free meanwhile, so a held message never
+        keeps the stage's other messages waiting)."""
+        async with self._gate.slot(level):
+            if self._stopping:
+                return "requeue"
             try:
                 await self.handler(delivery)
                 return "ack"
-            except Unavailable as exc:
-                if self._stopping:
-                    return "requeue"
-                OUTCOMES.labels(self.stage, "retry").inc()
-                log.warning("retrying a message: %s", exc.message, extra={"stage": self.stage})
-                await asyncio.sleep(RETRY_PAUSE_S)
+            except TRANSIENT as exc:
+                return exc
             except Exception:
-                log.exception("a message failed; it goes back to its queue")
+                log.exception("a message failed; it goes back to its queue", extra=self._tag)
                 return "requeue"
 
     async def _settle(self, message: AbstractIncomingMessage, requeue: bool | None) -> None:
@@ -444,19 +553,29 @@ class Consumer:
             await asyncio.sleep(DEPTH_EVERY_S)
 
     async def stop(self) -> None:
-        """Stop taking messages, let those in hand finish within the grace, requeue the rest."""
+        """Stop taking messages, let those in hand finish within the grace (a handler pausing
+        between retries gives its message back at once), requeue the rest, close."""
         self._stopping = True
-        for queue, tag in self._subscribed:
-            with contextlib.suppress(Exception):
-                await queue.cancel(tag)
+        self._stopped.set()
+        await self._cancel_consumers()
         if self._in_hand:
             await asyncio.wait(list(self._in_hand), timeout=self.grace_s)
         for task in [*self._tasks, *self._in_hand]:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._in_hand, return_exceptions=True)
+        await self._close_channel()
+
+    async def _cancel_consumers(self) -> None:
+        for queue, tag in self._subscribed:
+            with contextlib.suppress(Exception):
+                await queue.cancel(tag)
+        self._subscribed.clear()
+
+    async def _close_channel(self) -> None:
         if self._channel is not None:
             with contextlib.suppress(Exception):
                 await self._channel.close()
+            self._channel = None
 
 
 async def queue_depth(connection: AbstractRobustConnection, queues: Sequence[str]) -> int:

@@ -104,8 +104,9 @@ class AmqpSettings(BaseSettings):
     """Prefix of every queue and exchange name, so several clusters (or test runs) can share one
     RabbitMQ."""
     amqp_delivery_limit: PositiveInt = Field(5, validation_alias="FMSERVE_AMQP_DELIVERY_LIMIT")
-    """Deliveries of one message before it is dead-lettered (and its items marked failed).
-    Fixed when a queue is first declared: every service must agree on it."""
+    """Redeliveries of a failing message (the queues' x-delivery-limit): it is delivered this
+    many times + 1, then dead-lettered and its items marked failed. Fixed when a queue is first
+    declared: every service must agree on it (a service that does not logs an ERROR)."""
     publish_timeout_s: PositiveFloat = 10.0
     """Longest wait for RabbitMQ to confirm a publish, reconnection included, before the
     caller is told UNAVAILABLE."""
@@ -124,6 +125,11 @@ class WorkerSettings(AmqpSettings):
     delivery against every message it held (quorum queues)."""
     worker_concurrency: PositiveInt = 2
     """Chunks a stage works on at once, highest priority first."""
+    worker_transient_hold_s: PositiveFloat = 30.0
+    """How long a stage holds a message through transient errors (a store or broker down, a
+    model not ready, a full batcher), retrying it with backoff without spending a delivery;
+    after that it goes back to its queue and spends one, so an error that never passes (a model
+    whose files are broken) ends in the dead-letter queue instead of looping forever."""
     job_state_ttl_s: PositiveFloat = 1.0
     """How long a stage trusts a job's state before asking the cache service again; bounds how
     long a cancelled or expired job's items are still processed."""

@@ -3,6 +3,7 @@ turns a batch of texts into ragged numpy arrays. Library errors are translated h
 
 from __future__ import annotations
 
+import logging
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ from tokenizers import Encoding, Tokenizer
 from transformers import AutoTokenizer
 
 from fmserve.errors import FmserveError
+
+log = logging.getLogger("fmserve.preprocess")
 
 
 @dataclass(frozen=True)
@@ -47,16 +50,22 @@ class HfTokenizer:
         self._lock = threading.Lock()  # guards only the creation of truncating copies
 
     @classmethod
-    def load(cls, folder: Path) -> HfTokenizer:
-        """Load from local files only: no hub, no remote code. Blocks; call it off the loop."""
+    def load(cls, folder: Path, model: str = "this model") -> HfTokenizer:
+        """Load from local files only: no hub, no remote code. Blocks; call it off the loop.
+        `model` names it in errors (e.g. "model 'x' version 1"): they reach clients, so they
+        name the model, never the server's folders; the log has the folder and the cause."""
         try:
             tokenizer = AutoTokenizer.from_pretrained(
                 folder, local_files_only=True, trust_remote_code=False
             )
         except Exception as exc:  # any failure here means the model's files cannot be used
-            raise FmserveError(f"cannot load the tokenizer in {folder}: {exc}") from exc
+            log.exception("cannot load the tokenizer of %s from %s", model, folder)
+            raise FmserveError(
+                f"cannot load the tokenizer of {model}; the preprocess service's log says why"
+            ) from exc
         if not getattr(tokenizer, "is_fast", False):
-            raise FmserveError(f"{folder}: needs a fast tokenizer (tokenizer.json) for offsets")
+            log.error("the tokenizer of %s in %s is not a fast one", model, folder)
+            raise FmserveError(f"{model} needs a fast tokenizer (tokenizer.json) for offsets")
         return cls(tokenizer.backend_tokenizer)
 
     def encode(

@@ -83,7 +83,8 @@ class Tokenizers:
 
     async def _load(self, key: tuple[str, str], folder: Path) -> HfTokenizer:
         try:
-            tokenizer = await self._in_thread(partial(HfTokenizer.load, folder))
+            name = f"model {key[0]!r} version {key[1]}"
+            tokenizer = await self._in_thread(partial(HfTokenizer.load, folder, name))
         except BaseException:
             self._tokenizers.pop(key, None)
             TOKENIZER_LOADS.labels(key[0], "error").inc()

@@ -3,6 +3,7 @@ stops every child on SIGINT, and refuses to start without Redis, saying how to f
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import signal
@@ -10,16 +11,22 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Coroutine, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, TypeVar
 
+import aio_pika
+import aiormq
 import pytest
 
 from fmserve import Client
 from fmserve.cluster import free_port
-from tests.conftest import REDIS_URL, require_server
+from fmserve.messaging import Topology, delete_queues, queue_depth
+from tests.conftest import AMQP_URL, REDIS_URL, require_server
 
 pytestmark = pytest.mark.e2e
+T = TypeVar("T")
 
 
 def _fmserve_up(base_port: int, log_dir: Path, env: dict[str, str]) -> subprocess.Popen[str]:
@@ -85,30 +92,57 @@ def _alive(pid: int) -> bool:
 
 
 @pytest.fixture
-def up(tmp_path: Path, model_repository: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
+def up(tmp_path: Path, model_repository: Path) -> Iterator[tuple[subprocess.Popen[str], int, str]]:
     require_server("Redis", "127.0.0.1", 6379)
+    require_server("RabbitMQ", "127.0.0.1", 5672)
     base = _base_port()
+    name = f"fmserve-up-{uuid.uuid4().hex[:8]}"
     env = {
         "FMSERVE_MODEL_REPOSITORY": str(model_repository),
         "FMSERVE_REDIS_URL": f"{REDIS_URL}/13",
-        "FMSERVE_CACHE_KEY_PREFIX": f"fmserve-up-{uuid.uuid4().hex[:8]}:",
+        "FMSERVE_CACHE_KEY_PREFIX": f"{name}:",
+        "FMSERVE_AMQP_URL": AMQP_URL,
+        # Queues of its own, deleted below: the default "fmserve." ones would outlive the test
+        # on a shared RabbitMQ, and a real cluster there would share them.
+        "FMSERVE_AMQP_QUEUE_PREFIX": f"{name}.",
         "FMSERVE_INFERENCE_PRELOAD": "minilm-embed",
         "FMSERVE_INFERENCE_TORCH_THREADS": "1",
     }
     process = _fmserve_up(base, tmp_path, env)
     try:
-        yield process, base
+        yield process, base, f"{name}."
     finally:
         if process.poll() is None:
             process.kill()
         process.wait()
         if process.stdout:
             process.stdout.close()
+        _run(delete_queues(AMQP_URL, Topology(f"{name}.")))
 
 
-def test_up_serves_restarts_and_stops_cleanly(up: tuple[subprocess.Popen[str], int]) -> None:
-    process, base = up
+def _run(coroutine: Coroutine[Any, Any, T]) -> T:
+    """In a thread of its own: this thread's event loop belongs to pytest-asyncio."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
+
+
+async def _has_queues(prefix: str) -> bool:
+    """Whether every queue of the topology under `prefix` exists (passive declarations)."""
+    connection = await aio_pika.connect(AMQP_URL)
+    async with connection:
+        try:
+            await queue_depth(connection, Topology(prefix).all_queues())
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            return False
+    return True
+
+
+def test_up_serves_restarts_and_stops_cleanly(
+    up: tuple[subprocess.Popen[str], int, str],
+) -> None:
+    process, base, queue_prefix = up
     lines = _read_until(process, r"\bready\b", timeout_s=240)
+    assert _run(_has_queues(queue_prefix))  # the services declared the test's own queues
     pids = {
         m[1]: int(m[2]) for line in lines if (m := re.match(r"\s+(\w+)\s+grpc .* pid (\d+)", line))
     }

@@ -21,7 +21,7 @@ from fmserve.cli import main as cli
 from fmserve.client import Job
 from fmserve.cluster import Cluster
 from fmserve.errors import Conflict, InvalidInput, NotFound, Overloaded
-from tests.e2e.conftest import MAX_ITEMS, MAX_JOB_ITEMS
+from tests.e2e.conftest import DELIVERY_LIMIT, MAX_ITEMS, MAX_JOB_ITEMS
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -129,7 +129,8 @@ def test_an_item_that_crashes_a_stage_is_dead_lettered_alone(
     status = job.wait(timeout=90)
     assert status.state == "succeeded" and (status.done, status.failed) == (39, 1)
     items = {item.index: item for item in job.results()}
-    assert "deliveries" in items[7].error
+    # x-delivery-limit counts redeliveries: the item was tried DELIVERY_LIMIT + 1 times.
+    assert items[7].error.startswith(f"dropped after {DELIVERY_LIMIT + 1} deliveries")
     assert all(items[i].ok for i in items if i != 7)
     after = metric(
         cluster, "postprocess", "fmserve_job_items_total", stage="dead-letter", outcome="failed"

@@ -4,6 +4,7 @@ of its own), called through fmserve.jobs.JobRecords, the client the gateway and 
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -11,7 +12,8 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from fmserve.errors import Conflict, InvalidInput, JobNotFound
+from fmserve import context
+from fmserve.errors import Conflict, DeadlineExceeded, InvalidInput, JobNotFound
 from fmserve.jobs import JobRecords
 from fmserve.v1 import common_pb2, jobs_pb2
 from services.cache.__main__ import build
@@ -174,3 +176,22 @@ async def test_bad_requests_are_refused(records: JobRecords) -> None:
         await records.seal(job.id, 0)
     with pytest.raises(InvalidInput, match="limit"):
         await records.results(job.id, 0, 100_000)
+
+
+async def test_calls_end_with_the_callers_deadline() -> None:
+    # A cache service that accepted the connection and never answers: the call must give up
+    # when the caller's deadline (the gateway's client's) runs out, not after its own timeout.
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        records = JobRecords(f"127.0.0.1:{silent.getsockname()[1]}")
+        await records.start()
+        token = context.deadline.set(time.monotonic() + 0.3)
+        started = time.monotonic()
+        try:
+            with pytest.raises(DeadlineExceeded, match="deadline expired"):
+                await records.get("0" * 32)
+        finally:
+            context.deadline.reset(token)
+            await records.stop()
+    assert time.monotonic() - started < 2.0

@@ -134,7 +134,9 @@ async def test_versions_have_their_own_tokenizers(tokenizers):
     assert await tokenizers.get(config, "1") is not await tokenizers.get(config, "2")
 
 
-async def test_a_failed_load_is_reported_and_retried(tmp_path: Path):
+async def test_a_failed_load_is_reported_and_retried(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+):
     folder = tmp_path / "broken" / "1"
     folder.mkdir(parents=True)
     (folder / "config.json").write_text("{}")  # a model without tokenizer files
@@ -143,12 +145,15 @@ async def test_a_failed_load_is_reported_and_retried(tmp_path: Path):
     before = _loads("broken", "error")
     try:
         for _ in range(2):
-            with pytest.raises(FmserveError, match="cannot load the tokenizer"):
+            with pytest.raises(FmserveError, match="tokenizer of model 'broken' version 1") as e:
                 await tokenizers.tokenize("broken", "", ["hi"])
+            # The message reaches clients: it names the model, never the server's folders.
+            assert str(tmp_path) not in e.value.message
     finally:
         await tokenizers.stop()
 
     assert _loads("broken", "error") - before == 2
+    assert str(folder) in caplog.text  # the operator finds the folder in the log
 
 
 async def test_tokens_per_request_are_counted(tokenizers):

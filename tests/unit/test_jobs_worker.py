@@ -1,0 +1,84 @@
+"""fmserve.jobs.StageWorker's rule for a chunk that fails: an error of the items (InvalidInput,
+NotFound) becomes their answer, item by item where the stage can split the chunk; any other
+error propagates, so the consumer's isolation and dead-lettering handle it and no server
+message (a path, a library's text) becomes an item's answer. Pure: nothing is connected."""
+
+from __future__ import annotations
+
+import pytest
+
+from fmserve.errors import (
+    DeadlineExceeded,
+    FmserveError,
+    InvalidInput,
+    ModelNotFound,
+    Overloaded,
+    Unavailable,
+)
+from fmserve.jobs import JobRecords, JobStates, Splitter, StageRun, StageWorker, singles
+from fmserve.messaging import Broker, Topology
+from fmserve.v1 import jobs_pb2
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def worker(run: StageRun, split: Splitter = singles) -> StageWorker:
+    # Nothing here connects: work() only calls the stage.
+    records = JobRecords("127.0.0.1:1")
+    broker = Broker("amqp://guest:guest@127.0.0.1:1/", Topology("unit."), name="unit")
+    return StageWorker("preprocess", run, split, broker, records, JobStates(records))
+
+
+def chunk(*texts: str) -> jobs_pb2.JobChunk:
+    route = jobs_pb2.JobRoute(job_id="j", model="m")
+    return jobs_pb2.JobChunk(route=route, indexes=list(range(len(texts))), texts=texts)
+
+
+def failing_on(word: str, error: Exception) -> StageRun:
+    async def run(c: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
+        if word in c.texts:
+            raise error
+        return c
+
+    return run
+
+
+async def test_an_invalid_item_fails_alone_and_its_siblings_go_on() -> None:
+    run = failing_on("", InvalidInput("texts[0] is empty or only whitespace; send some text"))
+
+    outcome = await worker(run).work(chunk("a", "", "c"))
+
+    assert [c.indexes[0] for c in outcome.forward] == [0, 2]
+    assert [(f.index, f.error) for f in outcome.failed] == [
+        (1, "the text is empty or only whitespace; send some text")
+    ]
+
+
+async def test_without_a_splitter_an_item_error_answers_every_item() -> None:
+    run = failing_on("a", ModelNotFound("unknown model 'm'"))
+
+    outcome = await worker(run, split=None).work(chunk("a", "b"))
+
+    assert [(f.index, f.error) for f in outcome.failed] == [
+        (0, "unknown model 'm'"),
+        (1, "unknown model 'm'"),
+    ]
+
+
+@pytest.mark.parametrize("texts", [("a", "b", "c"), ("a",)])
+async def test_an_unexpected_error_is_never_an_items_answer(texts: tuple[str, ...]) -> None:
+    # The plain base class: a server fault (e.g. a tokenizer that cannot load), whose message
+    # may name server folders. It propagates: the caller re-queues the items one by one and a
+    # single item that keeps failing is dead-lettered.
+    run = failing_on("a", FmserveError("cannot load the tokenizer in /srv/models/m/1: boom"))
+
+    with pytest.raises(FmserveError, match="/srv/models"):
+        await worker(run).work(chunk(*texts))
+
+
+@pytest.mark.parametrize(
+    "error", [Unavailable("not ready"), Overloaded("queue full"), DeadlineExceeded("late")]
+)
+async def test_transient_errors_propagate(error: FmserveError) -> None:
+    with pytest.raises(type(error)):
+        await worker(failing_on("b", error)).work(chunk("a", "b"))
