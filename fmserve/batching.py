@@ -5,7 +5,10 @@ The contract (tests/unit/test_batching.py holds it):
   company; the next batch forms from whatever queued while `max_in_flight` batches were running.
 - A batch holds at most `max_batch_size` items and `max_batch_cost` cost (e.g. tokens); one item
   costlier than the limit still runs, alone.
-- Higher priority first: priority 0 (interactive) is always taken before 1 (background), and a
+- Higher priority first: priority 0 (interactive) is always taken before 1 (background).
+- Background work is kept short, because a running batch cannot be interrupted: the background
+  items of one batch cost at most `max_background_cost` in all (one costlier item still runs,
+  alone), which bounds how long an interactive item arriving meanwhile waits for its turn; and a
   batch that carries interactive items takes background ones only up to `background_batch_size`
   items in all, so the interactive items in it never wait long behind background work.
 - Every waiter is answered exactly once on every path: its result, its own error (the handler
@@ -50,6 +53,9 @@ class BatchLimits:
     max_in_flight: int = 1
     max_queue_size: int = 10_000
     background_batch_size: int = 4
+    """Most items in all of a batch that carries interactive items and takes background ones."""
+    max_background_cost: int | None = None
+    """Most cost of the background items in any one batch; None: only the batch limits."""
 
 
 class Batcher(Generic[I, R]):
@@ -152,9 +158,11 @@ class Batcher(Generic[I, R]):
         limits = self.limits
         if self.queued >= limits.max_batch_size:
             return True
-        if not limits.max_batch_cost:
-            return False
-        return sum(w.cost for q in self._queues.values() for w in q) >= limits.max_batch_cost
+        if _reached(sum(w.cost for q in self._queues.values() for w in q), limits.max_batch_cost):
+            return True
+        # Background items alone that already fill their budget: waiting would add none.
+        background = sum(w.cost for w in self._queues[1])
+        return not self._queues[0] and _reached(background, limits.max_background_cost)
 
     def _timer_fired(self) -> None:
         self._timer = None
@@ -166,20 +174,33 @@ class Batcher(Generic[I, R]):
                 self._queues[priority] = deque(w for w in queue if not w.future.done())
 
     def _take_batch(self) -> list[_Waiter[I, R]]:
-        limits, cost = self.limits, 0
         batch: list[_Waiter[I, R]] = []
+        cost = 0
         for priority in self.PRIORITIES:
-            queue = self._queues[priority]
-            size = limits.max_batch_size
-            if priority and batch:  # interactive items ride along: keep their batch small
-                size = min(size, limits.background_batch_size)
+            queue, spent = self._queues[priority], 0
+            size, budget = self._room(priority, bool(batch))
             while queue and len(batch) < size:
                 nxt = queue[0]
-                if batch and limits.max_batch_cost and cost + nxt.cost > limits.max_batch_cost:
+                if batch and (
+                    _passed(cost + nxt.cost, self.limits.max_batch_cost)
+                    or _passed(spent + nxt.cost, budget)
+                ):
                     return batch
                 batch.append(queue.popleft())
                 cost += nxt.cost
+                spent += nxt.cost
         return batch
+
+    def _room(self, priority: int, interactive: bool) -> tuple[int, int | None]:
+        """The most items a batch may hold once this priority's items join it, and the most cost
+        those may add (the batch's own cost limit applies too)."""
+        limits = self.limits
+        if not priority:
+            return limits.max_batch_size, None
+        size = limits.max_batch_size
+        if interactive:  # interactive items ride along: keep their batch small
+            size = min(size, limits.background_batch_size)
+        return size, limits.max_background_cost
 
     async def _run(self, batch: list[_Waiter[I, R]]) -> None:
         now = time.monotonic()
@@ -204,6 +225,15 @@ class Batcher(Generic[I, R]):
         self._tasks.discard(task)
         if not self._stopped:
             self._dispatch()
+
+
+def _passed(cost: int, limit: int | None) -> bool:
+    """Whether `cost` goes past `limit` (None or 0: no limit)."""
+    return limit is not None and 0 < limit < cost
+
+
+def _reached(cost: int, limit: int | None) -> bool:
+    return limit is not None and 0 < limit <= cost
 
 
 def _abandon(futures: list[asyncio.Future[R]]) -> None:

@@ -1,6 +1,7 @@
 """The inference stage of the asynchronous path: runs each queued chunk through the model's
 dynamic batcher (the same one sync traffic uses) at background priority, so job work fills the
-gaps and interactive requests never wait behind it; forwards the outputs to postprocess."""
+gaps, in batches paced to be short (instance.py), and interactive requests never wait long
+behind it; forwards the outputs to postprocess."""
 
 from __future__ import annotations
 

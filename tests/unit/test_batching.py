@@ -382,6 +382,58 @@ async def test_no_background_item_joins_interactive_ones_past_the_cut() -> None:
     assert handler.batches == [[0], [3, 4, 5], [1, 2]]
 
 
+async def test_background_batches_keep_to_their_cost_budget() -> None:
+    handler = GatedHandler()
+    limits = BatchLimits(max_batch_size=8, max_background_cost=10)
+    batcher = Batcher(handler, limits, cost=lambda item: item)
+    first = await busy(batcher, handler)
+    background = submit_all(batcher, [4, 5, 2, 25, 3, 3], priority=1)
+    await settle()
+    handler.open()
+    assert await asyncio.gather(*background) == [40, 50, 20, 250, 30, 30]
+    await first
+    # 4+5 fit the budget, +2 would pass it; 25 is over it on its own and runs alone.
+    assert handler.batches == [[0], [4, 5], [2], [25], [3, 3]]
+
+
+async def test_the_background_budget_leaves_interactive_items_alone() -> None:
+    handler = GatedHandler()
+    limits = BatchLimits(max_batch_size=8, background_batch_size=8, max_background_cost=3)
+    batcher = Batcher(handler, limits, cost=lambda item: item)
+    first = await busy(batcher, handler)
+    background = submit_all(batcher, [2, 2, 2], priority=1)
+    interactive = submit_all(batcher, [5, 5, 5])
+    await settle()
+    handler.open()
+    await asyncio.gather(first, *background, *interactive)
+    # Interactive items take no share of the budget; the background ones riding with them keep
+    # to it.
+    assert handler.batches == [[0], [5, 5, 5, 2], [2], [2]]
+
+
+async def test_a_background_budget_reached_does_not_wait_for_the_queue_delay() -> None:
+    handler = GatedHandler(gated=False)
+    limits = BatchLimits(max_batch_size=8, max_queue_delay_s=5.0, max_background_cost=4)
+    batcher = Batcher(handler, limits, cost=lambda item: item)
+    results = await asyncio.wait_for(
+        asyncio.gather(*submit_all(batcher, [2, 2], priority=1)), timeout=1.0
+    )
+    assert results == [20, 20]
+    assert handler.batches == [[2, 2]]
+
+
+async def test_a_new_background_budget_applies_from_the_next_batch() -> None:
+    handler = GatedHandler()
+    batcher = Batcher(handler, BatchLimits(max_batch_size=8), cost=lambda item: item)
+    first = await busy(batcher, handler)
+    background = submit_all(batcher, [1, 1, 1, 1, 1], priority=1)
+    await settle()
+    batcher.limits.max_background_cost = 2  # what the inference service does as its pace changes
+    handler.open()
+    await asyncio.gather(first, *background)
+    assert handler.batches == [[0], [1, 1], [1, 1], [1]]
+
+
 async def test_max_in_flight_is_respected() -> None:
     handler = GatedHandler()
     batcher = Batcher(handler, BatchLimits(max_batch_size=1, max_in_flight=2))

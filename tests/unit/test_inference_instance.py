@@ -1,9 +1,25 @@
-"""How a model's config becomes its batcher's limits."""
+"""How a model's config becomes its batcher's limits, and how background work is paced."""
 
 from __future__ import annotations
 
-from fmserve.repository import Batching
-from services.inference.instance import _limits
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from fmserve.repository import Batching, ModelRepository
+from services.inference.instance import (
+    BACKGROUND_BATCH_S,
+    BACKGROUND_PRIORITY,
+    InferRequest,
+    Pace,
+    _limits,
+)
+from services.inference.registry import ModelRegistry
+
+pytestmark = pytest.mark.timeout(60)
+torch.set_num_threads(1)
 
 
 def test_batching_config_becomes_batcher_limits() -> None:
@@ -15,3 +31,64 @@ def test_batching_config_becomes_batcher_limits() -> None:
 
 def test_instances_run_that_many_batches_at_once() -> None:
     assert _limits(Batching(), 3).max_in_flight == 3
+
+
+def test_a_pace_turns_a_time_into_tokens() -> None:
+    pace = Pace()
+    assert pace.tokens_in(0.02) is None  # no batch yet: no budget
+    pace.record(tokens=100, seconds=0.01)
+    assert pace.tokens_in(0.02) == 200
+    assert pace.tokens_in(0.00001) == 1  # a batch always holds something
+
+
+def test_a_pace_weighs_larger_batches_more() -> None:
+    pace = Pace()
+    pace.record(tokens=1000, seconds=0.1)  # 10,000 tokens/s
+    pace.record(tokens=10, seconds=0.01)  # 1,000 tokens/s
+    assert pace.tokens_in(1.0) in range(9_000, 9_201)
+
+
+def test_a_pace_follows_a_change_of_speed() -> None:
+    pace = Pace()
+    for _ in range(50):
+        pace.record(tokens=1000, seconds=0.1)
+    for _ in range(50):
+        pace.record(tokens=1000, seconds=1.0)  # the machine got busy: 10x slower
+    assert pace.tokens_in(1.0) in range(1_000, 1_051)
+
+
+async def test_background_work_gets_the_budget_its_model_runs_in_the_time(
+    model_repository: Path,
+) -> None:
+    registry = ModelRegistry(ModelRepository(model_repository), grace_s=1.0)
+    await registry.start()
+    try:
+        instance = await registry.instance("tiny-classifier")
+        assert instance.batcher.limits.max_background_cost is None
+        sequences = [np.array([101, 7, 8, 102], dtype=np.int64)] * 3
+        request = InferRequest("tiny-classifier", instance.version, sequences)
+        await instance.infer(request)
+        background = InferRequest(
+            "tiny-classifier", instance.version, sequences, priority=BACKGROUND_PRIORITY
+        )
+        await instance.infer(background)
+    finally:
+        await registry.stop()
+    budget = instance.batcher.limits.max_background_cost
+    assert budget is not None and budget >= 1
+    assert budget == instance.pace.tokens_in(BACKGROUND_BATCH_S)
+
+
+async def test_a_sequence_that_crashes_the_model_fails_alone(model_repository: Path) -> None:
+    # tiny-overreach takes 256 tokens by its config but has 128 position embeddings
+    registry = ModelRegistry(ModelRepository(model_repository), grace_s=1.0)
+    await registry.start()
+    try:
+        instance = await registry.instance("tiny-overreach")
+        good = np.array([101, 7, 8, 102], dtype=np.int64)
+        bad = np.array([101, *[7] * 150, 102], dtype=np.int64)
+        outcomes = await instance._run_batch([good, bad, good])
+    finally:
+        await registry.stop()
+    assert isinstance(outcomes[1], Exception)
+    assert all(isinstance(o, np.ndarray) and o.shape == (3,) for o in (outcomes[0], outcomes[2]))
