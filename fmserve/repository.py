@@ -80,7 +80,7 @@ class ModelConfig:
 
     @property
     def default_version(self) -> str:
-        return max(self.versions, key=_version_order)
+        return max(self.versions, key=version_order)
 
     def resolve_version(self, version: str = "") -> str:
         """The version to serve for a request ("" means the default); unknown ones are NOT_FOUND."""
@@ -88,7 +88,7 @@ class ModelConfig:
         if version not in self.versions:
             raise ModelNotFound(
                 f"model {self.name!r} has no version {version!r}; "
-                f"available: {', '.join(sorted(self.versions, key=_version_order))}"
+                f"available: {', '.join(sorted(self.versions, key=version_order))}"
             )
         return version
 
@@ -141,7 +141,7 @@ def load_config(path: Path) -> ModelConfig:
 def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
     task = TaskName(raw["task"])
     versions = _versions(folder, raw)
-    hf_config = _hf_config(versions[max(versions, key=_version_order)])
+    hf_config = _hf_config(versions[max(versions, key=version_order)])
     prototypes = {k: tuple(v) for k, v in raw.get("prototypes", {}).items()}
     labels = tuple(prototypes) or _labels(hf_config)
     if task is not TaskName.EMBEDDING and not labels:
@@ -197,5 +197,6 @@ def _labels(hf_config: dict[str, Any]) -> tuple[str, ...]:
     return tuple(id2label[k] for k in sorted(id2label, key=int))
 
 
-def _version_order(version: str) -> tuple[int, str]:
+def version_order(version: str) -> tuple[int, str]:
+    """Numeric versions in number order ("10" after "9"), after any named ones."""
     return (int(version), "") if version.isdigit() else (-1, version)

@@ -8,10 +8,10 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
-import numpy as np
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
+from fmserve import tensors
 from fmserve.channels import channel_options, open_channel, outgoing_metadata, target
 from fmserve.errors import DeadlineExceeded, FmserveError, Unavailable, from_rpc_error
 from fmserve.repository import TaskName
@@ -172,7 +172,6 @@ class StageClients:
 
 
 def _triton_input(name: str, tensor: common_pb2.Tensor) -> triton.InferInput:
-    array = np.frombuffer(tensor.data, dtype="<i8" if tensor.dtype == "INT64" else "<i4")
     infer_input = triton.InferInput(name, list(tensor.shape), tensor.dtype)
-    infer_input.set_data_from_numpy(array.reshape(tuple(tensor.shape)))
+    infer_input.set_data_from_numpy(tensors.to_domain(tensor, name))
     return infer_input

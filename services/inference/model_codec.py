@@ -7,9 +7,9 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2
 
 import fmserve
-from fmserve.repository import ModelConfig, TaskName
+from fmserve.repository import ModelConfig, TaskName, version_order
 from services.inference import signature
-from services.inference.registry import IndexEntry, State, version_order
+from services.inference.registry import IndexEntry, State
 from services.inference.signature import TensorSpec
 from services.inference.stats import Duration, ModelStats
 

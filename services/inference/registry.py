@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from fmserve.errors import Overloaded, Unavailable
-from fmserve.repository import ConfigError, ModelConfig, ModelRepository
+from fmserve.repository import ConfigError, ModelConfig, ModelRepository, version_order
 from services.inference import metrics
 from services.inference.instance import ModelInstance
 from services.inference.loading import LoadFailed, scrub_paths
@@ -286,8 +286,3 @@ def _config_reason(exc: ConfigError) -> str:
     # ConfigError's message starts with the file's path; clients get the cause alone.
     cause = exc.__cause__
     return scrub_paths(f"{type(cause).__name__}: {cause}") if cause else "see the service's log"
-
-
-def version_order(version: str) -> tuple[int, str]:
-    """Numeric versions in number order, after any named ones (as the repository orders them)."""
-    return (int(version), "") if version.isdigit() else (-1, version)
