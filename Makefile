@@ -47,6 +47,7 @@ test-unit: install
 
 bench: install
 	$(PY) -m bench.embedding
+	$(PY) -m bench.jobs
 
 up: install
 	$(VENV)/bin/fmserve up
