@@ -28,12 +28,18 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import redis
+
 from fmserve import AsyncClient
 from fmserve.cluster import SERVICES, Cluster, free_port
+from fmserve.messaging import Topology, delete_queues
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "models"
 MODEL = "minilm-embed"
 CHEAP = "identity"
+# The cluster's defaults (FMSERVE_REDIS_URL and FMSERVE_AMQP_URL unset): where to clean up.
+REDIS_URL = "redis://127.0.0.1:6379/0"
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
 
 
 def texts(count: int) -> list[str]:
@@ -176,9 +182,17 @@ def main() -> None:
             asyncio.run(run(cluster.address("gateway"), args.items, args.seconds, args.trials))
         finally:
             cluster.stop()
-            from fmserve.messaging import Topology, delete_queues
+            asyncio.run(delete_queues(AMQP_URL, Topology(f"{prefix}.")))
+            forget_keys(f"{prefix}:")
 
-            asyncio.run(delete_queues("amqp://guest:guest@127.0.0.1:5672/", Topology(f"{prefix}.")))
+
+def forget_keys(prefix: str) -> None:
+    """Delete the job records and results the run left in Redis (they are kept a day)."""
+    client = redis.Redis.from_url(REDIS_URL)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 if __name__ == "__main__":

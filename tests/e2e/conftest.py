@@ -73,7 +73,7 @@ def cluster(
         yield cluster
     finally:
         cluster.stop(grace_s=5)
-        _forget(key_prefix)
+        forget_keys(key_prefix)
         # In a thread of its own: this thread's event loop belongs to pytest-asyncio.
         with ThreadPoolExecutor(1) as thread:
             thread.submit(asyncio.run, delete_queues(AMQP_URL, topology(key_prefix))).result()
@@ -83,7 +83,8 @@ def topology(key_prefix: str) -> Topology:
     return Topology(key_prefix.replace(":", "."), DELIVERY_LIMIT)
 
 
-def _forget(prefix: str) -> None:
+def forget_keys(prefix: str) -> None:
+    """Delete what a test cluster left in the e2e Redis database under its key prefix."""
     client = redis.Redis.from_url(f"{REDIS_URL}/{REDIS_DB}")
     keys = list(client.scan_iter(match=prefix + "*", count=1000))
     if keys:

@@ -24,6 +24,7 @@ from fmserve import Client
 from fmserve.cluster import free_port
 from fmserve.messaging import Topology, delete_queues, queue_depth
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
+from tests.e2e.conftest import REDIS_DB, forget_keys
 
 pytestmark = pytest.mark.e2e
 T = TypeVar("T")
@@ -99,7 +100,7 @@ def up(tmp_path: Path, model_repository: Path) -> Iterator[tuple[subprocess.Pope
     name = f"fmserve-up-{uuid.uuid4().hex[:8]}"
     env = {
         "FMSERVE_MODEL_REPOSITORY": str(model_repository),
-        "FMSERVE_REDIS_URL": f"{REDIS_URL}/13",
+        "FMSERVE_REDIS_URL": f"{REDIS_URL}/{REDIS_DB}",
         "FMSERVE_CACHE_KEY_PREFIX": f"{name}:",
         "FMSERVE_AMQP_URL": AMQP_URL,
         # Queues of its own, deleted below: the default "fmserve." ones would outlive the test
@@ -118,6 +119,7 @@ def up(tmp_path: Path, model_repository: Path) -> Iterator[tuple[subprocess.Pope
         if process.stdout:
             process.stdout.close()
         _run(delete_queues(AMQP_URL, Topology(f"{name}.")))
+        forget_keys(f"{name}:")
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:

@@ -36,7 +36,7 @@ from tests.deployment import (
     readme_metrics,
     scrape,
 )
-from tests.e2e.conftest import REDIS_DB
+from tests.e2e.conftest import REDIS_DB, forget_keys
 
 pytestmark = pytest.mark.e2e
 
@@ -103,6 +103,7 @@ def scaled(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         with ThreadPoolExecutor(1) as thread:
             topology = Topology(f"{prefix}.")
             thread.submit(asyncio.run, delete_queues(AMQP_URL, topology)).result()
+        forget_keys(f"{prefix}:")
 
 
 def scrape_service(cluster: Cluster, service: str) -> list[dict[str, float]]:

@@ -8,7 +8,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import pytest
@@ -19,8 +18,8 @@ from redis.asyncio import Redis
 from fmserve.v1 import cache_pb2, cache_pb2_grpc, common_pb2
 from services.cache.__main__ import build
 from services.cache.settings import CacheSettings
+from tests.integration.conftest import DB, settings_for, with_db
 
-DB = 14
 EMBEDDING = common_pb2.Result(embedding=common_pb2.Embedding(values=[0.25, -0.5, 0.125]))
 CLASSIFICATION = common_pb2.Result(
     classification=common_pb2.Classification(
@@ -34,21 +33,6 @@ ENTITIES = common_pb2.Result(
 )
 
 
-def with_db(url: str, db: int) -> str:
-    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
-
-
-def settings_for(url: str, prefix: str) -> CacheSettings:
-    return CacheSettings(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=-1,
-        grace_period_s=1.0,
-        redis_url=url,
-        key_prefix=prefix,
-    )
-
-
 @asynccontextmanager
 async def running(settings: CacheSettings) -> AsyncIterator[grpc.aio.Channel]:
     service = build(settings)
@@ -58,21 +42,6 @@ async def running(settings: CacheSettings) -> AsyncIterator[grpc.aio.Channel]:
             yield channel
     finally:
         await service.stop()
-
-
-@pytest.fixture(scope="module")
-def prefix() -> str:
-    return f"fmserve-test-{uuid.uuid4().hex[:12]}:"
-
-
-@pytest.fixture(scope="module")
-async def redis(redis_url: str, prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(with_db(redis_url, DB))
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -17,24 +17,9 @@ from fmserve.errors import Conflict, DeadlineExceeded, InvalidInput, JobNotFound
 from fmserve.jobs import JobRecords
 from fmserve.v1 import common_pb2, jobs_pb2
 from services.cache.__main__ import build
-from tests.integration.test_cache_service import DB, settings_for, with_db
+from tests.integration.conftest import DB, settings_for, with_db
 
 pytestmark = pytest.mark.timeout(30)
-
-
-@pytest.fixture(scope="module")
-def prefix() -> str:
-    return f"fmserve-jobs-{uuid.uuid4().hex[:12]}:"
-
-
-@pytest.fixture(scope="module")
-async def redis(redis_url: str, prefix: str) -> AsyncIterator[Redis]:
-    client = Redis.from_url(with_db(redis_url, DB))
-    yield client
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
-    await client.aclose()
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,14 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 from prometheus_client import REGISTRY
+from redis.asyncio import Redis
 
 from fmserve.errors import DeadlineExceeded, FmserveError, Overloaded, Unavailable
 from fmserve.jobs import DeadLetters, JobRecords
 from fmserve.messaging import Broker, Consumer, Delivery, Topology, delete_queues, queue_depth
 from fmserve.v1 import common_pb2, jobs_pb2
 from services.cache.__main__ import build
-from tests.integration.test_cache_service import DB, settings_for, with_db
+from tests.integration.conftest import DB, settings_for, with_db
 
 pytestmark = pytest.mark.timeout(60)
 LIMIT = 2
@@ -35,8 +36,8 @@ async def broker(amqp_url: str) -> AsyncIterator[Broker]:
 
 
 @pytest.fixture
-async def records(redis_url: str) -> AsyncIterator[JobRecords]:
-    prefix = f"fmserve-test-{uuid.uuid4().hex[:8]}:"
+async def records(redis_url: str, prefix: str, redis: Redis) -> AsyncIterator[JobRecords]:
+    """Job records in a cache service of this module's own key prefix (cleared afterwards)."""
     service = build(settings_for(with_db(redis_url, DB), prefix))
     await service.start()
     records = JobRecords(f"127.0.0.1:{service.port}")

@@ -1,0 +1,47 @@
+"""What the integration tests of the cache service and the job path share: their own Redis
+database, a key prefix per test module, and a cache service settings factory."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from urllib.parse import urlsplit, urlunsplit
+
+import pytest
+from redis.asyncio import Redis
+
+from services.cache.settings import CacheSettings
+
+DB = 14
+
+
+def with_db(url: str, db: int) -> str:
+    return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
+
+
+def settings_for(url: str, prefix: str) -> CacheSettings:
+    return CacheSettings(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=-1,
+        grace_period_s=1.0,
+        redis_url=url,
+        key_prefix=prefix,
+    )
+
+
+@pytest.fixture(scope="module")
+def prefix(request: pytest.FixtureRequest) -> str:
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    return f"fmserve-{module}-{uuid.uuid4().hex[:12]}:"
+
+
+@pytest.fixture(scope="module")
+async def redis(redis_url: str, prefix: str) -> AsyncIterator[Redis]:
+    """A client of the tests' database; deletes every key under the module's prefix after."""
+    client = Redis.from_url(with_db(redis_url, DB))
+    yield client
+    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
+    if keys:
+        await client.delete(*keys)
+    await client.aclose()
