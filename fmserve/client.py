@@ -26,13 +26,10 @@ import numpy as np
 
 from fmserve.errors import from_rpc_error
 from fmserve.service import grpc_options
+from fmserve.tasks import TASK_TO_WIRE
 from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
 
-TASKS = {
-    "embedding": common_pb2.TASK_EMBEDDING,
-    "text-classification": common_pb2.TASK_TEXT_CLASSIFICATION,
-    "token-classification": common_pb2.TASK_TOKEN_CLASSIFICATION,
-}
+TASKS = {task.value: wire for task, wire in TASK_TO_WIRE.items()}
 TASK_NAMES = {wire: name for name, wire in TASKS.items()}
 CACHE_POLICIES = {
     "use": common_pb2.CACHE_POLICY_USE,

@@ -27,10 +27,10 @@ from fmserve.errors import FmserveError, InvalidInput, TooLarge
 from fmserve.jobs import TERMINAL, JobRecords, failure, level_of
 from fmserve.messaging import Broker
 from fmserve.repository import TaskName
+from fmserve.tasks import TASK_TO_WIRE
 from fmserve.v1 import jobs_pb2
 from services.gateway.routes import Route, Router
 from services.gateway.settings import GatewaySettings
-from services.gateway.stages import TASK_TO_WIRE
 
 log = logging.getLogger("fmserve.gateway.jobs")
 

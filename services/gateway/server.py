@@ -9,12 +9,11 @@ import grpc
 from fmserve import tracing
 from fmserve.errors import InvalidInput
 from fmserve.repository import ModelConfig, TaskName
+from fmserve.tasks import TASK_FROM_WIRE, TASK_TO_WIRE
 from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
 from services.gateway.gateway import Answer, CachePolicy, Gateway, InferCall
 from services.gateway.jobs import Jobs, Submission
-from services.gateway.stages import TASK_TO_WIRE
 
-TASK_FROM_WIRE = {wire: task for task, wire in TASK_TO_WIRE.items()}
 POLICY_FROM_WIRE = {
     common_pb2.CACHE_POLICY_USE: CachePolicy.USE,
     common_pb2.CACHE_POLICY_BYPASS: CachePolicy.BYPASS,

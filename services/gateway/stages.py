@@ -15,6 +15,7 @@ from fmserve import tensors
 from fmserve.channels import channel_options, open_channel, outgoing_metadata, target
 from fmserve.errors import DeadlineExceeded, FmserveError, Unavailable, from_rpc_error
 from fmserve.repository import TaskName
+from fmserve.tasks import TASK_TO_WIRE
 from fmserve.v1 import (
     cache_pb2,
     cache_pb2_grpc,
@@ -29,11 +30,6 @@ from services.gateway.settings import GatewaySettings
 
 log = logging.getLogger("fmserve.gateway.stages")
 
-TASK_TO_WIRE = {
-    TaskName.EMBEDDING: common_pb2.TASK_EMBEDDING,
-    TaskName.TEXT_CLASSIFICATION: common_pb2.TASK_TEXT_CLASSIFICATION,
-    TaskName.TOKEN_CLASSIFICATION: common_pb2.TASK_TOKEN_CLASSIFICATION,
-}
 OUTPUT_NAME = {TaskName.EMBEDDING: "embeddings"}  # every other task answers "logits"
 
 

@@ -9,15 +9,14 @@ from fmserve import tensors
 from fmserve.errors import InvalidInput
 from fmserve.repository import TaskName
 from fmserve.service import Servicer
+from fmserve.tasks import TASK_FROM_WIRE
 from fmserve.v1 import common_pb2, postprocess_pb2, postprocess_pb2_grpc
 from services.postprocess.postprocessor import ModelOutputs, Postprocessor
 from services.postprocess.results import Classification, Embedding, Result
 
-_TASKS = {
+_TASKS: dict[common_pb2.Task, TaskName | None] = {
     common_pb2.TASK_UNSPECIFIED: None,
-    common_pb2.TASK_EMBEDDING: TaskName.EMBEDDING,
-    common_pb2.TASK_TEXT_CLASSIFICATION: TaskName.TEXT_CLASSIFICATION,
-    common_pb2.TASK_TOKEN_CLASSIFICATION: TaskName.TOKEN_CLASSIFICATION,
+    **TASK_FROM_WIRE,
 }
 
 
