@@ -85,3 +85,12 @@ def build_repository(root: Path) -> Path:
         'task = "token-classification"\nmax_length = 64\n'
     )
     return root
+
+
+def add_pickled_model(source: Path, root: Path, name: str = "pickled") -> Path:
+    """A copy of a model whose weights are a pickle file (which loading must refuse)."""
+    folder = root / name / "1"
+    shutil.copytree(source, folder)
+    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
+    (root / name / "model.toml").write_text('task = "text-classification"\n')
+    return folder

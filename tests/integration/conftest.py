@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 from redis.asyncio import Redis
 
+from fmserve.jobs import JobRecords
+from services.cache.__main__ import build
 from services.cache.settings import CacheSettings
 
 DB = 14
@@ -45,3 +48,15 @@ async def redis(redis_url: str, prefix: str) -> AsyncIterator[Redis]:
     if keys:
         await client.delete(*keys)
     await client.aclose()
+
+
+@asynccontextmanager
+async def job_records(redis_url: str, prefix: str) -> AsyncIterator[JobRecords]:
+    """Job records in a real cache service (in-process, free port) under a test's key prefix."""
+    service = build(settings_for(with_db(redis_url, DB), prefix))
+    await service.start()
+    records = JobRecords(f"127.0.0.1:{service.port}")
+    await records.start()
+    yield records
+    await records.stop()
+    await service.stop()

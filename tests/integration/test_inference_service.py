@@ -5,7 +5,6 @@ outputs are checked against the same models computed in-process with transformer
 from __future__ import annotations
 
 import asyncio
-import shutil
 from pathlib import Path
 
 import grpc
@@ -26,7 +25,7 @@ from tritonclient.utils import InferenceServerException
 from fmserve.service import Service
 from services.inference.__main__ import build
 from services.inference.settings import InferenceSettings
-from tests.models import MINILM
+from tests.models import MINILM, add_pickled_model
 
 pytestmark = pytest.mark.timeout(60)
 torch.set_num_threads(1)
@@ -312,10 +311,7 @@ async def test_unknown_model_in_other_methods_is_not_found(
 async def test_model_that_failed_to_load_is_unavailable(
     model_repository: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "pickled" / "1"
-    shutil.copytree(model_repository / "tiny-classifier" / "1", folder)
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    (tmp_path / "pickled" / "model.toml").write_text('task = "text-classification"\n')
+    add_pickled_model(model_repository / "tiny-classifier" / "1", tmp_path)
     service = await start(tmp_path)
     try:
         async with triton.InferenceServerClient(f"127.0.0.1:{service.port}") as client:

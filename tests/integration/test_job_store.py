@@ -16,21 +16,15 @@ from fmserve import context
 from fmserve.errors import Conflict, DeadlineExceeded, InvalidInput, JobNotFound
 from fmserve.jobs import JobRecords
 from fmserve.v1 import common_pb2, jobs_pb2
-from services.cache.__main__ import build
-from tests.integration.conftest import DB, settings_for, with_db
+from tests.integration.conftest import job_records
 
 pytestmark = pytest.mark.timeout(30)
 
 
 @pytest.fixture(scope="module")
 async def records(redis_url: str, prefix: str, redis: Redis) -> AsyncIterator[JobRecords]:
-    service = build(settings_for(with_db(redis_url, DB), prefix))
-    await service.start()
-    records = JobRecords(f"127.0.0.1:{service.port}")
-    await records.start()
-    yield records
-    await records.stop()
-    await service.stop()
+    async with job_records(redis_url, prefix) as records:
+        yield records
 
 
 def template(key: str = "", retention_s: int = 60, expires_ms: int = 0) -> jobs_pb2.Job:

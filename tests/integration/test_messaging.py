@@ -18,8 +18,7 @@ from fmserve.errors import DeadlineExceeded, FmserveError, Overloaded, Unavailab
 from fmserve.jobs import DeadLetters, JobRecords
 from fmserve.messaging import Broker, Consumer, Delivery, Topology, delete_queues, queue_depth
 from fmserve.v1 import common_pb2, jobs_pb2
-from services.cache.__main__ import build
-from tests.integration.conftest import DB, settings_for, with_db
+from tests.integration.conftest import job_records
 
 pytestmark = pytest.mark.timeout(60)
 LIMIT = 2
@@ -38,13 +37,8 @@ async def broker(amqp_url: str) -> AsyncIterator[Broker]:
 @pytest.fixture
 async def records(redis_url: str, prefix: str, redis: Redis) -> AsyncIterator[JobRecords]:
     """Job records in a cache service of this module's own key prefix (cleared afterwards)."""
-    service = build(settings_for(with_db(redis_url, DB), prefix))
-    await service.start()
-    records = JobRecords(f"127.0.0.1:{service.port}")
-    await records.start()
-    yield records
-    await records.stop()
-    await service.stop()
+    async with job_records(redis_url, prefix) as records:
+        yield records
 
 
 async def consume(

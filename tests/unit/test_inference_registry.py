@@ -19,6 +19,7 @@ from fmserve.errors import InputTooLong, ModelNotFound, Unavailable
 from fmserve.repository import ModelRepository
 from services.inference.instance import InferRequest
 from services.inference.registry import ModelRegistry, State
+from tests.models import add_pickled_model
 
 pytestmark = pytest.mark.timeout(60)
 torch.set_num_threads(1)
@@ -105,10 +106,7 @@ async def test_budget_unloads_the_least_recently_used(model_repository: Path) ->
 async def test_failed_load_is_unavailable_with_reason(
     model_repository: Path, tmp_path: Path
 ) -> None:
-    folder = tmp_path / "pickled" / "1"
-    shutil.copytree(model_repository / "tiny-classifier" / "1", folder)
-    (folder / "model.safetensors").rename(folder / "pytorch_model.bin")
-    (tmp_path / "pickled" / "model.toml").write_text('task = "text-classification"\n')
+    add_pickled_model(model_repository / "tiny-classifier" / "1", tmp_path)
     before = loads("pickled", "failed")
     async with registry_of(tmp_path) as registry:
         for _ in range(2):  # the second request fails at once, from the remembered reason
