@@ -183,13 +183,8 @@ class _Publication:
                 await self._flush()
 
     def _take(self, index: int, text: str) -> None:
-        if not text.strip():
-            self.failed.append(failure(index, "the text is empty; every item needs some text"))
-        elif len(text) > self.settings.max_text_chars:
-            limit = self.settings.max_text_chars
-            self.failed.append(
-                failure(index, f"the text has {len(text)} characters; at most {limit}")
-            )
+        if problem := self.jobs.router.text_problem(text):
+            self.failed.append(failure(index, f"the text {problem}"))
         else:
             self.chunk.indexes.append(index)
             self.chunk.texts.append(text)

@@ -52,12 +52,17 @@ class Router:
                 "request, or submit a batch job"
             )
         for i, text in enumerate(texts):
-            if not text.strip():
-                raise InvalidInput(f"texts[{i}] is empty: every text needs some content")
-            if len(text) > self.max_text_chars:
-                raise InvalidInput(
-                    f"texts[{i}] has {len(text)} characters; the limit is {self.max_text_chars}"
-                )
+            if problem := self.text_problem(text):
+                raise InvalidInput(f"texts[{i}] {problem}")
+
+    def text_problem(self, text: str) -> str | None:
+        """Why no model can take this text ("is empty: …"), or None. The sync path refuses the
+        request over it; a job records that item as failed."""
+        if not text.strip():
+            return "is empty: every text needs some content"
+        if len(text) > self.max_text_chars:
+            return f"has {len(text)} characters; the limit is {self.max_text_chars}"
+        return None
 
     def models(self) -> list[ModelConfig]:
         """Every usable model; one with a broken model.toml is left out (and logged)."""
