@@ -25,8 +25,8 @@ from pathlib import Path
 
 import grpc
 
-from fmserve.cluster import SERVICES, Cluster, free_port
-from fmserve.repository import ModelRepository
+from fmserve.cli.cluster import SERVICES, Cluster, free_port
+from fmserve.core.repository import ModelRepository
 from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 
 MODEL = "minilm-embed"

@@ -31,8 +31,8 @@ from pathlib import Path
 import redis
 
 from fmserve import AsyncClient
-from fmserve.cluster import SERVICES, Cluster, free_port
-from fmserve.messaging import Topology, delete_queues
+from fmserve.cli.cluster import SERVICES, Cluster, free_port
+from fmserve.queue.topology import Topology, delete_queues
 
 REPOSITORY = Path(__file__).resolve().parent.parent / "models"
 MODEL = "minilm-embed"
@@ -51,7 +51,7 @@ def build_cheap_model(root: Path) -> None:
     """A classifier whose forward pass costs next to nothing: measures the plumbing alone."""
     from transformers import AutoModelForSequenceClassification, BertConfig
 
-    from fmserve.repository import ModelRepository
+    from fmserve.core.repository import ModelRepository
 
     config = BertConfig(
         vocab_size=30522,

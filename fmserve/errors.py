@@ -1,5 +1,5 @@
 """The one error tree of fmserve. Every class carries its gRPC status code and a message a
-person can act on; a server interceptor (fmserve.interceptors) is the only place that turns
+person can act on; a server interceptor (fmserve.rpc.interceptors) is the only place that turns
 them into wire statuses, and the clients turn wire statuses back into them.
 
     FmserveError                      INTERNAL (anything unexpected)

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fmserve import service
-from fmserve.service import Service
+from fmserve.rpc import service
+from fmserve.rpc.service import Service
 from services.cache.cache import ResultCache
 from services.cache.job_store import RedisJobStore
 from services.cache.jobs import JobBook

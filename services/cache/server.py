@@ -9,7 +9,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from fmserve.errors import InvalidInput
-from fmserve.service import Servicer
+from fmserve.rpc.service import Servicer
 from fmserve.v1 import cache_pb2, cache_pb2_grpc, common_pb2, jobs_pb2
 from services.cache import job_codec
 from services.cache.cache import ResultCache

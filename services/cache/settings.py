@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import Field, NonNegativeInt, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.settings import ServiceSettings
+from fmserve.core.settings import ServiceSettings
 
 
 class CacheSettings(ServiceSettings):

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from fmserve import service
-from fmserve.jobs import JobRecords
-from fmserve.messaging import Broker, Topology
-from fmserve.repository import ModelRepository
-from fmserve.service import Resource, Service, Servicer
+from fmserve.core.repository import ModelRepository
+from fmserve.queue.broker import Broker
+from fmserve.queue.records import JobRecords
+from fmserve.queue.topology import Topology
+from fmserve.rpc import service
+from fmserve.rpc.service import Resource, Service, Servicer
 from fmserve.v1 import gateway_pb2_grpc
 from services.gateway.gateway import Gateway
 from services.gateway.jobs import Jobs

@@ -7,8 +7,8 @@ import time
 from dataclasses import dataclass, field
 from enum import Enum
 
-from fmserve import context
-from fmserve.repository import TaskName
+from fmserve.core import context
+from fmserve.core.tasks import TaskName
 from fmserve.v1 import common_pb2
 from services.gateway.cache_keys import cache_key
 from services.gateway.pipeline import Pipeline

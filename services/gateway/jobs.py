@@ -22,12 +22,13 @@ import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from fmserve import tracing
+from fmserve.core import tracing
+from fmserve.core.tasks import TASK_TO_WIRE, TaskName
 from fmserve.errors import FmserveError, InvalidInput, TooLarge
-from fmserve.jobs import TERMINAL, JobRecords, failure, level_of
-from fmserve.messaging import Broker
-from fmserve.repository import TaskName
-from fmserve.tasks import TASK_TO_WIRE
+from fmserve.queue.broker import Broker
+from fmserve.queue.chunks import failure
+from fmserve.queue.records import TERMINAL, JobRecords
+from fmserve.queue.stage_worker import level_of
 from fmserve.v1 import jobs_pb2
 from services.gateway.routes import Route, Router
 from services.gateway.settings import GatewaySettings

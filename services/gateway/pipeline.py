@@ -13,10 +13,10 @@ from dataclasses import dataclass, field
 from opentelemetry.context import Context
 from prometheus_client import Histogram
 
-from fmserve import context, tracing
-from fmserve.batching import Batcher, BatchLimits
+from fmserve.core import context, tracing
+from fmserve.core.batching import Batcher, BatchLimits
+from fmserve.core.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 from fmserve.errors import DeadlineExceeded, InvalidInput
-from fmserve.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 from fmserve.v1 import common_pb2
 from services.gateway.routes import Route
 from services.gateway.settings import GatewaySettings

@@ -8,7 +8,7 @@ import logging
 
 from prometheus_client import Counter
 
-from fmserve.batching import Batcher, BatchLimits
+from fmserve.core.batching import Batcher, BatchLimits
 from fmserve.errors import FmserveError
 from fmserve.v1 import common_pb2
 from services.gateway.settings import GatewaySettings

@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from fmserve.core.repository import ConfigError, ModelConfig, ModelRepository
+from fmserve.core.tasks import TaskName
 from fmserve.errors import InvalidInput, TooLarge, Unavailable, WrongTask
-from fmserve.repository import ConfigError, ModelConfig, ModelRepository, TaskName
 
 log = logging.getLogger("fmserve.gateway.routes")
 

@@ -6,10 +6,10 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from fmserve import tracing
+from fmserve.core import tracing
+from fmserve.core.repository import ModelConfig
+from fmserve.core.tasks import TASK_FROM_WIRE, TASK_TO_WIRE, TaskName
 from fmserve.errors import InvalidInput
-from fmserve.repository import ModelConfig, TaskName
-from fmserve.tasks import TASK_FROM_WIRE, TASK_TO_WIRE
 from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2
 from services.gateway.gateway import Answer, CachePolicy, Gateway, InferCall
 from services.gateway.jobs import Jobs, Submission

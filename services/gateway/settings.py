@@ -2,7 +2,7 @@
 
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.settings import AmqpSettings, RepositorySettings
+from fmserve.core.settings import AmqpSettings, RepositorySettings
 
 
 class GatewaySettings(RepositorySettings, AmqpSettings):

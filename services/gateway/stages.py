@@ -11,11 +11,10 @@ import grpc
 import tritonclient.grpc.aio as triton
 from tritonclient.utils import InferenceServerException
 
-from fmserve import tensors
-from fmserve.channels import channel_options, open_channel, outgoing_metadata, target
+from fmserve.core import tensors
+from fmserve.core.tasks import TASK_TO_WIRE, TaskName
 from fmserve.errors import DeadlineExceeded, FmserveError, Unavailable, from_rpc_error
-from fmserve.repository import TaskName
-from fmserve.tasks import TASK_TO_WIRE
+from fmserve.rpc.channels import channel_options, open_channel, outgoing_metadata, target
 from fmserve.v1 import (
     cache_pb2,
     cache_pb2_grpc,

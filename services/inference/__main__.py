@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import os
 
-from fmserve import service
-from fmserve.service import Service, Servicer
+from fmserve.rpc import service
+from fmserve.rpc.service import Service, Servicer
 from services.inference.settings import InferenceSettings
 
 
@@ -15,7 +15,7 @@ def build(settings: InferenceSettings) -> Service:
     # OpenMP's environment.
     from tritonclient.grpc.service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
 
-    from fmserve.repository import ModelRepository
+    from fmserve.core.repository import ModelRepository
     from services.inference.loading import configure_threads
     from services.inference.registry import ModelRegistry
     from services.inference.server import SERVICE_NAME, InferenceServicer

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from fmserve.batching import Batcher, BatchLimits
+from fmserve.core.batching import Batcher, BatchLimits
+from fmserve.core.repository import Batching
 from fmserve.errors import FmserveError, InputTooLong, InvalidInput
-from fmserve.repository import Batching
 from services.inference import metrics, signature
 from services.inference.ragged import Layout, join
 from services.inference.runner import Runner

@@ -24,8 +24,9 @@ from transformers import (
 )
 from transformers.utils import logging as hf_logging
 
+from fmserve.core.repository import Runtime
+from fmserve.core.tasks import TaskName
 from fmserve.errors import Unavailable
-from fmserve.repository import Runtime, TaskName
 
 log = logging.getLogger("fmserve.inference.loading")
 # Progress bars would interleave with the JSON log lines on stderr.

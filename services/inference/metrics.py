@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Histogram
 
-from fmserve.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
+from fmserve.core.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 
 BATCH_SIZE = Histogram(
     "fmserve_inference_batch_size",

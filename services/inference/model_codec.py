@@ -7,7 +7,8 @@ from tritonclient.grpc import model_config_pb2 as mc
 from tritonclient.grpc import service_pb2
 
 import fmserve
-from fmserve.repository import ModelConfig, TaskName, version_order
+from fmserve.core.repository import ModelConfig, version_order
+from fmserve.core.tasks import TaskName
 from services.inference import signature
 from services.inference.registry import IndexEntry, State
 from services.inference.signature import TensorSpec

@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from fmserve.core.repository import ConfigError, ModelConfig, ModelRepository, version_order
 from fmserve.errors import Overloaded, Unavailable
-from fmserve.repository import ConfigError, ModelConfig, ModelRepository, version_order
 from services.inference import metrics
 from services.inference.instance import ModelInstance
 from services.inference.loading import LoadFailed, scrub_paths

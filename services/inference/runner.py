@@ -17,8 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from fmserve.core.repository import ModelConfig
+from fmserve.core.tasks import TaskName
 from fmserve.errors import Overloaded
-from fmserve.repository import ModelConfig, TaskName
 from services.inference.loading import LoadFailed, Placement, load_module, load_tokenizer, place
 from services.inference.pooling import POOLINGS, embed
 from services.inference.ragged import pad

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.settings import RepositorySettings, WorkerSettings
+from fmserve.core.settings import RepositorySettings, WorkerSettings
 
 
 class InferenceSettings(RepositorySettings, WorkerSettings):

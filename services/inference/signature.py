@@ -6,7 +6,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fmserve.repository import ModelConfig, TaskName
+from fmserve.core.repository import ModelConfig
+from fmserve.core.tasks import TaskName
 
 
 @dataclass(frozen=True)

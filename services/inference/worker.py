@@ -9,8 +9,8 @@ from typing import Any
 
 import numpy as np
 
-from fmserve import tensors
-from fmserve.jobs import stage_resources
+from fmserve.core import tensors
+from fmserve.queue.stage_worker import stage_resources
 from fmserve.v1 import jobs_pb2
 from services.inference.instance import BACKGROUND_PRIORITY, InferRequest
 from services.inference.ragged import split_ragged

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fmserve import service
-from fmserve.repository import ModelRepository
-from fmserve.service import Service
+from fmserve.core.repository import ModelRepository
+from fmserve.rpc import service
+from fmserve.rpc.service import Service
 from services.postprocess.postprocessor import Postprocessor
 from services.postprocess.server import servicer
 from services.postprocess.settings import PostprocessSettings

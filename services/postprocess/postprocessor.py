@@ -11,8 +11,9 @@ from functools import partial
 
 import numpy as np
 
+from fmserve.core.repository import ModelConfig, ModelRepository
+from fmserve.core.tasks import TaskName
 from fmserve.errors import InvalidInput, WrongTask
-from fmserve.repository import ModelConfig, ModelRepository, TaskName
 from services.postprocess import validation
 from services.postprocess.classification import classify
 from services.postprocess.entities import find_entities

@@ -5,11 +5,10 @@ from __future__ import annotations
 import grpc
 import numpy as np
 
-from fmserve import tensors
+from fmserve.core import tensors
+from fmserve.core.tasks import TASK_FROM_WIRE, TaskName
 from fmserve.errors import InvalidInput
-from fmserve.repository import TaskName
-from fmserve.service import Servicer
-from fmserve.tasks import TASK_FROM_WIRE
+from fmserve.rpc.service import Servicer
 from fmserve.v1 import common_pb2, postprocess_pb2, postprocess_pb2_grpc
 from services.postprocess.postprocessor import ModelOutputs, Postprocessor
 from services.postprocess.results import Classification, Embedding, Result

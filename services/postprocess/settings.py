@@ -5,7 +5,7 @@ from __future__ import annotations
 from pydantic import NonNegativeInt, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.settings import RepositorySettings, WorkerSettings
+from fmserve.core.settings import RepositorySettings, WorkerSettings
 
 
 class PostprocessSettings(RepositorySettings, WorkerSettings):

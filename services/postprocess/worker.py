@@ -1,12 +1,12 @@
 """The postprocess stage of the asynchronous path, the last one: turns each queued chunk's model
 outputs into results, which the stage worker records in the cache service before it acks.
-This service also consumes the dead-letter queue (fmserve.jobs.DeadLetters)."""
+This service also consumes the dead-letter queue (fmserve.queue.dead_letters.DeadLetters)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fmserve.jobs import stage_resources
+from fmserve.queue.stage_worker import stage_resources
 from fmserve.v1 import common_pb2, jobs_pb2, postprocess_pb2
 from services.postprocess.postprocessor import Postprocessor
 from services.postprocess.server import to_domain, to_wire

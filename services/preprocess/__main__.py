@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from fmserve import service
-from fmserve.repository import ModelRepository
-from fmserve.service import Service
+from fmserve.core.repository import ModelRepository
+from fmserve.rpc import service
+from fmserve.rpc.service import Service
 from services.preprocess.server import servicer
 from services.preprocess.settings import PreprocessSettings
 from services.preprocess.tokenizers import Tokenizers

@@ -1,5 +1,5 @@
 """The preprocess service's own Prometheus metrics (request counts and latencies come from
-fmserve.metrics). Created once at import: Prometheus refuses to register a name twice."""
+fmserve.core.metrics). Created once at import: Prometheus refuses to register a name twice."""
 
 from __future__ import annotations
 

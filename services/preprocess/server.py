@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import grpc
 
-from fmserve import tensors
-from fmserve.service import Servicer
+from fmserve.core import tensors
+from fmserve.rpc.service import Servicer
 from fmserve.v1 import preprocess_pb2, preprocess_pb2_grpc
 from services.preprocess.hf_tokenizer import Tokenized
 from services.preprocess.tokenizers import Tokenizers

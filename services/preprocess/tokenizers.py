@@ -15,8 +15,8 @@ from functools import partial
 from pathlib import Path
 from typing import TypeVar
 
+from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.errors import InputTooLong, InvalidInput
-from fmserve.repository import ModelConfig, ModelRepository
 from services.preprocess.hf_tokenizer import HfTokenizer, Tokenized
 from services.preprocess.metrics import REQUEST_TOKENS, TOKENIZER_LOADS
 

@@ -1,13 +1,14 @@
 """The preprocess stage of the asynchronous path: tokenizes each queued chunk of a job's texts
-and forwards it to the inference queue (fmserve.jobs.StageWorker owns acks, retries and
-per-item failures; this module only does the stage's work)."""
+and forwards it to the inference queue (fmserve.queue.stage_worker.StageWorker owns acks,
+retries and per-item failures; this module only does the stage's work)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fmserve import tensors
-from fmserve.jobs import singles, stage_resources
+from fmserve.core import tensors
+from fmserve.queue.chunks import singles
+from fmserve.queue.stage_worker import stage_resources
 from fmserve.v1 import common_pb2, jobs_pb2
 from services.preprocess.settings import PreprocessSettings
 from services.preprocess.tokenizers import Tokenizers

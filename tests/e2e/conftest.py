@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import redis
 
-from fmserve.cluster import SERVICES, Cluster, free_port
-from fmserve.messaging import Topology, delete_queues
+from fmserve.cli.cluster import SERVICES, Cluster, free_port
+from fmserve.queue.topology import Topology, delete_queues
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
 from tests.otlp_collector import Collector
 

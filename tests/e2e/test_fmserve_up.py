@@ -21,8 +21,9 @@ import aiormq
 import pytest
 
 from fmserve import Client
-from fmserve.cluster import free_port
-from fmserve.messaging import Topology, delete_queues, queue_depth
+from fmserve.cli.cluster import free_port
+from fmserve.queue.consumer import queue_depth
+from fmserve.queue.topology import Topology, delete_queues
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
 from tests.e2e.conftest import REDIS_DB, forget_keys
 

@@ -18,8 +18,8 @@ import pytest
 
 from fmserve import Client
 from fmserve.cli import main as cli
+from fmserve.cli.cluster import Cluster
 from fmserve.client import Job
-from fmserve.cluster import Cluster
 from fmserve.errors import Conflict, InvalidInput, NotFound, Overloaded
 from tests.e2e.conftest import DELIVERY_LIMIT, MAX_ITEMS, MAX_JOB_ITEMS
 

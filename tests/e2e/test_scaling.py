@@ -21,10 +21,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fmserve import AsyncClient, Client
-from fmserve.cluster import SERVICES, Cluster, Replica, free_port
-from fmserve.messaging import Topology, delete_queues
-from fmserve.service import Service
-from fmserve.settings import ServiceSettings
+from fmserve.cli.cluster import SERVICES, Cluster, Replica, free_port
+from fmserve.core.settings import ServiceSettings
+from fmserve.queue.topology import Topology, delete_queues
+from fmserve.rpc.service import Service
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
 from tests.deployment import (
     COMPOSE_FILE,

@@ -16,7 +16,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from fmserve import AsyncClient, Client
-from fmserve.cluster import Cluster
+from fmserve.cli.cluster import Cluster
+from fmserve.core.repository import ModelRepository
 from fmserve.errors import (
     InputTooLong,
     InvalidInput,
@@ -25,7 +26,6 @@ from fmserve.errors import (
     Unavailable,
     WrongTask,
 )
-from fmserve.repository import ModelRepository
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc
 from tests import reference
 from tests.e2e.conftest import MAX_ITEMS, MAX_MESSAGE_BYTES

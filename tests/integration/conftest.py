@@ -11,7 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 import pytest
 from redis.asyncio import Redis
 
-from fmserve.jobs import JobRecords
+from fmserve.queue.records import JobRecords
 from services.cache.__main__ import build
 from services.cache.settings import CacheSettings
 

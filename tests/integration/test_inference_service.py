@@ -22,7 +22,7 @@ from transformers import (
 from tritonclient.grpc import InferInput, service_pb2, service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
-from fmserve.service import Service
+from fmserve.rpc.service import Service
 from services.inference.__main__ import build
 from services.inference.settings import InferenceSettings
 from tests.models import MINILM, add_pickled_model

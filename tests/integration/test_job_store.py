@@ -1,5 +1,6 @@
 """Job records: the cache service in-process against the real Redis (database 14, a key prefix
-of its own), called through fmserve.jobs.JobRecords, the client the gateway and stages use."""
+of its own), called through fmserve.queue.records.JobRecords, the client the gateway and
+stages use."""
 
 from __future__ import annotations
 
@@ -12,9 +13,9 @@ from collections.abc import AsyncIterator
 import pytest
 from redis.asyncio import Redis
 
-from fmserve import context
+from fmserve.core import context
 from fmserve.errors import Conflict, DeadlineExceeded, InvalidInput, JobNotFound
-from fmserve.jobs import JobRecords
+from fmserve.queue.records import JobRecords
 from fmserve.v1 import common_pb2, jobs_pb2
 from tests.integration.conftest import job_records
 

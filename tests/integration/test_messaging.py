@@ -1,6 +1,6 @@
-"""fmserve.messaging and the stage worker's ack rules against the real RabbitMQ (queues under a
-prefix of this module's own, deleted afterwards) and, for dead-lettering, the real cache
-service and Redis."""
+"""fmserve.queue (broker, consumer, dead letters) and the stage worker's ack rules against the
+real RabbitMQ (queues under a prefix of this module's own, deleted afterwards) and, for
+dead-lettering, the real cache service and Redis."""
 
 from __future__ import annotations
 
@@ -15,8 +15,11 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from fmserve.errors import DeadlineExceeded, FmserveError, Overloaded, Unavailable
-from fmserve.jobs import DeadLetters, JobRecords
-from fmserve.messaging import Broker, Consumer, Delivery, Topology, delete_queues, queue_depth
+from fmserve.queue.broker import Broker
+from fmserve.queue.consumer import Consumer, Delivery, queue_depth
+from fmserve.queue.dead_letters import DeadLetters
+from fmserve.queue.records import JobRecords
+from fmserve.queue.topology import Topology, delete_queues
 from fmserve.v1 import common_pb2, jobs_pb2
 from tests.integration.conftest import job_records
 
@@ -228,7 +231,7 @@ async def test_a_queue_declared_with_other_arguments_is_logged_saying_what_to_do
     broker: Broker, amqp_url: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     other = Broker(amqp_url, Topology(broker.topology.prefix, LIMIT + 1), 1.0, name="other")
-    with caplog.at_level(logging.ERROR, logger="fmserve.messaging"):
+    with caplog.at_level(logging.ERROR, logger="fmserve.queue"):
         await other.start(connect_wait_s=1.0)
         await other.stop()
     assert any(
@@ -249,7 +252,7 @@ async def test_a_consumer_that_cannot_subscribe_says_so_and_keeps_trying(
     consumer = Consumer(broker, [name], handler, "extra", grace_s=1.0)
     connection = await broker.connection()
     try:
-        with caplog.at_level(logging.ERROR, logger="fmserve.messaging"):
+        with caplog.at_level(logging.ERROR, logger="fmserve.queue"):
             await consumer.start()
             await eventually(lambda: any(name in m for m in errors(caplog)))
         async with connection.channel() as channel:

@@ -14,8 +14,8 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from transformers import AutoTokenizer
 
-from fmserve import tensors
-from fmserve.service import Service
+from fmserve.core import tensors
+from fmserve.rpc.service import Service
 from fmserve.v1 import (
     common_pb2,
     postprocess_pb2,

@@ -1,4 +1,4 @@
-"""The Batcher's contract, point by point (see the docstring of fmserve/batching.py).
+"""The Batcher's contract, point by point (see the docstring of fmserve/core/batching.py).
 
 Handler timing is held by asyncio events, not sleeps: a `GatedHandler` batch runs until the test
 opens its gate, so "items queued while a batch runs" is a state the test sets up exactly.
@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from fmserve.batching import Batcher, BatchLimits
+from fmserve.core.batching import Batcher, BatchLimits
 from fmserve.errors import FmserveError, InvalidInput, Overloaded, Unavailable
 
 pytestmark = pytest.mark.timeout(10)

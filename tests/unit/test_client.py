@@ -1,4 +1,4 @@
-"""The Python client (fmserve/client.py): twin clients, request building, result conversion.
+"""The Python client (fmserve/client/): twin clients, request building, result conversion.
 
 No server: requests are checked as built, and answers are messages built here by hand.
 """
@@ -10,18 +10,8 @@ import inspect
 import numpy as np
 import pytest
 
-from fmserve.client import (
-    AsyncClient,
-    AsyncJob,
-    Client,
-    Entity,
-    Job,
-    LabelScore,
-    _answer,
-    _model,
-    _request,
-    _result,
-)
+from fmserve.client import AsyncClient, AsyncJob, Client, Entity, Job, LabelScore
+from fmserve.client.wire import infer_request, to_answer, to_model_info, to_result
 from fmserve.v1 import common_pb2, gateway_pb2
 
 pytestmark = pytest.mark.timeout(10)
@@ -94,7 +84,7 @@ def test_both_clients_are_context_managers() -> None:
 
 
 def test_request_carries_every_option() -> None:
-    request = _request(["a", "b"], "ner", "token-classification", "3", True, 2, "refresh")
+    request = infer_request(["a", "b"], "ner", "token-classification", "3", True, 2, "refresh")
     assert list(request.texts) == ["a", "b"]
     assert (request.model, request.version) == ("ner", "3")
     assert request.task == common_pb2.TASK_TOKEN_CLASSIFICATION
@@ -104,7 +94,7 @@ def test_request_carries_every_option() -> None:
 
 
 def test_one_string_is_one_text_and_no_task_is_unspecified() -> None:
-    request = _request("just one", "m", None, "", False, 0, "use")
+    request = infer_request("just one", "m", None, "", False, 0, "use")
     assert list(request.texts) == ["just one"]
     assert request.task == common_pb2.TASK_UNSPECIFIED
     assert request.options.cache_policy == common_pb2.CACHE_POLICY_USE
@@ -119,19 +109,19 @@ def test_one_string_is_one_text_and_no_task_is_unspecified() -> None:
     ],
 )
 def test_task_names_map_to_the_wire(name: str, wire: int) -> None:
-    assert _request("x", "m", name, "", False, 0, "bypass").task == wire
+    assert infer_request("x", "m", name, "", False, 0, "bypass").task == wire
 
 
 @pytest.mark.parametrize("task", ["classification", "", "EMBEDDING"])
 def test_unknown_task_is_refused_naming_the_known_ones(task: str) -> None:
     with pytest.raises(ValueError, match=r"unknown task.*text-classification"):
-        _request("x", "m", task, "", False, 0, "use")
+        infer_request("x", "m", task, "", False, 0, "use")
 
 
 @pytest.mark.parametrize("cache", ["skip", "", "USE"])
 def test_unknown_cache_policy_is_refused_naming_the_known_ones(cache: str) -> None:
     with pytest.raises(ValueError, match=r"unknown cache policy.*bypass"):
-        _request("x", "m", None, "", False, 0, cache)
+        infer_request("x", "m", None, "", False, 0, cache)
 
 
 def test_blocking_client_refuses_a_bad_request_before_calling() -> None:
@@ -153,7 +143,7 @@ def embedding(values: list[float], cached: bool = False) -> common_pb2.Result:
 
 
 def test_embedding_result_is_a_float32_vector() -> None:
-    vector = _result(embedding([0.6, 0.8]))
+    vector = to_result(embedding([0.6, 0.8]))
     assert isinstance(vector, np.ndarray)
     assert vector.dtype == np.float32
     np.testing.assert_allclose(vector, [0.6, 0.8])
@@ -168,7 +158,7 @@ def test_classification_result_keeps_the_order_of_labels() -> None:
             ]
         )
     )
-    assert _result(result) == [LabelScore("pos", 0.75), LabelScore("neg", 0.25)]
+    assert to_result(result) == [LabelScore("pos", 0.75), LabelScore("neg", 0.25)]
 
 
 def test_entities_result_keeps_offsets_and_text() -> None:
@@ -180,7 +170,7 @@ def test_entities_result_keeps_offsets_and_text() -> None:
             ]
         )
     )
-    assert _result(result) == [
+    assert to_result(result) == [
         Entity("PER", 0.5, 0, 3, "Ada"),
         Entity("LOC", 0.25, 7, 13, "London"),
     ]
@@ -193,7 +183,7 @@ def test_answer_converts_every_result_and_its_cache_flag() -> None:
         task=common_pb2.TASK_EMBEDDING,
         results=[embedding([1.0, 0.0], cached=True), embedding([0.0, 1.0])],
     )
-    answer = _answer(reply)
+    answer = to_answer(reply)
     assert (answer.model, answer.version, answer.task) == ("minilm-embed", "1", "embedding")
     np.testing.assert_allclose(np.stack(answer.results), [[1.0, 0.0], [0.0, 1.0]])
     assert answer.cached == [True, False]
@@ -202,14 +192,14 @@ def test_answer_converts_every_result_and_its_cache_flag() -> None:
 
 def test_cache_hit_means_every_result_came_from_the_cache() -> None:
     reply = gateway_pb2.InferResponse(task=common_pb2.TASK_EMBEDDING, results=[embedding([1.0])])
-    assert _answer(reply).cache_hit is False
+    assert to_answer(reply).cache_hit is False
     reply.results[0].cached = True
-    assert _answer(reply).cache_hit is True
-    assert _answer(gateway_pb2.InferResponse()).cache_hit is False
+    assert to_answer(reply).cache_hit is True
+    assert to_answer(gateway_pb2.InferResponse()).cache_hit is False
 
 
 def test_answer_without_a_task_says_unspecified() -> None:
-    assert _answer(gateway_pb2.InferResponse()).task == "unspecified"
+    assert to_answer(gateway_pb2.InferResponse()).task == "unspecified"
 
 
 def test_model_info_conversion() -> None:
@@ -222,7 +212,7 @@ def test_model_info_conversion() -> None:
         dimensions=64,
         description="people",
     )
-    model = _model(info)
+    model = to_model_info(info)
     assert (model.name, model.task, model.versions) == ("ner", "token-classification", ["3", "2"])
     assert (model.max_length, model.labels, model.dimensions) == (128, ["O", "PER"], 64)
     assert model.description == "people"

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 from pydantic_settings import BaseSettings
 
-from fmserve.cluster import SERVICES
-from fmserve.settings import variables
+from fmserve.cli.cluster import SERVICES
+from fmserve.core.settings import variables
 from tests.deployment import (
     COMPOSE_DIR,
     COMPOSE_FILE,
@@ -197,9 +197,9 @@ def test_commands_run_the_services_of_the_same_name(services: dict[str, dict[str
             "CMD",
             "python",
             "-m",
-            "fmserve.healthcheck",
+            "fmserve.rpc.healthcheck",
         ]
-    assert importlib.util.find_spec("fmserve.healthcheck")
+    assert importlib.util.find_spec("fmserve.rpc.healthcheck")
 
 
 @pytest.mark.parametrize("name", SERVICES)

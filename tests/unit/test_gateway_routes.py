@@ -13,8 +13,9 @@ from pathlib import Path
 import grpc
 import pytest
 
+from fmserve.core.repository import ModelRepository
+from fmserve.core.tasks import TaskName
 from fmserve.errors import InvalidInput, ModelNotFound, TooLarge, Unavailable, WrongTask
-from fmserve.repository import ModelRepository, TaskName
 from services.gateway.cache_keys import cache_key
 from services.gateway.routes import Route, Router
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from fmserve.repository import Batching, ModelRepository
+from fmserve.core.repository import Batching, ModelRepository
 from services.inference.instance import (
     BACKGROUND_BATCH_S,
     BACKGROUND_PRIORITY,

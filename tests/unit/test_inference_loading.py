@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from fmserve.core.repository import Runtime
+from fmserve.core.tasks import TaskName
 from fmserve.errors import Unavailable
-from fmserve.repository import Runtime, TaskName
 from services.inference.loading import (
     LoadFailed,
     Placement,

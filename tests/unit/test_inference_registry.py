@@ -15,8 +15,8 @@ import pytest
 import torch
 from prometheus_client import REGISTRY
 
+from fmserve.core.repository import ModelRepository
 from fmserve.errors import InputTooLong, ModelNotFound, Unavailable
-from fmserve.repository import ModelRepository
 from services.inference.instance import InferRequest
 from services.inference.registry import ModelRegistry, State
 from tests.models import add_pickled_model

@@ -1,7 +1,8 @@
-"""fmserve.jobs.StageWorker's rule for a chunk that fails: an error of the items (InvalidInput,
-NotFound) becomes their answer, item by item where the stage can split the chunk; any other
-error propagates, so the consumer's isolation and dead-lettering handle it and no server
-message (a path, a library's text) becomes an item's answer. Pure: nothing is connected."""
+"""The stage worker's (fmserve.queue.stage_worker) rule for a chunk that fails: an error of the
+items (InvalidInput, NotFound) becomes their answer, item by item where the stage can split the
+chunk; any other error propagates, so the consumer's isolation and dead-lettering handle it and
+no server message (a path, a library's text) becomes an item's answer. Pure: nothing is
+connected."""
 
 from __future__ import annotations
 
@@ -15,8 +16,11 @@ from fmserve.errors import (
     Overloaded,
     Unavailable,
 )
-from fmserve.jobs import JobRecords, JobStates, Splitter, StageRun, StageWorker, singles
-from fmserve.messaging import Broker, Topology
+from fmserve.queue.broker import Broker
+from fmserve.queue.chunks import singles
+from fmserve.queue.records import JobRecords, JobStates
+from fmserve.queue.stage_worker import Splitter, StageRun, StageWorker
+from fmserve.queue.topology import Topology
 from fmserve.v1 import jobs_pb2
 
 pytestmark = pytest.mark.timeout(10)

@@ -7,8 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from fmserve.core.repository import ModelRepository
+from fmserve.core.tasks import TaskName
 from fmserve.errors import InvalidInput, ModelNotFound, WrongTask
-from fmserve.repository import ModelRepository, TaskName
 from services.postprocess.postprocessor import ModelOutputs, Postprocessor
 from services.postprocess.results import Classification, Embedding, Entities, Entity
 

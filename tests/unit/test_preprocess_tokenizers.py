@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 from transformers import AutoTokenizer
 
+from fmserve.core.repository import ModelRepository
 from fmserve.errors import FmserveError, InputTooLong, InvalidInput, ModelNotFound
-from fmserve.repository import ModelRepository
 from services.preprocess.tokenizers import Tokenizers
 
 TEXTS = ["Wolfgang Mozart was born in Salzburg.", "Hello world", "naïve café — 東京"]

@@ -1,4 +1,4 @@
-"""The model repository (fmserve/repository.py): versions, labels, errors and re-reading.
+"""The model repository (fmserve/core/repository.py): versions, labels, errors and re-reading.
 
 Every repository is written in tmp_path: a model.toml and a config.json per version, no weights
 (the bundled package model is the one exception, read from the installed package).
@@ -13,8 +13,9 @@ from typing import Any
 
 import pytest
 
+from fmserve.core.repository import ConfigError, ModelRepository, load_config
+from fmserve.core.tasks import TaskName
 from fmserve.errors import ModelNotFound
-from fmserve.repository import ConfigError, ModelRepository, TaskName, load_config
 
 pytestmark = pytest.mark.timeout(10)
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 
-from fmserve import context, tracing
-from fmserve.interceptors import REQUEST_ID_KEY
-from fmserve.service import grpc_options
+from fmserve.core import context, tracing
+from fmserve.rpc.interceptors import REQUEST_ID_KEY
+from fmserve.rpc.service import grpc_options
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
 

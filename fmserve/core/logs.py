@@ -8,7 +8,7 @@ import logging
 import sys
 import time
 
-from fmserve.context import request_id
+from fmserve.core.context import request_id
 
 _RESERVED = set(vars(logging.LogRecord("", 0, "", 0, "", None, None))) | {"message", "asctime"}
 

@@ -1,10 +1,19 @@
-"""Tasks between the model repository's names (`TaskName`) and the wire (`fmserve.v1.Task`):
-one table, read in both directions by the gateway, the postprocess service and the client."""
+"""The tasks fmserve serves: their names in the model repository (`TaskName`) and on the wire
+(`fmserve.v1.Task`), one table read in both directions by the gateway, the postprocess service
+and the client."""
 
 from __future__ import annotations
 
-from fmserve.repository import TaskName
+from enum import StrEnum
+
 from fmserve.v1 import common_pb2
+
+
+class TaskName(StrEnum):
+    EMBEDDING = "embedding"
+    TEXT_CLASSIFICATION = "text-classification"
+    TOKEN_CLASSIFICATION = "token-classification"
+
 
 TASK_TO_WIRE: dict[TaskName, common_pb2.Task] = {
     TaskName.EMBEDDING: common_pb2.TASK_EMBEDDING,

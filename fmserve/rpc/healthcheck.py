@@ -1,4 +1,4 @@
-"""`python -m fmserve.healthcheck ADDRESS [SERVICE]`: exit 0 when the gRPC health service at
+"""`python -m fmserve.rpc.healthcheck ADDRESS [SERVICE]`: exit 0 when the gRPC health service at
 ADDRESS says SERVING, 1 otherwise. Container health checks run it (deploy/compose/), so it
 imports nothing heavy and waits at most `--timeout-s`."""
 
@@ -23,7 +23,7 @@ def status(address: str, service: str = "", timeout_s: float = 2.0) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fmserve.healthcheck", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m fmserve.rpc.healthcheck", description=__doc__)
     parser.add_argument("address", help="host:port of any fmserve service")
     parser.add_argument("service", nargs="?", default="", help="one service name; '' = whole")
     parser.add_argument("--timeout-s", type=float, default=2.0)

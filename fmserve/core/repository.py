@@ -19,19 +19,13 @@ import importlib.util
 import json
 import tomllib
 from dataclasses import dataclass, field
-from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
+from fmserve.core.tasks import TaskName
 from fmserve.errors import ModelNotFound
 
 CONFIG_FILE = "model.toml"
-
-
-class TaskName(StrEnum):
-    EMBEDDING = "embedding"
-    TEXT_CLASSIFICATION = "text-classification"
-    TOKEN_CLASSIFICATION = "token-classification"
 
 
 class ConfigError(ValueError):

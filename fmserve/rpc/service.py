@@ -14,12 +14,13 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from fmserve import logs, tracing
-from fmserve.interceptors import ServiceInterceptor
-from fmserve.metrics import RpcMetrics, serve_metrics
-from fmserve.settings import ServiceSettings
+from fmserve.core import logs, tracing
+from fmserve.core.metrics import RpcMetrics, serve_metrics
+from fmserve.core.settings import ServiceSettings
+from fmserve.rpc.interceptors import ServiceInterceptor
+from fmserve.rpc.options import grpc_options
 
-log = logging.getLogger("fmserve.service")
+log = logging.getLogger("fmserve.rpc.service")
 
 
 class Resource(Protocol):
@@ -37,17 +38,6 @@ class Servicer:
     add_to_server: Callable[[Any, grpc.aio.Server], None]
     servicer: Any
     name: str
-
-
-def grpc_options(max_message_bytes: int) -> list[tuple[str, Any]]:
-    """Channel/server options both sides use: message limits and keepalive that survives idling."""
-    return [
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-        ("grpc.keepalive_time_ms", 30_000),
-        ("grpc.http2.max_pings_without_data", 0),
-        ("grpc.keepalive_permit_without_calls", 1),
-    ]
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, Any]]:

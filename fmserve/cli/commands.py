@@ -13,7 +13,6 @@ Add --json to any call for machine-readable output."""
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import signal
 import sys
@@ -24,8 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.client import Client, JobStatus
-from fmserve.cluster import (
+from fmserve.cli.cluster import (
     PORT_ORDER,
     SERVICES,
     Cluster,
@@ -34,8 +32,15 @@ from fmserve.cluster import (
     check_ports,
     check_redis,
 )
+from fmserve.client import Client, JobStatus
+from fmserve.core.settings import (
+    DEFAULT_REPOSITORY,
+    ClientSettings,
+    RepositorySettings,
+    settings_class,
+    variables,
+)
 from fmserve.errors import FmserveError
-from fmserve.settings import DEFAULT_REPOSITORY, ClientSettings, RepositorySettings, variables
 
 _CLUSTER_WIDE = {"FMSERVE_LOG_LEVEL", "FMSERVE_LOG_FORMAT", "FMSERVE_MODEL_REPOSITORY"}
 
@@ -285,8 +290,7 @@ def _config(args: argparse.Namespace) -> None:
         common,
     )
     for name in SERVICES:
-        module = importlib.import_module(f"services.{name}.settings")
-        _table(name, variables(getattr(module, f"{name.capitalize()}Settings"), RepositorySettings))
+        _table(name, variables(settings_class(name), RepositorySettings))
 
 
 def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
@@ -338,7 +342,3 @@ def _print_cluster(cluster: Cluster) -> None:
         print(f"  {r.service:<12} {where} pid {pid:<8} {r.log_path}")
     gateway = cluster.replicas_of["gateway"][0]
     print(f"fmserve is ready: gateway at {gateway.address} (Ctrl-C stops everything)", flush=True)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -4,13 +4,14 @@ Settings are read here and nowhere else: no other module looks at the environmen
 
 from __future__ import annotations
 
+from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-DEFAULT_REPOSITORY = Path(__file__).resolve().parent.parent / "models"
+DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "models"
 
 
 class ServiceSettings(BaseSettings):
@@ -133,3 +134,29 @@ class WorkerSettings(AmqpSettings):
     job_state_ttl_s: PositiveFloat = 1.0
     """How long a stage trusts a job's state before asking the cache service again; bounds how
     long a cancelled or expired job's items are still processed."""
+
+
+# Each service registers its settings class under this entry point group (pyproject.toml), so
+# the shared core learns which services exist without naming their modules.
+SERVICES_GROUP = "fmserve.services"
+
+
+def _registered(service: str) -> EntryPoint:
+    found = {ep.name: ep for ep in entry_points(group=SERVICES_GROUP)}
+    if service not in found:
+        raise LookupError(
+            f"no service {service!r} is registered under the {SERVICES_GROUP!r} entry points; "
+            "reinstall fmserve (`make install`)"
+        )
+    return found[service]
+
+
+def settings_class(service: str) -> type[ServiceSettings]:
+    """A registered service's settings class."""
+    cls: type[ServiceSettings] = _registered(service).load()
+    return cls
+
+
+def service_module(service: str) -> str:
+    """The module `python -m` runs for a registered service: the package of its settings."""
+    return _registered(service).module.rsplit(".", 1)[0]

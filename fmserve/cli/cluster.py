@@ -20,6 +20,8 @@ from urllib.parse import urlparse
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from fmserve.core.settings import service_module
+
 # Start order: stages first, the gateway (the front door) last; stop order is the reverse.
 SERVICES = ("cache", "preprocess", "inference", "postprocess", "gateway")
 # Ports follow DESIGN.md: gateway 50051, preprocess 50052, … cache 50055.
@@ -90,7 +92,7 @@ class Cluster:
     def spawn(self, replica: Replica) -> None:
         log = replica.log_path.open("ab")
         replica.process = subprocess.Popen(
-            [sys.executable, "-m", f"services.{replica.service}"],
+            [sys.executable, "-m", service_module(replica.service)],
             env=self.child_env(replica),
             stdout=log,
             stderr=subprocess.STDOUT,

@@ -14,9 +14,9 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError
 
-from fmserve import context, tracing
+from fmserve.core import context, tracing
+from fmserve.core.metrics import RpcMetrics
 from fmserve.errors import ERROR_TYPE_KEY, FmserveError, InvalidInput
-from fmserve.metrics import RpcMetrics
 
 log = logging.getLogger("fmserve.rpc")
 

@@ -1,0 +1,33 @@
+"""The Python client: `Client` and `AsyncClient` are twins with the same methods.
+It needs grpcio, protobuf and numpy only (a test keeps it so); `rich` for progress bars.
+
+    from fmserve import Client
+    with Client("localhost:50051") as c:
+        vectors = c.embed(["a sentence"], model="minilm-embed")     # numpy [N, 384]
+        labels = c.classify(["I love it"], model="minilm-sentiment")  # best first
+
+Batch jobs: submit any iterable of texts (streamed to the gateway in chunks), then wait, read:
+
+        job = c.submit(open_texts(), model="minilm-embed")   # returns once the job is durable
+        job.wait(progress=True)                              # a progress bar with rate and ETA
+        for item in job.results():                           # item order, fetched page by page
+            print(item.index, item.result if item.ok else item.error)
+
+gRPC failures arrive as `fmserve.errors` exceptions (see that module's tree)."""
+
+from fmserve.client.aio import AsyncClient, AsyncJob
+from fmserve.client.sync import Client, Job
+from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+
+__all__ = [
+    "Answer",
+    "AsyncClient",
+    "AsyncJob",
+    "Client",
+    "Entity",
+    "Job",
+    "JobItem",
+    "JobStatus",
+    "LabelScore",
+    "ModelInfo",
+]

@@ -1,0 +1,162 @@
+"""The asyncio client: `AsyncClient` and its job handle `AsyncJob`, twins of the blocking ones."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fmserve.client import wire
+from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+from fmserve.errors import from_rpc_error
+from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2
+
+
+class AsyncJob:
+    """A handle on a batch job of an `AsyncClient`: `Job`'s twin, every call awaited."""
+
+    def __init__(self, client: AsyncClient, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    async def status(self) -> JobStatus:
+        request = jobs_pb2.GetJobRequest(job_id=self.id)
+        return wire.to_job_status(await self.client._call("GetJob", request))
+
+    async def wait(self, progress: bool = False, timeout: float | None = None) -> JobStatus:
+        """Wait until the job has ended; `progress=True` shows a progress bar."""
+        from fmserve.client.progress import JobProgress
+
+        request = jobs_pb2.GetJobRequest(job_id=self.id)
+        status = None
+        with JobProgress(enabled=progress) as bar:
+            try:
+                async for job in self.client._stub.WatchJob(request, timeout=timeout):
+                    status = wire.to_job_status(job)
+                    bar.update(status)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+        return status or await self.status()
+
+    async def results(self, page_size: int = wire.RESULTS_PAGE) -> AsyncIterator[JobItem]:
+        """Every answered item in item order, a page at a time; waits for the job first."""
+        total = (await self.wait()).total
+        for start in range(0, total, page_size):
+            request = jobs_pb2.GetJobResultsRequest(job_id=self.id, start=start, limit=page_size)
+            for item in (await self.client._call("GetJobResults", request)).items:
+                yield wire.to_job_item(item)
+
+    async def cancel(self) -> JobStatus:
+        request = jobs_pb2.CancelJobRequest(job_id=self.id)
+        return wire.to_job_status(await self.client._call("CancelJob", request))
+
+
+class AsyncClient:
+    """asyncio client for the gateway: `Client`'s twin, every call awaited."""
+
+    def __init__(self, address: str = "localhost:50051", *, timeout: float = 30.0) -> None:
+        self._channel = grpc.aio.insecure_channel(address, options=wire.channel_options())
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self.timeout = timeout
+
+    async def infer(
+        self,
+        texts: str | Sequence[str],
+        model: str,
+        *,
+        task: str | None = None,
+        version: str = "",
+        truncate: bool = False,
+        top_k: int = 0,
+        cache: str = "use",
+    ) -> Answer:
+        """Run `model` on `texts`; `cache` is "use", "bypass" or "refresh"."""
+        request = wire.infer_request(texts, model, task, version, truncate, top_k, cache)
+        try:
+            return wire.to_answer(await self._stub.Infer(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def embed(
+        self, texts: str | Sequence[str], model: str = "minilm-embed", **options: Any
+    ) -> np.ndarray:
+        """One vector per text: a float32 array [N, dimensions]."""
+        return np.stack((await self.infer(texts, model, task="embedding", **options)).results)
+
+    async def classify(
+        self, texts: str | Sequence[str], model: str, **options: Any
+    ) -> list[list[LabelScore]]:
+        """Per text, its labels with scores, best first (`top_k=` keeps the best k)."""
+        return (await self.infer(texts, model, task="text-classification", **options)).results
+
+    async def entities(
+        self, texts: str | Sequence[str], model: str, **options: Any
+    ) -> list[list[Entity]]:
+        """Per text, the labelled spans found in it, with character offsets."""
+        return (await self.infer(texts, model, task="token-classification", **options)).results
+
+    async def models(self) -> list[ModelInfo]:
+        try:
+            reply = await self._stub.ListModels(
+                gateway_pb2.ListModelsRequest(), timeout=self.timeout
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return [wire.to_model_info(m) for m in reply.models]
+
+    async def submit(
+        self,
+        texts: str | Iterable[str],
+        model: str,
+        *,
+        task: str | None = None,
+        version: str = "",
+        truncate: bool = False,
+        top_k: int = 0,
+        idempotency_key: str = "",
+        priority: str = "normal",
+        retention_s: int = 0,
+        timeout_s: int = 0,
+    ) -> AsyncJob:
+        """Submit a batch job; returns once it is durable (see `Client.submit`). `texts` may
+        also be an async iterable."""
+        header = wire.job_header(
+            model, task, version, truncate, top_k, idempotency_key, priority, retention_s, timeout_s
+        )
+
+        async def requests() -> AsyncIterator[gateway_pb2.SubmitJobRequest]:
+            yield header
+            async for request in wire.async_text_chunks(texts):
+                yield request
+
+        try:
+            job = await self._stub.SubmitJob(requests(), timeout=None)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return AsyncJob(self, job.id)
+
+    async def job(self, job_id: str) -> AsyncJob:
+        """A handle on a job submitted before (NOT_FOUND is raised on its first call)."""
+        return AsyncJob(self, job_id)
+
+    async def jobs(self, limit: int = 50) -> list[JobStatus]:
+        """Recent jobs, newest first."""
+        reply = await self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit))
+        return [wire.to_job_status(job) for job in reply.jobs]
+
+    async def _call(self, method: str, request: Any) -> Any:
+        try:
+            return await getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    async def close(self) -> None:
+        await self._channel.close()
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

@@ -1,0 +1,160 @@
+"""The blocking client: `Client` and its job handle `Job`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+
+from fmserve.client import wire
+from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+from fmserve.errors import from_rpc_error
+from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2
+
+
+class Job:
+    """A handle on a batch job of a `Client`; every method asks the gateway afresh."""
+
+    def __init__(self, client: Client, job_id: str) -> None:
+        self.client = client
+        self.id = job_id
+
+    def status(self) -> JobStatus:
+        return wire.to_job_status(
+            self.client._call("GetJob", jobs_pb2.GetJobRequest(job_id=self.id))
+        )
+
+    def wait(self, progress: bool = False, timeout: float | None = None) -> JobStatus:
+        """Block until the job has ended (state and progress streamed by the gateway);
+        `progress=True` shows a progress bar with rate and ETA on the terminal."""
+        from fmserve.client.progress import JobProgress
+
+        request = jobs_pb2.GetJobRequest(job_id=self.id)
+        status = None
+        with JobProgress(enabled=progress) as bar:
+            try:
+                for job in self.client._stub.WatchJob(request, timeout=timeout):
+                    status = wire.to_job_status(job)
+                    bar.update(status)
+            except grpc.RpcError as exc:
+                raise from_rpc_error(exc) from None
+        return status or self.status()
+
+    def results(self, page_size: int = wire.RESULTS_PAGE) -> Iterator[JobItem]:
+        """Every answered item in item order, a page at a time; waits for the job first."""
+        total = self.wait().total
+        for start in range(0, total, page_size):
+            request = jobs_pb2.GetJobResultsRequest(job_id=self.id, start=start, limit=page_size)
+            yield from map(wire.to_job_item, self.client._call("GetJobResults", request).items)
+
+    def cancel(self) -> JobStatus:
+        """Stop the job's remaining items; FAILED_PRECONDITION (Conflict) once it has ended."""
+        return wire.to_job_status(
+            self.client._call("CancelJob", jobs_pb2.CancelJobRequest(job_id=self.id))
+        )
+
+
+class Client:
+    """Blocking client for the gateway."""
+
+    def __init__(self, address: str = "localhost:50051", *, timeout: float = 30.0) -> None:
+        self._channel = grpc.insecure_channel(address, options=wire.channel_options())
+        self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
+        self.timeout = timeout
+
+    def infer(
+        self,
+        texts: str | Sequence[str],
+        model: str,
+        *,
+        task: str | None = None,
+        version: str = "",
+        truncate: bool = False,
+        top_k: int = 0,
+        cache: str = "use",
+    ) -> Answer:
+        """Run `model` on `texts`; `cache` is "use", "bypass" or "refresh"."""
+        request = wire.infer_request(texts, model, task, version, truncate, top_k, cache)
+        try:
+            return wire.to_answer(self._stub.Infer(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def embed(
+        self, texts: str | Sequence[str], model: str = "minilm-embed", **options: Any
+    ) -> np.ndarray:
+        """One vector per text: a float32 array [N, dimensions]."""
+        return np.stack(self.infer(texts, model, task="embedding", **options).results)
+
+    def classify(
+        self, texts: str | Sequence[str], model: str, **options: Any
+    ) -> list[list[LabelScore]]:
+        """Per text, its labels with scores, best first (`top_k=` keeps the best k)."""
+        return self.infer(texts, model, task="text-classification", **options).results
+
+    def entities(
+        self, texts: str | Sequence[str], model: str, **options: Any
+    ) -> list[list[Entity]]:
+        """Per text, the labelled spans found in it, with character offsets."""
+        return self.infer(texts, model, task="token-classification", **options).results
+
+    def models(self) -> list[ModelInfo]:
+        try:
+            reply = self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return [wire.to_model_info(m) for m in reply.models]
+
+    def submit(
+        self,
+        texts: str | Iterable[str],
+        model: str,
+        *,
+        task: str | None = None,
+        version: str = "",
+        truncate: bool = False,
+        top_k: int = 0,
+        idempotency_key: str = "",
+        priority: str = "normal",
+        retention_s: int = 0,
+        timeout_s: int = 0,
+    ) -> Job:
+        """Submit a batch job; returns once it is durable (RabbitMQ confirmed every item).
+        `texts` may be any iterable, read lazily; the same `idempotency_key` gives the same
+        job; `priority` is "normal", "high" or "low"; `timeout_s` expires an unfinished job."""
+        header = wire.job_header(
+            model, task, version, truncate, top_k, idempotency_key, priority, retention_s, timeout_s
+        )
+        requests = itertools.chain([header], wire.text_chunks(texts))
+        try:
+            job = self._stub.SubmitJob(requests, timeout=None)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        return Job(self, job.id)
+
+    def job(self, job_id: str) -> Job:
+        """A handle on a job submitted before (NOT_FOUND is raised on its first call)."""
+        return Job(self, job_id)
+
+    def jobs(self, limit: int = 50) -> list[JobStatus]:
+        """Recent jobs, newest first."""
+        reply = self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit))
+        return [wire.to_job_status(job) for job in reply.jobs]
+
+    def _call(self, method: str, request: Any) -> Any:
+        try:
+            return getattr(self._stub, method)(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def close(self) -> None:
+        self._channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()

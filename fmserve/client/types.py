@@ -1,0 +1,101 @@
+"""What the client hands its users: plain dataclasses, no protobuf."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+TERMINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
+
+
+@dataclass(frozen=True)
+class LabelScore:
+    label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class Entity:
+    label: str
+    score: float
+    start: int
+    end: int
+    text: str
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    task: str
+    versions: list[str]
+    max_length: int
+    labels: list[str]
+    dimensions: int
+    description: str
+
+
+@dataclass
+class Answer:
+    """Everything the gateway said about one Infer call."""
+
+    model: str
+    version: str
+    task: str
+    results: list[Any] = field(default_factory=list)
+    """Per text: a numpy vector, a list of LabelScore, or a list of Entity."""
+    cached: list[bool] = field(default_factory=list)
+    trace_id: str = ""
+    """The request's distributed trace, when the cluster exports traces."""
+
+    @property
+    def cache_hit(self) -> bool:
+        return bool(self.cached) and all(self.cached)
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A job's state and progress. Times are Unix seconds (0: not yet)."""
+
+    id: str
+    state: str
+    """queued, running, succeeded, failed, cancelled or expired (the last four are final)."""
+    model: str
+    version: str
+    task: str
+    priority: str
+    total: int
+    """Items in the job (known once the submission has ended: `sealed`)."""
+    sealed: bool
+    done: int
+    """Items answered with a result."""
+    failed: int
+    """Items answered with an error."""
+    created: float
+    started: float
+    finished: float
+    expires: float
+    error: str
+    idempotency_key: str
+    trace_id: str = ""
+    """The submission's distributed trace, which its items continue (when traces export)."""
+
+    @property
+    def ended(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def answered(self) -> int:
+        return self.done + self.failed
+
+
+@dataclass(frozen=True)
+class JobItem:
+    """One item's answer: its result (as `Client.infer` gives it) or why it failed."""
+
+    index: int
+    result: Any = None
+    error: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return not self.error

@@ -1,0 +1,175 @@
+"""The client's conversions between its calls and the gateway's messages: requests to the wire,
+replies to the dataclasses of `fmserve.client.types`."""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from typing import Any
+
+import numpy as np
+
+from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+from fmserve.core.tasks import TASK_TO_WIRE
+from fmserve.rpc.options import grpc_options
+from fmserve.v1 import common_pb2, gateway_pb2, jobs_pb2
+
+TASKS = {task.value: wire for task, wire in TASK_TO_WIRE.items()}
+TASK_NAMES = {wire: name for name, wire in TASKS.items()}
+CACHE_POLICIES = {
+    "use": common_pb2.CACHE_POLICY_USE,
+    "bypass": common_pb2.CACHE_POLICY_BYPASS,
+    "refresh": common_pb2.CACHE_POLICY_REFRESH,
+}
+PRIORITIES = {
+    "normal": jobs_pb2.JOB_PRIORITY_NORMAL,
+    "high": jobs_pb2.JOB_PRIORITY_HIGH,
+    "low": jobs_pb2.JOB_PRIORITY_LOW,
+}
+PRIORITY_NAMES = {wire: name for name, wire in PRIORITIES.items()}
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+TEXTS_PER_MESSAGE = 500  # texts per SubmitJob message: small messages, few of them
+RESULTS_PAGE = 1000  # items per results page
+
+
+def infer_request(
+    texts: str | Sequence[str],
+    model: str,
+    task: str | None,
+    version: str,
+    truncate: bool,
+    top_k: int,
+    cache: str,
+) -> gateway_pb2.InferRequest:
+    if isinstance(texts, str):
+        texts = [texts]
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASKS)}")
+    if cache not in CACHE_POLICIES:
+        raise ValueError(f"unknown cache policy {cache!r}; use one of {sorted(CACHE_POLICIES)}")
+    options = gateway_pb2.InferOptions(
+        truncate=truncate, top_k=top_k, cache_policy=CACHE_POLICIES[cache]
+    )
+    return gateway_pb2.InferRequest(
+        model=model,
+        version=version,
+        task=TASKS[task] if task else common_pb2.TASK_UNSPECIFIED,
+        texts=list(texts),
+        options=options,
+    )
+
+
+def to_result(result: common_pb2.Result) -> Any:
+    kind = result.WhichOneof("value")
+    if kind == "embedding":
+        return np.asarray(result.embedding.values, dtype=np.float32)
+    if kind == "classification":
+        return [LabelScore(s.label, s.score) for s in result.classification.labels]
+    return [Entity(e.label, e.score, e.start, e.end, e.text) for e in result.entities.entities]
+
+
+def to_answer(reply: gateway_pb2.InferResponse) -> Answer:
+    return Answer(
+        model=reply.model,
+        version=reply.version,
+        task=TASK_NAMES.get(reply.task, "unspecified"),
+        results=[to_result(r) for r in reply.results],
+        cached=[r.cached for r in reply.results],
+        trace_id=reply.trace_id,
+    )
+
+
+def to_model_info(info: gateway_pb2.ModelInfo) -> ModelInfo:
+    return ModelInfo(
+        info.name,
+        TASK_NAMES.get(info.task, "unspecified"),
+        list(info.versions),
+        info.max_length,
+        list(info.labels),
+        info.dimensions,
+        info.description,
+    )
+
+
+def channel_options() -> list[tuple[str, Any]]:
+    return grpc_options(MAX_MESSAGE_BYTES)
+
+
+def to_job_status(job: jobs_pb2.Job) -> JobStatus:
+    return JobStatus(
+        id=job.id,
+        state=jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
+        model=job.model,
+        version=job.version,
+        task=TASK_NAMES.get(job.task, "unspecified"),
+        priority=PRIORITY_NAMES.get(job.priority, "normal"),
+        total=job.total,
+        sealed=job.sealed,
+        done=job.done,
+        failed=job.failed,
+        created=job.created_unix_ms / 1000,
+        started=job.started_unix_ms / 1000,
+        finished=job.finished_unix_ms / 1000,
+        expires=job.expires_unix_ms / 1000,
+        error=job.error,
+        idempotency_key=job.idempotency_key,
+        trace_id=job.trace_id,
+    )
+
+
+def to_job_item(item: jobs_pb2.JobItemResult) -> JobItem:
+    if item.HasField("result"):
+        return JobItem(item.index, to_result(item.result))
+    return JobItem(item.index, error=item.error)
+
+
+def job_header(
+    model: str,
+    task: str | None,
+    version: str,
+    truncate: bool,
+    top_k: int,
+    idempotency_key: str,
+    priority: str,
+    retention_s: int,
+    timeout_s: int,
+) -> gateway_pb2.SubmitJobRequest:
+    if task is not None and task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASKS)}")
+    if priority not in PRIORITIES:
+        raise ValueError(f"unknown priority {priority!r}; use one of {sorted(PRIORITIES)}")
+    header = gateway_pb2.JobHeader(
+        model=model,
+        version=version,
+        task=TASKS[task] if task else common_pb2.TASK_UNSPECIFIED,
+        options=gateway_pb2.InferOptions(truncate=truncate, top_k=top_k),
+        idempotency_key=idempotency_key,
+        priority=PRIORITIES[priority],
+        retention_s=retention_s,
+        timeout_s=timeout_s,
+    )
+    return gateway_pb2.SubmitJobRequest(header=header)
+
+
+def text_chunks(texts: str | Iterable[str]) -> Iterator[gateway_pb2.SubmitJobRequest]:
+    """The texts in messages of TEXTS_PER_MESSAGE, read lazily: never held whole."""
+    iterator = iter([texts] if isinstance(texts, str) else texts)
+    while chunk := list(itertools.islice(iterator, TEXTS_PER_MESSAGE)):
+        yield gateway_pb2.SubmitJobRequest(items=gateway_pb2.JobItems(texts=chunk))
+
+
+async def async_text_chunks(
+    texts: str | Iterable[str] | AsyncIterable[str],
+) -> AsyncIterator[gateway_pb2.SubmitJobRequest]:
+    if not isinstance(texts, AsyncIterable):
+        for request in text_chunks(texts):
+            yield request
+        return
+    chunk: list[str] = []
+    async for text in texts:
+        chunk.append(text)
+        if len(chunk) >= TEXTS_PER_MESSAGE:
+            yield gateway_pb2.SubmitJobRequest(items=gateway_pb2.JobItems(texts=chunk))
+            chunk = []
+    if chunk:
+        yield gateway_pb2.SubmitJobRequest(items=gateway_pb2.JobItems(texts=chunk))

@@ -1,0 +1,36 @@
+"""Job chunks, the unit every queue message carries: reading one, splitting one into single
+items, and a failed item's answer."""
+
+from __future__ import annotations
+
+from google.protobuf.message import DecodeError
+
+from fmserve.errors import FmserveError
+from fmserve.v1 import jobs_pb2
+
+
+def failure(index: int, error: FmserveError | str) -> jobs_pb2.JobItemResult:
+    """A failed item, with a message for people (the sync path's "texts[0]" means "this text")."""
+    message = error if isinstance(error, str) else error.message
+    return jobs_pb2.JobItemResult(index=index, error=message.replace("texts[0] ", "the text "))
+
+
+def decode(body: bytes) -> jobs_pb2.JobChunk:
+    try:
+        return jobs_pb2.JobChunk.FromString(body)
+    except DecodeError as exc:
+        # An unreadable message can only be dead-lettered: it names no job to fail.
+        raise ValueError("a queue message is not a JobChunk") from exc
+
+
+def singles(chunk: jobs_pb2.JobChunk) -> list[jobs_pb2.JobChunk]:
+    """Each item of a chunk alone, as it entered the first stage (texts only)."""
+    return [
+        jobs_pb2.JobChunk(
+            route=chunk.route,
+            indexes=[index],
+            texts=[text],
+            submitted_unix_ms=chunk.submitted_unix_ms,
+        )
+        for index, text in zip(chunk.indexes, chunk.texts, strict=True)
+    ]
