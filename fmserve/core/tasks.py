@@ -1,6 +1,7 @@
 """The tasks fmserve serves: their names in the model repository (`TaskName`) and on the wire
 (`fmserve.v1.Task`), one table read in both directions by the gateway, the postprocess service
-and the client."""
+and the client; and the rules about what a task needs from each stage, which the sync path
+(gateway) and the async path (stage workers) both follow."""
 
 from __future__ import annotations
 
@@ -13,6 +14,19 @@ class TaskName(StrEnum):
     EMBEDDING = "embedding"
     TEXT_CLASSIFICATION = "text-classification"
     TOKEN_CLASSIFICATION = "token-classification"
+
+    @property
+    def postprocess_needs_tokens(self) -> bool:
+        """Whether postprocess needs, besides the model's output, the texts, each text's token
+        count (lengths) and each token's character offsets: token classification cuts its
+        entities out of the texts. Other tasks answer from the output alone."""
+        return self is TaskName.TOKEN_CLASSIFICATION
+
+    @property
+    def needs_offsets(self) -> bool:
+        """Whether preprocess is asked for the tokens' character offsets: only when postprocess
+        will need them, as computing and shipping them costs time on every request."""
+        return self.postprocess_needs_tokens
 
 
 TASK_TO_WIRE: dict[TaskName, common_pb2.Task] = {

@@ -97,7 +97,7 @@ class StageClients:
             version=route.version,
             texts=texts,
             truncate=route.truncate,
-            return_offsets=route.task is TaskName.TOKEN_CLASSIFICATION,
+            return_offsets=route.task.needs_offsets,
         )
         async with _translated("preprocess"):
             return await self._preprocess.Tokenize(request, timeout=timeout)
@@ -143,7 +143,7 @@ class StageClients:
             output=output,
             top_k=route.top_k,
         )
-        if route.task is TaskName.TOKEN_CLASSIFICATION:
+        if route.task.postprocess_needs_tokens:
             request.texts.extend(texts)
             request.lengths.CopyFrom(tokens.lengths)
             request.offsets.CopyFrom(tokens.offsets)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from fmserve.core.tasks import TASK_FROM_WIRE
 from fmserve.queue.stage_worker import stage_resources
 from fmserve.v1 import common_pb2, jobs_pb2, postprocess_pb2
 from services.postprocess.postprocessor import Postprocessor
@@ -16,6 +17,7 @@ from services.postprocess.settings import PostprocessSettings
 def worker_resources(settings: PostprocessSettings, postprocessor: Postprocessor) -> list[Any]:
     async def postprocess(chunk: jobs_pb2.JobChunk) -> list[common_pb2.Result]:
         route = chunk.route
+        task = TASK_FROM_WIRE.get(route.task)
         request = postprocess_pb2.PostprocessRequest(
             model=route.model,
             version=route.version,
@@ -23,7 +25,7 @@ def worker_resources(settings: PostprocessSettings, postprocessor: Postprocessor
             output=chunk.output,
             top_k=route.top_k,
         )
-        if route.task == common_pb2.TASK_TOKEN_CLASSIFICATION:
+        if task is not None and task.postprocess_needs_tokens:
             request.texts.extend(chunk.texts)
             request.lengths.CopyFrom(chunk.lengths)
             request.offsets.CopyFrom(chunk.offsets)

@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Any
 
 from fmserve.core import tensors
+from fmserve.core.tasks import TASK_FROM_WIRE
 from fmserve.queue.chunks import singles
 from fmserve.queue.stage_worker import stage_resources
-from fmserve.v1 import common_pb2, jobs_pb2
+from fmserve.v1 import jobs_pb2
 from services.preprocess.settings import PreprocessSettings
 from services.preprocess.tokenizers import Tokenizers
 
@@ -17,12 +18,13 @@ from services.preprocess.tokenizers import Tokenizers
 def worker_resources(settings: PreprocessSettings, tokenizers: Tokenizers) -> list[Any]:
     async def tokenize(chunk: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
         route = chunk.route
+        task = TASK_FROM_WIRE.get(route.task)
         tokenized = await tokenizers.tokenize(
             route.model,
             route.version,
             list(chunk.texts),
             truncate=route.truncate,
-            offsets=route.task == common_pb2.TASK_TOKEN_CLASSIFICATION,
+            offsets=task is not None and task.needs_offsets,
         )
         out = jobs_pb2.JobChunk()
         out.CopyFrom(chunk)
