@@ -13,17 +13,25 @@ them into wire statuses, and the clients turn wire statuses back into them.
     ├── Overloaded                    RESOURCE_EXHAUSTED   queue full, retry later
     │   └── TooLarge                  RESOURCE_EXHAUSTED   too many items in one request
     ├── Unavailable                   UNAVAILABLE       a stage or store is down, model not ready
+    │   └── ConfigError               UNAVAILABLE       a model's model.toml is invalid
     ├── DeadlineExceeded              DEADLINE_EXCEEDED
     └── Cancelled                     CANCELLED
 
 Retryable states get retryable codes: not-ready is UNAVAILABLE, overload RESOURCE_EXHAUSTED.
 The class name travels in the `fmserve-error` trailing metadata, so a client (or the gateway,
-for a stage's error) raises the same class the server did.
+for a stage's error) raises the same class the server did. Messages never carry server paths
+(`scrub_paths`): a client cannot use them, and they tell an outsider how the server is laid out.
 """
 
 from __future__ import annotations
 
+import re
+
 import grpc
+
+# Absolute paths of two segments or more ("/srv/models/x", not "tokens/s"); a sentence's final
+# period stays.
+_PATH = re.compile(r"(?<![\w.])(?:/[\w.@+-]*[\w@+-]){2,}/?")
 
 
 class FmserveError(Exception):
@@ -76,6 +84,11 @@ class Unavailable(FmserveError):
     code = grpc.StatusCode.UNAVAILABLE
 
 
+class ConfigError(Unavailable):
+    """A model's model.toml cannot be used. UNAVAILABLE, not INTERNAL: the service is sound,
+    and the model can be served as soon as the operator fixes the file (the log names it)."""
+
+
 class DeadlineExceeded(FmserveError):
     code = grpc.StatusCode.DEADLINE_EXCEEDED
 
@@ -96,6 +109,12 @@ _BY_CODE: dict[grpc.StatusCode, type[FmserveError]] = {
 
 
 ERROR_TYPE_KEY = "fmserve-error"
+
+
+def scrub_paths(message: str) -> str:
+    """A library message's first line without server paths, which clients must never see."""
+    lines = message.strip().splitlines() or ["no details"]
+    return _PATH.sub("<path>", lines[0])[:300]
 
 
 def _classes(root: type[FmserveError] = FmserveError) -> dict[str, type[FmserveError]]:

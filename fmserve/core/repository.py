@@ -10,26 +10,27 @@ know a model; the inference service alone loads weights.
         1/  config.json model.safetensors tokenizer.json ...
         2/  ...
 
-See README "Model repository" for every key.
+See README "Model repository" for every key. A model.toml that cannot be used raises
+`fmserve.errors.ConfigError` (UNAVAILABLE) here, the one place it is translated: every service
+that reads the repository answers the same, and the operator's log names the file once per edit.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fmserve.core.tasks import TaskName
-from fmserve.errors import ModelNotFound
+from fmserve.errors import ConfigError, ModelNotFound, scrub_paths
+
+log = logging.getLogger("fmserve.repository")
 
 CONFIG_FILE = "model.toml"
-
-
-class ConfigError(ValueError):
-    """A model.toml that cannot be used; the message names the file and the key."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +96,8 @@ class ModelRepository:
 
     def __init__(self, root: Path) -> None:
         self.root = Path(root)
-        self._cache: dict[str, tuple[tuple[int, int], ModelConfig]] = {}
+        # Failures are kept too, so a broken file is parsed and logged once per edit.
+        self._cache: dict[str, tuple[tuple[int, int], ModelConfig | ConfigError]] = {}
 
     def names(self) -> list[str]:
         if not self.root.is_dir():
@@ -106,7 +108,8 @@ class ModelRepository:
         return [self.get(name) for name in self.names()]
 
     def get(self, name: str) -> ModelConfig:
-        """The config of a model; ModelNotFound names the models that exist."""
+        """The config of a model; ModelNotFound names the models that exist, ConfigError says
+        what is wrong with its model.toml."""
         path = self.root / name / CONFIG_FILE
         if not name or "/" in name or name.startswith(".") or not path.is_file():
             known = ", ".join(self.names()) or "none"
@@ -116,9 +119,18 @@ class ModelRepository:
         stamp = (stat.st_mtime_ns, stat.st_size)
         cached = self._cache.get(name)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, load_config(path))
+            cached = (stamp, _outcome(path))
             self._cache[name] = cached
-        return cached[1]
+        if isinstance(config := cached[1], ConfigError):
+            raise ConfigError(config.message)  # a fresh one: a raise grows its traceback
+        return config
+
+
+def _outcome(path: Path) -> ModelConfig | ConfigError:
+    try:
+        return load_config(path)
+    except ConfigError as exc:
+        return exc
 
 
 def load_config(path: Path) -> ModelConfig:
@@ -127,9 +139,19 @@ def load_config(path: Path) -> ModelConfig:
         raw = tomllib.loads(path.read_text())
         return _build(path.parent, raw)
     except KeyError as exc:  # its text is the bare key name
-        raise ConfigError(f"{path}: missing key {exc}") from exc
+        raise _unusable(path, f"missing key {exc}") from exc
     except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"{path}: {exc}") from exc
+        raise _unusable(path, str(exc)) from exc
+
+
+def _unusable(path: Path, cause: str) -> ConfigError:
+    """The operator's log gets the file and the whole cause; clients get the model's name and
+    the cause without server paths."""
+    log.error("%s cannot be used: %s", path, cause)
+    model = path.parent.name
+    return ConfigError(
+        f"model {model!r} cannot be served: its model.toml is invalid: {scrub_paths(cause)}"
+    )
 
 
 def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 
-from fmserve.core.repository import ConfigError, ModelConfig, ModelRepository
+from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.core.tasks import TaskName
-from fmserve.errors import InvalidInput, TooLarge, Unavailable, WrongTask
-
-log = logging.getLogger("fmserve.gateway.routes")
+from fmserve.errors import ConfigError, InvalidInput, TooLarge, WrongTask
 
 
 @dataclass(frozen=True)
@@ -36,7 +33,7 @@ class Router:
     ) -> Route:
         if not model:
             raise InvalidInput("model is required; `fmserve models` lists the models served")
-        config = self._config(model)
+        config = self.repository.get(model)
         if task is not None and task is not config.task:
             raise WrongTask(f"model {model!r} does {config.task.value}, not {task.value}")
         if top_k < 0:
@@ -66,21 +63,12 @@ class Router:
         return None
 
     def models(self) -> list[ModelConfig]:
-        """Every usable model; one with a broken model.toml is left out (and logged)."""
+        """Every usable model; one with a broken model.toml is left out (the repository logs
+        why)."""
         usable = []
         for name in self.repository.names():
             try:
-                usable.append(self._config(name))
-            except Unavailable:
+                usable.append(self.repository.get(name))
+            except ConfigError:
                 continue
         return usable
-
-    def _config(self, name: str) -> ModelConfig:
-        try:
-            return self.repository.get(name)
-        except ConfigError as exc:
-            log.error("model %r has an unusable model.toml: %s", name, exc)
-            raise Unavailable(
-                f"model {name!r} cannot be served: its model.toml is invalid (the operator's "
-                "log says why)"
-            ) from exc

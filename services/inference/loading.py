@@ -6,7 +6,6 @@ full error goes to the log)."""
 from __future__ import annotations
 
 import logging
-import re
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -26,7 +25,7 @@ from transformers.utils import logging as hf_logging
 
 from fmserve.core.repository import Runtime
 from fmserve.core.tasks import TaskName
-from fmserve.errors import Unavailable
+from fmserve.errors import Unavailable, scrub_paths
 
 log = logging.getLogger("fmserve.inference.loading")
 # Progress bars would interleave with the JSON log lines on stderr.
@@ -45,9 +44,6 @@ _AUTO_CLASSES = {
 }
 # What transformers raises for a folder it cannot use: missing, truncated or mismatched files.
 _LIBRARY_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)
-# Absolute paths of two segments or more ("/srv/models/x", not "tokens/s"); a sentence's final
-# period stays.
-_PATH = re.compile(r"(?<![\w.])(?:/[\w.@+-]*[\w@+-]){2,}/?")
 
 
 class LoadFailed(Unavailable):
@@ -194,9 +190,3 @@ def _translated(what: str, files: Path) -> Iterator[None]:
 
 def _scrubbed(message: str, files: Path) -> str:
     return scrub_paths(message.replace(str(files), "<model folder>"))
-
-
-def scrub_paths(message: str) -> str:
-    """A library message's first line without server paths, which clients must never see."""
-    lines = message.strip().splitlines() or ["no details"]
-    return _PATH.sub("<path>", lines[0])[:300]

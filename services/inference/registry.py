@@ -24,11 +24,11 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from enum import StrEnum
 
-from fmserve.core.repository import ConfigError, ModelConfig, ModelRepository, version_order
-from fmserve.errors import Overloaded, Unavailable
+from fmserve.core.repository import ModelConfig, ModelRepository, version_order
+from fmserve.errors import ConfigError, Overloaded, Unavailable
 from services.inference import metrics
 from services.inference.instance import ModelInstance
-from services.inference.loading import LoadFailed, scrub_paths
+from services.inference.loading import LoadFailed
 from services.inference.runner import Runner
 from services.inference.stats import ModelStats
 
@@ -120,13 +120,8 @@ class ModelRegistry:
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     def config(self, name: str) -> ModelConfig:
-        """A model's config; ModelNotFound for unknown names, Unavailable for broken configs."""
-        try:
-            return self.repository.get(name)
-        except ConfigError as exc:
-            raise Unavailable(
-                f"model {name!r} has an unusable model.toml: {_config_reason(exc)}"
-            ) from exc
+        """A model's config; ModelNotFound for unknown names, ConfigError for broken configs."""
+        return self.repository.get(name)
 
     async def instance(self, name: str, version: str = "") -> ModelInstance:
         """The instance serving a request, loading it on first use."""
@@ -161,8 +156,7 @@ class ModelRegistry:
             try:
                 config = self.repository.get(name)
             except ConfigError as exc:
-                reason = f"unusable model.toml: {_config_reason(exc)}"
-                entries.append(IndexEntry(name, "", State.UNAVAILABLE, reason))
+                entries.append(IndexEntry(name, "", State.UNAVAILABLE, exc.message))
                 continue
             entries.extend(self._entry(name, v) for v in sorted(config.versions, key=version_order))
         return entries
@@ -280,9 +274,3 @@ class ModelRegistry:
             log.warning("model %s", event, extra={**extra, "reason": reason})
         else:
             log.info("model %s", event, extra=extra)
-
-
-def _config_reason(exc: ConfigError) -> str:
-    # ConfigError's message starts with the file's path; clients get the cause alone.
-    cause = exc.__cause__
-    return scrub_paths(f"{type(cause).__name__}: {cause}") if cause else "see the service's log"

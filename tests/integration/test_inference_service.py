@@ -322,3 +322,22 @@ async def test_model_that_failed_to_load_is_unavailable(
             await expect_error(Code.UNAVAILABLE, client.load_model("pickled"), "safetensors")
     finally:
         await service.stop()
+
+
+async def test_a_broken_model_toml_is_unavailable_with_its_cause(tmp_path: Path) -> None:
+    (tmp_path / "broken-toml").mkdir()
+    (tmp_path / "broken-toml" / "model.toml").write_text('task = "translation"\n')
+    service = await start(tmp_path)
+    try:
+        async with triton.InferenceServerClient(f"127.0.0.1:{service.port}") as client:
+            cause = "'translation' is not a valid TaskName"
+            message = await expect_error(
+                Code.UNAVAILABLE, client.infer("broken-toml", ragged([[101, 102]])), cause
+            )
+            await expect_error(Code.UNAVAILABLE, client.get_model_metadata("broken-toml"), cause)
+            [entry] = (await client.get_model_repository_index()).models
+            assert str(tmp_path) not in message
+            assert (entry.name, entry.state) == ("broken-toml", "UNAVAILABLE")
+            assert cause in entry.reason
+    finally:
+        await service.stop()

@@ -3,7 +3,8 @@ generated stubs: tokens out of one go into the other, as the gateway chains them
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import shutil
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from itertools import chain
 from pathlib import Path
@@ -71,6 +72,17 @@ def preprocess(preprocess_channel):
 @pytest.fixture
 def postprocess(postprocess_channel):
     return postprocess_pb2_grpc.PostprocessStub(postprocess_channel)
+
+
+@pytest.fixture
+def broken_model(model_repository: Path) -> Iterator[str]:
+    """A model whose model.toml names a task fmserve does not do; removed afterwards, as the
+    session's other tests share the repository."""
+    folder = model_repository / "broken-toml"
+    folder.mkdir()
+    (folder / "model.toml").write_text('task = "translation"\n')
+    yield folder.name
+    shutil.rmtree(folder)
 
 
 @asynccontextmanager
@@ -262,3 +274,24 @@ async def test_postprocess_of_an_unknown_model_is_not_found(postprocess):
     error = await _error(postprocess.Postprocess(request))
 
     assert error.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_a_broken_model_toml_is_unavailable_with_its_cause(
+    preprocess, postprocess, broken_model, model_repository
+):
+    tokenize = preprocess_pb2.TokenizeRequest(model=broken_model, texts=["hi"])
+    outputs = postprocess_pb2.PostprocessRequest(
+        model=broken_model, output=tensors.to_wire(np.zeros((1, 3), dtype=np.float32))
+    )
+
+    errors = [
+        await _error(preprocess.Tokenize(tokenize)),
+        await _error(postprocess.Postprocess(outputs)),
+    ]
+
+    for error in errors:  # UNAVAILABLE, not INTERNAL: the model serves once the file is fixed
+        assert error.code() == grpc.StatusCode.UNAVAILABLE
+        assert "model 'broken-toml' cannot be served" in error.details()
+        assert "'translation' is not a valid TaskName" in error.details()
+        assert str(model_repository) not in error.details()
+        assert dict(error.trailing_metadata() or ())["fmserve-error"] == "ConfigError"

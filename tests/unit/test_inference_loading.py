@@ -9,7 +9,7 @@ import torch
 
 from fmserve.core.repository import Runtime
 from fmserve.core.tasks import TaskName
-from fmserve.errors import Unavailable
+from fmserve.errors import Unavailable, scrub_paths
 from services.inference.loading import (
     LoadFailed,
     Placement,
@@ -17,7 +17,6 @@ from services.inference.loading import (
     load_module,
     place,
     require_safetensors,
-    scrub_paths,
 )
 
 pytestmark = pytest.mark.timeout(30)

@@ -7,15 +7,17 @@ Every repository is written in tmp_path: a model.toml and a config.json per vers
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 
-from fmserve.core.repository import ConfigError, ModelRepository, load_config
+from fmserve.core.repository import ModelRepository, load_config
 from fmserve.core.tasks import TaskName
-from fmserve.errors import ModelNotFound
+from fmserve.errors import ConfigError, ModelNotFound
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -158,17 +160,34 @@ BAD_CONFIGS = {
 
 
 @pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
-def test_config_errors_name_the_file(tmp_path: Path, case: str) -> None:
+def test_config_errors_are_unavailable_and_name_the_file_only_in_the_log(
+    tmp_path: Path, case: str, caplog: pytest.LogCaptureFixture
+) -> None:
     toml, versions = BAD_CONFIGS[case]
     folder = write_model(tmp_path, "m", toml, versions)
-    with pytest.raises(ConfigError) as caught:
+    with pytest.raises(ConfigError, match="model 'm' cannot be served") as caught:
         ModelRepository(tmp_path).get("m")
-    assert str(folder / "model.toml") in str(caught.value)
+    assert caught.value.code is grpc.StatusCode.UNAVAILABLE
+    assert str(tmp_path) not in caught.value.message  # a client never sees server paths
+    assert any(str(folder / "model.toml") in r.getMessage() for r in caplog.records)
+
+
+def test_a_broken_model_toml_is_logged_once_per_edit_and_served_once_fixed(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    folder = write_model(tmp_path, "m", 'task = "translation"\n')
+    repository = ModelRepository(tmp_path)
+    for _ in range(3):
+        with pytest.raises(ConfigError, match="'translation' is not a valid TaskName"):
+            repository.get("m")
+    assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
+    (folder / "model.toml").write_text('task = "text-classification"\n')
+    assert repository.get("m").task is TaskName.TEXT_CLASSIFICATION
 
 
 def test_missing_task_names_the_key(tmp_path: Path) -> None:
     write_model(tmp_path, "m", 'description = "no task"\n')
-    with pytest.raises(ConfigError, match=r"model\.toml: missing key 'task'"):
+    with pytest.raises(ConfigError, match=r"model\.toml is invalid: missing key 'task'"):
         ModelRepository(tmp_path).get("m")
 
 
