@@ -7,10 +7,9 @@ import time
 import uuid
 from collections.abc import Sequence
 
-from prometheus_client import Counter
-
 from fmserve.errors import Conflict, InvalidInput, JobNotFound
 from services.cache.job_store import ACTIVE, RedisJobStore
+from services.cache.metrics import ITEMS, JOBS
 
 TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
 FINISHABLE = ("CANCELLED", "FAILED", "EXPIRED")
@@ -18,13 +17,6 @@ MAX_PAGE = 10_000
 DEFAULT_PAGE = 1000
 MAX_LIST = 1000
 MAX_KEY_CHARS = 200
-
-JOBS = Counter(
-    "fmserve_cache_jobs_total",
-    "Jobs entering a state (QUEUED on creation, then a terminal state), by state.",
-    ["state"],
-)
-ITEMS = Counter("fmserve_cache_job_items_total", "Job items recorded, by outcome.", ["outcome"])
 
 Record = dict[str, str]
 

@@ -14,3 +14,9 @@ REDIS_ERRORS = Counter(
     "(unreachable, timeout, busy, refused).",
     ["operation", "reason"],
 )
+JOBS = Counter(
+    "fmserve_cache_jobs_total",
+    "Jobs entering a state (QUEUED on creation, then a terminal state), by state.",
+    ["state"],
+)
+ITEMS = Counter("fmserve_cache_job_items_total", "Job items recorded, by outcome.", ["outcome"])

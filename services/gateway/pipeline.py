@@ -11,26 +11,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from opentelemetry.context import Context
-from prometheus_client import Histogram
 
 from fmserve.core import context, tracing
 from fmserve.core.batching import Batcher, BatchLimits
-from fmserve.core.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 from fmserve.errors import DeadlineExceeded, InvalidInput
 from fmserve.v1 import common_pb2
+from services.gateway.metrics import BATCH_SIZE, QUEUE_DELAY
 from services.gateway.routes import Route
 from services.gateway.settings import GatewaySettings
 from services.gateway.stages import StageClients
-
-BATCH_SIZE = Histogram(
-    "fmserve_gateway_batch_size", "Texts per downstream batch.", ["model"], buckets=SIZE_BUCKETS
-)
-QUEUE_DELAY = Histogram(
-    "fmserve_gateway_queue_delay_seconds",
-    "Time a text waited in the gateway before its batch left.",
-    ["model"],
-    buckets=LATENCY_BUCKETS,
-)
 
 
 @dataclass

@@ -6,21 +6,14 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from prometheus_client import Counter
-
 from fmserve.core.batching import Batcher, BatchLimits
 from fmserve.errors import FmserveError
 from fmserve.v1 import common_pb2
+from services.gateway.metrics import LOOKUPS
 from services.gateway.settings import GatewaySettings
 from services.gateway.stages import StageClients
 
 log = logging.getLogger("fmserve.gateway.cache")
-
-LOOKUPS = Counter(
-    "fmserve_gateway_cache_lookups_total",
-    "Result cache lookups per text, by outcome (hit, miss, error).",
-    ["model", "outcome"],
-)
 
 
 class ResultCache:

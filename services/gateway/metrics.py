@@ -1,0 +1,23 @@
+"""The gateway's own Prometheus metrics (request counts and latencies come from
+fmserve.core.metrics). Created once at import: Prometheus refuses to register a name twice."""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Histogram
+
+from fmserve.core.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
+
+BATCH_SIZE = Histogram(
+    "fmserve_gateway_batch_size", "Texts per downstream batch.", ["model"], buckets=SIZE_BUCKETS
+)
+QUEUE_DELAY = Histogram(
+    "fmserve_gateway_queue_delay_seconds",
+    "Time a text waited in the gateway before its batch left.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+LOOKUPS = Counter(
+    "fmserve_gateway_cache_lookups_total",
+    "Result cache lookups per text, by outcome (hit, miss, error).",
+    ["model", "outcome"],
+)
