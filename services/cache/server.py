@@ -1,21 +1,16 @@
-"""The fmserve.v1.Cache servicer: wire → ResultCache → wire. Results pass through the cache as
-their serialized bytes, stored unmarked; a result read back is marked `cached`."""
+"""The fmserve.v1.Cache servicer: wire → ResultCache and JobBook → wire (conversions in
+codec.py, and job_codec.py for job records)."""
 
 from __future__ import annotations
 
-import logging
-
 import grpc
-from google.protobuf.message import DecodeError
 
 from fmserve.errors import InvalidInput
 from fmserve.rpc.service import Servicer
-from fmserve.v1 import cache_pb2, cache_pb2_grpc, common_pb2, jobs_pb2
-from services.cache import job_codec
+from fmserve.v1 import cache_pb2, cache_pb2_grpc, jobs_pb2
+from services.cache import codec, job_codec
 from services.cache.cache import ResultCache
 from services.cache.jobs import DEFAULT_PAGE, JobBook
-
-log = logging.getLogger("fmserve.cache")
 
 
 class CacheServicer(cache_pb2_grpc.CacheServicer):
@@ -27,12 +22,14 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         self, request: cache_pb2.LookupRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.LookupResponse:
         values = await self.cache.lookup(list(request.keys))
-        return cache_pb2.LookupResponse(entries=[to_wire(value) for value in values])
+        return cache_pb2.LookupResponse(
+            entries=[codec.cache_entry_to_wire(value) for value in values]
+        )
 
     async def Store(
         self, request: cache_pb2.StoreRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.StoreResponse:
-        items = [to_domain(item) for item in request.items]
+        items = [codec.store_item_to_domain(item) for item in request.items]
         stored = await self.cache.store(items, request.ttl_s)
         return cache_pb2.StoreResponse(stored=stored)
 
@@ -86,28 +83,6 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
 
 
 def servicer(cache: ResultCache, jobs: JobBook) -> Servicer:
+    """The servicer as `fmserve.rpc.service.Service` registers it."""
     name = cache_pb2.DESCRIPTOR.services_by_name["Cache"].full_name
     return Servicer(cache_pb2_grpc.add_CacheServicer_to_server, CacheServicer(cache, jobs), name)
-
-
-def to_domain(item: cache_pb2.StoreItem) -> tuple[str, bytes]:
-    """A key and its result's bytes, without the `cached` mark (Lookup sets it on the way out).
-    An item without a result serializes to no bytes, which the cache refuses."""
-    result = common_pb2.Result()
-    result.CopyFrom(item.result)
-    result.cached = False
-    return item.key, result.SerializeToString()
-
-
-def to_wire(value: bytes | None) -> cache_pb2.CacheEntry:
-    """One entry of a Lookup reply. A value that does not parse (a foreign write, an old schema)
-    is reported as a miss, so the gateway recomputes it and its Store overwrites it."""
-    if value is None:
-        return cache_pb2.CacheEntry(found=False)
-    try:
-        result = common_pb2.Result.FromString(value)
-    except DecodeError:
-        log.warning("unreadable cache entry reported as a miss")
-        return cache_pb2.CacheEntry(found=False)
-    result.cached = True
-    return cache_pb2.CacheEntry(found=True, result=result)

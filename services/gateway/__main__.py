@@ -7,14 +7,13 @@ from fmserve.queue.broker import Broker
 from fmserve.queue.records import JobRecords
 from fmserve.queue.topology import Topology
 from fmserve.rpc import service
-from fmserve.rpc.service import Resource, Service, Servicer
-from fmserve.v1 import gateway_pb2_grpc
+from fmserve.rpc.service import Resource, Service
 from services.gateway.gateway import Gateway
 from services.gateway.jobs import Jobs
 from services.gateway.pipeline import Pipeline
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Router
-from services.gateway.server import GatewayServicer
+from services.gateway.server import servicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.stages import StageClients
 
@@ -35,13 +34,8 @@ def build(settings: GatewaySettings) -> Service:
         settings.amqp_url.get_secret_value(), topology, settings.publish_timeout_s, "gateway"
     )
     jobs = Jobs(router, broker, records, settings)
-    servicer = Servicer(
-        gateway_pb2_grpc.add_GatewayServicer_to_server,
-        GatewayServicer(gateway, jobs),
-        "fmserve.v1.Gateway",
-    )
     resources: list[Resource] = [stages, pipeline, cache, records, broker]
-    return Service("gateway", settings, [servicer], resources=resources)
+    return Service("gateway", settings, [servicer(gateway, jobs)], resources=resources)
 
 
 def main() -> None:

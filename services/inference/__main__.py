@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from fmserve.rpc import service
-from fmserve.rpc.service import Service, Servicer
+from fmserve.rpc.service import Service
 from services.inference.settings import InferenceSettings
 
 
@@ -13,12 +13,10 @@ def build(settings: InferenceSettings) -> Service:
     """Wire the inference service; the registry (a Resource) stops every batcher on stop."""
     # Imported here, not above: these import torch, which must come after main() has set
     # OpenMP's environment.
-    from tritonclient.grpc.service_pb2_grpc import add_GRPCInferenceServiceServicer_to_server
-
     from fmserve.core.repository import ModelRepository
     from services.inference.loading import configure_threads
     from services.inference.registry import ModelRegistry
-    from services.inference.server import SERVICE_NAME, InferenceServicer
+    from services.inference.server import servicer
     from services.inference.worker import worker_resources
 
     configure_threads(settings.torch_threads, settings.torch_interop_threads)
@@ -28,12 +26,9 @@ def build(settings: InferenceSettings) -> Service:
         preload=settings.preload_models,
         grace_s=settings.grace_period_s,
     )
-    servicer = Servicer(
-        add_GRPCInferenceServiceServicer_to_server, InferenceServicer(registry), SERVICE_NAME
-    )
     # The queue worker starts after the registry (preloads done) and stops before it.
     resources = [registry, *worker_resources(settings, registry)]
-    return Service("inference", settings, [servicer], resources=resources)
+    return Service("inference", settings, [servicer(registry)], resources=resources)
 
 
 def main() -> None:

@@ -1,5 +1,6 @@
 """The `inference.GRPCInferenceService` servicer (KServe v2 / Triton protocol): wire → registry
-or instance → wire. Methods not listed here answer UNIMPLEMENTED (the generated base class)."""
+or instance → wire (conversions in codec/). Methods not listed here answer UNIMPLEMENTED (the
+generated base class)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,10 @@ import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from fmserve.errors import InvalidInput
-from services.inference import infer_codec, model_codec
+from fmserve.rpc.service import Servicer
+from services.inference import codec
 from services.inference.registry import ModelRegistry
 
-SERVICE_NAME = "inference.GRPCInferenceService"
 Context: TypeAlias = grpc.aio.ServicerContext
 
 
@@ -33,7 +34,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def ServerMetadata(
         self, request: service_pb2.ServerMetadataRequest, context: Context
     ) -> service_pb2.ServerMetadataResponse:
-        return model_codec.server_metadata()
+        return codec.server_metadata()
 
     async def ModelReady(
         self, request: service_pb2.ModelReadyRequest, context: Context
@@ -46,32 +47,32 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> service_pb2.ModelMetadataResponse:
         config = self.registry.config(request.name)
         config.resolve_version(request.version)
-        return model_codec.metadata_to_wire(config)
+        return codec.metadata_to_wire(config)
 
     async def ModelConfig(
         self, request: service_pb2.ModelConfigRequest, context: Context
     ) -> service_pb2.ModelConfigResponse:
         config = self.registry.config(request.name)
         config.resolve_version(request.version)
-        return model_codec.config_to_wire(config)
+        return codec.config_to_wire(config)
 
     async def ModelStatistics(
         self, request: service_pb2.ModelStatisticsRequest, context: Context
     ) -> service_pb2.ModelStatisticsResponse:
         records = self.registry.statistics(request.name, request.version)
-        return model_codec.statistics_to_wire(records)
+        return codec.statistics_to_wire(records)
 
     async def ModelInfer(
         self, request: service_pb2.ModelInferRequest, context: Context
     ) -> service_pb2.ModelInferResponse:
-        infer = infer_codec.to_domain(request)
+        infer = codec.to_domain(request)
         instance = await self.registry.instance(infer.model, infer.version)
-        return infer_codec.to_wire(request, instance.version, await instance.infer(infer))
+        return codec.to_wire(request, instance.version, await instance.infer(infer))
 
     async def RepositoryIndex(
         self, request: service_pb2.RepositoryIndexRequest, context: Context
     ) -> service_pb2.RepositoryIndexResponse:
-        return model_codec.index_to_wire(self.registry.index(), ready_only=request.ready)
+        return codec.index_to_wire(self.registry.index(), ready_only=request.ready)
 
     async def RepositoryModelLoad(
         self, request: service_pb2.RepositoryModelLoadRequest, context: Context
@@ -91,3 +92,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     ) -> service_pb2.RepositoryModelUnloadResponse:
         await self.registry.unload(request.model_name)
         return service_pb2.RepositoryModelUnloadResponse()
+
+
+def servicer(registry: ModelRegistry) -> Servicer:
+    """The servicer as `fmserve.rpc.service.Service` registers it."""
+    name = service_pb2.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+    return Servicer(
+        service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server,
+        InferenceServicer(registry),
+        name,
+    )

@@ -1,22 +1,13 @@
-"""The fmserve.v1.Postprocess servicer: wire → Postprocessor → wire."""
+"""The fmserve.v1.Postprocess servicer: wire → Postprocessor → wire (conversions in codec.py)."""
 
 from __future__ import annotations
 
 import grpc
-import numpy as np
 
-from fmserve.core import tensors
-from fmserve.core.tasks import TASK_FROM_WIRE, TaskName
-from fmserve.errors import InvalidInput
 from fmserve.rpc.service import Servicer
-from fmserve.v1 import common_pb2, postprocess_pb2, postprocess_pb2_grpc
-from services.postprocess.postprocessor import ModelOutputs, Postprocessor
-from services.postprocess.results import Classification, Embedding, Result
-
-_TASKS: dict[common_pb2.Task, TaskName | None] = {
-    common_pb2.TASK_UNSPECIFIED: None,
-    **TASK_FROM_WIRE,
-}
+from fmserve.v1 import postprocess_pb2, postprocess_pb2_grpc
+from services.postprocess import codec
+from services.postprocess.postprocessor import Postprocessor
 
 
 class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
@@ -26,49 +17,15 @@ class PostprocessServicer(postprocess_pb2_grpc.PostprocessServicer):
     async def Postprocess(
         self, request: postprocess_pb2.PostprocessRequest, context: grpc.aio.ServicerContext
     ) -> postprocess_pb2.PostprocessResponse:
-        results = await self.postprocessor.run(to_domain(request))
-        return postprocess_pb2.PostprocessResponse(results=[to_wire(r) for r in results])
+        results = await self.postprocessor.run(codec.to_domain(request))
+        return postprocess_pb2.PostprocessResponse(results=[codec.to_wire(r) for r in results])
 
 
 def servicer(postprocessor: Postprocessor) -> Servicer:
+    """The servicer as `fmserve.rpc.service.Service` registers it."""
     name = postprocess_pb2.DESCRIPTOR.services_by_name["Postprocess"].full_name
     return Servicer(
         postprocess_pb2_grpc.add_PostprocessServicer_to_server,
         PostprocessServicer(postprocessor),
         name,
     )
-
-
-def to_domain(request: postprocess_pb2.PostprocessRequest) -> ModelOutputs:
-    if request.task not in _TASKS:
-        known = ", ".join(common_pb2.Task.Name(t) for t in _TASKS)
-        raise InvalidInput(f"unknown task {request.task}; use one of {known}")
-    if not request.HasField("output"):
-        raise InvalidInput("output is required: the inference service's output tensor")
-    return ModelOutputs(
-        model=request.model,
-        version=request.version,
-        task=_TASKS[request.task],
-        output=tensors.to_domain(request.output, "output"),
-        texts=list(request.texts),
-        lengths=_optional(request, "lengths"),
-        offsets=_optional(request, "offsets"),
-        top_k=request.top_k,
-    )
-
-
-def _optional(request: postprocess_pb2.PostprocessRequest, name: str) -> np.ndarray | None:
-    return tensors.to_domain(getattr(request, name), name) if request.HasField(name) else None
-
-
-def to_wire(result: Result) -> common_pb2.Result:
-    if isinstance(result, Embedding):
-        return common_pb2.Result(embedding=common_pb2.Embedding(values=result.values.tolist()))
-    if isinstance(result, Classification):
-        labels = [common_pb2.LabelScore(label=s.label, score=s.score) for s in result.labels]
-        return common_pb2.Result(classification=common_pb2.Classification(labels=labels))
-    entities = [
-        common_pb2.Entity(label=e.label, score=e.score, start=e.start, end=e.end, text=e.text)
-        for e in result.entities
-    ]
-    return common_pb2.Result(entities=common_pb2.Entities(entities=entities))

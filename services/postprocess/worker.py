@@ -9,8 +9,8 @@ from typing import Any
 from fmserve.core.tasks import TASK_FROM_WIRE
 from fmserve.queue.stage_worker import stage_resources
 from fmserve.v1 import common_pb2, jobs_pb2, postprocess_pb2
+from services.postprocess.codec import to_domain, to_wire
 from services.postprocess.postprocessor import Postprocessor
-from services.postprocess.server import to_domain, to_wire
 from services.postprocess.settings import PostprocessSettings
 
 

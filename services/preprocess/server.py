@@ -1,13 +1,12 @@
-"""The fmserve.v1.Preprocess servicer: wire → Tokenizers → wire."""
+"""The fmserve.v1.Preprocess servicer: wire → Tokenizers → wire (conversions in codec.py)."""
 
 from __future__ import annotations
 
 import grpc
 
-from fmserve.core import tensors
 from fmserve.rpc.service import Servicer
 from fmserve.v1 import preprocess_pb2, preprocess_pb2_grpc
-from services.preprocess.hf_tokenizer import Tokenized
+from services.preprocess import codec
 from services.preprocess.tokenizers import Tokenizers
 
 
@@ -25,21 +24,12 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
             truncate=request.truncate,
             offsets=request.return_offsets,
         )
-        return to_wire(tokenized)
+        return codec.to_wire(tokenized)
 
 
 def servicer(tokenizers: Tokenizers) -> Servicer:
+    """The servicer as `fmserve.rpc.service.Service` registers it."""
     name = preprocess_pb2.DESCRIPTOR.services_by_name["Preprocess"].full_name
     return Servicer(
         preprocess_pb2_grpc.add_PreprocessServicer_to_server, PreprocessServicer(tokenizers), name
     )
-
-
-def to_wire(tokenized: Tokenized) -> preprocess_pb2.TokenizeResponse:
-    reply = preprocess_pb2.TokenizeResponse(
-        input_ids=tensors.to_wire(tokenized.input_ids),
-        lengths=tensors.to_wire(tokenized.lengths),
-    )
-    if tokenized.offsets is not None:
-        reply.offsets.CopyFrom(tensors.to_wire(tokenized.offsets))
-    return reply

@@ -9,7 +9,7 @@ from redis import exceptions as rx
 from fmserve.errors import InvalidInput
 from fmserve.v1 import cache_pb2, common_pb2
 from services.cache.cache import check_keys, check_ttl, check_values
-from services.cache.server import to_domain, to_wire
+from services.cache.codec import cache_entry_to_wire, store_item_to_domain
 from services.cache.settings import CacheSettings
 from services.cache.store import describe, redis_address
 
@@ -94,12 +94,12 @@ def test_results_are_stored_unmarked_and_read_back_marked():
     marked = common_pb2.Result()
     marked.CopyFrom(RESULT)
     marked.cached = True
-    key, value = to_domain(cache_pb2.StoreItem(key="k", result=marked))
+    key, value = store_item_to_domain(cache_pb2.StoreItem(key="k", result=marked))
     assert (key, common_pb2.Result.FromString(value)) == ("k", RESULT)
-    assert to_wire(value) == cache_pb2.CacheEntry(found=True, result=marked)
-    assert to_domain(cache_pb2.StoreItem(key="k")) == ("k", b"")
+    assert cache_entry_to_wire(value) == cache_pb2.CacheEntry(found=True, result=marked)
+    assert store_item_to_domain(cache_pb2.StoreItem(key="k")) == ("k", b"")
 
 
 def test_an_unreadable_value_is_a_miss():
-    assert to_wire(None) == cache_pb2.CacheEntry(found=False)
-    assert to_wire(b"\xff\xff\xff") == cache_pb2.CacheEntry(found=False)
+    assert cache_entry_to_wire(None) == cache_pb2.CacheEntry(found=False)
+    assert cache_entry_to_wire(b"\xff\xff\xff") == cache_pb2.CacheEntry(found=False)

@@ -8,7 +8,7 @@ import pytest
 from tritonclient.grpc import service_pb2
 
 from fmserve.errors import InvalidInput
-from services.inference.infer_codec import to_domain, to_wire
+from services.inference.codec import to_domain, to_wire
 from services.inference.instance import InferOutput
 
 pytestmark = pytest.mark.timeout(10)

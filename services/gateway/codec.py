@@ -1,0 +1,88 @@
+"""The gateway's wire ↔ domain conversions (`fmserve.v1.Gateway` messages ↔ the calls and
+answers of gateway.py and jobs.py). Named for their direction, as in every service: `to_domain`
+/ `to_wire` for Infer, `<message>_to_domain` / `<message>_to_wire` for the rest."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from fmserve.core import tracing
+from fmserve.core.repository import ModelConfig
+from fmserve.core.tasks import TASK_FROM_WIRE, TASK_TO_WIRE, TaskName
+from fmserve.errors import InvalidInput
+from fmserve.v1 import common_pb2, gateway_pb2
+from services.gateway.gateway import Answer, CachePolicy, InferCall
+from services.gateway.jobs import Submission
+
+_POLICIES = {
+    common_pb2.CACHE_POLICY_USE: CachePolicy.USE,
+    common_pb2.CACHE_POLICY_BYPASS: CachePolicy.BYPASS,
+    common_pb2.CACHE_POLICY_REFRESH: CachePolicy.REFRESH,
+}
+
+
+def to_domain(request: gateway_pb2.InferRequest) -> InferCall:
+    options = request.options
+    return InferCall(
+        model=request.model,
+        version=request.version,
+        task=TASK_FROM_WIRE.get(request.task),
+        texts=list(request.texts),
+        truncate=options.truncate,
+        top_k=options.top_k,
+        cache_policy=_POLICIES.get(options.cache_policy, CachePolicy.USE),
+    )
+
+
+def to_wire(answer: Answer) -> gateway_pb2.InferResponse:
+    route = answer.route
+    return gateway_pb2.InferResponse(
+        model=route.model,
+        version=route.version,
+        task=TASK_TO_WIRE[route.task],
+        results=answer.results,
+        cache_hit=answer.cache_hit,
+        trace_id=tracing.current_trace_id(),
+    )
+
+
+def submission_to_domain(request: gateway_pb2.SubmitJobRequest | None) -> Submission:
+    """The first message of a SubmitJob stream, which must carry the header."""
+    if request is None or not request.HasField("header"):
+        raise InvalidInput("the first SubmitJob message must carry the header (model, ...)")
+    h = request.header
+    return Submission(
+        model=h.model,
+        version=h.version,
+        task=TASK_FROM_WIRE.get(h.task),
+        truncate=h.options.truncate,
+        top_k=h.options.top_k,
+        idempotency_key=h.idempotency_key,
+        priority=h.priority,
+        retention_s=h.retention_s,
+        timeout_s=h.timeout_s,
+    )
+
+
+async def texts_to_domain(
+    requests: AsyncIterator[gateway_pb2.SubmitJobRequest],
+) -> AsyncIterator[list[str]]:
+    """The texts of the messages after the header, one list per message, as they arrive."""
+    async for request in requests:
+        if request.HasField("header"):
+            raise InvalidInput("only the first SubmitJob message may carry a header")
+        yield list(request.items.texts)
+
+
+def model_to_wire(config: ModelConfig) -> gateway_pb2.ModelInfo:
+    """A model as ListModels describes it: the default version first."""
+    versions = sorted(config.versions, key=lambda v: v != config.default_version)
+    return gateway_pb2.ModelInfo(
+        name=config.name,
+        task=TASK_TO_WIRE[config.task],
+        versions=versions,
+        max_length=config.max_length,
+        labels=config.labels if config.task is not TaskName.EMBEDDING else (),
+        dimensions=config.dimensions,
+        description=config.description,
+    )
