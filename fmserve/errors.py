@@ -14,7 +14,8 @@ them into wire statuses, and the clients turn wire statuses back into them.
     │   └── TooLarge                  RESOURCE_EXHAUSTED   too many items in one request
     ├── Unavailable                   UNAVAILABLE       a stage or store is down, model not ready
     ├── DeadlineExceeded              DEADLINE_EXCEEDED
-    └── Cancelled                     CANCELLED
+    ├── Cancelled                     CANCELLED
+    └── Unimplemented                 UNIMPLEMENTED     a method fmserve does not offer
 
 Retryable states get retryable codes: not-ready is UNAVAILABLE, overload RESOURCE_EXHAUSTED.
 The class name travels in the `fmserve-error` trailing metadata, so a client (or the gateway,
@@ -84,6 +85,10 @@ class Cancelled(FmserveError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unimplemented(FmserveError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[FmserveError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -92,6 +97,7 @@ _BY_CODE: dict[grpc.StatusCode, type[FmserveError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
 }
 
 

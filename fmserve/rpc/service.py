@@ -12,11 +12,11 @@ from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from fmserve.core import logs, tracing
 from fmserve.core.metrics import RpcMetrics, serve_metrics
 from fmserve.core.settings import ServiceSettings
+from fmserve.rpc import reflection
 from fmserve.rpc.interceptors import ServiceInterceptor
 from fmserve.rpc.options import grpc_options
 
@@ -76,10 +76,7 @@ class Service:
         for s in self.servicers:
             s.add_to_server(s.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [s.name for s in self.servicers]
-        reflection.enable_server_reflection(
-            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.enable([*(s.name for s in self.servicers), health.SERVICE_NAME], server)
         self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         await server.start()
         self._server = server
