@@ -27,7 +27,8 @@ SERVICES = ("cache", "preprocess", "inference", "postprocess", "gateway")
 # Ports follow DESIGN.md: gateway 50051, preprocess 50052, … cache 50055.
 PORT_ORDER = ("gateway", "preprocess", "inference", "postprocess", "cache")
 DEFAULT_PORTS = {name: 50051 + i for i, name in enumerate(PORT_ORDER)}
-METRICS_PORT_OFFSET = 9100 - 50000  # gateway metrics on 9151, preprocess 9152, …
+# `fmserve up` puts each service's /metrics at its gRPC port + this: 50051 → 9151, 50052 → 9152…
+METRICS_PORT_OFFSET = 9100 - 50000
 
 
 class ClusterError(RuntimeError):
@@ -55,6 +56,9 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     replicas: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    """The first replica's /metrics port per service; the others (and services not named
+    here) take a free port."""
     log_dir: Path = Path(".fmserve/logs")
     say: Callable[[str], None] = print
     replicas_of: dict[str, list[Replica]] = field(default_factory=dict)
@@ -68,9 +72,7 @@ class Cluster:
                 Replica(
                     service,
                     base if i == 0 else free_port(),
-                    base + METRICS_PORT_OFFSET
-                    if i == 0 and base == DEFAULT_PORTS[service]
-                    else free_port(),
+                    (self.metrics_ports.get(service) or free_port()) if i == 0 else free_port(),
                     self.log_dir / (f"{service}.log" if count == 1 else f"{service}-{i}.log"),
                 )
                 for i in range(count)

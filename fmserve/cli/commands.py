@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from fmserve.cli.cluster import (
+    METRICS_PORT_OFFSET,
     PORT_ORDER,
     SERVICES,
     Cluster,
@@ -306,7 +307,13 @@ def _up(args: argparse.Namespace) -> int:
     check_amqp(settings.amqp_url)
     env = {"FMSERVE_INFERENCE_PRELOAD": settings.inference_preload}
     ports = {name: args.base_port + i for i, name in enumerate(PORT_ORDER)}
-    cluster = Cluster(env=env, ports=ports, replicas=_replicas(args.replicas), log_dir=args.log_dir)
+    cluster = Cluster(
+        env=env,
+        ports=ports,
+        replicas=_replicas(args.replicas),
+        metrics_ports=metrics_ports(ports),
+        log_dir=args.log_dir,
+    )
     check_ports(cluster)
     stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -323,6 +330,18 @@ def _up(args: argparse.Namespace) -> int:
         cluster.stop()
         print("stopped", flush=True)
     return 0
+
+
+def metrics_ports(ports: dict[str, int]) -> dict[str, int]:
+    """Each service's /metrics port: its FMSERVE_<SERVICE>_METRICS_PORT when set (-1 turns it
+    off), else its gRPC port + METRICS_PORT_OFFSET, or a free port where that is not a user
+    port (a --base-port below 41924)."""
+    chosen = {}
+    for name, port in ports.items():
+        configured = settings_class(name)().metrics_port
+        derived = port + METRICS_PORT_OFFSET
+        chosen[name] = configured or (derived if derived >= 1024 else 0)
+    return chosen
 
 
 def _replicas(spec: str) -> dict[str, int]:

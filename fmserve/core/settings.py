@@ -33,7 +33,11 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = 10.0
     """On SIGTERM: how long in-flight calls may take to finish before the server exits."""
     max_message_bytes: int = 64 * 1024 * 1024
-    """Largest gRPC message sent or received (grpcio's 4 MiB default is too small for batches)."""
+    """Largest gRPC message this service sends, and receives as a client of another service
+    (grpcio's 4 MiB default is too small for batches)."""
+    max_request_bytes: int = 16 * 1024 * 1024
+    """Largest request this service's server accepts, counted after decompression, so a small
+    gzip message that inflates past it is refused (RESOURCE_EXHAUSTED) instead of held."""
     max_connection_age_s: float = 30.0
     """Each client connection is closed gracefully (GOAWAY, calls in flight finish) after about
     this long, so clients re-resolve DNS and spread onto replicas added since; 0: never."""

@@ -41,9 +41,10 @@ class Servicer:
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
-    """`grpc_options` plus a maximum connection age: a client learns of new replicas only when
-    it re-resolves DNS, which it does when a connection closes (gRPC adds ±10% jitter)."""
-    options = grpc_options(settings.max_message_bytes)
+    """`grpc_options` with the request bound (gRPC applies it to the decompressed message), plus
+    a maximum connection age: a client learns of new replicas only when it re-resolves DNS,
+    which it does when a connection closes (gRPC adds ±10% jitter)."""
+    options = grpc_options(settings.max_message_bytes, settings.max_request_bytes)
     if settings.max_connection_age_s > 0:
         options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
     return options
