@@ -194,7 +194,7 @@ def check_redis(url: str) -> None:
         url,
         6379,
         "FMSERVE_REDIS_URL",
-        'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
+        "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --appendonly yes",
     )
 
 
