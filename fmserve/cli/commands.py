@@ -305,7 +305,9 @@ def _up(args: argparse.Namespace) -> int:
     settings: ClientSettings = args.settings
     check_redis(settings.redis_url)
     check_amqp(settings.amqp_url)
-    env = {"FMSERVE_INFERENCE_PRELOAD": settings.inference_preload}
+    # The same models' tokenizers load in preprocess, so "ready" means the first call is fast.
+    preload = settings.inference_preload
+    env = {"FMSERVE_INFERENCE_PRELOAD": preload, "FMSERVE_PREPROCESS_PRELOAD": preload}
     ports = {name: args.base_port + i for i, name in enumerate(PORT_ORDER)}
     cluster = Cluster(
         env=env,

@@ -70,7 +70,8 @@ class ClientSettings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     """RabbitMQ used by the asynchronous path; `fmserve up` checks it is reachable first."""
     inference_preload: str = "minilm-embed,minilm-sentiment"
-    """Models `fmserve up` has the inference service load before it says ready."""
+    """Models `fmserve up` has the inference service load, and preprocess load their
+    tokenizers, before it says ready."""
 
 
 def variables(
@@ -90,6 +91,19 @@ def variables(
         shown = default.get_secret_value() if hasattr(default, "get_secret_value") else default
         rows.append((env, str(shown), " ".join((field.description or "").split())))
     return rows
+
+
+class PreloadSettings(BaseSettings):
+    """Services that load something per model (inference: the model; preprocess: its
+    tokenizer), so the first request after SERVING does not pay for the load."""
+
+    preload: str = ""
+    """Comma-separated model names loaded (default version) and warmed up at start, before the
+    service reports SERVING; empty loads each model on first use."""
+
+    @property
+    def preload_models(self) -> list[str]:
+        return [name.strip() for name in self.preload.split(",") if name.strip()]
 
 
 class AmqpSettings(BaseSettings):

@@ -57,6 +57,7 @@ def cluster(
         "FMSERVE_REDIS_URL": f"{REDIS_URL}/{REDIS_DB}",
         "FMSERVE_CACHE_KEY_PREFIX": key_prefix,
         "FMSERVE_INFERENCE_PRELOAD": "minilm-embed",
+        "FMSERVE_PREPROCESS_PRELOAD": "minilm-embed",
         "FMSERVE_INFERENCE_TORCH_THREADS": "1",
         "FMSERVE_GATEWAY_MAX_ITEMS": str(MAX_ITEMS),
         "FMSERVE_GATEWAY_JOB_MAX_ITEMS": str(MAX_JOB_ITEMS),
