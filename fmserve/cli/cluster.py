@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -185,35 +184,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def check_redis(url: str) -> None:
-    """Fail early, and say how to fix it, when Redis is not reachable."""
-    _check_reachable(
-        "Redis",
-        url,
-        6379,
-        "FMSERVE_REDIS_URL",
-        "redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --appendonly yes",
-    )
-
-
-def check_amqp(url: str) -> None:
-    """Fail early, and say how to fix it, when RabbitMQ is not reachable (the job path needs it)."""
-    _check_reachable("RabbitMQ", url, 5672, "FMSERVE_AMQP_URL", "rabbitmq-server -detached")
-
-
-def _check_reachable(name: str, url: str, default_port: int, variable: str, start: str) -> None:
-    parsed = urlparse(url)
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or default_port
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-    except OSError:
-        # Only host and port: the URL may hold a password.
-        raise ClusterError(
-            f"{name} is not reachable at {host}:{port} (from {variable}).\n"
-            f"Start one with:  {start}\nor point {variable} at yours."
-        ) from None
 
 
 def check_ports(cluster: Cluster) -> None:

@@ -23,15 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from fmserve.cli import stores
 from fmserve.cli.cluster import (
     METRICS_PORT_OFFSET,
     PORT_ORDER,
     SERVICES,
     Cluster,
     ClusterError,
-    check_amqp,
     check_ports,
-    check_redis,
 )
 from fmserve.client import Client, JobStatus
 from fmserve.core.settings import (
@@ -303,11 +302,24 @@ def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     settings: ClientSettings = args.settings
-    check_redis(settings.redis_url)
-    check_amqp(settings.amqp_url)
+    redis = stores.redis(settings.redis_url, args.log_dir.parent / "redis", args.log_dir)
+    rabbitmq = stores.rabbitmq(settings.amqp_url)
+    try:
+        return _run_cluster(args, redis, rabbitmq)
+    finally:
+        for store in (rabbitmq, redis):
+            store.stop()
+
+
+def _run_cluster(args: argparse.Namespace, redis: stores.Store, rabbitmq: stores.Store) -> int:
+    settings: ClientSettings = args.settings
+    for store in (redis, rabbitmq):
+        if store.state == "started":
+            print(f"started {store.name} at {store.address} (stopped with the cluster)")
     # The same models' tokenizers load in preprocess, so "ready" means the first call is fast.
     preload = settings.inference_preload
     env = {"FMSERVE_INFERENCE_PRELOAD": preload, "FMSERVE_PREPROCESS_PRELOAD": preload}
+    env.update(stores.cluster_env(redis, rabbitmq))
     ports = {name: args.base_port + i for i, name in enumerate(PORT_ORDER)}
     cluster = Cluster(
         env=env,
@@ -323,7 +335,7 @@ def _up(args: argparse.Namespace) -> int:
     print("starting fmserve: cache, preprocess, inference, postprocess, gateway …", flush=True)
     try:
         cluster.start()
-        _print_cluster(cluster)
+        _print_cluster(cluster, stores.what_is_off(redis, rabbitmq))
         while not stopping:
             cluster.supervise_once()
             time.sleep(0.5)
@@ -356,10 +368,15 @@ def _replicas(spec: str) -> dict[str, int]:
     return counts
 
 
-def _print_cluster(cluster: Cluster) -> None:
+def _print_cluster(cluster: Cluster, off: str) -> None:
     for r in cluster.all():
         pid = r.process.pid if r.process else "-"
         where = f"grpc {r.address:<16} metrics :{r.metrics_port:<6}"
         print(f"  {r.service:<12} {where} pid {pid:<8} {r.log_path}")
     gateway = cluster.replicas_of["gateway"][0]
-    print(f"fmserve is ready: gateway at {gateway.address} (Ctrl-C stops everything)", flush=True)
+    running_without = f"; running without {off}" if off else ""
+    print(
+        f"fmserve is ready: gateway at {gateway.address} (Ctrl-C stops everything)"
+        + running_without,
+        flush=True,
+    )

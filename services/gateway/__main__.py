@@ -30,18 +30,21 @@ def build(settings: GatewaySettings) -> Service:
     )
     gateway = Gateway(router, pipeline, cache, settings.default_timeout_s)
     records = JobRecords(settings.cache_address, settings.max_message_bytes)
-    topology = Topology(settings.amqp_queue_prefix, settings.amqp_delivery_limit)
-    broker = Broker(
-        settings.amqp_url.get_secret_value(), topology, settings.publish_timeout_s, "gateway"
-    )
+    broker = _broker(settings) if settings.jobs_enabled else None
     jobs = Jobs(router, broker, records, settings)
     servicer = Servicer(
         gateway_pb2_grpc.add_GatewayServicer_to_server,
         GatewayServicer(gateway, jobs),
         "fmserve.v1.Gateway",
     )
-    resources: list[Resource] = [stages, pipeline, cache, records, broker]
+    resources: list[Resource] = [stages, pipeline, cache, records, *([broker] if broker else [])]
     return Service("gateway", settings, [servicer], resources=resources)
+
+
+def _broker(settings: GatewaySettings) -> Broker:
+    topology = Topology(settings.amqp_queue_prefix, settings.amqp_delivery_limit)
+    url = settings.amqp_url.get_secret_value()
+    return Broker(url, topology, settings.publish_timeout_s, "gateway")
 
 
 def main() -> None:
