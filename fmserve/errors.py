@@ -15,7 +15,8 @@ them into wire statuses, and the clients turn wire statuses back into them.
     ├── Unavailable                   UNAVAILABLE       a stage or store is down, model not ready
     │   └── ConfigError               UNAVAILABLE       a model's model.toml is invalid
     ├── DeadlineExceeded              DEADLINE_EXCEEDED
-    └── Cancelled                     CANCELLED
+    ├── Cancelled                     CANCELLED
+    └── Unimplemented                 UNIMPLEMENTED     a method fmserve does not offer
 
 Retryable states get retryable codes: not-ready is UNAVAILABLE, overload RESOURCE_EXHAUSTED.
 The class name travels in the `fmserve-error` trailing metadata, so a client (or the gateway,
@@ -97,6 +98,10 @@ class Cancelled(FmserveError):
     code = grpc.StatusCode.CANCELLED
 
 
+class Unimplemented(FmserveError):
+    code = grpc.StatusCode.UNIMPLEMENTED
+
+
 _BY_CODE: dict[grpc.StatusCode, type[FmserveError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.NOT_FOUND: NotFound,
@@ -105,6 +110,7 @@ _BY_CODE: dict[grpc.StatusCode, type[FmserveError]] = {
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,
     grpc.StatusCode.CANCELLED: Cancelled,
+    grpc.StatusCode.UNIMPLEMENTED: Unimplemented,
 }
 
 

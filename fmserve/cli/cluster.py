@@ -15,7 +15,6 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlparse
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -27,7 +26,8 @@ SERVICES = ("cache", "preprocess", "inference", "postprocess", "gateway")
 # Ports follow DESIGN.md: gateway 50051, preprocess 50052, … cache 50055.
 PORT_ORDER = ("gateway", "preprocess", "inference", "postprocess", "cache")
 DEFAULT_PORTS = {name: 50051 + i for i, name in enumerate(PORT_ORDER)}
-METRICS_PORT_OFFSET = 9100 - 50000  # gateway metrics on 9151, preprocess 9152, …
+# `fmserve up` puts each service's /metrics at its gRPC port + this: 50051 → 9151, 50052 → 9152…
+METRICS_PORT_OFFSET = 9100 - 50000
 
 
 class ClusterError(RuntimeError):
@@ -55,6 +55,9 @@ class Cluster:
     env: dict[str, str] = field(default_factory=dict)
     ports: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_PORTS))
     replicas: dict[str, int] = field(default_factory=dict)
+    metrics_ports: dict[str, int] = field(default_factory=dict)
+    """The first replica's /metrics port per service; the others (and services not named
+    here) take a free port."""
     log_dir: Path = Path(".fmserve/logs")
     say: Callable[[str], None] = print
     replicas_of: dict[str, list[Replica]] = field(default_factory=dict)
@@ -68,9 +71,7 @@ class Cluster:
                 Replica(
                     service,
                     base if i == 0 else free_port(),
-                    base + METRICS_PORT_OFFSET
-                    if i == 0 and base == DEFAULT_PORTS[service]
-                    else free_port(),
+                    (self.metrics_ports.get(service) or free_port()) if i == 0 else free_port(),
                     self.log_dir / (f"{service}.log" if count == 1 else f"{service}-{i}.log"),
                 )
                 for i in range(count)
@@ -183,35 +184,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
-
-
-def check_redis(url: str) -> None:
-    """Fail early, and say how to fix it, when Redis is not reachable."""
-    _check_reachable(
-        "Redis",
-        url,
-        6379,
-        "FMSERVE_REDIS_URL",
-        'redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no',
-    )
-
-
-def check_amqp(url: str) -> None:
-    """Fail early, and say how to fix it, when RabbitMQ is not reachable (the job path needs it)."""
-    _check_reachable("RabbitMQ", url, 5672, "FMSERVE_AMQP_URL", "rabbitmq-server -detached")
-
-
-def _check_reachable(name: str, url: str, default_port: int, variable: str, start: str) -> None:
-    parsed = urlparse(url)
-    host, port = parsed.hostname or "127.0.0.1", parsed.port or default_port
-    try:
-        socket.create_connection((host, port), timeout=2).close()
-    except OSError:
-        # Only host and port: the URL may hold a password.
-        raise ClusterError(
-            f"{name} is not reachable at {host}:{port} (from {variable}).\n"
-            f"Start one with:  {start}\nor point {variable} at yours."
-        ) from None
 
 
 def check_ports(cluster: Cluster) -> None:

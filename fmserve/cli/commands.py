@@ -23,14 +23,14 @@ from typing import Any
 
 import numpy as np
 
+from fmserve.cli import stores
 from fmserve.cli.cluster import (
+    METRICS_PORT_OFFSET,
     PORT_ORDER,
     SERVICES,
     Cluster,
     ClusterError,
-    check_amqp,
     check_ports,
-    check_redis,
 )
 from fmserve.client import Client, JobStatus
 from fmserve.core.settings import (
@@ -302,11 +302,32 @@ def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
 
 def _up(args: argparse.Namespace) -> int:
     settings: ClientSettings = args.settings
-    check_redis(settings.redis_url)
-    check_amqp(settings.amqp_url)
-    env = {"FMSERVE_INFERENCE_PRELOAD": settings.inference_preload}
+    redis = stores.redis(settings.redis_url, args.log_dir.parent / "redis", args.log_dir)
+    rabbitmq = stores.rabbitmq(settings.amqp_url)
+    try:
+        return _run_cluster(args, redis, rabbitmq)
+    finally:
+        for store in (rabbitmq, redis):
+            store.stop()
+
+
+def _run_cluster(args: argparse.Namespace, redis: stores.Store, rabbitmq: stores.Store) -> int:
+    settings: ClientSettings = args.settings
+    for store in (redis, rabbitmq):
+        if store.state == "started":
+            print(f"started {store.name} at {store.address} (stopped with the cluster)")
+    # The same models' tokenizers load in preprocess, so "ready" means the first call is fast.
+    preload = settings.inference_preload
+    env = {"FMSERVE_INFERENCE_PRELOAD": preload, "FMSERVE_PREPROCESS_PRELOAD": preload}
+    env.update(stores.cluster_env(redis, rabbitmq))
     ports = {name: args.base_port + i for i, name in enumerate(PORT_ORDER)}
-    cluster = Cluster(env=env, ports=ports, replicas=_replicas(args.replicas), log_dir=args.log_dir)
+    cluster = Cluster(
+        env=env,
+        ports=ports,
+        replicas=_replicas(args.replicas),
+        metrics_ports=metrics_ports(ports),
+        log_dir=args.log_dir,
+    )
     check_ports(cluster)
     stopping: list[int] = []
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -314,7 +335,7 @@ def _up(args: argparse.Namespace) -> int:
     print("starting fmserve: cache, preprocess, inference, postprocess, gateway …", flush=True)
     try:
         cluster.start()
-        _print_cluster(cluster)
+        _print_cluster(cluster, stores.what_is_off(redis, rabbitmq))
         while not stopping:
             cluster.supervise_once()
             time.sleep(0.5)
@@ -323,6 +344,18 @@ def _up(args: argparse.Namespace) -> int:
         cluster.stop()
         print("stopped", flush=True)
     return 0
+
+
+def metrics_ports(ports: dict[str, int]) -> dict[str, int]:
+    """Each service's /metrics port: its FMSERVE_<SERVICE>_METRICS_PORT when set (-1 turns it
+    off), else its gRPC port + METRICS_PORT_OFFSET, or a free port where that is not a user
+    port (a --base-port below 41924)."""
+    chosen = {}
+    for name, port in ports.items():
+        configured = settings_class(name)().metrics_port
+        derived = port + METRICS_PORT_OFFSET
+        chosen[name] = configured or (derived if derived >= 1024 else 0)
+    return chosen
 
 
 def _replicas(spec: str) -> dict[str, int]:
@@ -335,10 +368,15 @@ def _replicas(spec: str) -> dict[str, int]:
     return counts
 
 
-def _print_cluster(cluster: Cluster) -> None:
+def _print_cluster(cluster: Cluster, off: str) -> None:
     for r in cluster.all():
         pid = r.process.pid if r.process else "-"
         where = f"grpc {r.address:<16} metrics :{r.metrics_port:<6}"
         print(f"  {r.service:<12} {where} pid {pid:<8} {r.log_path}")
     gateway = cluster.replicas_of["gateway"][0]
-    print(f"fmserve is ready: gateway at {gateway.address} (Ctrl-C stops everything)", flush=True)
+    running_without = f"; running without {off}" if off else ""
+    print(
+        f"fmserve is ready: gateway at {gateway.address} (Ctrl-C stops everything)"
+        + running_without,
+        flush=True,
+    )

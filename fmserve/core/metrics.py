@@ -12,9 +12,16 @@ LATENCY_BUCKETS = (
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 
 
+# A model name becomes a label once a call for it has succeeded; until then (a typo, a name a
+# client made up) it is counted as UNKNOWN_MODEL, so no client can grow /metrics. The bound is
+# a last guard: a repository with more models than this labels the rest UNKNOWN_MODEL too.
+UNKNOWN_MODEL = "unknown"
+MAX_MODEL_LABELS = 256
+
 # One pair of collectors per service name and process: Prometheus refuses to register a name
 # twice, and a process may build the same service more than once (tests, a restart in place).
 _RPC_COLLECTORS: dict[str, tuple[Counter, Histogram, Counter]] = {}
+_KNOWN_MODELS: dict[str, set[str]] = {}
 
 
 class RpcMetrics:
@@ -24,10 +31,23 @@ class RpcMetrics:
         if service not in _RPC_COLLECTORS:
             _RPC_COLLECTORS[service] = _rpc_collectors(service)
         self.requests, self.latency, self.retried = _RPC_COLLECTORS[service]
+        self.known_models = _KNOWN_MODELS.setdefault(service, set())
 
     def observe(self, method: str, model: str, code: str, seconds: float) -> None:
-        self.requests.labels(method, model, code).inc()
-        self.latency.labels(method, model).observe(seconds)
+        label = self.model_label(model, code)
+        self.requests.labels(method, label, code).inc()
+        self.latency.labels(method, label).observe(seconds)
+
+    def model_label(self, model: str, code: str) -> str:
+        """`-` for calls that name no model; the name once it has answered OK; else unknown."""
+        if not model:
+            return "-"
+        if model in self.known_models:
+            return model
+        if code == "OK" and len(self.known_models) < MAX_MODEL_LABELS:
+            self.known_models.add(model)
+            return model
+        return UNKNOWN_MODEL
 
     def observe_retry(self, method: str) -> None:
         self.retried.labels(method).inc()

@@ -20,13 +20,14 @@ from __future__ import annotations
 import importlib.util
 import json
 import logging
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fmserve.core.tasks import TaskName
-from fmserve.errors import ConfigError, ModelNotFound, scrub_paths
+from fmserve.errors import ConfigError, InvalidInput, ModelNotFound, scrub_paths
 
 log = logging.getLogger("fmserve.repository")
 
@@ -91,6 +92,20 @@ class ModelConfig:
         return self.versions[self.resolve_version(version)]
 
 
+MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_model_name(name: str) -> None:
+    """A model name is a folder name of the repository: anything else is refused before it
+    reaches the filesystem (a path, a name too long for it) or a log line, whole."""
+    if not MODEL_NAME.fullmatch(name):
+        shown = name if len(name) <= 40 else name[:40] + "…"
+        raise InvalidInput(
+            f"model name {shown!r} is not valid: use 1-128 letters, digits, '.', '_' or '-', "
+            "starting with a letter or digit"
+        )
+
+
 class ModelRepository:
     """Reads model folders under `root`; configs are re-read when their model.toml changes."""
 
@@ -110,8 +125,9 @@ class ModelRepository:
     def get(self, name: str) -> ModelConfig:
         """The config of a model; ModelNotFound names the models that exist, ConfigError says
         what is wrong with its model.toml."""
+        check_model_name(name)
         path = self.root / name / CONFIG_FILE
-        if not name or "/" in name or name.startswith(".") or not path.is_file():
+        if not path.is_file():
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"unknown model {name!r}; this cluster serves: {known}")
         # Size as well as time: filesystems stamp at a coarse tick, so an edit can keep the time.

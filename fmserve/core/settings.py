@@ -33,7 +33,11 @@ class ServiceSettings(BaseSettings):
     grace_period_s: float = 10.0
     """On SIGTERM: how long in-flight calls may take to finish before the server exits."""
     max_message_bytes: int = 64 * 1024 * 1024
-    """Largest gRPC message sent or received (grpcio's 4 MiB default is too small for batches)."""
+    """Largest gRPC message this service sends, and receives as a client of another service
+    (grpcio's 4 MiB default is too small for batches)."""
+    max_request_bytes: int = 16 * 1024 * 1024
+    """Largest request this service's server accepts, counted after decompression, so a small
+    gzip message that inflates past it is refused (RESOURCE_EXHAUSTED) instead of held."""
     max_connection_age_s: float = 30.0
     """Each client connection is closed gracefully (GOAWAY, calls in flight finish) after about
     this long, so clients re-resolve DNS and spread onto replicas added since; 0: never."""
@@ -66,7 +70,8 @@ class ClientSettings(BaseSettings):
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
     """RabbitMQ used by the asynchronous path; `fmserve up` checks it is reachable first."""
     inference_preload: str = "minilm-embed,minilm-sentiment"
-    """Models `fmserve up` has the inference service load before it says ready."""
+    """Models `fmserve up` has the inference service load, and preprocess load their
+    tokenizers, before it says ready."""
 
 
 def variables(
@@ -86,6 +91,19 @@ def variables(
         shown = default.get_secret_value() if hasattr(default, "get_secret_value") else default
         rows.append((env, str(shown), " ".join((field.description or "").split())))
     return rows
+
+
+class PreloadSettings(BaseSettings):
+    """Services that load something per model (inference: the model; preprocess: its
+    tokenizer), so the first request after SERVING does not pay for the load."""
+
+    preload: str = ""
+    """Comma-separated model names loaded (default version) and warmed up at start, before the
+    service reports SERVING; empty loads each model on first use."""
+
+    @property
+    def preload_models(self) -> list[str]:
+        return [name.strip() for name in self.preload.split(",") if name.strip()]
 
 
 class AmqpSettings(BaseSettings):

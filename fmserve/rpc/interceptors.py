@@ -1,5 +1,9 @@
 """Server-side cross-cutting behaviour, applied to every method of every service:
-request ids, metrics, access logs, and the one place where errors become gRPC statuses."""
+request ids, metrics, access logs, and the one place where errors become gRPC statuses.
+
+A method a servicer leaves to its generated base class (Triton's shared-memory, trace and log
+RPCs, say) raises NotImplementedError there: it answers UNIMPLEMENTED, logged quietly, never
+INTERNAL with a traceback."""
 
 from __future__ import annotations
 
@@ -16,15 +20,13 @@ from google.protobuf.message import DecodeError
 
 from fmserve.core import context, tracing
 from fmserve.core.metrics import RpcMetrics
-from fmserve.errors import ERROR_TYPE_KEY, FmserveError, InvalidInput
+from fmserve.errors import ERROR_TYPE_KEY, FmserveError, InvalidInput, Unimplemented
 
 log = logging.getLogger("fmserve.rpc")
 
 REQUEST_ID_KEY = "x-request-id"
 # Set by gRPC's retry policy on every attempt after the first (gRFC A6).
 PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
-# Statuses whose `model` label may be a client's typo: recorded as "-" to keep labels bounded.
-_UNTRUSTED_MODEL_CODES = {"INVALID_ARGUMENT", "NOT_FOUND"}
 
 
 class ServiceInterceptor(grpc.aio.ServerInterceptor):
@@ -63,7 +65,11 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
                 request_deserializer=deserialize,
                 response_serializer=handler.response_serializer,
             )
-        return handler
+        return grpc.stream_stream_rpc_method_handler(
+            self._wrap_bidi_stream(handler.stream_stream, method),
+            request_deserializer=deserialize,
+            response_serializer=handler.response_serializer,
+        )
 
     def _wrap_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
@@ -84,6 +90,14 @@ class ServiceInterceptor(grpc.aio.ServerInterceptor):
         async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             with _CallScope(self, method, None, context) as scope:
                 return await scope.run(behavior, _checked(requests))
+
+        return wrapped
+
+    def _wrap_bidi_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            with _CallScope(self, method, None, context) as scope:
+                async for reply in scope.iterate(behavior, _checked(requests)):
+                    yield reply
 
         return wrapped
 
@@ -126,6 +140,14 @@ def _check_decoded(request: Any) -> None:
         )
 
 
+# Where a request names its model: fmserve's messages, v2 inference, v2 model metadata/config.
+_MODEL_FIELDS = ("model", "model_name", "name")
+
+
+def _model_of(request: Any) -> str:
+    return next((str(v) for f in _MODEL_FIELDS if (v := getattr(request, f, ""))), "")
+
+
 class _CallScope:
     """One call: binds its request id, continues the caller's trace, times it, and maps its
     exception to a status."""
@@ -133,7 +155,7 @@ class _CallScope:
     def __init__(self, owner: ServiceInterceptor, method: str, request: Any, context: Any) -> None:
         self.metrics, self.method, self.context = owner.metrics, method, context
         self.span_name = f"{owner.service}/{method}"
-        self.model = str(getattr(request, "model", "") or getattr(request, "model_name", ""))
+        self.model = _model_of(request)
         self.code = "OK"
 
     def __enter__(self) -> _CallScope:
@@ -151,8 +173,7 @@ class _CallScope:
 
     def __exit__(self, *exc_info: object) -> None:
         elapsed = time.perf_counter() - self.started
-        model = "-" if self.code in _UNTRUSTED_MODEL_CODES else (self.model or "-")
-        self.metrics.observe(self.method, model, self.code, elapsed)
+        self.metrics.observe(self.method, self.model, self.code, elapsed)
         log.debug("rpc", extra={"method": self.method, "code": self.code, "ms": elapsed * 1e3})
         self.span.set_attribute("rpc.grpc.status_code", self.code)
         self.tracing.__exit__(None, None, None)
@@ -183,6 +204,9 @@ class _CallScope:
         if isinstance(exc, grpc.aio.AbortError):
             self.code = (self.context.code() or grpc.StatusCode.UNKNOWN).name
             raise exc
+        if isinstance(exc, NotImplementedError):
+            log.info("%s is not implemented", self.method)
+            exc = Unimplemented(f"{self.method} is not implemented by this fmserve service")
         trailing = [(REQUEST_ID_KEY, self.request_id)]
         if isinstance(exc, FmserveError) and type(exc) is not FmserveError:
             code, message = exc.code, exc.message

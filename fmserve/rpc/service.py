@@ -12,11 +12,11 @@ from typing import Any, Protocol
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
 
 from fmserve.core import logs, tracing
 from fmserve.core.metrics import RpcMetrics, serve_metrics
 from fmserve.core.settings import ServiceSettings
+from fmserve.rpc import reflection
 from fmserve.rpc.interceptors import ServiceInterceptor
 from fmserve.rpc.options import grpc_options
 
@@ -41,9 +41,10 @@ class Servicer:
 
 
 def server_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
-    """`grpc_options` plus a maximum connection age: a client learns of new replicas only when
-    it re-resolves DNS, which it does when a connection closes (gRPC adds ±10% jitter)."""
-    options = grpc_options(settings.max_message_bytes)
+    """`grpc_options` with the request bound (gRPC applies it to the decompressed message), plus
+    a maximum connection age: a client learns of new replicas only when it re-resolves DNS,
+    which it does when a connection closes (gRPC adds ±10% jitter)."""
+    options = grpc_options(settings.max_message_bytes, settings.max_request_bytes)
     if settings.max_connection_age_s > 0:
         options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
     return options
@@ -76,10 +77,7 @@ class Service:
         for s in self.servicers:
             s.add_to_server(s.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        names = [s.name for s in self.servicers]
-        reflection.enable_server_reflection(
-            [*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server
-        )
+        reflection.enable([*(s.name for s in self.servicers), health.SERVICE_NAME], server)
         self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
         await server.start()
         self._server = server

@@ -29,13 +29,16 @@ def build(settings: GatewaySettings) -> Service:
     )
     gateway = Gateway(router, pipeline, cache, settings.default_timeout_s)
     records = JobRecords(settings.cache_address, settings.max_message_bytes)
-    topology = Topology(settings.amqp_queue_prefix, settings.amqp_delivery_limit)
-    broker = Broker(
-        settings.amqp_url.get_secret_value(), topology, settings.publish_timeout_s, "gateway"
-    )
+    broker = _broker(settings) if settings.jobs_enabled else None
     jobs = Jobs(router, broker, records, settings)
-    resources: list[Resource] = [stages, pipeline, cache, records, broker]
+    resources: list[Resource] = [stages, pipeline, cache, records, *([broker] if broker else [])]
     return Service("gateway", settings, [servicer(gateway, jobs)], resources=resources)
+
+
+def _broker(settings: GatewaySettings) -> Broker:
+    topology = Topology(settings.amqp_queue_prefix, settings.amqp_delivery_limit)
+    url = settings.amqp_url.get_secret_value()
+    return Broker(url, topology, settings.publish_timeout_s, "gateway")
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from fmserve.core import tracing
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
-from fmserve.errors import FmserveError, InvalidInput, TooLarge
+from fmserve.errors import FmserveError, InvalidInput, TooLarge, Unavailable
 from fmserve.queue.broker import Broker
 from fmserve.queue.chunks import failure
 from fmserve.queue.records import TERMINAL, JobRecords
@@ -49,9 +49,18 @@ class Submission:
     timeout_s: int = 0
 
 
+# What SubmitJob answers on a cluster running without RabbitMQ (jobs_enabled=false).
+JOBS_OFF = (
+    "batch jobs are off in this cluster (it runs without RabbitMQ); the synchronous API works. "
+    "Start RabbitMQ and restart the cluster to submit jobs"
+)
+
+
 class Jobs:
+    """`broker` is None when jobs are off: submissions are refused, records still read."""
+
     def __init__(
-        self, router: Router, broker: Broker, records: JobRecords, settings: GatewaySettings
+        self, router: Router, broker: Broker | None, records: JobRecords, settings: GatewaySettings
     ) -> None:
         self.router = router
         self.broker = broker
@@ -59,6 +68,8 @@ class Jobs:
         self.settings = settings
 
     async def submit(self, submission: Submission, texts: AsyncIterator[list[str]]) -> jobs_pb2.Job:
+        if self.broker is None:
+            raise Unavailable(JOBS_OFF)
         s = submission
         route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k)
         if s.priority not in jobs_pb2.JobPriority.values():
@@ -200,6 +211,7 @@ class _Publication:
         body = self.chunk.SerializeToString()
         del self.chunk.indexes[:]
         del self.chunk.texts[:]
+        assert self.jobs.broker is not None  # Jobs.submit refuses without one
         publish = self.jobs.broker.publish("preprocess", self.level, [body])
         self.pending.add(asyncio.ensure_future(publish))
         if len(self.pending) >= self.settings.job_publish_window:

@@ -34,6 +34,9 @@ class GatewaySettings(RepositorySettings, AmqpSettings):
     """Concurrent downstream batches per model; more requests wait and join the next batch."""
     max_queue_size: int = 10_000
     """Texts waiting per model before requests are refused with RESOURCE_EXHAUSTED."""
+    jobs_enabled: bool = True
+    """Accept batch jobs (SubmitJob); false for a cluster without RabbitMQ: SubmitJob then
+    answers UNAVAILABLE saying so, and jobs submitted before can still be read."""
     job_chunk_size: int = 32
     """Items per queue message of a job: one inference batch, so a chunk is one forward pass."""
     job_max_items: int = 1_000_000

@@ -7,10 +7,10 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.core.settings import RepositorySettings, WorkerSettings
+from fmserve.core.settings import PreloadSettings, RepositorySettings, WorkerSettings
 
 
-class InferenceSettings(RepositorySettings, WorkerSettings):
+class InferenceSettings(RepositorySettings, PreloadSettings, WorkerSettings):
     model_config = SettingsConfigDict(env_prefix="FMSERVE_INFERENCE_", extra="ignore")
 
     port: int = 50053
@@ -26,9 +26,3 @@ class InferenceSettings(RepositorySettings, WorkerSettings):
     max_loaded_models: int = Field(8, ge=1)
     """Most model versions loaded at once; loading one more unloads the least recently used
     idle one (RESOURCE_EXHAUSTED when none is idle)."""
-    preload: str = ""
-    """Comma-separated model names loaded at start (default version); empty loads on first use."""
-
-    @property
-    def preload_models(self) -> list[str]:
-        return [name.strip() for name in self.preload.split(",") if name.strip()]

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pydantic import PositiveInt
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.core.settings import RepositorySettings, WorkerSettings
+from fmserve.core.settings import PreloadSettings, RepositorySettings, WorkerSettings
 
 
-class PreprocessSettings(RepositorySettings, WorkerSettings):
+class PreprocessSettings(RepositorySettings, PreloadSettings, WorkerSettings):
     # validate_by_name: tests and tools may pass `model_repository=` beside the env alias.
     model_config = SettingsConfigDict(
         env_prefix="FMSERVE_PREPROCESS_", extra="ignore", validate_by_name=True

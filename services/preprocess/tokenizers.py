@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from fmserve.core.repository import ModelConfig, ModelRepository
-from fmserve.errors import InputTooLong, InvalidInput
+from fmserve.errors import FmserveError, InputTooLong, InvalidInput
 from services.preprocess.hf_tokenizer import HfTokenizer, Tokenized
 from services.preprocess.metrics import REQUEST_TOKENS, TOKENIZER_LOADS
 
@@ -27,20 +27,32 @@ T = TypeVar("T")
 # Batches up to this many characters are tokenized on the event loop: tens of microseconds,
 # less than handing them to a thread costs. Longer ones go to the worker threads.
 INLINE_MAX_CHARS = 4096
+# Tokenized once per preloaded model at start: the first call also builds the Rust tokenizer's
+# caches, which otherwise the first real request would wait for.
+WARM_UP_TEXT = "A sentence to warm up the tokenizer."
 
 
 class Tokenizers:
     """Owns the loaded tokenizers and the threads that load and run them."""
 
-    def __init__(self, repository: ModelRepository, threads: int = 2) -> None:
+    def __init__(
+        self, repository: ModelRepository, threads: int = 2, preload: Sequence[str] = ()
+    ) -> None:
         self.repository = repository
+        self.preload = list(preload)
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="tokenize")
         # A load in progress is shared by every request that needs it; a failed one is dropped
         # so that the next request tries again.
         self._tokenizers: dict[tuple[str, str], asyncio.Future[HfTokenizer]] = {}
 
     async def start(self) -> None:
-        """Nothing loads here: a tokenizer loads when its model is first asked for."""
+        """Load and warm the preloaded models' tokenizers (the rest load on first use); one that
+        fails is logged, not fatal: its requests will say why."""
+        for name in self.preload:
+            try:
+                await self.tokenize(name, "", [WARM_UP_TEXT])
+            except FmserveError as exc:  # ConfigError included: a broken model.toml
+                log.error("tokenizer preload failed", extra={"model": name, "reason": exc.message})
 
     async def stop(self) -> None:
         """Called once calls have drained: drop queued work; a running one ends in its thread."""

@@ -19,7 +19,7 @@ from tests.otlp_collector import Collector
 
 REDIS_DB = 13
 MAX_ITEMS = 64
-MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DELIVERY_LIMIT = 3
 MAX_JOB_ITEMS = 5000
 
@@ -57,10 +57,11 @@ def cluster(
         "FMSERVE_REDIS_URL": f"{REDIS_URL}/{REDIS_DB}",
         "FMSERVE_CACHE_KEY_PREFIX": key_prefix,
         "FMSERVE_INFERENCE_PRELOAD": "minilm-embed",
+        "FMSERVE_PREPROCESS_PRELOAD": "minilm-embed",
         "FMSERVE_INFERENCE_TORCH_THREADS": "1",
         "FMSERVE_GATEWAY_MAX_ITEMS": str(MAX_ITEMS),
         "FMSERVE_GATEWAY_JOB_MAX_ITEMS": str(MAX_JOB_ITEMS),
-        "FMSERVE_GATEWAY_MAX_MESSAGE_BYTES": str(MAX_MESSAGE_BYTES),
+        "FMSERVE_GATEWAY_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
         "FMSERVE_LOG_LEVEL": "DEBUG",
         "FMSERVE_OTLP_ENDPOINT": f"127.0.0.1:{collector.port}",
         "OTEL_BSP_SCHEDULE_DELAY": "100",  # the SDK's own variable: export spans within 0.1 s

@@ -22,6 +22,7 @@ import pytest
 
 from fmserve import Client
 from fmserve.cli.cluster import free_port
+from fmserve.errors import Unavailable
 from fmserve.queue.consumer import queue_depth
 from fmserve.queue.topology import Topology, delete_queues
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
@@ -162,9 +163,38 @@ def test_up_serves_restarts_and_stops_cleanly(
     assert not [name for name, pid in pids.items() if _alive(pid)]
 
 
-def test_up_without_redis_says_how_to_start_it(tmp_path: Path) -> None:
-    process = _fmserve_up(_base_port(), tmp_path, {"FMSERVE_REDIS_URL": "redis://127.0.0.1:1/0"})
-    output, _ = process.communicate(timeout=60)
-    assert process.returncode == 1
-    assert "Redis is not reachable at 127.0.0.1:1" in output
-    assert "redis-server" in output
+def test_up_starts_redis_and_runs_without_rabbitmq(tmp_path: Path, model_repository: Path) -> None:
+    """No Redis at its URL but redis-server installed: started, and stopped with the cluster.
+    No RabbitMQ it may start: the synchronous path runs, jobs are off, and both are said."""
+    redis_port, amqp_port, base = free_port(), free_port(), _base_port()
+    env = {
+        "FMSERVE_MODEL_REPOSITORY": str(model_repository),
+        "FMSERVE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+        "FMSERVE_AMQP_URL": f"amqp://guest:guest@127.0.0.1:{amqp_port}/",
+        "FMSERVE_INFERENCE_PRELOAD": "minilm-embed",
+        "FMSERVE_INFERENCE_TORCH_THREADS": "1",
+    }
+    process = _fmserve_up(base, tmp_path / "logs", env)
+    try:
+        lines = _read_until(process, r"\bready\b", timeout_s=240)
+        assert f"started Redis at 127.0.0.1:{redis_port} (stopped with the cluster)" in lines
+        off = f"running without batch jobs (RabbitMQ is not reachable at 127.0.0.1:{amqp_port}"
+        assert off in lines[-1]
+        with Client(f"127.0.0.1:{base}") as client:
+            assert client.embed(["no jobs, but answers"]).shape == (1, 384)
+            with pytest.raises(Unavailable, match="batch jobs are off"):
+                client.submit(["a job"], model="minilm-embed")
+        assert (tmp_path / "redis" / "appendonlydir").is_dir()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
+        assert not _listening(redis_port)
+    finally:
+        if process.poll() is None:
+            process.kill()
+        process.wait()
+        if process.stdout:
+            process.stdout.close()
+
+
+def _listening(port: int) -> bool:
+    return not _free(port)

@@ -28,7 +28,7 @@ from fmserve.errors import (
 )
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc
 from tests import reference
-from tests.e2e.conftest import MAX_ITEMS, MAX_MESSAGE_BYTES
+from tests.e2e.conftest import MAX_ITEMS, MAX_REQUEST_BYTES
 
 pytestmark = pytest.mark.e2e
 
@@ -163,7 +163,7 @@ def test_raw_grpc_bad_payloads(gateway_address: str) -> None:
         assert "not a valid fmserve.v1.InferRequest" in garbage.value.details()
         stub = gateway_pb2_grpc.GatewayStub(channel)
         huge = gateway_pb2.InferRequest(
-            model="minilm-embed", texts=["x" * (MAX_MESSAGE_BYTES + 10)]
+            model="minilm-embed", texts=["x" * (MAX_REQUEST_BYTES + 10)]
         )
         with pytest.raises(grpc.RpcError) as oversized:
             stub.Infer(huge, timeout=10)

@@ -17,7 +17,7 @@ import pytest
 
 from fmserve.core.repository import ModelRepository, load_config
 from fmserve.core.tasks import TaskName
-from fmserve.errors import ConfigError, ModelNotFound
+from fmserve.errors import ConfigError, InvalidInput, ModelNotFound
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -217,10 +217,22 @@ def test_names_and_list(tmp_path: Path) -> None:
     assert [c.name for c in repository.list()] == ["a", "b"]
 
 
-@pytest.mark.parametrize("name", ["nope", "", "../m", ".hidden", "m/1"])
-def test_unknown_model_is_not_found_and_names_the_models(tmp_path: Path, name: str) -> None:
+def test_unknown_model_is_not_found_and_names_the_models(tmp_path: Path) -> None:
     write_model(tmp_path / "repo", "m", 'task = "text-classification"\n')
     with pytest.raises(ModelNotFound, match=r"this cluster serves: m$"):
+        ModelRepository(tmp_path / "repo").get("nope")
+
+
+@pytest.mark.parametrize("name", ["", "../m", ".hidden", "m/1", "-m", "m" * 129, "m\n"])
+def test_a_name_no_model_folder_can_have_is_invalid_input(tmp_path: Path, name: str) -> None:
+    write_model(tmp_path / "repo", "m", 'task = "text-classification"\n')
+    with pytest.raises(InvalidInput, match="is not valid"):
+        ModelRepository(tmp_path / "repo").get(name)
+
+
+@pytest.mark.parametrize("name", ["m", "M-2.v_3", "m" * 128])
+def test_model_names_within_the_rule_are_looked_up(tmp_path: Path, name: str) -> None:
+    with pytest.raises(ModelNotFound):
         ModelRepository(tmp_path / "repo").get(name)
 
 

@@ -1,0 +1,55 @@
+"""Where `fmserve up` puts each service's /metrics endpoint (fmserve/cli/commands.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fmserve.cli.cluster import PORT_ORDER, Cluster
+from fmserve.cli.commands import metrics_ports
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def ports_from(base: int) -> dict[str, int]:
+    return {name: base + i for i, name in enumerate(PORT_ORDER)}
+
+
+def test_metrics_follow_the_grpc_ports() -> None:
+    assert metrics_ports(ports_from(50051)) == {
+        "gateway": 9151,
+        "preprocess": 9152,
+        "inference": 9153,
+        "postprocess": 9154,
+        "cache": 9155,
+    }
+    assert metrics_ports(ports_from(60051))["cache"] == 19155
+
+
+def test_a_configured_metrics_port_wins(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FMSERVE_GATEWAY_METRICS_PORT", "19999")
+    monkeypatch.setenv("FMSERVE_CACHE_METRICS_PORT", "-1")
+    chosen = metrics_ports(ports_from(60051))
+    assert chosen["gateway"] == 19999
+    assert chosen["cache"] == -1  # off
+    assert chosen["preprocess"] == 19152
+
+
+def test_a_base_port_too_low_for_the_offset_takes_free_ports(tmp_path: Path) -> None:
+    chosen = metrics_ports(ports_from(20000))
+    assert set(chosen.values()) == {0}
+    cluster = Cluster(ports=ports_from(20000), metrics_ports=chosen, log_dir=tmp_path)
+    assert all(r.metrics_port > 1024 for r in cluster.all())
+
+
+def test_the_cluster_gives_its_first_replica_the_chosen_port(tmp_path: Path) -> None:
+    cluster = Cluster(
+        ports=ports_from(60051),
+        replicas={"inference": 2},
+        metrics_ports={"inference": 19153},
+        log_dir=tmp_path,
+    )
+    first, second = cluster.replicas_of["inference"]
+    assert first.metrics_port == 19153
+    assert second.metrics_port not in (0, 19153)
