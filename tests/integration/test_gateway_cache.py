@@ -1,5 +1,5 @@
 """The gateway's result cache (services/gateway/result_cache.py) and its use by the gateway's
-domain (gateway.py), against fake stage servers on free ports.
+domain (services/gateway/gateway.py), against fake stage servers on free ports.
 
 The promise under test: the cache is optional. A miss, a store, then a hit; concurrent lookups
 share a call; and a cache that is down, failing or slow counts as a miss, never as an error."""
