@@ -23,7 +23,7 @@ from fmserve.core.settings import service_module
 
 # Start order: stages first, the gateway (the front door) last; stop order is the reverse.
 SERVICES = ("cache", "preprocess", "inference", "postprocess", "gateway")
-# Ports follow DESIGN.md: gateway 50051, preprocess 50052, … cache 50055.
+# Default ports (README, "Configuration"): gateway 50051, preprocess 50052, … cache 50055.
 PORT_ORDER = ("gateway", "preprocess", "inference", "postprocess", "cache")
 DEFAULT_PORTS = {name: 50051 + i for i, name in enumerate(PORT_ORDER)}
 # `fmserve up` puts each service's /metrics at its gRPC port + this: 50051 → 9151, 50052 → 9152…

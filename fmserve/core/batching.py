@@ -97,19 +97,24 @@ class Batcher(Generic[I, R]):
 
     async def submit_many(self, items: Sequence[I], priority: int = 0) -> list[R]:
         """Queue several items at once (one request's parts) and wait for all their results, in
-        order; raises the first error. Queued together they can share a batch, where one by one
-        the first would start alone on an idle batcher. When one fails or the caller gives up,
-        the others still queued are dropped before compute."""
+        order; raises the first error. When one fails or the caller gives up, the others still
+        queued are dropped before compute."""
+        futures = self.enqueue(items, priority)
+        try:
+            return list(await asyncio.gather(*futures))
+        finally:
+            _abandon(futures)
+
+    def enqueue(self, items: Sequence[I], priority: int = 0) -> list[asyncio.Future[R]]:
+        """Queue several items at once and return their futures, in order, without waiting.
+        Queued together they can share a batch, where one by one the first would start alone
+        on an idle batcher. Cancelling a future drops its item if it is still queued."""
         self._admit(len(items))
         loop = asyncio.get_running_loop()
         waiters = [_Waiter(item, self._cost(item), loop.create_future()) for item in items]
         self._queues[1 if priority else 0].extend(waiters)
         self._dispatch()
-        futures = [w.future for w in waiters]
-        try:
-            return list(await asyncio.gather(*futures))
-        finally:
-            _abandon(futures)
+        return [w.future for w in waiters]
 
     def _admit(self, count: int) -> None:
         if self._stopped:

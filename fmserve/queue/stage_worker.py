@@ -8,7 +8,7 @@ A stage worker, per message (one chunk of a job's items):
        item fails alone, with its error;
     3. publish what succeeded to the next stage (confirmed), or at the last stage record the
        results, and record the failed items, in the cache service;
-    4. only then ack (messaging.Consumer acks when the handler returns).
+    4. only then ack (fmserve.queue.consumer.Consumer acks when the handler returns).
 Any other error is not the items' fault, and never becomes their answer (its message may name
 server internals). A chunk that fails so goes back to the first stage item by item, so that an
 item that crashes a stage is dead-lettered alone and its siblings live. Transient failures

@@ -58,7 +58,7 @@ class Pipeline:
         self, route: Route, texts: Sequence[str], deadline: float
     ) -> list[common_pb2.Result]:
         """One result per text, in order; raises the first text's error if any failed."""
-        flights = [self._join(route, text, deadline) for text in texts]
+        flights = self._join(route, texts, deadline)
         try:
             waits = asyncio.gather(*(asyncio.shield(f.future) for f in flights))
             return list(await asyncio.wait_for(waits, deadline - time.monotonic()))
@@ -68,20 +68,27 @@ class Pipeline:
             for flight in flights:
                 self._leave(flight)
 
-    def _join(self, route: Route, text: str, deadline: float) -> _Flight:
-        """The flight computing `text` for `route`: a new one, or the one already under way,
-        whose deadline a caller with more time left extends."""
-        key = (route, text)
-        flight = self._in_flight.get(key)
-        if flight is None:
-            item = _Item(text, deadline)
-            flight = _Flight(item, asyncio.ensure_future(self._batcher(route).submit(item)))
-            self._in_flight[key] = flight
-            flight.future.add_done_callback(lambda _: self._landed(key, flight))
-        else:
-            flight.item.deadline = max(flight.item.deadline, deadline)
-        flight.callers += 1
-        return flight
+    def _join(self, route: Route, texts: Sequence[str], deadline: float) -> list[_Flight]:
+        """The flight computing each text for `route`: the one already under way, whose
+        deadline a caller with more time left extends, or a new one. The new ones are queued
+        together, so that one request's texts share a batch."""
+        new: dict[str, _Item] = {}
+        for text in texts:
+            if flight := self._in_flight.get((route, text)):
+                flight.item.deadline = max(flight.item.deadline, deadline)
+            else:
+                new.setdefault(text, _Item(text, deadline))
+        futures = self._batcher(route).enqueue(list(new.values()))
+        for item, future in zip(new.values(), futures, strict=True):
+            self._take_off((route, item.text), _Flight(item, future))
+        flights = [self._in_flight[(route, text)] for text in texts]
+        for flight in flights:
+            flight.callers += 1
+        return flights
+
+    def _take_off(self, key: tuple[Route, str], flight: _Flight) -> None:
+        self._in_flight[key] = flight
+        flight.future.add_done_callback(lambda _: self._landed(key, flight))
 
     def _leave(self, flight: _Flight) -> None:
         flight.callers -= 1

@@ -31,10 +31,9 @@ class ResultCache:
 
     async def lookup(self, model: str, keys: list[str]) -> list[common_pb2.Result | None]:
         """The cached result per key, or None; all None when the cache is down or slow."""
-        try:
-            found = await asyncio.wait_for(
-                asyncio.gather(*(self._lookups.submit(k) for k in keys)), self.timeout_s
-            )
+        try:  # the keys are queued together, so that one request's keys share a call
+            waits = asyncio.gather(*self._lookups.enqueue(keys))
+            found = await asyncio.wait_for(waits, self.timeout_s)
         except (FmserveError, TimeoutError) as exc:
             LOOKUPS.labels(model, "error").inc(len(keys))
             log.warning("cache lookup failed; answering from the model", extra={"error": str(exc)})
@@ -46,8 +45,12 @@ class ResultCache:
 
     def store(self, items: list[tuple[str, common_pb2.Result]]) -> None:
         """Store in the background: the reply never waits for the cache."""
-        for item in items:
-            pending = asyncio.ensure_future(self._stores.submit(item))
+        try:
+            stores = self._stores.enqueue(items)
+        except FmserveError as exc:  # too many stores queued, or stopping
+            log.warning("cache store skipped", extra={"error": str(exc)})
+            return
+        for pending in stores:
             self._pending.add(pending)
             pending.add_done_callback(self._stored)
 

@@ -445,3 +445,52 @@ async def test_max_in_flight_is_respected() -> None:
     assert await asyncio.gather(*tasks) == [10, 20, 30, 40]
     assert handler.most_running == 2
     assert sorted(map(tuple, handler.batches)) == [(1,), (2,), (3,), (4,)]
+
+
+# --- several items at once: enqueue and submit_many ------------------------------------------
+
+
+async def test_items_enqueued_together_share_a_batch_on_an_idle_batcher() -> None:
+    handler = GatedHandler(gated=False)
+    batcher = Batcher(handler, BatchLimits(max_in_flight=4))
+    futures = batcher.enqueue([1, 2, 3])
+    assert await asyncio.gather(*futures) == [10, 20, 30]
+    assert handler.batches == [[1, 2, 3]]
+
+
+async def test_items_submitted_one_by_one_start_alone_while_slots_are_free() -> None:
+    """What enqueue is for: one by one, each item takes a free slot as it arrives."""
+    handler = GatedHandler(gated=False)
+    batcher = Batcher(handler, BatchLimits(max_in_flight=2))
+    assert await asyncio.gather(*submit_all(batcher, [1, 2, 3])) == [10, 20, 30]
+    assert handler.batches == [[1], [2], [3]]
+
+
+async def test_submit_many_shares_a_batch_and_answers_in_order() -> None:
+    handler = GatedHandler(gated=False)
+    batcher = Batcher(handler, BatchLimits(max_in_flight=4))
+    assert await batcher.submit_many([3, 1, 2]) == [30, 10, 20]
+    assert handler.batches == [[3, 1, 2]]
+
+
+async def test_an_enqueued_item_cancelled_while_queued_is_dropped_before_compute() -> None:
+    handler = GatedHandler()
+    batcher = Batcher(handler)
+    first = await busy(batcher, handler)
+    dropped, kept = batcher.enqueue([1, 2])
+    dropped.cancel()
+    handler.open()
+    assert await kept == 20
+    await first
+    assert handler.batches == [[0], [2]]
+
+
+async def test_enqueue_past_the_queue_limit_refuses_every_item_at_once() -> None:
+    handler = GatedHandler()
+    batcher = Batcher(handler, BatchLimits(max_queue_size=2))
+    first = await busy(batcher, handler)
+    with pytest.raises(Overloaded):
+        batcher.enqueue([1, 2, 3])
+    assert batcher.queued == 0
+    handler.open()
+    await first
