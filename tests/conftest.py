@@ -1,10 +1,12 @@
 """Fixtures every layer shares: the test model repository and the real Redis/RabbitMQ servers.
 
-A missing server skips its tests on a developer's machine but fails them in CI (CI=true)."""
+A missing server (or program) skips its tests on a developer's machine but fails them in CI
+(CI=true)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -25,9 +27,19 @@ def _reachable(host: str, port: int) -> bool:
 
 
 def require_server(name: str, host: str, port: int) -> None:
-    if _reachable(host, port):
-        return
-    message = f"{name} is not reachable at {host}:{port}"
+    if not _reachable(host, port):
+        _missing(f"{name} is not reachable at {host}:{port}")
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of a program the tests run (a server, a checker), from PATH."""
+    found = shutil.which(name)
+    if found is None:
+        _missing(f"{name} is not on PATH (apt-get install {package})")
+    return str(found)
+
+
+def _missing(message: str) -> None:
     if os.environ.get("CI"):
         pytest.fail(message + " (CI must provide it)")
     pytest.skip(message)

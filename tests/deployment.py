@@ -53,7 +53,7 @@ def dashboards() -> dict[str, dict[str, Any]]:
 def expressions(dashboard: dict[str, Any]) -> list[str]:
     """Every PromQL expression of a dashboard: panel targets, annotations and variables."""
     found: list[str] = []
-    for panel in _panels(dashboard.get("panels", [])):
+    for panel in all_panels(dashboard.get("panels", [])):
         found += [t["expr"] for t in panel.get("targets", []) if t.get("expr")]
     found += [a["expr"] for a in dashboard.get("annotations", {}).get("list", []) if "expr" in a]
     for variable in dashboard.get("templating", {}).get("list", []):
@@ -62,8 +62,9 @@ def expressions(dashboard: dict[str, Any]) -> list[str]:
     return [e for e in found if e]
 
 
-def _panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [p for panel in panels for p in (panel, *_panels(panel.get("panels", [])))]
+def all_panels(panels: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Panels, and those inside collapsed rows."""
+    return [p for panel in panels for p in (panel, *all_panels(panel.get("panels", [])))]
 
 
 # What is not a metric name in PromQL: strings, label matchers, ranges, grouping clauses,

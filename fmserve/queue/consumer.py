@@ -40,6 +40,7 @@ from fmserve.queue.metrics import (
     HANDLE_DURATION,
     OUTCOMES,
     REDELIVERED,
+    declare_stage,
 )
 
 log = logging.getLogger("fmserve.queue")
@@ -136,6 +137,7 @@ class Consumer:
         self._in_hand: set[asyncio.Task[Any]] = set()
         self._tasks: list[asyncio.Task[None]] = []
         self._tag = {"stage": stage}
+        declare_stage(stage)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()

@@ -54,3 +54,14 @@ ITEM_LATENCY = Histogram(
     ["model"],
     buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600),
 )
+
+
+def declare_stage(stage: str) -> None:
+    """A consumer's series, at 0 from its start: a series that appears with its first increment
+    hides that increment from rate(), and a panel on it shows no data until something happens
+    (a first redelivery, a first dead letter)."""
+    for counter in (CONSUMED, REDELIVERED, DEAD_LETTERED):
+        counter.labels(stage)
+    for outcome in ("ack", "retry", "requeue"):
+        OUTCOMES.labels(stage, outcome)
+    HANDLE_DURATION.labels(stage)

@@ -89,11 +89,12 @@ return {1, complete(KEYS[1], KEYS[2], ARGV[2])}
 """
 
 # KEYS: job, results. ARGV: now, then (index, ok, payload) triples. Returns {-1} for an
-# unknown job, else {items recorded now, the terminal state this call completed it with or ''}.
+# unknown job, else {items recorded now, the terminal state this call completed it with or '',
+# 1 if this call started it (QUEUED → RUNNING) else 0}.
 _RECORD = """
 local state = redis.call('HGET', KEYS[1], 'state')
-if not state then return {-1, ''} end
-if not active(state) then return {0, ''} end
+if not state then return {-1, '', 0} end
+if not active(state) then return {0, '', 0} end
 local done, failed = 0, 0
 for i = 2, #ARGV, 3 do
   if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 2]) == 1 then
@@ -102,10 +103,12 @@ for i = 2, #ARGV, 3 do
 end
 if done > 0 then redis.call('HINCRBY', KEYS[1], 'done', done) end
 if failed > 0 then redis.call('HINCRBY', KEYS[1], 'failed', failed) end
+local started = 0
 if state == 'QUEUED' and done + failed > 0 then
   redis.call('HSET', KEYS[1], 'state', 'RUNNING', 'started_ms', ARGV[1])
+  started = 1
 end
-return {done + failed, complete(KEYS[1], KEYS[2], ARGV[1])}
+return {done + failed, complete(KEYS[1], KEYS[2], ARGV[1]), started}
 """
 
 # KEYS: job, results. ARGV: state, error, now. Returns -1 unknown, 0 already terminal, 1 done.
@@ -165,17 +168,17 @@ class RedisJobStore:
 
     async def record(
         self, job_id: str, items: Sequence[tuple[int, bool, bytes]], now_ms: int
-    ) -> tuple[int, str]:
+    ) -> tuple[int, str, bool]:
         """(items recorded now, or -1 for an unknown job; the terminal state this completed the
-        job with, or "")."""
+        job with, or ""; whether this started the job: QUEUED → RUNNING)."""
         args: list[Any] = [now_ms]
         for index, ok, payload in items:
             args += [index, "1" if ok else "0", payload]
         with self.redis.translated("job record"):
-            recorded, completed = await self._script("record", _RECORD)(
+            recorded, completed, started = await self._script("record", _RECORD)(
                 keys=self._keys(job_id), args=args
             )
-        return int(recorded), _text(completed)
+        return int(recorded), _text(completed), started == 1
 
     async def finish(self, job_id: str, state: str, error: str, now_ms: int) -> int:
         """-1 unknown job, 0 already terminal, 1 finished now."""

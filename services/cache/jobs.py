@@ -30,6 +30,8 @@ class JobBook:
 
     def __init__(self, store: RedisJobStore) -> None:
         self.store = store
+        for state in (*ACTIVE, *TERMINAL):  # every state's series at 0 from the start
+            JOBS.labels(state)
 
     async def create(self, fields: Record, idempotency_key: str) -> tuple[Record, bool]:
         if len(idempotency_key) > MAX_KEY_CHARS:
@@ -81,9 +83,11 @@ class JobBook:
         for index, _, _ in items:
             if index < 0:
                 raise InvalidInput(f"item index {index} is negative")
-        recorded, completed = await self.store.record(job_id, items, now_ms())
+        recorded, completed, started = await self.store.record(job_id, items, now_ms())
         if recorded < 0:
             raise _unknown(job_id)
+        if started:
+            JOBS.labels("RUNNING").inc()
         if completed:
             JOBS.labels(completed).inc()
         ITEMS.labels("recorded").inc(recorded)

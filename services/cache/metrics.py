@@ -16,7 +16,8 @@ REDIS_ERRORS = Counter(
 )
 JOBS = Counter(
     "fmserve_cache_jobs_total",
-    "Jobs entering a state (QUEUED on creation, then a terminal state), by state.",
+    "Jobs entering a state (QUEUED on creation, RUNNING at its first recorded item, then a "
+    "terminal state), by state.",
     ["state"],
 )
 ITEMS = Counter("fmserve_cache_job_items_total", "Job items recorded, by outcome.", ["outcome"])

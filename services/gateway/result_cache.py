@@ -35,12 +35,11 @@ class ResultCache:
             waits = asyncio.gather(*self._lookups.enqueue(keys))
             found = await asyncio.wait_for(waits, self.timeout_s)
         except (FmserveError, TimeoutError) as exc:
-            LOOKUPS.labels(model, "error").inc(len(keys))
+            _count(model, error=len(keys))
             log.warning("cache lookup failed; answering from the model", extra={"error": str(exc)})
             return [None] * len(keys)
         hits = sum(r is not None for r in found)
-        LOOKUPS.labels(model, "hit").inc(hits)
-        LOOKUPS.labels(model, "miss").inc(len(keys) - hits)
+        _count(model, hit=hits, miss=len(keys) - hits)
         return list(found)
 
     def store(self, items: list[tuple[str, common_pb2.Result]]) -> None:
@@ -72,3 +71,10 @@ class ResultCache:
     async def stop(self) -> None:
         await self._lookups.stop()
         await self._stores.stop()
+
+
+def _count(model: str, hit: int = 0, miss: int = 0, error: int = 0) -> None:
+    """Every outcome, zeros too: a model's three series exist from its first lookup, so the
+    first failure is a rise that rate() sees (not a new series) and "lookups failed" reads 0."""
+    for outcome, count in (("hit", hit), ("miss", miss), ("error", error)):
+        LOOKUPS.labels(model, outcome).inc(count)

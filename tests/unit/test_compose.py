@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import re
+import subprocess
 from typing import Any
 
 import pytest
@@ -19,6 +20,7 @@ from pydantic_settings import BaseSettings
 
 from fmserve.cli.cluster import SERVICES
 from fmserve.core.settings import variables
+from tests.conftest import require_binary
 from tests.deployment import (
     COMPOSE_DIR,
     COMPOSE_FILE,
@@ -250,6 +252,19 @@ def test_rabbitmq_exports_queue_metrics_to_prometheus(services: dict[str, dict[s
     for name in ("gateway", "preprocess", "inference", "postprocess"):
         url = environment(services[name])["FMSERVE_AMQP_URL"]
         assert url == f"amqp://{user}:{password}@rabbitmq:5672/", name
+
+
+def test_promtool_accepts_the_prometheus_config() -> None:
+    """Prometheus' own check of the file. It does not resolve the compose service names the DNS
+    discovery asks for (Prometheus does that when it runs), so it passes outside compose."""
+    promtool = require_binary("promtool", "prometheus")
+    check = subprocess.run(
+        [promtool, "check", "config", str(PROMETHEUS_FILE)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_image_installs_the_project_as_the_readme_does() -> None:

@@ -1,4 +1,4 @@
-"""Every service has the same shape (STYLE.md habit 2): `__main__.py` registers the servicer
+"""Every service has the same shape (house style, habit 2): `__main__.py` registers the servicer
 that `server.py`'s `servicer()` builds, wire ↔ domain conversions live in `codec` (a module, or a
 package where one would be too long), and Prometheus metrics in `metrics.py` only.
 
