@@ -172,6 +172,8 @@ class _CallScope:
         return self
 
     def __exit__(self, *exc_info: object) -> None:
+        if self.code == "OK" and self._deadline_passed():
+            self.code = "DEADLINE_EXCEEDED"  # answered, but too late: the caller saw this
         elapsed = time.perf_counter() - self.started
         self.metrics.observe(self.method, self.model, self.code, elapsed)
         log.debug("rpc", extra={"method": self.method, "code": self.code, "ms": elapsed * 1e3})
@@ -184,7 +186,7 @@ class _CallScope:
             _check_decoded(request)
             return await behavior(request, self.context)
         except asyncio.CancelledError:
-            self.code = "CANCELLED"  # the caller went away or its deadline passed
+            self.code = self._why_cancelled()
             raise
         except Exception as exc:  # every failure reaches the wire here, and only here
             await self._abort(exc)
@@ -195,10 +197,18 @@ class _CallScope:
             async for reply in behavior(request, self.context):
                 yield reply
         except asyncio.CancelledError:
-            self.code = "CANCELLED"
+            self.code = self._why_cancelled()
             raise
         except Exception as exc:
             await self._abort(exc)
+
+    def _why_cancelled(self) -> str:
+        """gRPC cancels a handler when its caller goes away or its deadline passes."""
+        return "DEADLINE_EXCEEDED" if self._deadline_passed() else "CANCELLED"
+
+    def _deadline_passed(self) -> bool:
+        left = self.context.time_remaining()
+        return left is not None and left <= 0
 
     async def _abort(self, exc: Exception) -> None:
         if isinstance(exc, grpc.aio.AbortError):

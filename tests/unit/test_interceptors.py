@@ -9,6 +9,7 @@ handler's behaviour is chosen by the request's first text; metrics go to an in-m
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -329,7 +330,18 @@ async def test_metrics_name_the_method_model_and_code(served: Served) -> None:
     ]
 
 
-async def test_a_call_the_client_gave_up_on_is_recorded_as_cancelled(served: Served) -> None:
+async def test_a_call_whose_deadline_passed_is_recorded_as_the_client_saw_it(
+    served: Served,
+) -> None:
     error = await failure(served.unary()(say("hang"), timeout=0.2))
     assert error.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert await served.probe.observations(1) == [("Unary", "m", "DEADLINE_EXCEEDED")]
+
+
+async def test_a_call_the_client_cancelled_is_recorded_as_cancelled(served: Served) -> None:
+    call = served.unary()(say("hang"), timeout=5)
+    await asyncio.sleep(0.2)
+    call.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
     assert await served.probe.observations(1) == [("Unary", "m", "CANCELLED")]
