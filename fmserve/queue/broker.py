@@ -46,18 +46,23 @@ def amqp_address(url: str) -> str:
 
 @contextlib.contextmanager
 def translated(address: str, doing: str) -> Iterator[None]:
-    """Turn aio-pika/aiormq failures into Unavailable, saying what failed and where."""
+    """Turn aio-pika/aiormq failures into Unavailable. Its message can reach a client (the
+    gateway's SubmitJob), so it names no host, queue or library: the log line says which."""
     try:
         yield
     except aiormq.exceptions.PublishError as exc:
-        raise Unavailable(f"RabbitMQ at {address} could not route a message ({doing})") from exc
+        _log_failure(address, doing, exc)
+        raise Unavailable("the job queue refused a message") from exc
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError, RuntimeError) as exc:
-        raise Unavailable(
-            f"RabbitMQ at {address} is unavailable ({doing}: {type(exc).__name__}); "
-            "it is retried once RabbitMQ is back"
-        ) from exc
+        _log_failure(address, doing, exc)
+        raise Unavailable("the job queue is unavailable") from exc
     except TimeoutError as exc:
-        raise Unavailable(f"RabbitMQ at {address} did not confirm in time ({doing})") from exc
+        _log_failure(address, doing, exc)
+        raise Unavailable("the job queue did not confirm in time") from exc
+
+
+def _log_failure(address: str, doing: str, exc: BaseException) -> None:
+    log.warning("RabbitMQ failed while %s: %r", doing, exc, extra={"amqp": address})
 
 
 class Broker:
@@ -167,7 +172,8 @@ class Broker:
     async def _publish_once(self, queue: str, bodies: Sequence[bytes], deadline: float) -> None:
         left = max(0.01, deadline - time.monotonic())
         if not self._ready.is_set() or self._channel is None:
-            raise Unavailable(f"RabbitMQ at {self.address} is not connected yet; retry shortly")
+            log.debug("RabbitMQ is not connected yet", extra=self._where())
+            raise Unavailable("the job queue is not connected yet")
         exchange = self._channel.default_exchange
         with translated(self.address, f"publishing to {queue}"):
             sends = [

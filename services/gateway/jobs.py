@@ -56,6 +56,10 @@ JOBS_OFF = (
 )
 
 
+# What became of a submission that broke off: its record says FAILED and why.
+NOT_ACCEPTED = "the job was not accepted (it is marked FAILED): submit it again later"
+
+
 class Jobs:
     """`broker` is None when jobs are off: submissions are refused, records still read."""
 
@@ -84,6 +88,8 @@ class Jobs:
             total = await _Publication(self, job, route).run(first, texts)
         except BaseException as exc:
             await asyncio.shield(self._broke_off(job.id, exc))
+            if isinstance(exc, Unavailable):  # say what became of the job, not only why
+                raise Unavailable(f"{exc.message}, so {NOT_ACCEPTED}") from exc
             raise
         return await self.records.seal(job.id, total)
 

@@ -105,9 +105,13 @@ async def test_published_messages_are_consumed_and_acked(broker: Broker) -> None
     assert await queue_depth(connection, broker.topology.queues("inference")) == 0
 
 
-async def test_an_unroutable_message_raises(broker: Broker) -> None:
-    with pytest.raises(Unavailable, match="could not route"):
+async def test_an_unroutable_message_raises(
+    broker: Broker, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING), pytest.raises(Unavailable) as refused:
         await broker.publish("nowhere", "normal", [b"x"])
+    assert refused.value.message == "the job queue refused a message"  # no names: it is public
+    assert any("nowhere" in r.getMessage() for r in caplog.records)  # the log says which
 
 
 @pytest.mark.parametrize(
