@@ -5,7 +5,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-TERMINAL_STATES = ("succeeded", "failed", "cancelled", "expired")
+from fmserve.core.jobs import TERMINAL, JobState
+
+# JobStatus.state spells a state in lower case, as users type it ("succeeded").
+TERMINAL_STATES = tuple(state.lower() for state in JobState if state in TERMINAL)
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+from fmserve.core.jobs import state_from_wire
 from fmserve.core.tasks import TASK_TO_WIRE
 from fmserve.rpc.options import grpc_options
 from fmserve.v1 import common_pb2, gateway_pb2, jobs_pb2
@@ -98,7 +99,7 @@ def channel_options() -> list[tuple[str, Any]]:
 def to_job_status(job: jobs_pb2.Job) -> JobStatus:
     return JobStatus(
         id=job.id,
-        state=jobs_pb2.JobState.Name(job.state).removeprefix("JOB_STATE_").lower(),
+        state=state_name(job.state),
         model=job.model,
         version=job.version,
         task=TASK_NAMES.get(job.task, "unspecified"),
@@ -115,6 +116,14 @@ def to_job_status(job: jobs_pb2.Job) -> JobStatus:
         idempotency_key=job.idempotency_key,
         trace_id=job.trace_id,
     )
+
+
+def state_name(wire: int) -> str:
+    """A job state as users read it: "succeeded" (the enum's value in lower case)."""
+    try:
+        return state_from_wire(wire).lower()
+    except ValueError:  # JOB_STATE_UNSPECIFIED, or a newer gateway's state
+        return "unspecified"
 
 
 def to_job_item(item: jobs_pb2.JobItemResult) -> JobItem:

@@ -1,3 +1,3 @@
 """The shared core every service uses: errors live one level up (public); here settings,
-request context, logs, metrics, tracing, the task table, tensors on the wire, the model
-repository and the batcher."""
+request context, logs, metrics, tracing, the task table, the job vocabulary, tensors on the
+wire, the model repository and the batcher."""

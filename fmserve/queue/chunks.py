@@ -10,9 +10,10 @@ from fmserve.v1 import jobs_pb2
 
 
 def failure(index: int, error: FmserveError | str) -> jobs_pb2.JobItemResult:
-    """A failed item, with a message for people (the sync path's "texts[0]" means "this text")."""
+    """A failed item, answered with the error's message as it stands: whoever raises an item's
+    error words it for a job's owner ("the text is empty", not "texts[0] is empty")."""
     message = error if isinstance(error, str) else error.message
-    return jobs_pb2.JobItemResult(index=index, error=message.replace("texts[0] ", "the text "))
+    return jobs_pb2.JobItemResult(index=index, error=message)
 
 
 def decode(body: bytes) -> jobs_pb2.JobChunk:

@@ -10,6 +10,7 @@ from typing import Any
 import grpc
 
 from fmserve.core.context import remaining_s
+from fmserve.core.jobs import ACTIVE, JobState, state_from_wire, state_to_wire
 from fmserve.errors import (
     DeadlineExceeded,
     FmserveError,
@@ -21,13 +22,6 @@ from fmserve.errors import (
 from fmserve.rpc.channels import open_channel
 from fmserve.v1 import cache_pb2, cache_pb2_grpc, jobs_pb2
 
-ACTIVE = (jobs_pb2.JOB_STATE_QUEUED, jobs_pb2.JOB_STATE_RUNNING)
-TERMINAL = (
-    jobs_pb2.JOB_STATE_SUCCEEDED,
-    jobs_pb2.JOB_STATE_FAILED,
-    jobs_pb2.JOB_STATE_CANCELLED,
-    jobs_pb2.JOB_STATE_EXPIRED,
-)
 CALL_TIMEOUT_S = 10.0
 
 
@@ -67,8 +61,9 @@ class JobRecords:
         request = jobs_pb2.GetJobResultsRequest(job_id=job_id, start=start, limit=limit)
         return await self._call("GetJobResults", request)
 
-    async def finish(self, job_id: str, state: Any, error: str) -> jobs_pb2.Job:
-        request = cache_pb2.FinishJobRequest(job_id=job_id, state=state, error=error)
+    async def finish(self, job_id: str, state: JobState, error: str) -> jobs_pb2.Job:
+        wire = state_to_wire(state)
+        request = cache_pb2.FinishJobRequest(job_id=job_id, state=wire, error=error)
         return await self._call("FinishJob", request)
 
     async def list(self, limit: int) -> list[jobs_pb2.Job]:
@@ -111,7 +106,8 @@ class JobStates:
         if seen is not None and now - seen[0] < self.ttl_s:
             return seen[1]
         try:
-            active = (await self.records.get(job_id)).state in ACTIVE
+            job = await self.records.get(job_id)
+            active = state_from_wire(job.state) in ACTIVE
         except JobNotFound:
             active = False
         if len(self._seen) >= self.max_jobs:

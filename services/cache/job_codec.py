@@ -1,57 +1,58 @@
-"""Job records between the wire (fmserve.v1.Job) and the field dicts Redis holds."""
+"""Job records between the wire (fmserve.v1.Job) and the cache's JobRecord."""
 
 from __future__ import annotations
 
+from fmserve.core.jobs import JobState, state_from_wire, state_to_wire
+from fmserve.errors import InvalidInput
 from fmserve.v1 import jobs_pb2
-
-# Wire field → Redis field, for the integers kept under a different name.
-_TIMES = {
-    "created_unix_ms": "created_ms",
-    "started_unix_ms": "started_ms",
-    "finished_unix_ms": "finished_ms",
-    "expires_unix_ms": "expires_ms",
-}
+from services.cache.job_record import JobRecord
 
 
-def new_job_fields(job: jobs_pb2.Job) -> dict[str, str]:
-    """What a CreateJob request decides about the new job (the rest is the cache's to set)."""
-    return {
-        "model": job.model,
-        "version": job.version,
-        "task": str(job.task),
-        "priority": str(job.priority),
-        "retention_s": str(job.retention_s),
-        "expires_ms": str(job.expires_unix_ms),
-        "trace_id": job.trace_id,
-    }
-
-
-def to_wire(record: dict[str, str]) -> jobs_pb2.Job:
-    def number(name: str) -> int:
-        return int(record.get(name) or 0)
-
-    return jobs_pb2.Job(
-        id=record["id"],
-        state=jobs_pb2.JobState.Value(f"JOB_STATE_{record['state']}"),
-        model=record.get("model", ""),
-        version=record.get("version", ""),
-        task=number("task"),  # type: ignore[arg-type]
-        priority=number("priority"),  # type: ignore[arg-type]
-        total=number("total"),
-        sealed=record.get("sealed") == "1",
-        done=number("done"),
-        failed=number("failed"),
-        retention_s=number("retention_s"),
-        error=record.get("error", ""),
-        idempotency_key=record.get("idempotency_key", ""),
-        trace_id=record.get("trace_id", ""),
-        **{wire: number(field) for wire, field in _TIMES.items()},
+def new_job(job: jobs_pb2.Job) -> JobRecord:
+    """What a CreateJob request decides about the new job; the id, state and creation time
+    are the job book's to set, the rest starts at 0."""
+    return JobRecord(
+        id="",
+        state=JobState.QUEUED,
+        model=job.model,
+        version=job.version,
+        task=job.task,
+        priority=job.priority,
+        retention_s=job.retention_s,
+        expires_ms=job.expires_unix_ms,
+        idempotency_key=job.idempotency_key,
+        trace_id=job.trace_id,
     )
 
 
-def state_name(state: int) -> str:
-    """JOB_STATE_CANCELLED → "CANCELLED"."""
-    return jobs_pb2.JobState.Name(state).removeprefix("JOB_STATE_")  # type: ignore[arg-type]
+def to_wire(record: JobRecord) -> jobs_pb2.Job:
+    return jobs_pb2.Job(
+        id=record.id,
+        state=state_to_wire(record.state),
+        model=record.model,
+        version=record.version,
+        task=record.task,  # type: ignore[arg-type]
+        priority=record.priority,  # type: ignore[arg-type]
+        total=record.total,
+        sealed=record.sealed,
+        done=record.done,
+        failed=record.failed,
+        created_unix_ms=record.created_ms,
+        started_unix_ms=record.started_ms,
+        finished_unix_ms=record.finished_ms,
+        expires_unix_ms=record.expires_ms,
+        retention_s=record.retention_s,
+        error=record.error,
+        idempotency_key=record.idempotency_key,
+        trace_id=record.trace_id,
+    )
+
+
+def state_to_domain(value: int) -> JobState:
+    try:
+        return state_from_wire(value)
+    except ValueError as exc:
+        raise InvalidInput(str(exc)) from None
 
 
 def item_to_domain(item: jobs_pb2.JobItemResult) -> tuple[int, bool, bytes]:

@@ -1,24 +1,25 @@
 """The job book's rules: ids, which requests are accepted, expiry, and what is counted. Records
-are field dicts here (job_store.py keeps them); the servicer converts them to the wire."""
+are JobRecords here (job_store.py keeps them); the servicer converts them to the wire."""
 
 from __future__ import annotations
 
 import time
 import uuid
 from collections.abc import Sequence
+from dataclasses import replace
 
+from fmserve.core.jobs import ACTIVE, JobState
 from fmserve.errors import Conflict, InvalidInput, JobNotFound
-from services.cache.job_store import ACTIVE, RedisJobStore
+from services.cache.job_record import JobRecord
+from services.cache.job_store import RedisJobStore
 from services.cache.metrics import ITEMS, JOBS
 
-TERMINAL = ("SUCCEEDED", "FAILED", "CANCELLED", "EXPIRED")
-FINISHABLE = ("CANCELLED", "FAILED", "EXPIRED")
+# The states a FinishJob may set; the others are reached by recording items.
+FINISHABLE = (JobState.CANCELLED, JobState.FAILED, JobState.EXPIRED)
 MAX_PAGE = 10_000
 DEFAULT_PAGE = 1000
 MAX_LIST = 1000
 MAX_KEY_CHARS = 200
-
-Record = dict[str, str]
 
 
 def now_ms() -> int:
@@ -30,42 +31,34 @@ class JobBook:
 
     def __init__(self, store: RedisJobStore) -> None:
         self.store = store
-        for state in (*ACTIVE, *TERMINAL):  # every state's series at 0 from the start
+        for state in JobState:  # every state's series at 0 from the start
             JOBS.labels(state)
 
-    async def create(self, fields: Record, idempotency_key: str) -> tuple[Record, bool]:
-        if len(idempotency_key) > MAX_KEY_CHARS:
+    async def create(self, request: JobRecord) -> tuple[JobRecord, bool]:
+        """A new job as `request` describes it (model, version, task, priority, retention,
+        expiry, trace and idempotency key; id, state and creation time are set here), or the
+        job its idempotency key already names."""
+        if len(request.idempotency_key) > MAX_KEY_CHARS:
             raise InvalidInput(f"idempotency_key is longer than {MAX_KEY_CHARS} characters")
-        if int(fields.get("retention_s", "0")) <= 0:
+        if request.retention_s <= 0:
             raise InvalidInput("retention_s must be a positive number of seconds")
-        job_id = uuid.uuid4().hex
-        record = {
-            **fields,
-            "id": job_id,
-            "state": "QUEUED",
-            "total": "0",
-            "sealed": "0",
-            "done": "0",
-            "failed": "0",
-            "created_ms": str(now_ms()),
-            "idempotency_key": idempotency_key,
-        }
-        found, created = await self.store.create(job_id, now_ms(), record, idempotency_key)
+        record = replace(request, id=uuid.uuid4().hex, state=JobState.QUEUED, created_ms=now_ms())
+        found, created = await self.store.create(record)
         if created:
-            JOBS.labels("QUEUED").inc()
+            JOBS.labels(JobState.QUEUED).inc()
         return await self.get(found), created
 
-    async def get(self, job_id: str) -> Record:
+    async def get(self, job_id: str) -> JobRecord:
         """The record; a job past its deadline is EXPIRED first (here, where every reader and
         every stage looks, so no timer is needed)."""
         record = await self._read(job_id)
-        expires = int(record.get("expires_ms", "0") or 0)
-        if record["state"] in ACTIVE and expires and now_ms() > expires:
-            await self._finish(job_id, "EXPIRED", "the job did not finish before its timeout")
+        if record.state in ACTIVE and record.expires_ms and now_ms() > record.expires_ms:
+            late = "the job did not finish before its timeout"
+            await self._finish(job_id, JobState.EXPIRED, late)
             record = await self._read(job_id)
         return record
 
-    async def seal(self, job_id: str, total: int) -> Record:
+    async def seal(self, job_id: str, total: int) -> JobRecord:
         if total <= 0:
             raise InvalidInput(f"total is {total}; a job has at least one item")
         found, completed = await self.store.seal(job_id, total, now_ms())
@@ -77,7 +70,7 @@ class JobBook:
 
     async def record(
         self, job_id: str, items: Sequence[tuple[int, bool, bytes]]
-    ) -> tuple[Record, int]:
+    ) -> tuple[JobRecord, int]:
         """Record answered items (index, ok, serialized JobItemResult); returns the record and
         how many were new. Duplicates and items of a terminal job are not recorded."""
         for index, _, _ in items:
@@ -87,24 +80,24 @@ class JobBook:
         if recorded < 0:
             raise _unknown(job_id)
         if started:
-            JOBS.labels("RUNNING").inc()
+            JOBS.labels(JobState.RUNNING).inc()
         if completed:
             JOBS.labels(completed).inc()
         ITEMS.labels("recorded").inc(recorded)
         ITEMS.labels("not recorded").inc(len(items) - recorded)
         return await self._read(job_id), recorded
 
-    async def finish(self, job_id: str, state: str, error: str) -> Record:
+    async def finish(self, job_id: str, state: JobState, error: str) -> JobRecord:
         if state not in FINISHABLE:
             raise InvalidInput(f"a job can be finished as {', '.join(FINISHABLE)}, not {state}")
         if not await self._finish(job_id, state, error):
             record = await self._read(job_id)
             raise Conflict(
-                f"job {job_id} has already ended ({record['state']}); it cannot become {state}"
+                f"job {job_id} has already ended ({record.state}); it cannot become {state}"
             )
         return await self._read(job_id)
 
-    async def results(self, job_id: str, start: int, limit: int) -> tuple[Record, list[bytes]]:
+    async def results(self, job_id: str, start: int, limit: int) -> tuple[JobRecord, list[bytes]]:
         if start < 0:
             raise InvalidInput(f"start is {start}; pages start at item 0 or later")
         if limit < 0 or limit > MAX_PAGE:
@@ -112,12 +105,12 @@ class JobBook:
         record = await self.get(job_id)
         return record, await self.store.results(job_id, start, limit or DEFAULT_PAGE)
 
-    async def recent(self, limit: int) -> list[Record]:
+    async def recent(self, limit: int) -> list[JobRecord]:
         if limit < 0 or limit > MAX_LIST:
             raise InvalidInput(f"limit must lie between 0 (the default, 50) and {MAX_LIST}")
         return await self.store.recent(limit or 50)
 
-    async def _finish(self, job_id: str, state: str, error: str) -> bool:
+    async def _finish(self, job_id: str, state: JobState, error: str) -> bool:
         outcome = await self.store.finish(job_id, state, error, now_ms())
         if outcome < 0:
             raise _unknown(job_id)
@@ -125,7 +118,7 @@ class JobBook:
             JOBS.labels(state).inc()
         return bool(outcome)
 
-    async def _read(self, job_id: str) -> Record:
+    async def _read(self, job_id: str) -> JobRecord:
         if not job_id:
             raise InvalidInput("job_id is required")
         record = await self.store.get(job_id)

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import grpc
 
-from fmserve.errors import InvalidInput
 from fmserve.rpc.service import Servicer
 from fmserve.v1 import cache_pb2, cache_pb2_grpc, jobs_pb2
 from services.cache import codec, job_codec
@@ -36,8 +35,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     async def CreateJob(
         self, request: cache_pb2.CreateJobRequest, context: grpc.aio.ServicerContext
     ) -> cache_pb2.CreateJobResponse:
-        fields = job_codec.new_job_fields(request.job)
-        record, created = await self.jobs.create(fields, request.job.idempotency_key)
+        record, created = await self.jobs.create(job_codec.new_job(request.job))
         return cache_pb2.CreateJobResponse(job=job_codec.to_wire(record), created=created)
 
     async def SealJob(
@@ -70,9 +68,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     async def FinishJob(
         self, request: cache_pb2.FinishJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:
-        if request.state not in jobs_pb2.JobState.values():
-            raise InvalidInput(f"unknown job state {request.state}")
-        state = job_codec.state_name(request.state)
+        state = job_codec.state_to_domain(request.state)
         return job_codec.to_wire(await self.jobs.finish(request.job_id, state, request.error))
 
     async def ListJobs(

@@ -23,11 +23,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fmserve.core import tracing
+from fmserve.core.jobs import TERMINAL, JobState, state_from_wire
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
 from fmserve.errors import FmserveError, InvalidInput, TooLarge, Unavailable
 from fmserve.queue.broker import Broker
 from fmserve.queue.chunks import failure
-from fmserve.queue.records import TERMINAL, JobRecords
+from fmserve.queue.records import JobRecords
 from fmserve.queue.stage_worker import level_of
 from fmserve.v1 import jobs_pb2
 from services.gateway.routes import Route, Router
@@ -82,7 +83,7 @@ class Jobs:
         if not first:
             raise InvalidInput("the job has no items: send at least one text")
         job, created = await self.records.create(self._template(route, s))
-        if not created and (job.sealed or job.state in TERMINAL):
+        if not created and (job.sealed or state_from_wire(job.state) in TERMINAL):
             return job  # the same idempotency key: that job, already accepted
         try:
             total = await _Publication(self, job, route).run(first, texts)
@@ -112,7 +113,7 @@ class Jobs:
         reason = exc.message if isinstance(exc, FmserveError) else "the client went away"
         try:
             await self.records.finish(
-                job_id, jobs_pb2.JOB_STATE_FAILED, f"the submission broke off: {reason}"
+                job_id, JobState.FAILED, f"the submission broke off: {reason}"
             )
         except FmserveError as error:  # already ended, or the cache is down: say so, go on
             log.warning("could not mark a broken-off job failed: %s", error.message)
@@ -124,9 +125,7 @@ class Jobs:
         return await self.records.results(job_id, start, limit)
 
     async def cancel(self, job_id: str) -> jobs_pb2.Job:
-        return await self.records.finish(
-            job_id, jobs_pb2.JOB_STATE_CANCELLED, "cancelled by a client"
-        )
+        return await self.records.finish(job_id, JobState.CANCELLED, "cancelled by a client")
 
     async def list(self, limit: int) -> list[jobs_pb2.Job]:
         return await self.records.list(limit)
@@ -142,7 +141,7 @@ class Jobs:
             if seen != last:
                 last = seen
                 yield job
-            if job.state in TERMINAL:
+            if state_from_wire(job.state) in TERMINAL:
                 return
             await asyncio.sleep(self.settings.job_watch_interval_s)
 

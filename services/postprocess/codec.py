@@ -1,6 +1,6 @@
 """The postprocess service's wire ↔ domain conversions, named for their direction as in every
-service; used by the servicer and by the queue worker, which builds the same request from a
-job chunk."""
+service: a PostprocessRequest (the servicer) or a queued JobChunk (the worker) to the domain's
+ModelOutputs, and a result to the wire."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import numpy as np
 from fmserve.core import tensors
 from fmserve.core.tasks import TASK_FROM_WIRE, TaskName
 from fmserve.errors import InvalidInput
-from fmserve.v1 import common_pb2, postprocess_pb2
+from fmserve.v1 import common_pb2, jobs_pb2, postprocess_pb2
 from services.postprocess.postprocessor import ModelOutputs
 from services.postprocess.results import Classification, Embedding, Result
 
@@ -18,28 +18,57 @@ _TASKS: dict[common_pb2.Task, TaskName | None] = {
     common_pb2.TASK_UNSPECIFIED: None,
     **TASK_FROM_WIRE,
 }
+# The wire messages that carry a batch of model outputs, with the same field names.
+Outputs = postprocess_pb2.PostprocessRequest | jobs_pb2.JobChunk
 
 
 def to_domain(request: postprocess_pb2.PostprocessRequest) -> ModelOutputs:
-    if request.task not in _TASKS:
-        known = ", ".join(common_pb2.Task.Name(t) for t in _TASKS)
-        raise InvalidInput(f"unknown task {request.task}; use one of {known}")
-    if not request.HasField("output"):
-        raise InvalidInput("output is required: the inference service's output tensor")
     return ModelOutputs(
         model=request.model,
         version=request.version,
-        task=_TASKS[request.task],
-        output=tensors.to_domain(request.output, "output"),
+        task=task_to_domain(request.task),
+        output=output_to_domain(request),
         texts=list(request.texts),
-        lengths=_optional(request, "lengths"),
-        offsets=_optional(request, "offsets"),
+        lengths=optional_tensor(request, "lengths"),
+        offsets=optional_tensor(request, "offsets"),
         top_k=request.top_k,
     )
 
 
-def _optional(request: postprocess_pb2.PostprocessRequest, name: str) -> np.ndarray | None:
-    return tensors.to_domain(getattr(request, name), name) if request.HasField(name) else None
+def chunk_to_domain(chunk: jobs_pb2.JobChunk) -> ModelOutputs:
+    """A queued chunk's model outputs. As on the sync path, the texts, token counts and offsets
+    go along only for a task whose postprocessing needs them (entities cut out of texts)."""
+    route = chunk.route
+    task = task_to_domain(route.task)
+    tokens = task is not None and task.postprocess_needs_tokens
+    return ModelOutputs(
+        model=route.model,
+        version=route.version,
+        task=task,
+        output=output_to_domain(chunk),
+        texts=list(chunk.texts) if tokens else [],
+        lengths=optional_tensor(chunk, "lengths") if tokens else None,
+        offsets=optional_tensor(chunk, "offsets") if tokens else None,
+        top_k=route.top_k,
+    )
+
+
+def task_to_domain(task: common_pb2.Task) -> TaskName | None:
+    """The task a wire value names; None (TASK_UNSPECIFIED) is the model's own."""
+    if task not in _TASKS:
+        known = ", ".join(common_pb2.Task.Name(t) for t in _TASKS)
+        raise InvalidInput(f"unknown task {task}; use one of {known}")
+    return _TASKS[task]
+
+
+def output_to_domain(message: Outputs) -> np.ndarray:
+    if not message.HasField("output"):
+        raise InvalidInput("output is required: the inference service's output tensor")
+    return tensors.to_domain(message.output, "output")
+
+
+def optional_tensor(message: Outputs, name: str) -> np.ndarray | None:
+    return tensors.to_domain(getattr(message, name), name) if message.HasField(name) else None
 
 
 def to_wire(result: Result) -> common_pb2.Result:

@@ -6,30 +6,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fmserve.core.tasks import TASK_FROM_WIRE
 from fmserve.queue.stage_worker import stage_resources
-from fmserve.v1 import common_pb2, jobs_pb2, postprocess_pb2
-from services.postprocess.codec import to_domain, to_wire
+from fmserve.v1 import common_pb2, jobs_pb2
+from services.postprocess.codec import chunk_to_domain, to_wire
 from services.postprocess.postprocessor import Postprocessor
 from services.postprocess.settings import PostprocessSettings
 
 
 def worker_resources(settings: PostprocessSettings, postprocessor: Postprocessor) -> list[Any]:
     async def postprocess(chunk: jobs_pb2.JobChunk) -> list[common_pb2.Result]:
-        route = chunk.route
-        task = TASK_FROM_WIRE.get(route.task)
-        request = postprocess_pb2.PostprocessRequest(
-            model=route.model,
-            version=route.version,
-            task=route.task,
-            output=chunk.output,
-            top_k=route.top_k,
-        )
-        if task is not None and task.postprocess_needs_tokens:
-            request.texts.extend(chunk.texts)
-            request.lengths.CopyFrom(chunk.lengths)
-            request.offsets.CopyFrom(chunk.offsets)
-        results = await postprocessor.run(to_domain(request))
+        results = await postprocessor.run(chunk_to_domain(chunk))
         return [to_wire(result) for result in results]
 
     return stage_resources("postprocess", settings, postprocess, None, dead_letters=True)

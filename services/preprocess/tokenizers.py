@@ -24,6 +24,19 @@ log = logging.getLogger("fmserve.preprocess")
 
 T = TypeVar("T")
 
+# How an error names the text at fault, given its position: a Tokenize caller sent a list, so
+# "texts[3]"; a job item is answered alone, so "the text" (see services/preprocess/worker.py).
+TextName = Callable[[int], str]
+
+
+def in_request(index: int) -> str:
+    return f"texts[{index}]"
+
+
+def alone(index: int) -> str:
+    return "the text"
+
+
 # Batches up to this many characters are tokenized on the event loop: tens of microseconds,
 # less than handing them to a thread costs. Longer ones go to the worker threads.
 INLINE_MAX_CHARS = 4096
@@ -66,18 +79,20 @@ class Tokenizers:
         texts: Sequence[str],
         truncate: bool = False,
         offsets: bool = False,
+        name: TextName = in_request,
     ) -> Tokenized:
-        """The texts as token ids for `model` at `version` ("" is the default version)."""
+        """The texts as token ids for `model` at `version` ("" is the default version); an
+        error about one text names it with `name`."""
         config = self.repository.get(model)
         version = config.resolve_version(version)
-        check_texts(texts)
+        check_texts(texts, name)
         tokenizer = await self.get(config, version)
         limit = config.max_length if truncate else None
         if sum(map(len, texts)) <= INLINE_MAX_CHARS:
             tokenized = tokenizer.encode(texts, limit, offsets)
         else:
             tokenized = await self._in_thread(partial(tokenizer.encode, texts, limit, offsets))
-        check_lengths(tokenized, config)
+        check_lengths(tokenized, config, name)
         REQUEST_TOKENS.labels(config.name).observe(tokenized.total_tokens)
         return tokenized
 
@@ -109,16 +124,16 @@ class Tokenizers:
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
 
-def check_texts(texts: Sequence[str]) -> None:
+def check_texts(texts: Sequence[str], name: TextName = in_request) -> None:
     """At least one text, and none empty or only whitespace."""
     if not texts:
         raise InvalidInput("texts is empty; send at least one text")
     for index, text in enumerate(texts):
         if not text.strip():
-            raise InvalidInput(f"texts[{index}] is empty or only whitespace; send some text")
+            raise InvalidInput(f"{name(index)} is empty or only whitespace; send some text")
 
 
-def check_lengths(tokenized: Tokenized, config: ModelConfig) -> None:
+def check_lengths(tokenized: Tokenized, config: ModelConfig, name: TextName = in_request) -> None:
     """Refuse texts longer than the model takes, naming the first and how to fix it."""
     over = (tokenized.lengths > config.max_length).nonzero()[0]
     if not over.size:
@@ -126,7 +141,7 @@ def check_lengths(tokenized: Tokenized, config: ModelConfig) -> None:
     index = int(over[0])
     others = f" (and {over.size - 1} more texts)" if over.size > 1 else ""
     raise InputTooLong(
-        f"texts[{index}] is {tokenized.lengths[index]} tokens long{others}; model "
+        f"{name(index)} is {tokenized.lengths[index]} tokens long{others}; model "
         f"{config.name!r} takes at most {config.max_length}. Shorten it, or set truncate "
         f"to cut it to {config.max_length} tokens"
     )

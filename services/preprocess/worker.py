@@ -12,7 +12,7 @@ from fmserve.queue.chunks import singles
 from fmserve.queue.stage_worker import stage_resources
 from fmserve.v1 import jobs_pb2
 from services.preprocess.settings import PreprocessSettings
-from services.preprocess.tokenizers import Tokenizers
+from services.preprocess.tokenizers import TextName, Tokenizers, alone, in_request
 
 
 def worker_resources(settings: PreprocessSettings, tokenizers: Tokenizers) -> list[Any]:
@@ -25,6 +25,7 @@ def worker_resources(settings: PreprocessSettings, tokenizers: Tokenizers) -> li
             list(chunk.texts),
             truncate=route.truncate,
             offsets=task is not None and task.needs_offsets,
+            name=text_name(chunk),
         )
         out = jobs_pb2.JobChunk()
         out.CopyFrom(chunk)
@@ -36,3 +37,10 @@ def worker_resources(settings: PreprocessSettings, tokenizers: Tokenizers) -> li
 
     # Only this stage sees raw texts, so only it retries a failed chunk item by item.
     return stage_resources("preprocess", settings, tokenize, singles)
+
+
+def text_name(chunk: jobs_pb2.JobChunk) -> TextName:
+    """A chunk of one item says "the text": its error becomes that item's answer, where
+    "texts[0]" would mean nothing to the job's owner. A chunk of several names texts by position:
+    its error is never an answer (the stage worker retries its items one by one)."""
+    return alone if len(chunk.texts) == 1 else in_request

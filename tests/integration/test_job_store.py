@@ -14,6 +14,7 @@ import pytest
 from redis.asyncio import Redis
 
 from fmserve.core import context
+from fmserve.core.jobs import JobState
 from fmserve.errors import Conflict, DeadlineExceeded, InvalidInput, JobNotFound
 from fmserve.queue.records import JobRecords
 from fmserve.v1 import common_pb2, jobs_pb2
@@ -62,7 +63,7 @@ async def test_unknown_job_is_not_found_never_queued(records: JobRecords) -> Non
         records.get("nope"),
         records.record("nope", [ok(0)]),
         records.seal("nope", 3),
-        records.finish("nope", jobs_pb2.JOB_STATE_CANCELLED, "x"),
+        records.finish("nope", JobState.CANCELLED, "x"),
         records.results("nope", 0, 10),
     ):
         with pytest.raises(JobNotFound, match="no job 'nope'"):
@@ -100,10 +101,10 @@ async def test_sealing_after_every_item_completes_the_job(records: JobRecords) -
 async def test_a_terminal_state_never_changes(records: JobRecords) -> None:
     job, _ = await records.create(template())
     await records.record(job.id, [ok(0)])
-    cancelled = await records.finish(job.id, jobs_pb2.JOB_STATE_CANCELLED, "cancelled")
+    cancelled = await records.finish(job.id, JobState.CANCELLED, "cancelled")
     assert cancelled.state == jobs_pb2.JOB_STATE_CANCELLED
     with pytest.raises(Conflict, match="already ended"):
-        await records.finish(job.id, jobs_pb2.JOB_STATE_FAILED, "x")
+        await records.finish(job.id, JobState.FAILED, "x")
     assert await records.record(job.id, [ok(1)]) == 0  # items of a terminal job are ignored
     sealed = await records.seal(job.id, 2)
     assert (sealed.state, sealed.done, sealed.sealed) == (jobs_pb2.JOB_STATE_CANCELLED, 1, False)
@@ -120,7 +121,7 @@ async def test_same_idempotency_key_gives_the_same_job(records: JobRecords) -> N
 async def test_a_broken_off_submission_does_not_hold_its_key(records: JobRecords) -> None:
     key = uuid.uuid4().hex
     first, _ = await records.create(template(key))
-    await records.finish(first.id, jobs_pb2.JOB_STATE_FAILED, "submission interrupted")
+    await records.finish(first.id, JobState.FAILED, "submission interrupted")
     second, created = await records.create(template(key))
     assert created and second.id != first.id
 

@@ -48,7 +48,8 @@ def failing_on(word: str, error: Exception) -> StageRun:
 
 
 async def test_an_invalid_item_fails_alone_and_its_siblings_go_on() -> None:
-    run = failing_on("", InvalidInput("texts[0] is empty or only whitespace; send some text"))
+    # Worded for a job by the stage (services/preprocess/worker.py), answered as it stands.
+    run = failing_on("", InvalidInput("the text is empty or only whitespace; send some text"))
 
     outcome = await worker(run).work(chunk("a", "", "c"))
 

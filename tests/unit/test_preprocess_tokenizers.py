@@ -13,7 +13,9 @@ from transformers import AutoTokenizer
 
 from fmserve.core.repository import ModelRepository
 from fmserve.errors import FmserveError, InputTooLong, InvalidInput, ModelNotFound
+from fmserve.v1 import jobs_pb2
 from services.preprocess.tokenizers import Tokenizers
+from services.preprocess.worker import text_name
 
 TEXTS = ["Wolfgang Mozart was born in Salzburg.", "Hello world", "naïve café — 東京"]
 CLS, SEP = 101, 102
@@ -73,6 +75,20 @@ async def test_a_text_over_the_limit_is_refused_naming_it(tokenizers):
     assert "texts[1] is 102 tokens long (and 1 more texts)" in message
     assert "at most 64" in message
     assert "truncate" in message
+
+
+async def test_a_job_item_is_named_the_text(tokenizers):
+    # A job's owner reads the error as the item's answer: "texts[0]" would mean nothing.
+    item = jobs_pb2.JobChunk(indexes=[33], texts=["word " * 100])
+    with pytest.raises(InputTooLong, match=r"^the text is 102 tokens long; model"):
+        await tokenizers.tokenize("tiny-classifier", "", item.texts, name=text_name(item))
+    with pytest.raises(InvalidInput, match=r"^the text is empty"):
+        await tokenizers.tokenize("tiny-ner", "", [" "], name=text_name(item))
+
+
+def test_a_chunk_of_several_names_its_texts_by_position():
+    chunk = jobs_pb2.JobChunk(indexes=[4, 5], texts=["a", "b"])
+    assert text_name(chunk)(1) == "texts[1]"
 
 
 async def test_truncate_cuts_to_the_limit_keeping_special_tokens(tokenizers):
