@@ -175,14 +175,15 @@ class ModelInstance:
         return outcomes
 
     async def _forward(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
-        started = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, self.runner.forward, sequences)
-        elapsed = time.perf_counter_ns() - started
-        self.stats.record_batch(len(sequences), elapsed)
-        self._pace_background(sum(len(s) for s in sequences), elapsed / 1e9)
-        metrics.COMPUTE_DURATION.labels(self.config.name).observe(elapsed / 1e9)
-        return outputs
+        forward = await loop.run_in_executor(self._executor, self.runner.forward, sequences)
+        self.stats.record_batch(
+            len(sequences), forward.input_ns, forward.infer_ns, forward.output_ns
+        )
+        seconds = forward.total_ns / 1e9
+        self._pace_background(sum(len(s) for s in sequences), seconds)
+        metrics.COMPUTE_DURATION.labels(self.config.name).observe(seconds)
+        return forward.outputs
 
     def _pace_background(self, tokens: int, seconds: float) -> None:
         self.pace.record(tokens, seconds)

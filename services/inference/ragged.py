@@ -1,7 +1,7 @@
 """The two request forms of the tensor contract, and the per-sequence arrays batches are made of.
 
-    ragged   input_ids INT64 [total_tokens] + lengths INT32 [B]      (what fmserve's gateway sends)
-    padded   input_ids INT64 [B, T] + attention_mask INT64 [B, T]    (standard v2 tooling)
+    ragged   input_ids INT64 [total_tokens] + lengths INT32 [B] or [B, 1]   (fmserve's gateway)
+    padded   input_ids INT64 [B, T] + attention_mask INT64 [B, T]           (standard v2 tooling)
 
 A request becomes one 1-D array of token ids per sequence; each batch is padded to its own
 longest sequence (`pad`); answers go back in the request's form (`join`).
@@ -25,11 +25,14 @@ class Layout:
 
 
 def split_ragged(ids: np.ndarray, lengths: np.ndarray) -> tuple[list[np.ndarray], Layout]:
-    """Cut the concatenated ids of a ragged request into its sequences."""
+    """Cut the concatenated ids of a ragged request into its sequences. `lengths` is [B], or
+    [B, 1] as ModelConfig declares it (one count per batch item)."""
+    if lengths.ndim == 2 and lengths.shape[1] == 1:
+        lengths = lengths[:, 0]
     if ids.ndim != 1 or lengths.ndim != 1:
         raise InvalidInput(
-            "ragged form: input_ids must have shape [total_tokens] and lengths shape [B]; "
-            f"got {list(ids.shape)} and {list(lengths.shape)}"
+            "ragged form: input_ids must have shape [total_tokens] and lengths shape [B] or "
+            f"[B, 1]; got {list(ids.shape)} and {list(lengths.shape)}"
         )
     _require_sequences(lengths.size)
     if (lengths <= 0).any():

@@ -10,7 +10,9 @@ an executor thread, never on the event loop.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -29,6 +31,24 @@ from services.inference.ragged import pad
 PROTOTYPE_TEMPERATURE = 20.0
 
 Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One forward pass: an output per sequence, and its phases as Triton's statistics name
+    them, in nanoseconds."""
+
+    outputs: list[np.ndarray]
+    input_ns: int
+    """compute_input: padding the batch and copying it to the device."""
+    infer_ns: int
+    """compute_infer: the model itself."""
+    output_ns: int
+    """compute_output: copying the outputs back and cutting them per sequence."""
+
+    @property
+    def total_ns(self) -> int:
+        return self.input_ns + self.infer_ns + self.output_ns
 
 
 class Runner:
@@ -58,20 +78,35 @@ class Runner:
             runner._centroids = runner._prototype_centroids(load_tokenizer(files))
         return runner
 
-    def forward(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
-        """One output per sequence, in order; runs on the caller's thread."""
+    def forward(self, sequences: list[np.ndarray]) -> Forward:
+        """One output per sequence, in order, and how long each phase took; runs on the
+        caller's thread."""
+        started = time.perf_counter_ns()
         try:
             with torch.inference_mode():
-                out = self._head(*self._padded(sequences))
+                ids, mask = self._padded(sequences)
+                copied = time.perf_counter_ns()
+                out = self._head(ids, mask)
+                self._sync()
         except torch.OutOfMemoryError as exc:
             raise Overloaded(
                 f"the model ran out of memory on a batch of {len(sequences)} sequences; "
                 "retry, or send fewer or shorter texts"
             ) from exc
-        outputs = out.float().cpu().numpy()
+        computed = time.perf_counter_ns()
+        array = out.float().cpu().numpy()
         if self.per_token:
-            return [outputs[i, : len(s)] for i, s in enumerate(sequences)]
-        return list(outputs)
+            outputs = [array[i, : len(s)] for i, s in enumerate(sequences)]
+        else:
+            outputs = list(array)
+        done = time.perf_counter_ns()
+        return Forward(outputs, copied - started, computed - copied, done - computed)
+
+    def _sync(self) -> None:
+        """Wait for the device's queued work, so that the model's time is not counted as the
+        output copy's (a CUDA forward returns before it ran)."""
+        if self.placement.device.type == "cuda":
+            torch.cuda.synchronize(self.placement.device)
 
     def _padded(self, sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = pad(sequences, self._pad_id)
