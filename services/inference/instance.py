@@ -144,6 +144,25 @@ class ModelInstance:
                     f"token ids must lie in [0, {self.runner.vocab_size}) for model "
                     f"{self.config.name!r}; tokenize with the model's own tokenizer"
                 )
+        if request.layout.mask_assumed:
+            self._check_unpadded(request.sequences)
+
+    def _check_unpadded(self, sequences: list[np.ndarray]) -> None:
+        """Padded input_ids without attention_mask: refused when a row holds the pad token
+        (its padding would be embedded as text), or, for a model without one, when there are
+        several rows (padding cannot be told from text)."""
+        pad = self.runner.pad_token_id
+        fix = "send attention_mask [B, T] (1 for tokens, 0 for padding) or the ragged form"
+        if pad is None and len(sequences) > 1:
+            raise InvalidInput(
+                f"input_ids has {len(sequences)} rows and no attention_mask; model "
+                f"{self.config.name!r} has no pad token to tell padding by: {fix}"
+            )
+        if pad is not None and any((sequence == pad).any() for sequence in sequences):
+            raise InvalidInput(
+                f"input_ids holds the pad token id {pad} but no attention_mask came with it, "
+                f"so its padding would count as text: {fix}"
+            )
 
     def _enter(self) -> None:
         self.last_used = time.monotonic()

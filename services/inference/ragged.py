@@ -22,6 +22,9 @@ class Layout:
 
     mask: np.ndarray | None = None
     """[B, T] booleans for a padded request (True where a token is); None for a ragged one."""
+    mask_assumed: bool = False
+    """A padded request sent without attention_mask: every position was taken as a token, which
+    is right only if no row was padded (the model checks its rows for its pad token)."""
 
 
 def split_ragged(ids: np.ndarray, lengths: np.ndarray) -> tuple[list[np.ndarray], Layout]:
@@ -46,7 +49,8 @@ def split_ragged(ids: np.ndarray, lengths: np.ndarray) -> tuple[list[np.ndarray]
 def split_padded(
     ids: np.ndarray, mask: np.ndarray | None = None
 ) -> tuple[list[np.ndarray], Layout]:
-    """The sequences of a padded request: the ids where the attention mask is 1 (all if none)."""
+    """The sequences of a padded request: the ids where the attention mask is 1; every id when
+    there is no mask (`Layout.mask_assumed`)."""
     if ids.ndim != 2:
         raise InvalidInput(
             "input_ids: send shape [B, T] (padded form) or [total_tokens] with lengths [B] "
@@ -54,8 +58,8 @@ def split_padded(
         )
     _require_sequences(ids.shape[0])
     if mask is None:
-        mask = np.ones(ids.shape, dtype=bool)
-    elif mask.shape != ids.shape:
+        return list(ids), Layout(np.ones(ids.shape, dtype=bool), mask_assumed=True)
+    if mask.shape != ids.shape:
         raise InvalidInput(
             f"attention_mask has shape {list(mask.shape)}; "
             f"it must match input_ids' {list(ids.shape)}"

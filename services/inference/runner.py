@@ -61,7 +61,10 @@ class Runner:
         hf_config: Any = module.config
         self.vocab_size = int(hf_config.vocab_size)
         self.per_token = config.task is TaskName.TOKEN_CLASSIFICATION
-        self._pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
+        pad_token_id = getattr(hf_config, "pad_token_id", None)
+        self.pad_token_id: int | None = None if pad_token_id is None else int(pad_token_id)
+        """The model's pad token, which real text never holds; None if its config names none."""
+        self._pad_id = self.pad_token_id or 0
         self._centroids: torch.Tensor | None = None
         self._head = self._pick_head()
 
