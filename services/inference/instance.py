@@ -144,6 +144,25 @@ class ModelInstance:
                     f"token ids must lie in [0, {self.runner.vocab_size}) for model "
                     f"{self.config.name!r}; tokenize with the model's own tokenizer"
                 )
+        if request.layout.mask_assumed:
+            self._check_unpadded(request.sequences)
+
+    def _check_unpadded(self, sequences: list[np.ndarray]) -> None:
+        """Padded input_ids without attention_mask: refused when a row holds the pad token
+        (its padding would be embedded as text), or, for a model without one, when there are
+        several rows (padding cannot be told from text)."""
+        pad = self.runner.pad_token_id
+        fix = "send attention_mask [B, T] (1 for tokens, 0 for padding) or the ragged form"
+        if pad is None and len(sequences) > 1:
+            raise InvalidInput(
+                f"input_ids has {len(sequences)} rows and no attention_mask; model "
+                f"{self.config.name!r} has no pad token to tell padding by: {fix}"
+            )
+        if pad is not None and any((sequence == pad).any() for sequence in sequences):
+            raise InvalidInput(
+                f"input_ids holds the pad token id {pad} but no attention_mask came with it, "
+                f"so its padding would count as text: {fix}"
+            )
 
     def _enter(self) -> None:
         self.last_used = time.monotonic()
@@ -175,14 +194,15 @@ class ModelInstance:
         return outcomes
 
     async def _forward(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
-        started = time.perf_counter_ns()
         loop = asyncio.get_running_loop()
-        outputs = await loop.run_in_executor(self._executor, self.runner.forward, sequences)
-        elapsed = time.perf_counter_ns() - started
-        self.stats.record_batch(len(sequences), elapsed)
-        self._pace_background(sum(len(s) for s in sequences), elapsed / 1e9)
-        metrics.COMPUTE_DURATION.labels(self.config.name).observe(elapsed / 1e9)
-        return outputs
+        forward = await loop.run_in_executor(self._executor, self.runner.forward, sequences)
+        self.stats.record_batch(
+            len(sequences), forward.input_ns, forward.infer_ns, forward.output_ns
+        )
+        seconds = forward.total_ns / 1e9
+        self._pace_background(sum(len(s) for s in sequences), seconds)
+        metrics.COMPUTE_DURATION.labels(self.config.name).observe(seconds)
+        return forward.outputs
 
     def _pace_background(self, tokens: int, seconds: float) -> None:
         self.pace.record(tokens, seconds)

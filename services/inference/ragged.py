@@ -1,7 +1,7 @@
 """The two request forms of the tensor contract, and the per-sequence arrays batches are made of.
 
-    ragged   input_ids INT64 [total_tokens] + lengths INT32 [B]      (what fmserve's gateway sends)
-    padded   input_ids INT64 [B, T] + attention_mask INT64 [B, T]    (standard v2 tooling)
+    ragged   input_ids INT64 [total_tokens] + lengths INT32 [B] or [B, 1]   (fmserve's gateway)
+    padded   input_ids INT64 [B, T] + attention_mask INT64 [B, T]           (standard v2 tooling)
 
 A request becomes one 1-D array of token ids per sequence; each batch is padded to its own
 longest sequence (`pad`); answers go back in the request's form (`join`).
@@ -22,14 +22,20 @@ class Layout:
 
     mask: np.ndarray | None = None
     """[B, T] booleans for a padded request (True where a token is); None for a ragged one."""
+    mask_assumed: bool = False
+    """A padded request sent without attention_mask: every position was taken as a token, which
+    is right only if no row was padded (the model checks its rows for its pad token)."""
 
 
 def split_ragged(ids: np.ndarray, lengths: np.ndarray) -> tuple[list[np.ndarray], Layout]:
-    """Cut the concatenated ids of a ragged request into its sequences."""
+    """Cut the concatenated ids of a ragged request into its sequences. `lengths` is [B], or
+    [B, 1] as ModelConfig declares it (one count per batch item)."""
+    if lengths.ndim == 2 and lengths.shape[1] == 1:
+        lengths = lengths[:, 0]
     if ids.ndim != 1 or lengths.ndim != 1:
         raise InvalidInput(
-            "ragged form: input_ids must have shape [total_tokens] and lengths shape [B]; "
-            f"got {list(ids.shape)} and {list(lengths.shape)}"
+            "ragged form: input_ids must have shape [total_tokens] and lengths shape [B] or "
+            f"[B, 1]; got {list(ids.shape)} and {list(lengths.shape)}"
         )
     _require_sequences(lengths.size)
     if (lengths <= 0).any():
@@ -43,7 +49,8 @@ def split_ragged(ids: np.ndarray, lengths: np.ndarray) -> tuple[list[np.ndarray]
 def split_padded(
     ids: np.ndarray, mask: np.ndarray | None = None
 ) -> tuple[list[np.ndarray], Layout]:
-    """The sequences of a padded request: the ids where the attention mask is 1 (all if none)."""
+    """The sequences of a padded request: the ids where the attention mask is 1; every id when
+    there is no mask (`Layout.mask_assumed`)."""
     if ids.ndim != 2:
         raise InvalidInput(
             "input_ids: send shape [B, T] (padded form) or [total_tokens] with lengths [B] "
@@ -51,8 +58,8 @@ def split_padded(
         )
     _require_sequences(ids.shape[0])
     if mask is None:
-        mask = np.ones(ids.shape, dtype=bool)
-    elif mask.shape != ids.shape:
+        return list(ids), Layout(np.ones(ids.shape, dtype=bool), mask_assumed=True)
+    if mask.shape != ids.shape:
         raise InvalidInput(
             f"attention_mask has shape {list(mask.shape)}; "
             f"it must match input_ids' {list(ids.shape)}"

@@ -10,7 +10,9 @@ an executor thread, never on the event loop.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -31,6 +33,24 @@ PROTOTYPE_TEMPERATURE = 20.0
 Head = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+@dataclass(frozen=True)
+class Forward:
+    """One forward pass: an output per sequence, and its phases as Triton's statistics name
+    them, in nanoseconds."""
+
+    outputs: list[np.ndarray]
+    input_ns: int
+    """compute_input: padding the batch and copying it to the device."""
+    infer_ns: int
+    """compute_infer: the model itself."""
+    output_ns: int
+    """compute_output: copying the outputs back and cutting them per sequence."""
+
+    @property
+    def total_ns(self) -> int:
+        return self.input_ns + self.infer_ns + self.output_ns
+
+
 class Runner:
     """Forward passes of one model version on its device, in its precision."""
 
@@ -41,7 +61,10 @@ class Runner:
         hf_config: Any = module.config
         self.vocab_size = int(hf_config.vocab_size)
         self.per_token = config.task is TaskName.TOKEN_CLASSIFICATION
-        self._pad_id = int(getattr(hf_config, "pad_token_id", None) or 0)
+        pad_token_id = getattr(hf_config, "pad_token_id", None)
+        self.pad_token_id: int | None = None if pad_token_id is None else int(pad_token_id)
+        """The model's pad token, which real text never holds; None if its config names none."""
+        self._pad_id = self.pad_token_id or 0
         self._centroids: torch.Tensor | None = None
         self._head = self._pick_head()
 
@@ -58,20 +81,35 @@ class Runner:
             runner._centroids = runner._prototype_centroids(load_tokenizer(files))
         return runner
 
-    def forward(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
-        """One output per sequence, in order; runs on the caller's thread."""
+    def forward(self, sequences: list[np.ndarray]) -> Forward:
+        """One output per sequence, in order, and how long each phase took; runs on the
+        caller's thread."""
+        started = time.perf_counter_ns()
         try:
             with torch.inference_mode():
-                out = self._head(*self._padded(sequences))
+                ids, mask = self._padded(sequences)
+                copied = time.perf_counter_ns()
+                out = self._head(ids, mask)
+                self._sync()
         except torch.OutOfMemoryError as exc:
             raise Overloaded(
                 f"the model ran out of memory on a batch of {len(sequences)} sequences; "
                 "retry, or send fewer or shorter texts"
             ) from exc
-        outputs = out.float().cpu().numpy()
+        computed = time.perf_counter_ns()
+        array = out.float().cpu().numpy()
         if self.per_token:
-            return [outputs[i, : len(s)] for i, s in enumerate(sequences)]
-        return list(outputs)
+            outputs = [array[i, : len(s)] for i, s in enumerate(sequences)]
+        else:
+            outputs = list(array)
+        done = time.perf_counter_ns()
+        return Forward(outputs, copied - started, computed - copied, done - computed)
+
+    def _sync(self) -> None:
+        """Wait for the device's queued work, so that the model's time is not counted as the
+        output copy's (a CUDA forward returns before it ran)."""
+        if self.placement.device.type == "cuda":
+            torch.cuda.synchronize(self.placement.device)
 
     def _padded(self, sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = pad(sequences, self._pad_id)

@@ -22,8 +22,10 @@ INPUT_IDS = TensorSpec("input_ids", "INT64", (-1, -1))
 """[B, T] padded, or [total_tokens] together with `lengths` (ragged)."""
 ATTENTION_MASK = TensorSpec("attention_mask", "INT64", (-1, -1), optional=True)
 """Padded form only; all ones when absent."""
-LENGTHS = TensorSpec("lengths", "INT32", (-1,), optional=True)
-"""Ragged form: tokens per sequence, summing to input_ids' length."""
+LENGTHS = TensorSpec("lengths", "INT32", (-1, 1), optional=True)
+"""Ragged form: tokens per sequence, summing to input_ids' length. Declared [B, 1], one count
+per batch item, so tools that build inputs from ModelConfig (perf_analyzer) can shape it; [B]
+is accepted too (what fmserve's gateway sends)."""
 INPUTS = (INPUT_IDS, ATTENTION_MASK, LENGTHS)
 
 

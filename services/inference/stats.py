@@ -1,5 +1,13 @@
 """Statistics of one loaded model version, in the shape of Triton's ModelStatistics: request,
-queue and compute counts with summed durations, since the version was loaded."""
+queue and compute counts with summed durations, since the version was loaded.
+
+What each count counts (perf_analyzer reads them, and refuses compute counts that differ):
+    success, fail                   requests (one ModelInfer call each)
+    queue                           sequences (batch items), each its wait for a batch
+    compute_input/_infer/_output    forward passes, each phase once per pass: the three counts
+                                    and execution_count stay equal
+    inference_count                 sequences inferred
+"""
 
 from __future__ import annotations
 
@@ -18,6 +26,15 @@ class Duration:
 
 
 @dataclass
+class BatchStats:
+    """The forward passes of one batch size: one count per pass in each phase."""
+
+    compute_input: Duration = field(default_factory=Duration)
+    compute_infer: Duration = field(default_factory=Duration)
+    compute_output: Duration = field(default_factory=Duration)
+
+
+@dataclass
 class ModelStats:
     inference_count: int = 0
     """Sequences inferred (Triton counts batch items)."""
@@ -28,9 +45,11 @@ class ModelStats:
     success: Duration = field(default_factory=Duration)
     fail: Duration = field(default_factory=Duration)
     queue: Duration = field(default_factory=Duration)
+    compute_input: Duration = field(default_factory=Duration)
     compute_infer: Duration = field(default_factory=Duration)
-    batches: dict[int, Duration] = field(default_factory=dict)
-    """Forward passes and their compute time, by batch size."""
+    compute_output: Duration = field(default_factory=Duration)
+    batches: dict[int, BatchStats] = field(default_factory=dict)
+    """Forward passes and their phases, by batch size."""
 
     def record_request(self, ok: bool, ns: int) -> None:
         (self.success if ok else self.fail).add(ns)
@@ -41,8 +60,11 @@ class ModelStats:
         for delay in delays_s:
             self.queue.add(int(delay * 1e9))
 
-    def record_batch(self, size: int, ns: int) -> None:
+    def record_batch(self, size: int, input_ns: int, infer_ns: int, output_ns: int) -> None:
+        """One forward pass of `size` sequences and the nanoseconds of its three phases."""
         self.inference_count += size
         self.execution_count += 1
-        self.compute_infer.add(ns)
-        self.batches.setdefault(size, Duration()).add(ns)
+        for phases in (self, self.batches.setdefault(size, BatchStats())):
+            phases.compute_input.add(input_ns)
+            phases.compute_infer.add(infer_ns)
+            phases.compute_output.add(output_ns)

@@ -179,6 +179,25 @@ async def test_embeddings_match_transformers_in_both_forms(
     np.testing.assert_allclose(from_ragged, from_padded, atol=1e-5)
 
 
+async def test_padded_rows_without_a_mask_are_refused_naming_it(
+    client: triton.InferenceServerClient, token_ids: list[list[int]]
+) -> None:
+    # Without the mask the pad tokens would be embedded as text (cosine 0.47 to the answer),
+    # whether the client padded several rows or one.
+    for ids in (token_ids, [[*token_ids[1], 0, 0]]):
+        message = await expect_error(
+            Code.INVALID_ARGUMENT,
+            client.infer("minilm-embed", padded(ids, with_mask=False)),
+            "attention_mask",
+        )
+        assert "pad token id 0" in message
+    # rows that need no padding need no mask
+    same_length = [token_ids[1], token_ids[1][::-1]]
+    result = await client.infer("minilm-embed", padded(same_length, with_mask=False))
+    cosine = (result.as_numpy("embeddings") * reference_embeddings(same_length)).sum(axis=1)
+    assert cosine.min() >= 0.999
+
+
 async def test_typed_contents_get_raw_outputs(service: Service, token_ids: list[list[int]]) -> None:
     request = service_pb2.ModelInferRequest(model_name="minilm-embed")
     ids = request.inputs.add(name="input_ids", datatype="INT64", shape=[len(token_ids[1])])

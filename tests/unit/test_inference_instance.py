@@ -2,20 +2,25 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
 from fmserve.core.repository import Batching, ModelRepository
+from fmserve.errors import InvalidInput
 from services.inference.instance import (
     BACKGROUND_BATCH_S,
     BACKGROUND_PRIORITY,
     InferRequest,
+    ModelInstance,
     Pace,
     _limits,
 )
+from services.inference.ragged import split_padded
 from services.inference.registry import ModelRegistry
 
 pytestmark = pytest.mark.timeout(60)
@@ -92,3 +97,30 @@ async def test_a_sequence_that_crashes_the_model_fails_alone(model_repository: P
         await registry.stop()
     assert isinstance(outcomes[1], Exception)
     assert all(isinstance(o, np.ndarray) and o.shape == (3,) for o in (outcomes[0], outcomes[2]))
+
+
+@pytest.mark.parametrize(
+    ("pad_token_id", "rows", "error"),
+    [
+        (0, [[101, 7, 102], [101, 102, 0]], "holds the pad token id 0"),
+        (0, [[101, 7, 102], [101, 8, 102]], None),  # nothing padded: no mask needed
+        (None, [[101, 7, 102], [101, 8, 102]], "has no pad token"),
+        (None, [[101, 7, 102]], None),  # one row has nothing to be padded to
+    ],
+)
+def test_padded_rows_need_a_mask_when_they_may_hold_padding(
+    model_repository: Path, pad_token_id: int | None, rows: list[list[int]], error: str | None
+) -> None:
+    config = ModelRepository(model_repository).get("tiny-classifier")
+    runner = SimpleNamespace(
+        config=config, vocab_size=30522, per_token=False, pad_token_id=pad_token_id
+    )
+    instance = ModelInstance(runner, "1", ThreadPoolExecutor(1))  # type: ignore[arg-type]
+    sequences, layout = split_padded(np.array(rows, dtype=np.int64))
+    request = InferRequest("tiny-classifier", "1", sequences, layout)
+    if error is None:
+        instance._check(request)
+        return
+    with pytest.raises(InvalidInput, match="attention_mask") as caught:
+        instance._check(request)
+    assert error in caught.value.message

@@ -93,3 +93,12 @@ def test_padded_refuses_inconsistent_tensors(
 ) -> None:
     with pytest.raises(InvalidInput, match=message):
         split_padded(ids, mask)
+
+
+def test_ragged_lengths_may_come_as_declared_one_per_batch_item() -> None:
+    # ModelConfig declares lengths dims [1], so tools that build inputs from it send [B, 1]
+    ids = np.concatenate(SEQUENCES)
+    column = np.array([[4], [2], [3]], dtype=np.int32)
+    assert as_list(split_ragged(ids, column)[0]) == as_list(SEQUENCES)
+    with pytest.raises(InvalidInput, match=r"lengths shape \[B\] or \[B, 1\]"):
+        split_ragged(ids, np.array([[4, 2, 3]], dtype=np.int32))

@@ -111,6 +111,18 @@ async def test_a_text_exactly_at_the_limit_passes(tokenizers):
     assert tokenized.lengths.tolist() == [64]
 
 
+@pytest.mark.parametrize("truncate", [False, True])
+async def test_the_tokenizer_files_own_128_token_settings_never_apply(tokenizers, truncate):
+    # MiniLM's tokenizer.json truncates and pads to 128; the model takes 256 (model.toml)
+    long_text = " ".join(["serving"] * 198)  # 198 words + [CLS] + [SEP] = 200 tokens
+    config = tokenizers.repository.get("minilm-embed")
+    tokenized = await tokenizers.tokenize("minilm-embed", "", [long_text, "hi"], truncate)
+
+    assert config.max_length == 256
+    assert tokenized.lengths.tolist() == [200, 3]  # neither cut at 128 nor padded to it
+    assert tokenized.total_tokens == 203 and 0 not in tokenized.input_ids  # no [PAD]
+
+
 @pytest.mark.parametrize(
     ("texts", "fragment"),
     [([], "texts is empty"), (["fine", ""], "texts[1]"), (["fine", "ok", " \n\t"], "texts[2]")],

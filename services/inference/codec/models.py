@@ -86,17 +86,15 @@ def _outputs(config: ModelConfig) -> list[TensorSpec]:
 
 
 def _input(spec: TensorSpec) -> mc.ModelInput:
-    model_input = mc.ModelInput(
-        name=spec.name, data_type=_DATA_TYPES[spec.datatype], optional=spec.optional
+    # dims are ModelMetadata's shape less the batch dimension, and no reshape: perf_analyzer
+    # builds each input as [batch] + dims, and cannot shape one whose dims leave nothing.
+    return mc.ModelInput(
+        name=spec.name,
+        data_type=_DATA_TYPES[spec.datatype],
+        dims=spec.shape[1:],
+        optional=spec.optional,
+        allow_ragged_batch=spec.name == signature.INPUT_IDS.name,
     )
-    if spec.name == signature.LENGTHS.name:
-        # one scalar per sequence: Triton writes that as dims [1] reshaped to []
-        model_input.dims.append(1)
-        model_input.reshape.SetInParent()
-    else:
-        model_input.dims.extend(spec.shape[1:])
-        model_input.allow_ragged_batch = spec.name == signature.INPUT_IDS.name
-    return model_input
 
 
 def _output(spec: TensorSpec) -> mc.ModelOutput:
@@ -129,11 +127,18 @@ def _model_stats(name: str, version: str, stats: ModelStats) -> service_pb2.Mode
             success=_duration(stats.success),
             fail=_duration(stats.fail),
             queue=_duration(stats.queue),
+            compute_input=_duration(stats.compute_input),
             compute_infer=_duration(stats.compute_infer),
+            compute_output=_duration(stats.compute_output),
         ),
         batch_stats=[
-            service_pb2.InferBatchStatistics(batch_size=size, compute_infer=_duration(d))
-            for size, d in sorted(stats.batches.items())
+            service_pb2.InferBatchStatistics(
+                batch_size=size,
+                compute_input=_duration(batch.compute_input),
+                compute_infer=_duration(batch.compute_infer),
+                compute_output=_duration(batch.compute_output),
+            )
+            for size, batch in sorted(stats.batches.items())
         ],
     )
 
