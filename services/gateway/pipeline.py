@@ -70,8 +70,11 @@ class Pipeline:
         """One result per text, in order; raises the first text's error if any failed."""
         flights = self._join(route, texts, deadline)
         try:
-            waits = asyncio.gather(*(asyncio.shield(f.future) for f in flights))
-            return list(await asyncio.wait_for(waits, deadline - time.monotonic()))
+            # Not wait_for: Python 3.11's, cancelled from outside (the client went away, gRPC
+            # cancelled the call at its deadline), cancels the gather and never retrieves its
+            # outcome, which asyncio logs as an ERROR. Awaited here, the outcome is retrieved.
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return list(await asyncio.gather(*(asyncio.shield(f.future) for f in flights)))
         except TimeoutError:
             raise DeadlineExceeded("the deadline expired before the model answered") from None
         finally:

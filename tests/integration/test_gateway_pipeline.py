@@ -21,6 +21,7 @@ from fmserve.v1 import common_pb2
 from services.gateway.pipeline import Pipeline
 from services.gateway.routes import Route
 from services.gateway.stages import StageClients
+from tests.conftest import AsyncioReports
 from tests.integration.stage_fakes import CLASSIFIER_LABELS, Fakes, Stage, expected, fake_stages
 
 pytestmark = pytest.mark.timeout(20)
@@ -197,6 +198,24 @@ async def test_a_caller_that_gives_up_has_its_text_dropped_before_compute(
     assert await kept == [expected("still wanted")]
     await first
     assert batches(gateway.fakes.preprocess) == [["first one"], ["still wanted"]]
+
+
+async def test_a_caller_that_gives_up_leaves_no_exception_unretrieved(
+    make_gateway: Callable[..., Any], asyncio_reports: AsyncioReports
+) -> None:
+    """A caller cancelled while its texts wait (its client went away, gRPC cancelled the call
+    at its deadline): nothing it waited on is left holding an exception for asyncio to log."""
+    gateway = await make_gateway(max_batches_in_flight=1)
+    gate, first = await hold_preprocess(gateway)
+    gone = asyncio.create_task(gateway.run(["nobody waits for this", "nor this"]))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    del gone  # its traceback's frames hold what it waited on, which asyncio reports when freed
+    gate.set()
+    await first
+    assert await asyncio_reports.messages() == []
 
 
 # --- per-request options --------------------------------------------------------------------
