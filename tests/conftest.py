@@ -5,10 +5,14 @@ A missing server (or program) skips its tests on a developer's machine but fails
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import shutil
 import socket
+from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -60,3 +64,36 @@ def redis_url() -> str:
 def amqp_url() -> str:
     require_server("RabbitMQ", "127.0.0.1", 5672)
     return AMQP_URL
+
+
+class AsyncioReports:
+    """What asyncio hands its loop's exception handler while a test runs. Each would be an ERROR
+    line in a service's log: "Future exception was never retrieved", "Task exception was never
+    retrieved", "Task was destroyed but it is pending", an exception in a callback."""
+
+    def __init__(self) -> None:
+        self.contexts: list[dict[str, Any]] = []
+
+    async def messages(self) -> list[str]:
+        """The reports so far, once pending callbacks have run and garbage is collected:
+        asyncio reports an exception nobody retrieved only when its future is freed."""
+        for _ in range(3):
+            await asyncio.sleep(0.01)
+            gc.collect()
+        return [f"{c.get('message')}: {c.get('exception')!r}" for c in self.contexts]
+
+
+@pytest.fixture
+async def asyncio_reports() -> AsyncIterator[AsyncioReports]:
+    """Records the reports of the test's event loop (and still logs them, as asyncio does)."""
+    loop = asyncio.get_running_loop()
+    reports = AsyncioReports()
+
+    def record(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        reports.contexts.append(context)
+        loop.default_exception_handler(context)
+
+    previous = loop.get_exception_handler()
+    loop.set_exception_handler(record)
+    yield reports
+    loop.set_exception_handler(previous)

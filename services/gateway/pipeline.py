@@ -1,7 +1,9 @@
 """The synchronous path's work: texts through preprocess → inference → postprocess.
 
-Concurrent requests for the same route are grouped by a Batcher into one call per stage, so
-hop costs are paid per batch; identical texts in flight at once are computed once."""
+Concurrent requests for the same lane (model, version, task, truncation) are grouped by a
+Batcher into one call per stage, so hop costs are paid per batch; each text carries its own
+request's options (top_k) through the batch. Identical texts in flight at once for the same
+route are computed once."""
 
 from __future__ import annotations
 
@@ -25,6 +27,8 @@ from services.gateway.stages import StageClients
 @dataclass
 class _Item:
     text: str
+    top_k: int
+    """Labels its request keeps (classification; 0: all): batch mates may ask other values."""
     deadline: float
     """time.monotonic() by which the request that brought this text wants its answer."""
     request_id: str = field(default_factory=context.request_id.get)
@@ -42,7 +46,7 @@ class _Flight:
 
 
 class Pipeline:
-    """Owns one batcher per route and the table of texts in flight."""
+    """Owns one batcher per lane (`Route.lane`) and the table of texts in flight."""
 
     def __init__(self, stages: StageClients, settings: GatewaySettings) -> None:
         self.stages = stages
@@ -52,7 +56,13 @@ class Pipeline:
             max_queue_size=settings.max_queue_size,
         )
         self._batchers: dict[Route, Batcher[_Item, common_pb2.Result]] = {}
+        """Keyed by lane: bounded by the models served, whatever options clients choose."""
         self._in_flight: dict[tuple[Route, str], _Flight] = {}
+
+    @property
+    def batchers(self) -> int:
+        """How many batchers there are: one per lane (see `Route.lane`)."""
+        return len(self._batchers)
 
     async def run(
         self, route: Route, texts: Sequence[str], deadline: float
@@ -60,8 +70,11 @@ class Pipeline:
         """One result per text, in order; raises the first text's error if any failed."""
         flights = self._join(route, texts, deadline)
         try:
-            waits = asyncio.gather(*(asyncio.shield(f.future) for f in flights))
-            return list(await asyncio.wait_for(waits, deadline - time.monotonic()))
+            # Not wait_for: Python 3.11's, cancelled from outside (the client went away, gRPC
+            # cancelled the call at its deadline), cancels the gather and never retrieves its
+            # outcome, which asyncio logs as an ERROR. Awaited here, the outcome is retrieved.
+            async with asyncio.timeout(deadline - time.monotonic()):
+                return list(await asyncio.gather(*(asyncio.shield(f.future) for f in flights)))
         except TimeoutError:
             raise DeadlineExceeded("the deadline expired before the model answered") from None
         finally:
@@ -77,7 +90,7 @@ class Pipeline:
             if flight := self._in_flight.get((route, text)):
                 flight.item.deadline = max(flight.item.deadline, deadline)
             else:
-                new.setdefault(text, _Item(text, deadline))
+                new.setdefault(text, _Item(text, route.top_k, deadline))
         futures = self._batcher(route).enqueue(list(new.values()))
         for item, future in zip(new.values(), futures, strict=True):
             self._take_off((route, item.text), _Flight(item, future))
@@ -102,54 +115,57 @@ class Pipeline:
             flight.future.exception()  # retrieved, so a failure nobody awaits logs nothing
 
     def _batcher(self, route: Route) -> Batcher[_Item, common_pb2.Result]:
-        batcher = self._batchers.get(route)
+        lane = route.lane
+        batcher = self._batchers.get(lane)
         if batcher is None:
 
             async def handler(items: list[_Item]) -> Sequence[common_pb2.Result | BaseException]:
-                return await self._run_batch(route, items)
+                return await self._run_batch(lane, items)
 
             def observe(size: int, delays: list[float]) -> None:
-                BATCH_SIZE.labels(route.model).observe(size)
+                BATCH_SIZE.labels(lane.model).observe(size)
                 for delay in delays:
-                    QUEUE_DELAY.labels(route.model).observe(delay)
+                    QUEUE_DELAY.labels(lane.model).observe(delay)
 
             batcher = Batcher(handler, self.limits, observer=observe)
-            self._batchers[route] = batcher
+            self._batchers[lane] = batcher
         return batcher
 
     async def _run_batch(
-        self, route: Route, items: list[_Item]
+        self, lane: Route, items: list[_Item]
     ) -> Sequence[common_pb2.Result | BaseException]:
         # A batch runs in a task of its own: it carries its first request's id and trace
         # (downstream logs and spans name it) and links to the other requests' traces.
         context.request_id.set(items[0].request_id)
         with tracing.batch_span("gateway/batch", [item.trace for item in items]) as span:
             span.set_attribute("fmserve.batch_size", len(items))
-            return await self._run_items(route, items)
+            return await self._run_items(lane, items)
 
     async def _run_items(
-        self, route: Route, items: list[_Item]
+        self, lane: Route, items: list[_Item]
     ) -> Sequence[common_pb2.Result | BaseException]:
         deadline = max(item.deadline for item in items)
         try:
-            return await self._through_stages(route, [item.text for item in items], deadline)
+            return await self._through_stages(lane, items, deadline)
         except InvalidInput:
             if len(items) == 1:
                 raise
         # One bad text must not fail the requests batched with it: run them one by one.
-        singles = [self._through_stages(route, [item.text], item.deadline) for item in items]
+        singles = [self._through_stages(lane, [item], item.deadline) for item in items]
         outcomes = await asyncio.gather(*singles, return_exceptions=True)
         return [o if isinstance(o, BaseException) else o[0] for o in outcomes]
 
     async def _through_stages(
-        self, route: Route, texts: list[str], deadline: float
+        self, lane: Route, items: list[_Item], deadline: float
     ) -> list[common_pb2.Result]:
-        tokens = await self.stages.tokenize(route, texts, _left(deadline))
-        output = await self.stages.infer(route, tokens, _left(deadline), priority=0)
-        return await self.stages.postprocess(route, texts, tokens, output, _left(deadline))
+        texts = [item.text for item in items]
+        tokens = await self.stages.tokenize(lane, texts, _left(deadline))
+        output = await self.stages.infer(lane, tokens, _left(deadline), priority=0)
+        top_k = [item.top_k for item in items]
+        return await self.stages.postprocess(lane, texts, tokens, output, _left(deadline), top_k)
 
     async def start(self) -> None:
-        """Nothing to start: batchers are made per route on first use."""
+        """Nothing to start: batchers are made per lane on first use."""
 
     async def stop(self) -> None:
         for batcher in self._batchers.values():

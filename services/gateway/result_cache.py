@@ -32,8 +32,8 @@ class ResultCache:
     async def lookup(self, model: str, keys: list[str]) -> list[common_pb2.Result | None]:
         """The cached result per key, or None; all None when the cache is down or slow."""
         try:  # the keys are queued together, so that one request's keys share a call
-            waits = asyncio.gather(*self._lookups.enqueue(keys))
-            found = await asyncio.wait_for(waits, self.timeout_s)
+            async with asyncio.timeout(self.timeout_s):  # not wait_for: see Pipeline.run
+                found = await asyncio.gather(*self._lookups.enqueue(keys))
         except (FmserveError, TimeoutError) as exc:
             _count(model, error=len(keys))
             log.warning("cache lookup failed; answering from the model", extra={"error": str(exc)})

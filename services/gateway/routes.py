@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.core.tasks import TaskName
@@ -11,13 +11,24 @@ from fmserve.errors import ConfigError, InvalidInput, TooLarge, WrongTask
 
 @dataclass(frozen=True)
 class Route:
-    """What a batch of texts shares on its way through the stages."""
+    """Where a request's texts go and what is asked of each: everything that changes an
+    answer (its cache key)."""
 
     model: str
     version: str
     task: TaskName
     truncate: bool = False
     top_k: int = 0
+    """Labels to keep per text (classification); 0 keeps all. It only cuts each text's answer,
+    so texts asking different values still share a batch (see `lane`)."""
+
+    @property
+    def lane(self) -> Route:
+        """What a batch shares: what changes the work of each stage (model, version, task,
+        truncation), without the options that only cut each text's answer. One batcher per
+        lane, so however many values clients choose for such options, the batchers stay as
+        few as the models served."""
+        return replace(self, top_k=0)
 
 
 class Router:

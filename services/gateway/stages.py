@@ -4,7 +4,7 @@ sees their gRPC (and tritonclient) errors, and translates them into fmserve erro
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 
 import grpc
@@ -135,13 +135,17 @@ class StageClients:
         tokens: preprocess_pb2.TokenizeResponse,
         output: common_pb2.Tensor,
         timeout: float,
+        top_k: Sequence[int] | None = None,
     ) -> list[common_pb2.Result]:
+        """One result per text. `top_k` is per text (texts of one batch may come from requests
+        asking different values); None: the route's for every text."""
+        top_ks = list(top_k) if top_k is not None else [route.top_k] * len(texts)
         request = postprocess_pb2.PostprocessRequest(
             model=route.model,
             version=route.version,
             task=TASK_TO_WIRE[route.task],
             output=output,
-            top_k=route.top_k,
+            top_k=_widest(top_ks),
         )
         if route.task.postprocess_needs_tokens:
             request.texts.extend(texts)
@@ -149,7 +153,12 @@ class StageClients:
             request.offsets.CopyFrom(tokens.offsets)
         async with _translated("postprocess"):
             reply = await self._postprocess.Postprocess(request, timeout=timeout)
-        return list(reply.results)
+        results = list(reply.results)
+        # Not strict: the batcher reports a wrong count of results, as an error for the batch.
+        for result, k in zip(results, top_ks, strict=False):
+            if k > 0 and result.HasField("classification"):
+                del result.classification.labels[k:]
+        return results
 
     async def lookup(self, keys: list[str], timeout: float) -> list[common_pb2.Result | None]:
         request = cache_pb2.LookupRequest(keys=keys)
@@ -164,6 +173,14 @@ class StageClients:
         )
         async with _translated("cache"):
             await self._cache.Store(request, timeout=timeout)
+
+
+def _widest(top_ks: list[int]) -> int:
+    """The one top_k that serves every text: all labels (0) if one text wants them all, else
+    the largest. Each text is then cut to its own: labels come best first in a stable order
+    (ties keep label order), so the first k of a longer answer are what k would have given.
+    One call per batch; grouping the texts by value would pay a call per distinct value."""
+    return 0 if 0 in top_ks else max(top_ks, default=0)
 
 
 def _triton_input(name: str, tensor: common_pb2.Tensor) -> triton.InferInput:

@@ -5,7 +5,9 @@ calls it answers and able to fail, stall or wait on a gate.
 
 Instead of a model they compute something a test can check by hand: a text's token ids are its
 words' lengths, the "model" answers [sum of the ids, number of ids] per text, and postprocess
-turns that row into the text's embedding (or top label). So "a bb ccc" comes back as [6, 3].
+turns that row into the text's embedding (or its labels, best first: `sum=<sum>` and then
+`label1` … `label<N-1>` of `CLASSIFIER_LABELS`, cut to the request's top_k as the real
+postprocess cuts them). So "a bb ccc" comes back as [6, 3], or with the top label "sum=6".
 """
 
 from __future__ import annotations
@@ -36,6 +38,9 @@ from fmserve.v1 import (
     preprocess_pb2_grpc,
 )
 from services.gateway.settings import GatewaySettings
+
+CLASSIFIER_LABELS = 1000
+"""How many labels the fake classifier answers per text when top_k asks for all of them."""
 
 REFUSED_WORD = "refuse"
 """A text with this word is one preprocess refuses (InputTooLong), as a real one refuses a text
@@ -142,15 +147,20 @@ class FakePostprocess(postprocess_pb2_grpc.PostprocessServicer):
         await self.stage.answer(request, context)
         rows = tensors.to_domain(request.output, "output")
         return postprocess_pb2.PostprocessResponse(
-            results=[_result(request.task, row) for row in rows]
+            results=[_result(request.task, row, request.top_k) for row in rows]
         )
 
 
-def _result(task: int, row: np.ndarray) -> common_pb2.Result:
+def _result(task: int, row: np.ndarray, top_k: int) -> common_pb2.Result:
     if task == common_pb2.TASK_EMBEDDING:
         return common_pb2.Result(embedding=common_pb2.Embedding(values=row.tolist()))
-    label = common_pb2.LabelScore(label=f"sum={row[0]:g}", score=1.0)
-    return common_pb2.Result(classification=common_pb2.Classification(labels=[label]))
+    names = [f"sum={row[0]:g}", *(f"label{i}" for i in range(1, CLASSIFIER_LABELS))]
+    count = min(top_k, CLASSIFIER_LABELS) if top_k > 0 else CLASSIFIER_LABELS
+    labels = [
+        common_pb2.LabelScore(label=name, score=1.0 - i / CLASSIFIER_LABELS)
+        for i, name in enumerate(names[:count])
+    ]
+    return common_pb2.Result(classification=common_pb2.Classification(labels=labels))
 
 
 class FakeCache(cache_pb2_grpc.CacheServicer):

@@ -24,6 +24,7 @@ from services.gateway.pipeline import Pipeline
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Router
 from services.gateway.stages import StageClients
+from tests.conftest import AsyncioReports
 from tests.integration.stage_fakes import Fakes, closed_port_address, expected, fake_stages
 
 pytestmark = pytest.mark.timeout(20)
@@ -155,6 +156,22 @@ async def test_a_slow_cache_is_a_miss_within_its_timeout(make_side: Callable[...
     started = time.monotonic()
     assert await side.cache.lookup("embedder", ["k1"]) == [None]
     assert time.monotonic() - started < 0.5
+
+
+async def test_a_lookup_whose_caller_gives_up_leaves_no_exception_unretrieved(
+    side: Side, asyncio_reports: AsyncioReports
+) -> None:
+    """A request cancelled (its client went away, its deadline passed) while its lookup waits:
+    the lookup's futures are cancelled and nothing is left for asyncio to log."""
+    side.fakes.cache.gate = asyncio.Event()
+    lookup = asyncio.create_task(side.cache.lookup("embedder", ["k1", "k2"]))
+    await asyncio.sleep(0.05)
+    lookup.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await lookup
+    del lookup  # its traceback's frames hold what it waited on, which asyncio reports when freed
+    side.fakes.cache.gate.set()
+    assert await asyncio_reports.messages() == []
 
 
 async def test_no_cache_server_is_a_miss_and_a_store_fails_quietly(

@@ -9,7 +9,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
@@ -21,11 +21,13 @@ from fmserve.v1 import common_pb2
 from services.gateway.pipeline import Pipeline
 from services.gateway.routes import Route
 from services.gateway.stages import StageClients
-from tests.integration.stage_fakes import Fakes, Stage, expected, fake_stages
+from tests.conftest import AsyncioReports
+from tests.integration.stage_fakes import CLASSIFIER_LABELS, Fakes, Stage, expected, fake_stages
 
 pytestmark = pytest.mark.timeout(20)
 
 ROUTE = Route("embedder", "1", TaskName.EMBEDDING)
+CLASSIFY = Route("sentiment", "1", TaskName.TEXT_CLASSIFICATION)
 
 
 @dataclass
@@ -42,6 +44,10 @@ class Gateway:
 
 def vector(result: common_pb2.Result) -> list[float]:
     return list(result.embedding.values)
+
+
+def labels(result: common_pb2.Result) -> list[str]:
+    return [label.label for label in result.classification.labels]
 
 
 @pytest.fixture
@@ -81,12 +87,15 @@ async def until(condition: Callable[[], bool], timeout_s: float = 2.0) -> None:
         await asyncio.sleep(0.005)
 
 
-async def hold_preprocess(gateway: Gateway) -> tuple[asyncio.Event, asyncio.Task[Any]]:
-    """A first request that holds the only batch slot (max_batches_in_flight=1) at preprocess,
-    so what arrives next queues; set the event to let it go."""
+async def hold_preprocess(
+    gateway: Gateway, route: Route = ROUTE
+) -> tuple[asyncio.Event, asyncio.Task[Any]]:
+    """A first request that holds the only batch slot (max_batches_in_flight=1) of its route's
+    batcher at preprocess, so what arrives next queues; set the event to let it go."""
     gate = asyncio.Event()
     gateway.fakes.preprocess.gate = gate
-    first = asyncio.create_task(gateway.run(["first one"]))
+    deadline = time.monotonic() + 5.0
+    first = asyncio.create_task(gateway.pipeline.run(route, ["first one"], deadline))
     await until(lambda: len(gateway.fakes.preprocess.calls) == 1)
     return gate, first
 
@@ -189,6 +198,66 @@ async def test_a_caller_that_gives_up_has_its_text_dropped_before_compute(
     assert await kept == [expected("still wanted")]
     await first
     assert batches(gateway.fakes.preprocess) == [["first one"], ["still wanted"]]
+
+
+async def test_a_caller_that_gives_up_leaves_no_exception_unretrieved(
+    make_gateway: Callable[..., Any], asyncio_reports: AsyncioReports
+) -> None:
+    """A caller cancelled while its texts wait (its client went away, gRPC cancelled the call
+    at its deadline): nothing it waited on is left holding an exception for asyncio to log."""
+    gateway = await make_gateway(max_batches_in_flight=1)
+    gate, first = await hold_preprocess(gateway)
+    gone = asyncio.create_task(gateway.run(["nobody waits for this", "nor this"]))
+    await asyncio.sleep(0.05)
+    gone.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await gone
+    del gone  # its traceback's frames hold what it waited on, which asyncio reports when freed
+    gate.set()
+    await first
+    assert await asyncio_reports.messages() == []
+
+
+# --- per-request options --------------------------------------------------------------------
+
+
+async def test_distinct_top_k_values_share_one_batcher_and_each_answer_keeps_its_own(
+    gateway: Gateway,
+) -> None:
+    """top_k only cuts each text's labels: a client choosing a new value every call must not
+    make a batcher (and a queue) per value that is never freed."""
+    deadline = time.monotonic() + 10.0
+    top_ks = range(1, 1001)
+    answers = await asyncio.gather(
+        *(gateway.pipeline.run(replace(CLASSIFY, top_k=k), [f"a {k}"], deadline) for k in top_ks)
+    )
+    assert gateway.pipeline.batchers == 1
+    for k, (result,) in zip(top_ks, answers, strict=True):
+        assert labels(result)[:2] == [f"sum={1 + len(str(k))}", "label1"][:k]
+        assert len(labels(result)) == k
+
+
+async def test_a_batch_mixing_top_k_values_is_one_call_per_stage_and_cut_per_request(
+    make_gateway: Callable[..., Any],
+) -> None:
+    gateway = await make_gateway(max_batches_in_flight=1)
+    gate, first = await hold_preprocess(gateway, replace(CLASSIFY, top_k=7))
+    deadline = time.monotonic() + 5.0
+    asks = [(3, "same text"), (0, "same text"), (1, "other"), (2, "same text")]
+    waiting = [
+        asyncio.create_task(gateway.pipeline.run(replace(CLASSIFY, top_k=k), [text], deadline))
+        for k, text in asks
+    ]
+    await asyncio.sleep(0.05)
+    gate.set()
+    answers = [result for (result,) in await asyncio.gather(*waiting)]
+    await first
+    assert [len(labels(r)) for r in answers] == [3, CLASSIFIER_LABELS, 1, 2]
+    assert [labels(r)[0] for r in answers] == ["sum=8", "sum=8", "sum=5", "sum=8"]
+    fakes = gateway.fakes
+    assert batches(fakes.preprocess)[1] == [text for _, text in asks]
+    assert len(fakes.inference.calls) == len(fakes.postprocess.calls) == 2
+    assert fakes.postprocess.calls[1].request.top_k == 0  # one asked for every label
 
 
 # --- deadline and request id -----------------------------------------------------------------

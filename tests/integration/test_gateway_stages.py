@@ -103,6 +103,23 @@ async def test_classification_carries_task_and_top_k_to_postprocess(
     assert [r.classification.labels[0].label for r in results] == ["sum=6", "sum=4"]
 
 
+async def test_per_text_top_k_asks_postprocess_for_the_most_and_cuts_each_text(
+    fakes: Fakes, stages: StageClients
+) -> None:
+    texts = ["a", "bb", "ccc"]
+    tokens = await stages.tokenize(CLASSIFY, texts, 5.0)
+    output = await stages.infer(CLASSIFY, tokens, 5.0, priority=0)
+    results = await stages.postprocess(CLASSIFY, texts, tokens, output, 5.0, top_k=[1, 4, 2])
+    assert fakes.postprocess.calls[-1].request.top_k == 4
+    assert [[s.label for s in r.classification.labels] for r in results] == [
+        ["sum=1"],
+        ["sum=2", "label1", "label2", "label3"],
+        ["sum=3", "label1"],
+    ]
+    await stages.postprocess(CLASSIFY, texts, tokens, output, 5.0, top_k=[1, 0, 2])
+    assert fakes.postprocess.calls[-1].request.top_k == 0  # 0: every label, for one text
+
+
 async def test_token_classification_sends_offsets_and_texts_to_postprocess(
     fakes: Fakes, stages: StageClients
 ) -> None:

@@ -176,3 +176,13 @@ def test_a_broken_model_toml_is_unavailable_and_left_out_of_the_list(tmp_path: P
         router.route("broken", "", None, False, 0)
     assert str(tmp_path) not in caught.value.message
     assert router.models() == []
+
+
+# --- lanes -----------------------------------------------------------------------------------
+
+
+def test_a_lane_keeps_what_changes_the_work_and_drops_per_text_options() -> None:
+    """One batcher per lane: routes that differ only in top_k share it, truncation does not
+    (it changes tokenization)."""
+    assert replace(ROUTE, top_k=7).lane == ROUTE.lane == replace(ROUTE, top_k=0)
+    assert replace(ROUTE, truncate=True).lane != ROUTE.lane
