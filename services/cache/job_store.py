@@ -51,6 +51,9 @@ CREATED, KEPT, STREAMING = 1, 0, 2
 """What creating with an idempotency key found: nothing (a new job), a job that stays the
 key's answer, or a job whose submission is still streaming."""
 
+LAPSED_NOW = 2
+"""A renewal found the lease lapsed and FAILED the job."""
+
 LAPSED = (
     "the submission stopped before it was complete (the client, the gateway or its link to "
     "the job records went away); submit the job again"
@@ -196,8 +199,8 @@ return 1
 """
 
 # KEYS: leases, deadlines, job. ARGV: now, new lease end, what a lapsed submission's job says.
-# Returns -1 unknown, 0 the job no longer takes items (ended, sealed, or its lease had
-# lapsed: it is FAILED now), 1 renewed.
+# Returns -1 unknown, 0 the job no longer takes items (ended or sealed), 1 renewed, 2 its lease
+# had lapsed: it is FAILED now.
 _RENEW = """
 local job = KEYS[3]
 local f = redis.call('HMGET', job, 'state', 'sealed', 'lease_until_ms', 'id')
@@ -205,7 +208,7 @@ if not f[1] then return -1 end
 if not active(f[1]) or f[2] == '1' then return 0 end
 if tonumber(f[3] or '0') < tonumber(ARGV[1]) then
   finish(job, job .. ':results', FAILED, ARGV[3], ARGV[1])
-  return 0
+  return 2
 end
 redis.call('HSET', job, 'lease_until_ms', ARGV[2])
 redis.call('ZADD', leases, ARGV[2], f[4])
@@ -313,8 +316,8 @@ class RedisJobStore:
             )
 
     async def renew(self, job_id: str, now_ms: int, lease_until_ms: int) -> int:
-        """-1 unknown job, 0 no longer taking items (FAILED now if its lease had lapsed),
-        1 renewed."""
+        """-1 unknown job, 0 no longer taking items (ended or sealed), 1 renewed, 2 FAILED now:
+        its lease had lapsed."""
         args = [now_ms, lease_until_ms, LAPSED]
         with self.redis.translated("job renew"):
             return int(await self._script("renew")(keys=self._keys(job_id)[:3], args=args))

@@ -12,7 +12,7 @@ from dataclasses import replace
 from fmserve.core.jobs import ACTIVE, JobState
 from fmserve.errors import Conflict, InvalidInput, JobNotFound
 from services.cache.job_record import JobRecord
-from services.cache.job_store import CREATED, LATE, STREAMING, RedisJobStore
+from services.cache.job_store import CREATED, LAPSED_NOW, LATE, STREAMING, RedisJobStore
 from services.cache.metrics import ITEMS, JOBS
 
 # The states a FinishJob may set; the others are reached by recording items.
@@ -83,6 +83,8 @@ class JobBook:
         outcome = await self.store.renew(job_id, now_ms(), now_ms() + self.lease_ms)
         if outcome < 0:
             raise _unknown(job_id)
+        if outcome == LAPSED_NOW:
+            JOBS.labels(JobState.FAILED).inc()
         return await self._read(job_id)
 
     async def sweep(self) -> tuple[int, int]:

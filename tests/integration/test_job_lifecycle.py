@@ -194,3 +194,14 @@ async def test_a_second_submission_with_the_key_of_one_streaming_is_refused(
     accepted = await first
     again = await jobs.submit(Submission(model="minilm-embed", idempotency_key=key), slow_texts(0))
     assert again.id == accepted.id and again.total == 3
+
+
+async def test_a_gateway_that_comes_back_after_its_lease_lapsed_finds_the_job_failed(
+    records: JobRecords,
+) -> None:
+    job, _ = await records.create(template())
+    await asyncio.sleep(LEASE_S + 0.1)  # a pause longer than the lease: its items may be lost
+    renewed = await records.renew(job.id)
+    assert renewed.state == jobs_pb2.JOB_STATE_FAILED and "submission stopped" in renewed.error
+    sealed = await records.seal(job.id, 3)
+    assert sealed.state == jobs_pb2.JOB_STATE_FAILED and not sealed.sealed
