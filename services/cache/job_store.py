@@ -177,8 +177,9 @@ for i = 3, #ARGV, 3 do
 end
 if done > 0 then redis.call('HINCRBY', job, 'done', done) end
 if failed > 0 then redis.call('HINCRBY', job, 'failed', failed) end
-if done + failed > 0 and redis.call('PTTL', results) == -1 then
-  redis.call('PEXPIRE', results, redis.call('PTTL', job))  -- the record's TTL from creation
+local ttl = redis.call('PTTL', job)  -- the record's TTL from creation (none if older)
+if done + failed > 0 and ttl > 0 and redis.call('PTTL', results) == -1 then
+  redis.call('PEXPIRE', results, ttl)
 end
 local started = 0
 if state == QUEUED and done + failed > 0 then

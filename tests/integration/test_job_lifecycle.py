@@ -205,3 +205,13 @@ async def test_a_gateway_that_comes_back_after_its_lease_lapsed_finds_the_job_fa
     assert renewed.state == jobs_pb2.JOB_STATE_FAILED and "submission stopped" in renewed.error
     sealed = await records.seal(job.id, 3)
     assert sealed.state == jobs_pb2.JOB_STATE_FAILED and not sealed.sealed
+
+
+async def test_a_record_written_before_ttls_keeps_its_results(
+    records: JobRecords, redis: Redis, prefix: str
+) -> None:
+    job, _ = await records.create(template())
+    await redis.persist(f"{prefix}job:{job.id}")  # as records were before they had a TTL
+    await records.record(job.id, [ok(0)])
+    assert await redis.ttl(f"{prefix}job:{job.id}:results") == -1
+    assert [i.index for i in (await records.results(job.id, 0, 10)).items] == [0]
