@@ -47,6 +47,10 @@ class JobRecords:
         reply = await self._call("CreateJob", cache_pb2.CreateJobRequest(job=job))
         return reply.job, reply.created
 
+    async def renew(self, job_id: str) -> jobs_pb2.Job:
+        """Keep a submission's lease: the job is FAILED if its lease lapses before it is sealed."""
+        return await self._call("RenewJobLease", cache_pb2.RenewJobLeaseRequest(job_id=job_id))
+
     async def seal(self, job_id: str, total: int) -> jobs_pb2.Job:
         return await self._call("SealJob", cache_pb2.SealJobRequest(job_id=job_id, total=total))
 

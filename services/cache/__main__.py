@@ -10,14 +10,18 @@ from services.cache.jobs import JobBook
 from services.cache.server import servicer
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
+from services.cache.sweeper import JobSweeper
 
 
 def build(settings: CacheSettings) -> Service:
-    """The service wired from its settings: Redis store → result cache, job book → servicer."""
+    """The service wired from its settings: Redis store → result cache, job book → servicer,
+    and the job sweeper (stopped before Redis closes)."""
     redis = RedisStore(settings)
     cache = ResultCache(redis, settings.default_ttl_s)
-    jobs = JobBook(RedisJobStore(redis, settings.key_prefix))
-    return Service("cache", settings, [servicer(cache, jobs)], resources=[redis])
+    store = RedisJobStore(redis, settings.key_prefix)
+    jobs = JobBook(store, settings.job_lease_s, settings.job_max_run_s)
+    sweeper = JobSweeper(jobs, settings.job_sweep_interval_s)
+    return Service("cache", settings, [servicer(cache, jobs)], resources=[redis, sweeper])
 
 
 def main() -> None:

@@ -2,19 +2,36 @@
 stages, gateways and cache replicas never see or make a half-done change.
 
     {prefix}job:{id}          hash    the record: one field per JobRecord field (job_record.py),
-                                      plus idempotency_redis_key, the name of the key below
+                                      plus idempotency_redis_key, the name of the key below,
+                                      and lease_until_ms (the submission lease, see below)
     {prefix}job:{id}:results  hash    item index → serialized fmserve.v1.JobItemResult
     {prefix}job:key:{key}     string  idempotency key → job id
     {prefix}job:index         zset    job id by creation time (ListJobs), newest INDEX_SIZE kept
+    {prefix}job:leases        zset    unsealed active job id by its submission lease's end (ms)
+    {prefix}job:deadlines     zset    active job id by its deadline, expires_ms
 
-Job keys carry no TTL while the job runs (so `volatile-lru` never evicts them, see store.py);
-when the job reaches a terminal state its three keys get the job's retention as TTL.
+The lifecycle, so that no job stays active or kept forever, whoever dies:
+- Every job has a deadline (expires_ms; the job book gives one to a job that asked for none)
+  and its keys carry a TTL from creation: the deadline plus its retention plus a margin. When
+  the job ends, its keys' TTL becomes its retention.
+- An unsealed job holds a submission lease (lease_until_ms) that the submitting gateway renews
+  while its stream is open. A job whose lease lapses before it is sealed is FAILED: its
+  submission stopped, whether the client, the gateway or the link to the cache died.
+- The sweep (one script, run every fraction of a second by every cache replica: it is atomic
+  and idempotent, so replicas need no coordination) ends the jobs due in the two sorted sets:
+  lapsed leases FAILED, passed deadlines EXPIRED. Reads also expire a job that is overdue, and
+  recording or sealing a job past its deadline expires it instead of completing it.
+A TTL makes a key evictable under a `volatile-*` policy: store.py says why `volatile-ttl` takes
+cache entries first.
 
 Rules the scripts hold: recording an item is HSETNX (a redelivered item never counts twice, and
 the counters move only for new items); the item that completes a sealed job sets its terminal
 state in the same script; a terminal state is never changed; items of a terminal job are ignored.
-The scripts touch the idempotency key through a name they read from the record (a single
-Redis instance allows it; Redis Cluster would need hash tags).
+A second creation with the idempotency key of an unsealed job whose lease holds is refused
+(the first submission is still streaming: joining it would mix two submissions' items).
+The scripts touch the idempotency key and swept jobs through names they build or read (a single
+Redis instance allows it; Redis Cluster would need hash tags). Every script's KEYS start with
+the leases and deadlines sets.
 """
 
 from __future__ import annotations
@@ -28,6 +45,20 @@ from services.cache.job_record import JobRecord
 from services.cache.store import RedisStore
 
 INDEX_SIZE = 10_000
+SWEEP_LIMIT = 1000
+"""Most jobs one sweep ends per set: one script call stays short; the next sweep goes on."""
+CREATED, KEPT, STREAMING = 1, 0, 2
+"""What creating with an idempotency key found: nothing (a new job), a job that stays the
+key's answer, or a job whose submission is still streaming."""
+
+LAPSED_NOW = 2
+"""A renewal found the lease lapsed and FAILED the job."""
+
+LAPSED = (
+    "the submission stopped before it was complete (the client, the gateway or its link to "
+    "the job records went away); submit the job again"
+)
+LATE = "the job did not finish before its timeout"
 
 
 def _lua_states() -> str:
@@ -39,12 +70,16 @@ def _lua_states() -> str:
     return "\n".join([*declared, f"local function active(state) return {active} end"])
 
 
-# Shared by the scripts: complete a sealed job whose items are all answered, and finish a job
-# (terminal state, timings, retention TTLs).
+# Shared by the scripts: complete a sealed job whose items are all answered, finish a job
+# (terminal state, timings, retention TTLs, out of the sweep's sets), and expire it when due.
 _PRELUDE = (
     _lua_states()
     + """
+local leases, deadlines = KEYS[1], KEYS[2]
 local function finish(job, results, state, err, now)
+  local id = redis.call('HGET', job, 'id')
+  redis.call('ZREM', leases, id)
+  redis.call('ZREM', deadlines, id)
   redis.call('HSET', job, 'state', state, 'finished_ms', now)
   if err ~= '' then redis.call('HSET', job, 'error', err) end
   local ttl = tonumber(redis.call('HGET', job, 'retention_s'))
@@ -65,70 +100,140 @@ local function complete(job, results, now)
   finish(job, results, SUCCEEDED, '', now)
   return SUCCEEDED
 end
+local function overdue(job, now)
+  local expires = tonumber(redis.call('HGET', job, 'expires_ms') or '0') or 0
+  return expires > 0 and tonumber(now) > expires
+end
 """
 )
 
-# KEYS: idempotency key ('' for none), job, index. ARGV: id, now, job key prefix, then
-# field/value pairs, then how many jobs the index keeps.
-# Returns the id of the job the key names (when it is still kept, and was not a submission
-# that broke off: FAILED before it was sealed), or the new id.
+# KEYS: leases, deadlines, idempotency key ('' for none), job, index. ARGV: id, now, job key
+# prefix, how many jobs the index keeps, TTL (ms), lease end (ms), deadline (ms), what a lapsed
+# submission's job says, then field/value pairs.
+# Returns {id, 1} for the new job; {id, 0} for the job the key names when it is still kept (and
+# was not a submission that broke off: FAILED before it was sealed); {id, 2} when that job's
+# submission is still streaming (unsealed, its lease holds). A lapsed one is FAILED here.
 _CREATE = """
-if KEYS[1] ~= '' then
-  local existing = redis.call('GET', KEYS[1])
+if KEYS[3] ~= '' then
+  local existing = redis.call('GET', KEYS[3])
   if existing then
-    local f = redis.call('HMGET', ARGV[3] .. existing, 'state', 'sealed')
+    local job = ARGV[3] .. existing
+    local f = redis.call('HMGET', job, 'state', 'sealed', 'lease_until_ms')
+    if f[1] and active(f[1]) and f[2] ~= '1' then
+      if tonumber(f[3] or '0') > tonumber(ARGV[2]) then return {existing, 2} end
+      finish(job, job .. ':results', FAILED, ARGV[8], ARGV[2])
+      f[1] = FAILED
+    end
     if f[1] and not (f[1] == FAILED and f[2] ~= '1') then return {existing, 0} end
   end
-  redis.call('SET', KEYS[1], ARGV[1])
+  redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[5])
 end
 local fields = {}
-for i = 4, #ARGV - 1 do fields[#fields + 1] = ARGV[i] end
-redis.call('HSET', KEYS[2], unpack(fields))
-redis.call('ZADD', KEYS[3], ARGV[2], ARGV[1])
-redis.call('ZREMRANGEBYRANK', KEYS[3], 0, -(tonumber(ARGV[#ARGV]) + 1))
+for i = 9, #ARGV do fields[#fields + 1] = ARGV[i] end
+redis.call('HSET', KEYS[4], unpack(fields))
+redis.call('HSET', KEYS[4], 'lease_until_ms', ARGV[6])
+redis.call('PEXPIRE', KEYS[4], ARGV[5])
+redis.call('ZADD', leases, ARGV[6], ARGV[1])
+if tonumber(ARGV[7]) > 0 then redis.call('ZADD', deadlines, ARGV[7], ARGV[1]) end
+redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
+redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -(tonumber(ARGV[4]) + 1))
 return {ARGV[1], 1}
 """
 
-# KEYS: job, results. ARGV: total, now. Returns {-1} unknown, else {1, the terminal state
-# this call completed the job with, or ''}.
+# KEYS: leases, deadlines, job, results. ARGV: total, now, what an overdue job says.
+# Returns {-1} unknown, else {1, the terminal state this call ended the job with, or ''}.
 _SEAL = """
-local state = redis.call('HGET', KEYS[1], 'state')
+local job, results = KEYS[3], KEYS[4]
+local state = redis.call('HGET', job, 'state')
 if not state then return {-1, ''} end
-if not active(state) or redis.call('HGET', KEYS[1], 'sealed') == '1' then return {1, ''} end
-redis.call('HSET', KEYS[1], 'sealed', '1', 'total', ARGV[1])
-return {1, complete(KEYS[1], KEYS[2], ARGV[2])}
+if not active(state) or redis.call('HGET', job, 'sealed') == '1' then return {1, ''} end
+if overdue(job, ARGV[2]) then
+  finish(job, results, EXPIRED, ARGV[3], ARGV[2])
+  return {1, EXPIRED}
+end
+redis.call('HSET', job, 'sealed', '1', 'total', ARGV[1])
+redis.call('ZREM', leases, redis.call('HGET', job, 'id'))
+return {1, complete(job, results, ARGV[2])}
 """
 
-# KEYS: job, results. ARGV: now, then (index, ok, payload) triples. Returns {-1} for an
-# unknown job, else {items recorded now, the terminal state this call completed it with or '',
-# 1 if this call started it (QUEUED → RUNNING) else 0}.
+# KEYS: leases, deadlines, job, results. ARGV: now, what an overdue job says, then (index, ok,
+# payload) triples. Returns {-1} for an unknown job, else {items recorded now, the terminal
+# state this call ended it with or '', 1 if this call started it (QUEUED → RUNNING) else 0}.
+# A job past its deadline records nothing: it is EXPIRED, never completed late.
 _RECORD = """
-local state = redis.call('HGET', KEYS[1], 'state')
+local job, results = KEYS[3], KEYS[4]
+local state = redis.call('HGET', job, 'state')
 if not state then return {-1, '', 0} end
 if not active(state) then return {0, '', 0} end
+if overdue(job, ARGV[1]) then
+  finish(job, results, EXPIRED, ARGV[2], ARGV[1])
+  return {0, EXPIRED, 0}
+end
 local done, failed = 0, 0
-for i = 2, #ARGV, 3 do
-  if redis.call('HSETNX', KEYS[2], ARGV[i], ARGV[i + 2]) == 1 then
+for i = 3, #ARGV, 3 do
+  if redis.call('HSETNX', results, ARGV[i], ARGV[i + 2]) == 1 then
     if ARGV[i + 1] == '1' then done = done + 1 else failed = failed + 1 end
   end
 end
-if done > 0 then redis.call('HINCRBY', KEYS[1], 'done', done) end
-if failed > 0 then redis.call('HINCRBY', KEYS[1], 'failed', failed) end
+if done > 0 then redis.call('HINCRBY', job, 'done', done) end
+if failed > 0 then redis.call('HINCRBY', job, 'failed', failed) end
+local ttl = redis.call('PTTL', job)  -- the record's TTL from creation (none if older)
+if done + failed > 0 and ttl > 0 and redis.call('PTTL', results) == -1 then
+  redis.call('PEXPIRE', results, ttl)
+end
 local started = 0
 if state == QUEUED and done + failed > 0 then
-  redis.call('HSET', KEYS[1], 'state', RUNNING, 'started_ms', ARGV[1])
+  redis.call('HSET', job, 'state', RUNNING, 'started_ms', ARGV[1])
   started = 1
 end
-return {done + failed, complete(KEYS[1], KEYS[2], ARGV[1]), started}
+return {done + failed, complete(job, results, ARGV[1]), started}
 """
 
-# KEYS: job, results. ARGV: state, error, now. Returns -1 unknown, 0 already terminal, 1 done.
+# KEYS: leases, deadlines, job, results. ARGV: state, error, now. Returns -1 unknown,
+# 0 already terminal, 1 done.
 _FINISH = """
-local state = redis.call('HGET', KEYS[1], 'state')
+local state = redis.call('HGET', KEYS[3], 'state')
 if not state then return -1 end
 if not active(state) then return 0 end
-finish(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3])
+finish(KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3])
 return 1
+"""
+
+# KEYS: leases, deadlines, job. ARGV: now, new lease end, what a lapsed submission's job says.
+# Returns -1 unknown, 0 the job no longer takes items (ended or sealed), 1 renewed, 2 its lease
+# had lapsed: it is FAILED now.
+_RENEW = """
+local job = KEYS[3]
+local f = redis.call('HMGET', job, 'state', 'sealed', 'lease_until_ms', 'id')
+if not f[1] then return -1 end
+if not active(f[1]) or f[2] == '1' then return 0 end
+if tonumber(f[3] or '0') < tonumber(ARGV[1]) then
+  finish(job, job .. ':results', FAILED, ARGV[3], ARGV[1])
+  return 2
+end
+redis.call('HSET', job, 'lease_until_ms', ARGV[2])
+redis.call('ZADD', leases, ARGV[2], f[4])
+return 1
+"""
+
+# KEYS: leases, deadlines. ARGV: now, job key prefix, what a lapsed submission's job says, what
+# an overdue job says, most jobs per set per call. Returns {jobs FAILED, jobs EXPIRED}.
+_SWEEP = """
+local function sweep(set, state, err)
+  local ended = 0
+  local due = redis.call('ZRANGEBYSCORE', set, '-inf', ARGV[1], 'LIMIT', 0, ARGV[5])
+  for _, id in ipairs(due) do
+    local job = ARGV[2] .. id
+    local f = redis.call('HMGET', job, 'state', 'sealed')
+    redis.call('ZREM', set, id)
+    if f[1] and active(f[1]) and (state == EXPIRED or f[2] ~= '1') then
+      finish(job, job .. ':results', state, err, ARGV[1])
+      ended = ended + 1
+    end
+  end
+  return ended
+end
+return {sweep(leases, FAILED, ARGV[3]), sweep(deadlines, EXPIRED, ARGV[4])}
 """
 
 # The scripts as Redis runs them, by name (a test reads them, so their states cannot drift).
@@ -137,6 +242,8 @@ SCRIPTS = {
     "seal": _PRELUDE + _SEAL,
     "record": _PRELUDE + _RECORD,
     "finish": _PRELUDE + _FINISH,
+    "renew": _PRELUDE + _RENEW,
+    "sweep": _PRELUDE + _SWEEP,
 }
 
 
@@ -146,6 +253,7 @@ class RedisJobStore:
     def __init__(self, redis: RedisStore, key_prefix: str) -> None:
         self.redis = redis
         self.prefix = f"{key_prefix}job:"
+        self._sets = [self.prefix + "leases", self.prefix + "deadlines"]
         self._scripts: dict[str, Any] = {}
 
     def _script(self, name: str) -> Any:
@@ -154,21 +262,23 @@ class RedisJobStore:
         return self._scripts[name]
 
     def _keys(self, job_id: str) -> list[str]:
-        return [self.prefix + job_id, f"{self.prefix}{job_id}:results"]
+        return [*self._sets, self.prefix + job_id, f"{self.prefix}{job_id}:results"]
 
     def idempotency_key(self, key: str) -> str:
         return f"{self.prefix}key:{key}" if key else ""
 
-    async def create(self, record: JobRecord) -> tuple[str, bool]:
-        """Create a record, or return the job that its idempotency key already names."""
+    async def create(self, record: JobRecord, ttl_ms: int, lease_until_ms: int) -> tuple[str, int]:
+        """Create a record, or name the job that its idempotency key already names: (id,
+        CREATED, KEPT or STREAMING)."""
         key = self.idempotency_key(record.idempotency_key)
         fields = {**to_hash(record), "idempotency_redis_key": key}
         flat = [part for pair in fields.items() for part in pair]
-        keys = [key, self.prefix + record.id, self.prefix + "index"]
-        args = [record.id, record.created_ms, self.prefix, *flat, INDEX_SIZE]
+        keys = [*self._sets, key, self.prefix + record.id, self.prefix + "index"]
+        args = [record.id, record.created_ms, self.prefix, INDEX_SIZE, ttl_ms, lease_until_ms]
+        args += [record.expires_ms, LAPSED, *flat]
         with self.redis.translated("job create"):
-            found, created = await self._script("create")(keys=keys, args=args)
-        return _text(found), bool(created)
+            found, outcome = await self._script("create")(keys=keys, args=args)
+        return _text(found), int(outcome)
 
     async def get(self, job_id: str) -> JobRecord | None:
         with self.redis.translated("job get"):
@@ -176,19 +286,19 @@ class RedisJobStore:
         return from_hash(raw) if raw else None
 
     async def seal(self, job_id: str, total: int, now_ms: int) -> tuple[bool, JobState | None]:
-        """(whether the job exists, the terminal state sealing completed it with)."""
+        """(whether the job exists, the terminal state sealing ended it with)."""
         with self.redis.translated("job seal"):
             found, completed = await self._script("seal")(
-                keys=self._keys(job_id), args=[total, now_ms]
+                keys=self._keys(job_id), args=[total, now_ms, LATE]
             )
         return int(found) >= 0, _completed(completed)
 
     async def record(
         self, job_id: str, items: Sequence[tuple[int, bool, bytes]], now_ms: int
     ) -> tuple[int, JobState | None, bool]:
-        """(items recorded now, or -1 for an unknown job; the terminal state this completed the
+        """(items recorded now, or -1 for an unknown job; the terminal state this ended the
         job with; whether this started the job: QUEUED → RUNNING)."""
-        args: list[Any] = [now_ms]
+        args: list[Any] = [now_ms, LATE]
         for index, ok, payload in items:
             args += [index, "1" if ok else "0", payload]
         with self.redis.translated("job record"):
@@ -206,10 +316,24 @@ class RedisJobStore:
                 )
             )
 
+    async def renew(self, job_id: str, now_ms: int, lease_until_ms: int) -> int:
+        """-1 unknown job, 0 no longer taking items (ended or sealed), 1 renewed, 2 FAILED now:
+        its lease had lapsed."""
+        args = [now_ms, lease_until_ms, LAPSED]
+        with self.redis.translated("job renew"):
+            return int(await self._script("renew")(keys=self._keys(job_id)[:3], args=args))
+
+    async def sweep(self, now_ms: int, limit: int = SWEEP_LIMIT) -> tuple[int, int]:
+        """End the jobs that are due: (FAILED for a lapsed lease, EXPIRED)."""
+        args = [now_ms, self.prefix, LAPSED, LATE, limit]
+        with self.redis.translated("job sweep"):
+            failed, expired = await self._script("sweep")(keys=self._sets, args=args)
+        return int(failed), int(expired)
+
     async def results(self, job_id: str, start: int, limit: int) -> list[bytes]:
         indexes = list(range(start, start + limit))
         with self.redis.translated("job results"):
-            values = await self.redis.client.hmget(self._keys(job_id)[1], indexes)
+            values = await self.redis.client.hmget(self._keys(job_id)[3], indexes)
         return [cast(bytes, v) for v in values if v is not None]
 
     async def recent(self, limit: int) -> list[JobRecord]:

@@ -38,6 +38,11 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
         record, created = await self.jobs.create(job_codec.new_job(request.job))
         return cache_pb2.CreateJobResponse(job=job_codec.to_wire(record), created=created)
 
+    async def RenewJobLease(
+        self, request: cache_pb2.RenewJobLeaseRequest, context: grpc.aio.ServicerContext
+    ) -> jobs_pb2.Job:
+        return job_codec.to_wire(await self.jobs.renew(request.job_id))
+
     async def SealJob(
         self, request: cache_pb2.SealJobRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.Job:

@@ -33,3 +33,12 @@ class CacheSettings(ServiceSettings):
     retries: NonNegativeInt = 1
     """Retries of a command after a connection error or timeout. One covers a pooled connection
     that Redis closed while idle; more only delay the miss the gateway falls back to."""
+    job_lease_s: PositiveFloat = 30.0
+    """How long a job's submission stays alive without its gateway renewing the lease (gateways
+    renew every `FMSERVE_GATEWAY_JOB_LEASE_RENEW_S`, which must be well below this); an unsealed
+    job whose lease lapses is FAILED."""
+    job_max_run_s: PositiveInt = 604_800
+    """The deadline of a job that asks for no timeout: past it, the job is EXPIRED (nothing
+    stays active, or kept, forever)."""
+    job_sweep_interval_s: PositiveFloat = 0.5
+    """How often the cache service ends jobs whose lease lapsed or whose deadline passed."""

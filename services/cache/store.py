@@ -12,9 +12,11 @@ Redis layout, every key under `key_prefix` (default "fmserve:"):
 Eviction: every cache key carries a TTL (SET with EX, never a bare SET), rather than one database
 per concern. Redis applies `maxmemory` and its eviction policy to the whole instance, not per
 database, so a separate database would separate names only: under `allkeys-lru`, job records in
-db 1 are evicted as readily as cache entries in db 0. With a TTL on every cache key the instance
-can run `volatile-lru`, which evicts only keys that have a TTL, so job records written without one
-are never evicted. A job store that wants retention by key TTL needs its own instance instead.
+db 1 are evicted as readily as cache entries in db 0. Job records carry a TTL too (their deadline
+plus retention, see job_store.py: nothing is kept forever), so the instance runs `volatile-ttl`,
+which evicts the keys nearest their expiry first: cache entries (hours) long before job records
+(days). A deployment that must never evict a job record gives them their own instance with
+`noeviction`.
 """
 
 from __future__ import annotations
@@ -165,6 +167,6 @@ def describe(exc: Exception, address: str, settings: CacheSettings) -> tuple[str
     if isinstance(exc, rx.OutOfMemoryError):
         return "refused", (
             f"Redis at {address} is out of memory; raise its maxmemory or set an eviction "
-            "policy such as volatile-lru"
+            "policy such as volatile-ttl"
         )
     return "refused", f"Redis at {address} refused the command ({type(exc).__name__})"

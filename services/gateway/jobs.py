@@ -11,7 +11,10 @@ Item content is checked per item: an empty or over-long text is recorded FAILED 
 (one bad line must not sink a 100,000-item job); submission-level problems (unknown model or
 task, no items, too many items) refuse the submission. A submission that breaks off after its
 record was created (too many items, the client went away, RabbitMQ down past the timeout) marks
-the job FAILED with the reason, so it never waits for items that will not come.
+the job FAILED with the reason, so it never waits for items that will not come. While the
+stream is open the submission renews its job's lease in the cache service; if the gateway dies
+and the lease lapses, the cache service marks the job FAILED itself. A second submission with
+the idempotency key of one still streaming is refused (FAILED_PRECONDITION), never joined.
 """
 
 from __future__ import annotations
@@ -83,8 +86,9 @@ class Jobs:
         if not first:
             raise InvalidInput("the job has no items: send at least one text")
         job, created = await self.records.create(self._template(route, s))
-        if not created and (job.sealed or state_from_wire(job.state) in TERMINAL):
-            return job  # the same idempotency key: that job, already accepted
+        if not created:
+            return job  # the same idempotency key: that job, sealed or ended
+        lease = asyncio.create_task(self._keep_lease(job.id))
         try:
             total = await _Publication(self, job, route).run(first, texts)
         except BaseException as exc:
@@ -92,7 +96,19 @@ class Jobs:
             if isinstance(exc, Unavailable):  # say what became of the job, not only why
                 raise Unavailable(f"{exc.message}, so {NOT_ACCEPTED}") from exc
             raise
+        finally:
+            lease.cancel()
         return await self.records.seal(job.id, total)
+
+    async def _keep_lease(self, job_id: str) -> None:
+        """Renew the job's submission lease until cancelled; a failed renewal is logged and
+        retried (the lease outlasts several intervals)."""
+        while True:
+            await asyncio.sleep(self.settings.job_lease_renew_s)
+            try:
+                await self.records.renew(job_id)
+            except FmserveError as error:
+                log.warning("could not renew a submission's lease: %s", error.message)
 
     def _template(self, route: Route, s: Submission) -> jobs_pb2.Job:
         expires = int(time.time() * 1000) + s.timeout_s * 1000 if s.timeout_s > 0 else 0

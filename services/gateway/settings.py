@@ -44,6 +44,9 @@ class GatewaySettings(RepositorySettings, AmqpSettings):
     job_retention_s: int = 86_400
     """How long a finished job and its results are kept when the submission asks for no
     particular time."""
+    job_lease_renew_s: float = 5.0
+    """How often a submission renews its job's lease while its stream is open; keep it well
+    below the cache service's `FMSERVE_CACHE_JOB_LEASE_S`, past which an unrenewed job FAILS."""
     job_publish_window: int = 64
     """Chunks of a submission whose publish confirms may be outstanding at once (the stream
     waits beyond that, so memory stays bounded while confirms arrive as they will)."""

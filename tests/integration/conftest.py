@@ -6,6 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
@@ -22,7 +23,7 @@ def with_db(url: str, db: int) -> str:
     return urlunsplit(urlsplit(url)._replace(path=f"/{db}"))
 
 
-def settings_for(url: str, prefix: str) -> CacheSettings:
+def settings_for(url: str, prefix: str, **overrides: Any) -> CacheSettings:
     return CacheSettings(
         host="127.0.0.1",
         port=0,
@@ -30,6 +31,7 @@ def settings_for(url: str, prefix: str) -> CacheSettings:
         grace_period_s=1.0,
         redis_url=url,
         key_prefix=prefix,
+        **overrides,
     )
 
 
@@ -51,9 +53,10 @@ async def redis(redis_url: str, prefix: str) -> AsyncIterator[Redis]:
 
 
 @asynccontextmanager
-async def job_records(redis_url: str, prefix: str) -> AsyncIterator[JobRecords]:
-    """Job records in a real cache service (in-process, free port) under a test's key prefix."""
-    service = build(settings_for(with_db(redis_url, DB), prefix))
+async def job_records(redis_url: str, prefix: str, **settings: Any) -> AsyncIterator[JobRecords]:
+    """Job records in a real cache service (in-process, free port) under a test's key prefix,
+    with `settings` (CacheSettings fields) over the tests' defaults."""
+    service = build(settings_for(with_db(redis_url, DB), prefix, **settings))
     await service.start()
     records = JobRecords(f"127.0.0.1:{service.port}")
     await records.start()

@@ -40,6 +40,10 @@ def template(key: str = "", retention_s: int = 60, expires_ms: int = 0) -> jobs_
     )
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 def ok(index: int, value: float = 1.0) -> jobs_pb2.JobItemResult:
     result = common_pb2.Result(embedding=common_pb2.Embedding(values=[value]))
     return jobs_pb2.JobItemResult(index=index, result=result)
@@ -113,6 +117,7 @@ async def test_a_terminal_state_never_changes(records: JobRecords) -> None:
 async def test_same_idempotency_key_gives_the_same_job(records: JobRecords) -> None:
     key = uuid.uuid4().hex
     first, created = await records.create(template(key))
+    await records.seal(first.id, 3)  # accepted: the key now answers with this job
     again, created_again = await records.create(template(key))
     assert (created, created_again) == (True, False)
     assert again.id == first.id and again.idempotency_key == key
@@ -135,13 +140,16 @@ async def test_a_job_past_its_deadline_is_expired(records: JobRecords) -> None:
     assert "timeout" in expired.error
 
 
-async def test_retention_applies_only_once_the_job_ends(
+async def test_retention_applies_from_the_end_of_the_job(
     records: JobRecords, redis: Redis, prefix: str
 ) -> None:
-    job, _ = await records.create(template(retention_s=1))
+    deadline_s = 600
+    job, _ = await records.create(template(retention_s=1, expires_ms=now_ms() + deadline_s * 1000))
     key = f"{prefix}job:{job.id}"
-    assert await redis.ttl(key) == -1  # no TTL while it runs: never evicted
+    # From creation: kept to its deadline and retention (and a margin), never forever.
+    assert deadline_s + 1 <= await redis.ttl(key) <= deadline_s + 1 + 61
     await records.record(job.id, [ok(0)])
+    assert deadline_s <= await redis.ttl(f"{key}:results") <= deadline_s + 1 + 61
     await records.seal(job.id, 1)
     assert 0 < await redis.ttl(key) <= 1
     await asyncio.sleep(1.2)
