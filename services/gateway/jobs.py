@@ -48,6 +48,8 @@ class Submission:
     priority: int = jobs_pb2.JOB_PRIORITY_NORMAL
     retention_s: int = 0
     timeout_s: int = 0
+    expected_items: int = 0
+    """How many items the client said will follow (0: not said)."""
 
 
 # What SubmitJob answers on a cluster running without RabbitMQ (jobs_enabled=false).
@@ -79,6 +81,7 @@ class Jobs:
         route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k)
         if s.priority not in jobs_pb2.JobPriority.values():
             raise InvalidInput(f"unknown priority {s.priority}; use NORMAL, HIGH or LOW")
+        self._admit(s)
         first = await _first_texts(texts)
         if not first:
             raise InvalidInput("the job has no items: send at least one text")
@@ -93,6 +96,11 @@ class Jobs:
                 raise Unavailable(f"{exc.message}, so {NOT_ACCEPTED}") from exc
             raise
         return await self.records.seal(job.id, total)
+
+    def _admit(self, s: Submission) -> None:
+        """Refuse what cannot be taken before anything is created or published."""
+        if s.expected_items > self.settings.job_max_items:
+            raise TooLarge(_too_many(self.settings.job_max_items))
 
     def _template(self, route: Route, s: Submission) -> jobs_pb2.Job:
         expires = int(time.time() * 1000) + s.timeout_s * 1000 if s.timeout_s > 0 else 0
@@ -146,6 +154,10 @@ class Jobs:
             await asyncio.sleep(self.settings.job_watch_interval_s)
 
 
+def _too_many(limit: int) -> str:
+    return f"a job holds at most {limit} items; split it into several jobs"
+
+
 async def _first_texts(texts: AsyncIterator[list[str]]) -> list[str]:
     async for batch in texts:
         if batch:
@@ -190,9 +202,8 @@ class _Publication:
         return self.count
 
     async def _add(self, texts: list[str]) -> None:
-        limit = self.settings.job_max_items
-        if self.count + len(texts) > limit:
-            raise TooLarge(f"a job holds at most {limit} items; split it into several jobs")
+        if self.count + len(texts) > self.settings.job_max_items:
+            raise TooLarge(_too_many(self.settings.job_max_items))
         for text in texts:
             self._take(self.count, text)
             self.count += 1
