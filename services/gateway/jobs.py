@@ -9,9 +9,10 @@ while the stream goes on, so a big submission never sits in memory whole.
 
 Item content is checked per item: an empty or over-long text is recorded FAILED with its reason
 (one bad line must not sink a 100,000-item job); submission-level problems (unknown model or
-task, no items, too many items) refuse the submission. A submission that breaks off after its
-record was created (too many items, the client went away, RabbitMQ down past the timeout) marks
-the job FAILED with the reason, so it never waits for items that will not come.
+task, no items, too many items declared or sent, a full job queue: `backlog.py`) refuse the
+submission. A submission that breaks off after its record was created (too many items, a job
+queue that filled, the client went away, RabbitMQ down past the timeout) marks the job FAILED
+with the reason, so it never waits for items that will not come.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from fmserve.queue.chunks import failure
 from fmserve.queue.records import JobRecords
 from fmserve.queue.stage_worker import level_of
 from fmserve.v1 import jobs_pb2
+from services.gateway.backlog import Backlog
 from services.gateway.routes import Route, Router
 from services.gateway.settings import GatewaySettings
 
@@ -73,6 +75,8 @@ class Jobs:
         self.broker = broker
         self.records = records
         self.settings = settings
+        limit, every_s = settings.job_queue_max_messages, settings.job_queue_depth_cache_s
+        self.backlog = Backlog(broker, limit, every_s) if broker else None
 
     async def submit(self, submission: Submission, texts: AsyncIterator[list[str]]) -> jobs_pb2.Job:
         if self.broker is None:
@@ -81,7 +85,7 @@ class Jobs:
         route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k)
         if s.priority not in jobs_pb2.JobPriority.values():
             raise InvalidInput(f"unknown priority {s.priority}; use NORMAL, HIGH or LOW")
-        self._admit(s)
+        await self._admit(s)
         first = await _first_texts(texts)
         if not first:
             raise InvalidInput("the job has no items: send at least one text")
@@ -97,10 +101,12 @@ class Jobs:
             raise
         return await self.records.seal(job.id, total)
 
-    def _admit(self, s: Submission) -> None:
+    async def _admit(self, s: Submission) -> None:
         """Refuse what cannot be taken before anything is created or published."""
         if s.expected_items > self.settings.job_max_items:
             raise TooLarge(_too_many(self.settings.job_max_items))
+        if self.backlog:
+            await self.backlog.check()
 
     def _template(self, route: Route, s: Submission) -> jobs_pb2.Job:
         expires = int(time.time() * 1000) + s.timeout_s * 1000 if s.timeout_s > 0 else 0
@@ -227,7 +233,9 @@ class _Publication:
         body = self.chunk.SerializeToString()
         del self.chunk.indexes[:]
         del self.chunk.texts[:]
-        assert self.jobs.broker is not None  # Jobs.submit refuses without one
+        # Jobs.submit refuses without a broker
+        assert self.jobs.broker is not None and self.jobs.backlog is not None
+        await self.jobs.backlog.check()  # a full queue stops a stream between chunks too
         publish = self.jobs.broker.publish("preprocess", self.level, [body])
         self.pending.add(asyncio.ensure_future(publish))
         if len(self.pending) >= self.settings.job_publish_window:
