@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from fmserve.core import tracing
@@ -35,6 +35,7 @@ from fmserve.v1 import jobs_pb2
 from services.gateway.backlog import Backlog
 from services.gateway.routes import Route, Router
 from services.gateway.settings import GatewaySettings
+from services.gateway.watchers import Watchers
 
 log = logging.getLogger("fmserve.gateway.jobs")
 
@@ -77,6 +78,12 @@ class Jobs:
         self.settings = settings
         limit, every_s = settings.job_queue_max_messages, settings.job_queue_depth_cache_s
         self.backlog = Backlog(broker, limit, every_s) if broker else None
+        self.watchers = Watchers(
+            records,
+            settings.job_watch_interval_s,
+            settings.max_watchers,
+            settings.max_watchers_per_connection,
+        )
 
     async def submit(self, submission: Submission, texts: AsyncIterator[list[str]]) -> jobs_pb2.Job:
         if self.broker is None:
@@ -144,20 +151,10 @@ class Jobs:
     async def list(self, limit: int) -> list[jobs_pb2.Job]:
         return await self.records.list(limit)
 
-    async def watch(self, job_id: str) -> AsyncIterator[jobs_pb2.Job]:
-        """The record now, then on every change of state or progress, until it is terminal.
-        Polls the cache service (one small read per interval per watcher): simpler than a
-        notification channel through Redis, and bounded by watch_interval_s."""
-        last = None
-        while True:
-            job = await self.records.get(job_id)
-            seen = (job.state, job.done, job.failed, job.sealed)
-            if seen != last:
-                last = seen
-                yield job
-            if state_from_wire(job.state) in TERMINAL:
-                return
-            await asyncio.sleep(self.settings.job_watch_interval_s)
+    def watch(self, job_id: str, peer: str = "") -> AsyncGenerator[jobs_pb2.Job, None]:
+        """The record now, then on every change of state or progress, until it is terminal;
+        one poll per job shared by all its watchers, and bounded (`watchers.py`)."""
+        return self.watchers.watch(job_id, peer)
 
 
 def _too_many(limit: int) -> str:

@@ -54,4 +54,9 @@ class GatewaySettings(RepositorySettings, AmqpSettings):
     job_queue_depth_cache_s: float = 1.0
     """How long one reading of the preprocess queues' depth serves every submission."""
     job_watch_interval_s: float = 0.25
-    """How often WatchJob looks for a change of a job's state or progress."""
+    """How often WatchJob looks for a change of a job's state or progress (one read per
+    watched job, however many watch it)."""
+    max_watchers: int = 1000
+    """WatchJob streams open at once; more are refused with RESOURCE_EXHAUSTED. 0: no bound."""
+    max_watchers_per_connection: int = 100
+    """WatchJob streams open at once on one client connection; 0: no bound."""
