@@ -5,15 +5,16 @@ it does not."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
 
 import pytest
 
-from fmserve.client import wire
+from fmserve.client import AsyncClient, Client, wire
 from fmserve.core.tasks import TaskName
 from fmserve.errors import TooLarge
 from fmserve.queue.topology import Topology
-from fmserve.v1 import jobs_pb2
+from fmserve.v1 import gateway_pb2, jobs_pb2
 from services.gateway import codec
 from services.gateway.jobs import Jobs, Submission
 from services.gateway.routes import Route
@@ -131,3 +132,36 @@ def test_the_header_carries_the_declared_size_to_the_gateway() -> None:
 )
 def test_clients_declare_the_size_of_what_has_a_length(texts: object, size: int) -> None:
     assert wire.declared_size(texts) == size
+
+
+class RecordingStub:
+    """Takes the place of the gateway: keeps the header of a SubmitJob stream."""
+
+    def __init__(self) -> None:
+        self.header: gateway_pb2.JobHeader | None = None
+
+    def SubmitJob(self, requests: Iterator[gateway_pb2.SubmitJobRequest], timeout: object) -> Any:
+        self.header = next(iter(requests)).header
+        return jobs_pb2.Job(id="j")
+
+
+class AsyncRecordingStub(RecordingStub):
+    async def SubmitJob(self, requests: Any, timeout: object) -> Any:  # type: ignore[override]
+        self.header = (await anext(aiter(requests))).header
+        return jobs_pb2.Job(id="j")
+
+
+def test_the_blocking_client_declares_a_list_and_not_a_generator() -> None:
+    with Client("127.0.0.1:9", timeout=1.0) as client:
+        client._stub = stub = RecordingStub()  # type: ignore[assignment]
+        client.submit(["a", "b", "c"], "m")
+        assert stub.header is not None and stub.header.expected_items == 3
+        client.submit((t for t in "ab"), "m")
+        assert stub.header.expected_items == 0
+
+
+async def test_the_async_client_declares_a_list() -> None:
+    async with AsyncClient("127.0.0.1:9", timeout=1.0) as client:
+        client._stub = stub = AsyncRecordingStub()  # type: ignore[assignment]
+        await client.submit(["a", "b"], "m")
+        assert stub.header is not None and stub.header.expected_items == 2
