@@ -125,6 +125,7 @@ class AsyncClient:
         header = wire.job_header(
             model, task, version, truncate, top_k, idempotency_key, priority, retention_s, timeout_s
         )
+        header.header.expected_items = wire.declared_size(texts)  # lets the gateway refuse at once
 
         async def requests() -> AsyncIterator[gateway_pb2.SubmitJobRequest]:
             yield header

@@ -128,6 +128,7 @@ class Client:
         header = wire.job_header(
             model, task, version, truncate, top_k, idempotency_key, priority, retention_s, timeout_s
         )
+        header.header.expected_items = wire.declared_size(texts)  # lets the gateway refuse at once
         requests = itertools.chain([header], wire.text_chunks(texts))
         try:
             job = self._stub.SubmitJob(requests, timeout=None)

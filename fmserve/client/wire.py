@@ -160,6 +160,14 @@ def job_header(
     return gateway_pb2.SubmitJobRequest(header=header)
 
 
+def declared_size(texts: object) -> int:
+    """How many texts a submission holds, when that is known without reading them (a string
+    is one text, a sequence has a length); 0 for an iterator or generator."""
+    if isinstance(texts, str):
+        return 1
+    return len(texts) if isinstance(texts, Sequence) else 0
+
+
 def text_chunks(texts: str | Iterable[str]) -> Iterator[gateway_pb2.SubmitJobRequest]:
     """The texts in messages of TEXTS_PER_MESSAGE, read lazily: never held whole."""
     iterator = iter([texts] if isinstance(texts, str) else texts)

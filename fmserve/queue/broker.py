@@ -186,8 +186,26 @@ class Broker:
                 if isinstance(result, BaseException):
                     raise result
 
+    async def ready_messages(self, stage: str) -> int:
+        """Messages waiting in a stage's queues (every level); Unavailable when RabbitMQ is
+        not connected or does not answer."""
+        if not self._ready.is_set() or self._connection is None:
+            raise Unavailable("the job queue is not connected yet")
+        with translated(self.address, f"reading the depth of {stage}"):
+            return await queue_depth(self._connection, self.topology.queues(stage))
+
     def _where(self) -> dict[str, str]:
         return {"amqp": self.address}
+
+
+async def queue_depth(connection: AbstractRobustConnection, queues: Sequence[str]) -> int:
+    """Messages ready in the queues, by passive declaration on a short-lived channel."""
+    total = 0
+    async with connection.channel() as channel:
+        for name in queues:
+            queue = await channel.declare_queue(name, passive=True)
+            total += queue.declaration_result.message_count or 0
+    return total
 
 
 def _trace_context() -> aio_pika.abc.HeadersType:

@@ -27,12 +27,17 @@ from aio_pika.abc import (
     AbstractIncomingMessage,
     AbstractQueue,
     AbstractRobustChannel,
-    AbstractRobustConnection,
 )
 
 from fmserve.core import tracing
 from fmserve.errors import DeadlineExceeded, FmserveError, Overloaded, Unavailable
-from fmserve.queue.broker import MAX_RECONNECT_INTERVAL_S, RECONNECT_INTERVAL_S, Broker, translated
+from fmserve.queue.broker import (
+    MAX_RECONNECT_INTERVAL_S,
+    RECONNECT_INTERVAL_S,
+    Broker,
+    queue_depth,
+    translated,
+)
 from fmserve.queue.metrics import (
     CONSUMED,
     DEAD_LETTERED,
@@ -296,16 +301,6 @@ class Consumer:
             with contextlib.suppress(Exception):
                 await self._channel.close()
             self._channel = None
-
-
-async def queue_depth(connection: AbstractRobustConnection, queues: Sequence[str]) -> int:
-    """Messages ready in the queues, by passive declaration on a short-lived channel."""
-    total = 0
-    async with connection.channel() as channel:
-        for name in queues:
-            queue = await channel.declare_queue(name, passive=True)
-            total += queue.declaration_result.message_count or 0
-    return total
 
 
 def _trace_headers(message: AbstractIncomingMessage) -> dict[str, str]:

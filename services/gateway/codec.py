@@ -61,6 +61,7 @@ def submission_to_domain(request: gateway_pb2.SubmitJobRequest | None) -> Submis
         priority=h.priority,
         retention_s=h.retention_s,
         timeout_s=h.timeout_s,
+        expected_items=h.expected_items,
     )
 
 

@@ -9,12 +9,13 @@ while the stream goes on, so a big submission never sits in memory whole.
 
 Item content is checked per item: an empty or over-long text is recorded FAILED with its reason
 (one bad line must not sink a 100,000-item job); submission-level problems (unknown model or
-task, no items, too many items) refuse the submission. A submission that breaks off after its
-record was created (too many items, the client went away, RabbitMQ down past the timeout) marks
-the job FAILED with the reason, so it never waits for items that will not come. While the
-stream is open the submission renews its job's lease in the cache service; if the gateway dies
-and the lease lapses, the cache service marks the job FAILED itself. A second submission with
-the idempotency key of one still streaming is refused (FAILED_PRECONDITION), never joined.
+task, no items, too many items declared or sent, a full job queue: `backlog.py`) refuse the
+submission. A submission that breaks off after its record was created (too many items, a job
+queue that filled, the client went away, RabbitMQ down past the timeout) marks the job FAILED
+with the reason, so it never waits for items that will not come. While the stream is open the
+submission renews its job's lease in the cache service; if the gateway dies and the lease
+lapses, the cache service marks the job FAILED itself. A second submission with the idempotency
+key of one still streaming is refused (FAILED_PRECONDITION), never joined.
 """
 
 from __future__ import annotations
@@ -22,11 +23,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass
 
 from fmserve.core import tracing
-from fmserve.core.jobs import TERMINAL, JobState, state_from_wire
+from fmserve.core.jobs import JobState
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
 from fmserve.errors import FmserveError, InvalidInput, TooLarge, Unavailable
 from fmserve.queue.broker import Broker
@@ -34,8 +35,10 @@ from fmserve.queue.chunks import failure
 from fmserve.queue.records import JobRecords
 from fmserve.queue.stage_worker import level_of
 from fmserve.v1 import jobs_pb2
+from services.gateway.backlog import Backlog
 from services.gateway.routes import Route, Router
 from services.gateway.settings import GatewaySettings
+from services.gateway.watchers import Watchers
 
 log = logging.getLogger("fmserve.gateway.jobs")
 
@@ -51,6 +54,8 @@ class Submission:
     priority: int = jobs_pb2.JOB_PRIORITY_NORMAL
     retention_s: int = 0
     timeout_s: int = 0
+    expected_items: int = 0
+    """How many items the client said will follow (0: not said)."""
 
 
 # What SubmitJob answers on a cluster running without RabbitMQ (jobs_enabled=false).
@@ -74,6 +79,14 @@ class Jobs:
         self.broker = broker
         self.records = records
         self.settings = settings
+        limit, every_s = settings.job_queue_max_messages, settings.job_queue_depth_cache_s
+        self.backlog = Backlog(broker, limit, every_s) if broker else None
+        self.watchers = Watchers(
+            records,
+            settings.job_watch_interval_s,
+            settings.max_watchers,
+            settings.max_watchers_per_connection,
+        )
 
     async def submit(self, submission: Submission, texts: AsyncIterator[list[str]]) -> jobs_pb2.Job:
         if self.broker is None:
@@ -82,6 +95,7 @@ class Jobs:
         route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k)
         if s.priority not in jobs_pb2.JobPriority.values():
             raise InvalidInput(f"unknown priority {s.priority}; use NORMAL, HIGH or LOW")
+        await self._admit(s)
         first = await _first_texts(texts)
         if not first:
             raise InvalidInput("the job has no items: send at least one text")
@@ -109,6 +123,13 @@ class Jobs:
                 await self.records.renew(job_id)
             except FmserveError as error:
                 log.warning("could not renew a submission's lease: %s", error.message)
+
+    async def _admit(self, s: Submission) -> None:
+        """Refuse what cannot be taken before anything is created or published."""
+        if s.expected_items > self.settings.job_max_items:
+            raise TooLarge(_too_many(self.settings.job_max_items))
+        if self.backlog:
+            await self.backlog.check()
 
     def _template(self, route: Route, s: Submission) -> jobs_pb2.Job:
         expires = int(time.time() * 1000) + s.timeout_s * 1000 if s.timeout_s > 0 else 0
@@ -146,20 +167,14 @@ class Jobs:
     async def list(self, limit: int) -> list[jobs_pb2.Job]:
         return await self.records.list(limit)
 
-    async def watch(self, job_id: str) -> AsyncIterator[jobs_pb2.Job]:
-        """The record now, then on every change of state or progress, until it is terminal.
-        Polls the cache service (one small read per interval per watcher): simpler than a
-        notification channel through Redis, and bounded by watch_interval_s."""
-        last = None
-        while True:
-            job = await self.records.get(job_id)
-            seen = (job.state, job.done, job.failed, job.sealed)
-            if seen != last:
-                last = seen
-                yield job
-            if state_from_wire(job.state) in TERMINAL:
-                return
-            await asyncio.sleep(self.settings.job_watch_interval_s)
+    def watch(self, job_id: str, peer: str = "") -> AsyncGenerator[jobs_pb2.Job, None]:
+        """The record now, then on every change of state or progress, until it is terminal;
+        one poll per job shared by all its watchers, and bounded (`watchers.py`)."""
+        return self.watchers.watch(job_id, peer)
+
+
+def _too_many(limit: int) -> str:
+    return f"a job holds at most {limit} items; split it into several jobs"
 
 
 async def _first_texts(texts: AsyncIterator[list[str]]) -> list[str]:
@@ -206,9 +221,8 @@ class _Publication:
         return self.count
 
     async def _add(self, texts: list[str]) -> None:
-        limit = self.settings.job_max_items
-        if self.count + len(texts) > limit:
-            raise TooLarge(f"a job holds at most {limit} items; split it into several jobs")
+        if self.count + len(texts) > self.settings.job_max_items:
+            raise TooLarge(_too_many(self.settings.job_max_items))
         for text in texts:
             self._take(self.count, text)
             self.count += 1
@@ -232,7 +246,9 @@ class _Publication:
         body = self.chunk.SerializeToString()
         del self.chunk.indexes[:]
         del self.chunk.texts[:]
-        assert self.jobs.broker is not None  # Jobs.submit refuses without one
+        # Jobs.submit refuses without a broker
+        assert self.jobs.broker is not None and self.jobs.backlog is not None
+        await self.jobs.backlog.check()  # a full queue stops a stream between chunks too
         publish = self.jobs.broker.publish("preprocess", self.level, [body])
         self.pending.add(asyncio.ensure_future(publish))
         if len(self.pending) >= self.settings.job_publish_window:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -52,8 +53,10 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def WatchJob(
         self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[jobs_pb2.Job]:
-        async for job in self.jobs.watch(request.job_id):
-            yield job
+        # Closed as soon as the stream ends, so a departed watcher frees its slot at once.
+        async with contextlib.aclosing(self.jobs.watch(request.job_id, context.peer())) as jobs:
+            async for job in jobs:
+                yield job
 
     async def CancelJob(
         self, request: jobs_pb2.CancelJobRequest, context: grpc.aio.ServicerContext

@@ -50,5 +50,16 @@ class GatewaySettings(RepositorySettings, AmqpSettings):
     job_publish_window: int = 64
     """Chunks of a submission whose publish confirms may be outstanding at once (the stream
     waits beyond that, so memory stays bounded while confirms arrive as they will)."""
+    job_queue_max_messages: int = 100_000
+    """Chunks (of `job_chunk_size` items) that may wait in the preprocess queues; beyond that
+    SubmitJob is refused with RESOURCE_EXHAUSTED ("retry later"), at its start and while it
+    streams, so a backlog never fills RabbitMQ's disk. 0 turns the bound off."""
+    job_queue_depth_cache_s: float = 1.0
+    """How long one reading of the preprocess queues' depth serves every submission."""
     job_watch_interval_s: float = 0.25
-    """How often WatchJob looks for a change of a job's state or progress."""
+    """How often WatchJob looks for a change of a job's state or progress (one read per
+    watched job, however many watch it)."""
+    max_watchers: int = 1000
+    """WatchJob streams open at once; more are refused with RESOURCE_EXHAUSTED. 0: no bound."""
+    max_watchers_per_connection: int = 100
+    """WatchJob streams open at once on one client connection; 0: no bound."""

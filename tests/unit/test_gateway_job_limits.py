@@ -1,0 +1,167 @@
+"""The gateway's job submission under its limits, with in-memory seams for the router, the job
+records and the broker: a job over the item limit is refused before anything is created or
+published when its client declares its size, and the moment its count passes the limit when
+it does not."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import pytest
+
+from fmserve.client import AsyncClient, Client, wire
+from fmserve.core.tasks import TaskName
+from fmserve.errors import TooLarge
+from fmserve.queue.topology import Topology
+from fmserve.v1 import gateway_pb2, jobs_pb2
+from services.gateway import codec
+from services.gateway.jobs import Jobs, Submission
+from services.gateway.routes import Route
+from services.gateway.settings import GatewaySettings
+
+pytestmark = pytest.mark.timeout(10)
+LIMIT = 100
+CHUNK = 10
+
+
+class FakeRouter:
+    def route(self, model: str, version: str, task: object, truncate: bool, top_k: int) -> Route:
+        return Route(model, "1", TaskName.EMBEDDING, truncate, top_k)
+
+    def text_problem(self, text: str) -> str | None:
+        return None
+
+
+class FakeRecords:
+    """Job records in a dict; counts what was created."""
+
+    def __init__(self) -> None:
+        self.jobs: dict[str, jobs_pb2.Job] = {}
+
+    async def create(self, job: jobs_pb2.Job) -> tuple[jobs_pb2.Job, bool]:
+        job.id = f"job-{len(self.jobs)}"
+        job.state = jobs_pb2.JOB_STATE_QUEUED
+        self.jobs[job.id] = job
+        return job, True
+
+    async def seal(self, job_id: str, total: int) -> jobs_pb2.Job:
+        self.jobs[job_id].total, self.jobs[job_id].sealed = total, True
+        return self.jobs[job_id]
+
+    async def record(self, job_id: str, items: Sequence[jobs_pb2.JobItemResult]) -> int:
+        return len(items)
+
+    async def finish(self, job_id: str, state: object, error: str) -> jobs_pb2.Job:
+        self.jobs[job_id].state, self.jobs[job_id].error = jobs_pb2.JOB_STATE_FAILED, error
+        return self.jobs[job_id]
+
+
+class FakeBroker:
+    """Counts the items it was given to publish."""
+
+    def __init__(self) -> None:
+        self.topology = Topology("test.")
+        self.items = 0
+
+    async def publish(self, stage: str, level: str, bodies: Sequence[bytes]) -> None:
+        for body in bodies:
+            self.items += len(jobs_pb2.JobChunk.FromString(body).indexes)
+
+    async def ready_messages(self, stage: str) -> int:
+        return 0
+
+
+def new_jobs() -> tuple[Jobs, FakeRecords, FakeBroker]:
+    settings = GatewaySettings(job_max_items=LIMIT, job_chunk_size=CHUNK, job_publish_window=2)
+    records, broker = FakeRecords(), FakeBroker()
+    return Jobs(FakeRouter(), broker, records, settings), records, broker  # type: ignore[arg-type]
+
+
+async def texts(count: int, per_message: int = 25) -> AsyncIterator[list[str]]:
+    for start in range(0, count, per_message):
+        yield [f"text {i}" for i in range(start, min(count, start + per_message))]
+
+
+async def test_a_declared_size_over_the_limit_is_refused_before_anything_happens() -> None:
+    jobs, records, broker = new_jobs()
+    read = 0
+
+    async def counted() -> AsyncIterator[list[str]]:
+        nonlocal read
+        async for batch in texts(LIMIT + 1):
+            read += len(batch)
+            yield batch
+
+    submission = Submission(model="m", expected_items=LIMIT + 1)
+    with pytest.raises(TooLarge, match=f"at most {LIMIT} items"):
+        await jobs.submit(submission, counted())
+    assert (records.jobs, broker.items, read) == ({}, 0, 0)
+
+
+async def test_an_undeclared_stream_is_refused_the_moment_it_passes_the_limit() -> None:
+    jobs, records, broker = new_jobs()
+    with pytest.raises(TooLarge, match=f"at most {LIMIT} items"):
+        await jobs.submit(Submission(model="m"), texts(10 * LIMIT))
+    assert broker.items <= LIMIT  # nothing past the limit was published
+    (job,) = records.jobs.values()
+    assert job.state == jobs_pb2.JOB_STATE_FAILED and "at most" in job.error
+
+
+async def test_a_declared_size_within_the_limit_is_taken() -> None:
+    jobs, _, broker = new_jobs()
+    job = await jobs.submit(Submission(model="m", expected_items=LIMIT), texts(LIMIT))
+    assert (job.total, job.sealed, broker.items) == (LIMIT, True, LIMIT)
+
+
+def test_the_header_carries_the_declared_size_to_the_gateway() -> None:
+    header = wire.job_header("m", None, "", False, 0, "", "normal", 0, 0)
+    header.header.expected_items = 7
+    assert codec.submission_to_domain(header).expected_items == 7
+
+
+@pytest.mark.parametrize(
+    ("texts", "size"),
+    [
+        (["a", "b", "c"], 3),
+        (("a",), 1),
+        ("one text", 1),
+        (iter(["a", "b"]), 0),
+        ((t for t in "ab"), 0),
+    ],
+)
+def test_clients_declare_the_size_of_what_has_a_length(texts: object, size: int) -> None:
+    assert wire.declared_size(texts) == size
+
+
+class RecordingStub:
+    """Takes the place of the gateway: keeps the header of a SubmitJob stream."""
+
+    def __init__(self) -> None:
+        self.header: gateway_pb2.JobHeader | None = None
+
+    def SubmitJob(self, requests: Iterator[gateway_pb2.SubmitJobRequest], timeout: object) -> Any:
+        self.header = next(iter(requests)).header
+        return jobs_pb2.Job(id="j")
+
+
+class AsyncRecordingStub(RecordingStub):
+    async def SubmitJob(self, requests: Any, timeout: object) -> Any:  # type: ignore[override]
+        self.header = (await anext(aiter(requests))).header
+        return jobs_pb2.Job(id="j")
+
+
+def test_the_blocking_client_declares_a_list_and_not_a_generator() -> None:
+    with Client("127.0.0.1:9", timeout=1.0) as client:
+        client._stub = stub = RecordingStub()  # type: ignore[assignment]
+        client.submit(["a", "b", "c"], "m")
+        assert stub.header is not None and stub.header.expected_items == 3
+        client.submit((t for t in "ab"), "m")
+        assert stub.header.expected_items == 0
+
+
+async def test_the_async_client_declares_a_list() -> None:
+    async with AsyncClient("127.0.0.1:9", timeout=1.0) as client:
+        client._stub = stub = AsyncRecordingStub()  # type: ignore[assignment]
+        await client.submit(["a", "b"], "m")
+        assert stub.header is not None and stub.header.expected_items == 2
