@@ -29,12 +29,12 @@ pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 ITEMS = 100_000
 MODEL = "tiny-classifier"
 GROWTH_BOUND_MIB = 16.0
-"""Most a process's RSS may grow over its level before the job. Measured (four runs, after the
-warm-up job): the gateway grew 6-10 MiB (gRPC buffers of the incoming stream and the allocator's
-first high-water mark: later submissions of the same size add nothing), the inference service
-4-6 MiB, preprocess, postprocess and cache under 1 MiB each. Holding the job whole costs more:
-the submission as received, 25 MiB (its 200 messages 14 MiB, their texts as strings 11 MiB);
-every result as a message, 87 MiB."""
+"""Most a process's RSS may grow over its level before the job. Measured (six runs, after the
+warm-up job, on a shared 2-core machine): the gateway grew 6-10 MiB (gRPC buffers of the incoming
+stream and the allocator's first high-water mark: later submissions of the same size add
+nothing), the inference service 4-10 MiB, preprocess, postprocess and cache under 1 MiB each.
+Holding the job whole costs more: the submission as received, 25 MiB (its 200 messages 14 MiB,
+their texts as strings 11 MiB); every result as a message, 87 MiB."""
 
 
 @pytest.fixture(scope="module")
