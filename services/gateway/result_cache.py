@@ -66,7 +66,7 @@ class ResultCache:
         return [None] * len(items)
 
     async def start(self) -> None:
-        """Nothing to start: batchers are made per route on first use."""
+        """Nothing to start: its two batchers need no task until the first call."""
 
     async def stop(self) -> None:
         await self._lookups.stop()
