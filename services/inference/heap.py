@@ -6,15 +6,14 @@ returns it to the OS only from the very top of a heap. After each overload burst
 stayed 50-200 MB larger than what it used, by a different amount each time; nothing live grew
 (counted by type with gc and by tracemalloc). Once no forward pass has run for `idle_s`, one
 `malloc_trim(0)` hands the free pages back: about 20 ms on a heap a burst left, 0.1 ms on a
-clean one, in a compute thread, never during a batch. Where malloc_trim does not exist (musl,
-macOS), nothing is trimmed.
+clean one, in a compute thread, started only while no batch runs. Where malloc_trim does not
+exist (musl, macOS), nothing is trimmed.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import logging
 import os
 from collections.abc import Callable, Iterator
@@ -29,8 +28,7 @@ _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 def _malloc_trim() -> Callable[[], object] | None:
     """glibc's malloc_trim(0), or None where the C library has none."""
-    name = ctypes.util.find_library("c")
-    trim = getattr(ctypes.CDLL(name), "malloc_trim", None) if name else None
+    trim = getattr(ctypes.CDLL(None), "malloc_trim", None)  # the libc this process runs on
     return None if trim is None else lambda: trim(0)
 
 
@@ -55,7 +53,7 @@ class HeapTrimmer:
     ) -> None:
         self.idle_s = idle_s
         self._executor = executor
-        self._trim = trim if trim is not None else _malloc_trim()
+        self._trim = trim if trim is not None or idle_s <= 0 else _malloc_trim()
         self._active = 0
         self._worked = False
         self._timer: asyncio.TimerHandle | None = None

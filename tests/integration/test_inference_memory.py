@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import gc
 import platform
 from pathlib import Path
@@ -42,7 +41,7 @@ def resident_mb() -> float:
 
 def released_by_trim_mb() -> float:
     """RSS that glibc's malloc_trim returns to the OS now: free heap it was still holding."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    libc = ctypes.CDLL(None)
     gc.collect()
     before = resident_mb()
     libc.malloc_trim(0)
