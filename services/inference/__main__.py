@@ -25,6 +25,7 @@ def build(settings: InferenceSettings) -> Service:
         max_loaded_models=settings.max_loaded_models,
         preload=settings.preload_models,
         grace_s=settings.grace_period_s,
+        heap_trim_idle_s=settings.heap_trim_idle_s,
     )
     # The queue worker starts after the registry (preloads done) and stops before it.
     resources = [registry, *worker_resources(settings, registry)]

@@ -25,6 +25,7 @@ from fmserve.core.batching import Batcher, BatchLimits
 from fmserve.core.repository import Batching
 from fmserve.errors import FmserveError, InputTooLong, InvalidInput
 from services.inference import metrics, signature
+from services.inference.heap import HeapTrimmer
 from services.inference.ragged import Layout, join
 from services.inference.runner import Runner
 from services.inference.stats import ModelStats
@@ -81,7 +82,9 @@ class Pace:
 class ModelInstance:
     """Serves one model version; the registry creates, tracks and closes it."""
 
-    def __init__(self, runner: Runner, version: str, executor: Executor) -> None:
+    def __init__(
+        self, runner: Runner, version: str, executor: Executor, heap: HeapTrimmer | None = None
+    ) -> None:
         self.runner = runner
         self.config = runner.config
         self.version = version
@@ -90,6 +93,7 @@ class ModelInstance:
         self.pace = Pace()
         self.last_used = time.monotonic()
         self._executor = executor
+        self._heap = heap or HeapTrimmer(0, executor)
         self._active = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -195,7 +199,8 @@ class ModelInstance:
 
     async def _forward(self, sequences: list[np.ndarray]) -> list[np.ndarray]:
         loop = asyncio.get_running_loop()
-        forward = await loop.run_in_executor(self._executor, self.runner.forward, sequences)
+        with self._heap.working():
+            forward = await loop.run_in_executor(self._executor, self.runner.forward, sequences)
         self.stats.record_batch(
             len(sequences), forward.input_ns, forward.infer_ns, forward.output_ns
         )

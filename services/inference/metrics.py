@@ -30,3 +30,11 @@ MODEL_LOADS = Counter(
     "Model version lifecycle events, by model and event (loaded, failed, unloaded, evicted).",
     ["model", "event"],
 )
+HEAP_TRIMS = Counter(
+    "fmserve_inference_heap_trims_total",
+    "Times freed heap memory was handed back to the OS after the models went idle.",
+)
+HEAP_RELEASED = Counter(
+    "fmserve_inference_heap_released_bytes_total",
+    "Resident memory those trims gave back to the OS.",
+)

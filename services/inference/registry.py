@@ -11,6 +11,7 @@
   use, or at once on an explicit load.
 
 Weights load in a thread and batches run in the compute executor; the event loop keeps serving.
+Once every version's batches pause, the heap they freed goes back to the OS (heap.py).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from enum import StrEnum
 from fmserve.core.repository import ModelConfig, ModelRepository, version_order
 from fmserve.errors import ConfigError, Overloaded, Unavailable
 from services.inference import metrics
+from services.inference.heap import HeapTrimmer
 from services.inference.instance import ModelInstance
 from services.inference.loading import LoadFailed
 from services.inference.runner import Runner
@@ -92,6 +94,7 @@ class ModelRegistry:
         max_loaded_models: int = 8,
         preload: Sequence[str] = (),
         grace_s: float = 10.0,
+        heap_trim_idle_s: float = 0.0,
     ) -> None:
         self.repository = repository
         self.max_loaded_models = max_loaded_models
@@ -101,6 +104,7 @@ class ModelRegistry:
         self._unloaded: set[Key] = set()
         # Each instance runs one batch at a time, so one thread per loadable version suffices.
         self._compute = ThreadPoolExecutor(max_loaded_models, thread_name_prefix="inference")
+        self._heap = HeapTrimmer(heap_trim_idle_s, self._compute)
         self.ready = False
 
     async def start(self) -> None:
@@ -115,6 +119,7 @@ class ModelRegistry:
     async def stop(self) -> None:
         """Stop every instance's batcher; the servers' calls have drained before this."""
         self.ready = False
+        self._heap.stop()
         slots, self._slots = list(self._slots.items()), {}
         await asyncio.gather(*(self._close(key, slot, "unloaded", 0.0) for key, slot in slots))
         self._compute.shutdown(wait=False, cancel_futures=True)
@@ -249,7 +254,7 @@ class ModelRegistry:
             for key, victim in victims:
                 await self._close(key, victim, "evicted", self._grace_s)
             runner = await asyncio.to_thread(Runner.load, config, version)
-            slot.instance = ModelInstance(runner, version, self._compute)
+            slot.instance = ModelInstance(runner, version, self._compute, self._heap)
             self._record(config.name, version, "loaded")
         except LoadFailed as exc:
             slot.fail(f"{what} failed to load: {exc.message}")

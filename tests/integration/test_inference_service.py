@@ -34,7 +34,7 @@ TEXTS = ["Wolfgang Mozart lives in Salzburg.", "Hello world", "A much longer sen
 Code = grpc.StatusCode
 
 
-async def start(repository: Path) -> Service:
+async def start(repository: Path, **overrides: object) -> Service:
     settings = InferenceSettings(
         host="127.0.0.1",
         port=0,
@@ -42,6 +42,7 @@ async def start(repository: Path) -> Service:
         grace_period_s=1.0,
         model_repository=repository,
         worker_enabled=False,  # the synchronous path only: the job workers have their own tests
+        **overrides,
     )
     service = build(settings)
     await service.start()
