@@ -13,7 +13,6 @@ import time
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import pytest
 
@@ -23,6 +22,7 @@ from fmserve.queue.topology import delete_queues
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
 from tests.e2e.conftest import REDIS_DB, forget_keys, topology
 from tests.models import build_classifier
+from tests.processes import rss_mib
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -71,13 +71,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         forget_keys(key_prefix)
         with ThreadPoolExecutor(1) as thread:  # this thread's loop belongs to pytest-asyncio
             thread.submit(asyncio.run, delete_queues(AMQP_URL, topology(key_prefix))).result()
-
-
-def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise AssertionError(f"no VmRSS for process {pid}")
 
 
 class RssSampler:

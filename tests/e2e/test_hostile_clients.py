@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 import grpc
 import pytest
@@ -17,6 +16,7 @@ from fmserve.errors import InvalidInput, ModelNotFound
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc
 from services.gateway.settings import GatewaySettings
 from tests.e2e.conftest import MAX_REQUEST_BYTES
+from tests.processes import rss_mib
 
 pytestmark = pytest.mark.e2e
 
@@ -26,9 +26,7 @@ BOMB_CHARS = 60_000_000  # ~60 KB once gzipped
 def rss_mb(cluster: Cluster, service: str) -> float:
     process = cluster.replicas_of[service][0].process
     assert process is not None
-    status = Path(f"/proc/{process.pid}/status").read_text()
-    kilobytes = next(line.split()[1] for line in status.splitlines() if line.startswith("VmRSS"))
-    return int(kilobytes) / 1024
+    return rss_mib(process.pid)
 
 
 def metrics_text(cluster: Cluster, service: str) -> str:

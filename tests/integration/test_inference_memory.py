@@ -20,6 +20,7 @@ from prometheus_client import REGISTRY
 from tritonclient.grpc import InferInput
 
 from tests.integration.test_inference_service import start
+from tests.processes import rss_mib
 
 pytestmark = pytest.mark.timeout(180)
 torch.set_num_threads(1)
@@ -33,19 +34,13 @@ HELD_MB = 24.0
 leaves 40-200 MB there (free, yet resident)."""
 
 
-def resident_mb() -> float:
-    with open("/proc/self/status") as status:
-        line = next(line for line in status if line.startswith("VmRSS"))
-    return int(line.split()[1]) / 1024
-
-
 def released_by_trim_mb() -> float:
     """RSS that glibc's malloc_trim returns to the OS now: free heap it was still holding."""
     libc = ctypes.CDLL(None)
     gc.collect()
-    before = resident_mb()
+    before = rss_mib()
     libc.malloc_trim(0)
-    return before - resident_mb()
+    return before - rss_mib()
 
 
 def request(rng: np.random.Generator) -> list[InferInput]:
