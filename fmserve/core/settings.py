@@ -60,7 +60,7 @@ class ServiceSettings(TlsSettings):
 
     host: str = "127.0.0.1"
     """Interface the gRPC server and /metrics bind. Stages default to loopback, reachable only
-    from this machine; compose and Kubernetes set 0.0.0.0 on their private network."""
+    from this machine; compose sets 0.0.0.0 on its internal network."""
     port: int = 0
     """gRPC port; each service has its own default (gateway 50051 … cache 50055)."""
     metrics_port: int = 0
