@@ -114,16 +114,27 @@ class Cluster:
         env[prefix + "PORT"] = str(replica.port)
         env[prefix + "METRICS_PORT"] = str(replica.metrics_port)
         env[prefix + "HOST"] = "127.0.0.1"
-        if self.certs is not None:
-            env["FMSERVE_TLS_CERT"] = str(self.certs / f"{replica.service}.crt")
-            env["FMSERVE_TLS_KEY"] = str(self.certs / f"{replica.service}.key")
-            env["FMSERVE_TLS_CA"] = str(self.certs / "ca.crt")
+        # TLS comes from the certificate folder alone: a CA the shell names for the CLI
+        # (FMSERVE_TLS_CA) does not reach the services, so the ready line's "TLS off" holds.
+        for variable in ("FMSERVE_TLS_CERT", "FMSERVE_TLS_KEY", "FMSERVE_TLS_CA"):
+            env.pop(variable, None)
+        env.update(self._tls_env(replica.service))
         for stage in ("preprocess", "inference", "postprocess", "cache"):
             env.setdefault(f"FMSERVE_GATEWAY_{stage.upper()}_ADDRESS", self.address(stage))
         # The stages' job workers read job states from, and record items in, the cache service.
         for stage in ("preprocess", "inference", "postprocess"):
             env.setdefault(f"FMSERVE_{stage.upper()}_CACHE_ADDRESS", self.address("cache"))
         return env
+
+    def _tls_env(self, service: str) -> dict[str, str]:
+        """The service's own certificate from the folder; none without one."""
+        if self.certs is None:
+            return {}
+        return {
+            "FMSERVE_TLS_CERT": str(self.certs / f"{service}.crt"),
+            "FMSERVE_TLS_KEY": str(self.certs / f"{service}.key"),
+            "FMSERVE_TLS_CA": str(self.certs / "ca.crt"),
+        }
 
     def wait_healthy(self, replica: Replica, deadline: float) -> None:
         with self.channel(replica.address) as channel:

@@ -387,14 +387,15 @@ def _run_cluster(args: argparse.Namespace, redis: stores.Store, rabbitmq: stores
 def _checked_certs(folder: Path | None) -> Path | None:
     """The certificate folder, once every file a service will read is there and well formed:
     a missing one stops `fmserve up` here, not as a service that exits while starting."""
-    if folder is not None:
-        for name in (*SERVICES, "client"):
-            tls.from_folder(folder, name)
-    return folder
+    if folder is None:
+        return None
+    for name in (*SERVICES, "client"):
+        tls.from_folder(folder, name)
+    return folder.resolve()
 
 
 def security(cluster: Cluster) -> str:
-    """What the ready line says about exposure: TLS (and, as it lands, auth) on or off."""
+    """What the ready line says about exposure: whether TLS is on."""
     if cluster.certs is None:
         return "TLS off"
     return f"TLS on: gateway TLS, mTLS between services ({cluster.certs})"

@@ -229,5 +229,5 @@ def test_each_service_says_how_it_listens(secure_cluster: Cluster) -> None:
         # gRPC's own C core writes plain lines too (a refused handshake): read fmserve's JSON.
         text = replica.log_path.read_text().splitlines()
         lines = [json.loads(line) for line in text if line.startswith("{")]
-        (serving,) = [line for line in lines if line.get("message") == "serving"]
+        (serving,) = [line for line in lines if line.get("msg") == "serving"]
         assert serving["tls"] == ("server" if replica.service == "gateway" else "mutual")

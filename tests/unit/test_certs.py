@@ -165,4 +165,7 @@ def test_fmserve_up_gives_each_service_its_own_certificate(folder: Path, tmp_pat
         assert env["FMSERVE_TLS_KEY"] == str(folder / f"{service}.key")
         assert env["FMSERVE_TLS_CA"] == str(folder / "ca.crt")
     assert security(cluster).startswith("TLS on")
-    assert security(Cluster(log_dir=tmp_path)) == "TLS off"
+    plain = Cluster(log_dir=tmp_path, env={"FMSERVE_TLS_CA": str(folder / "ca.crt")})
+    assert security(plain) == "TLS off"
+    # The CLI's CA in the shell does not half-configure a service of a plaintext cluster.
+    assert "FMSERVE_TLS_CA" not in plain.child_env(Replica("cache", 1, 2, tmp_path / "x.log"))
