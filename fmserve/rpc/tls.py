@@ -1,8 +1,8 @@
 """The cluster's certificates as gRPC credentials: what a server presents and asks of its
 clients, and what a channel to another service trusts and presents.
 
-One `Identity` per process, read once from the files its settings name. The private key lives
-in memory only: it is kept out of the repr, and no message here quotes a file's content."""
+A process's `Identity` is read at start from the files its settings name. The private key
+lives in memory only: it is kept out of the repr, and no message here quotes a file's content."""
 
 from __future__ import annotations
 
@@ -31,9 +31,10 @@ class Identity:
     def server_credentials(self, require_client_auth: bool) -> grpc.ServerCredentials:
         """Present the certificate; with `require_client_auth`, refuse at the handshake every
         client without a certificate the CA signed (mTLS)."""
+        # Without client auth no CA is given: a public client is not even asked for a certificate.
         return grpc.ssl_server_credentials(
             [(self.key, self.cert)],
-            root_certificates=self.ca,
+            root_certificates=self.ca if require_client_auth else None,
             require_client_auth=require_client_auth,
         )
 
