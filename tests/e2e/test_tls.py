@@ -105,6 +105,23 @@ def test_plaintext_client_is_refused_by_the_tls_gateway(gateway: str) -> None:
         client.models()
 
 
+def test_system_roots_do_not_trust_a_private_ca(gateway: str) -> None:
+    with Client(gateway, timeout=5, tls=True) as client, pytest.raises(Unavailable):
+        client.models()
+
+
+def test_cli_takes_a_ca_file(
+    gateway: str, certs: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("FMSERVE_CERTS", raising=False)
+    monkeypatch.setenv("FMSERVE_TLS_CA", str(certs / "ca.crt"))
+    assert cli(["--address", gateway, "embed", "a CA file is enough"]) == 0
+    assert "384 dimensions" in capsys.readouterr().out
+    monkeypatch.delenv("FMSERVE_TLS_CA")
+    assert cli(["--address", gateway, "models"]) == 1  # plaintext to a TLS gateway
+    assert "UNAVAILABLE" in capsys.readouterr().err
+
+
 def test_client_trusting_another_ca_refuses_the_gateway(gateway: str, foreign_certs: Path) -> None:
     foreign = Client(gateway, timeout=5, root_certificates=ca_of(foreign_certs))
     with foreign as client, pytest.raises(Unavailable):
