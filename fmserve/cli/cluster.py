@@ -20,6 +20,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from fmserve.core.settings import service_module
+from fmserve.rpc import tls
 
 # Start order: stages first, the gateway (the front door) last; stop order is the reverse.
 SERVICES = ("cache", "preprocess", "inference", "postprocess", "gateway")
@@ -59,6 +60,9 @@ class Cluster:
     """The first replica's /metrics port per service; the others (and services not named
     here) take a free port."""
     log_dir: Path = Path(".fmserve/logs")
+    certs: Path | None = None
+    """A folder `fmserve certs` wrote: each service gets its own certificate from it (TLS at
+    the gateway, mTLS between services); None: plaintext."""
     say: Callable[[str], None] = print
     replicas_of: dict[str, list[Replica]] = field(default_factory=dict)
 
@@ -110,6 +114,11 @@ class Cluster:
         env[prefix + "PORT"] = str(replica.port)
         env[prefix + "METRICS_PORT"] = str(replica.metrics_port)
         env[prefix + "HOST"] = "127.0.0.1"
+        # TLS comes from the certificate folder alone: a CA the shell names for the CLI
+        # (FMSERVE_TLS_CA) does not reach the services, so the ready line's "TLS off" holds.
+        for variable in ("FMSERVE_TLS_CERT", "FMSERVE_TLS_KEY", "FMSERVE_TLS_CA"):
+            env.pop(variable, None)
+        env.update(self._tls_env(replica.service))
         for stage in ("preprocess", "inference", "postprocess", "cache"):
             env.setdefault(f"FMSERVE_GATEWAY_{stage.upper()}_ADDRESS", self.address(stage))
         # The stages' job workers read job states from, and record items in, the cache service.
@@ -117,8 +126,18 @@ class Cluster:
             env.setdefault(f"FMSERVE_{stage.upper()}_CACHE_ADDRESS", self.address("cache"))
         return env
 
+    def _tls_env(self, service: str) -> dict[str, str]:
+        """The service's own certificate from the folder; none without one."""
+        if self.certs is None:
+            return {}
+        return {
+            "FMSERVE_TLS_CERT": str(self.certs / f"{service}.crt"),
+            "FMSERVE_TLS_KEY": str(self.certs / f"{service}.key"),
+            "FMSERVE_TLS_CA": str(self.certs / "ca.crt"),
+        }
+
     def wait_healthy(self, replica: Replica, deadline: float) -> None:
-        with grpc.insecure_channel(replica.address) as channel:
+        with self.channel(replica.address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             while True:
                 self._check_alive(replica)
@@ -129,6 +148,13 @@ class Cluster:
                         f"{replica.service} did not become healthy; see {replica.log_path}"
                     )
                 time.sleep(0.2)
+
+    def channel(self, address: str) -> grpc.Channel:
+        """A blocking channel to one service, with the `client` certificate when TLS is on."""
+        if self.certs is None:
+            return grpc.insecure_channel(address)
+        credentials = tls.from_folder(self.certs, "client").channel_credentials()
+        return grpc.secure_channel(address, credentials)
 
     def _check_alive(self, replica: Replica) -> None:
         if replica.process is not None and replica.process.poll() is not None:

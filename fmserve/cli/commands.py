@@ -1,6 +1,7 @@
 """The `fmserve` command: run a local cluster, call models, list them.
 
     fmserve up                                  the cluster as local processes
+    fmserve certs --out DIR                     certificates for TLS and mTLS
     fmserve models                              what the cluster serves
     fmserve embed --model minilm-embed "text"   vectors
     fmserve classify --model minilm-sentiment "I love it"
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.cli import stores
+from fmserve.cli import certs, stores
 from fmserve.cli.cluster import (
     METRICS_PORT_OFFSET,
     PORT_ORDER,
@@ -41,8 +42,10 @@ from fmserve.core.settings import (
     variables,
 )
 from fmserve.errors import FmserveError
+from fmserve.rpc import tls
 
 _CLUSTER_WIDE = {"FMSERVE_LOG_LEVEL", "FMSERVE_LOG_FORMAT", "FMSERVE_MODEL_REPOSITORY"}
+_CLUSTER_WIDE |= {"FMSERVE_TLS_CERT", "FMSERVE_TLS_KEY", "FMSERVE_TLS_CA"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -52,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     except FmserveError as exc:
         print(f"error ({exc.code.name}): {exc.message}", file=sys.stderr)
         return 1
-    except (ClusterError, InputError) as exc:
+    except (ClusterError, InputError, certs.CertsError, tls.TlsFilesError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
 
@@ -65,6 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     settings = ClientSettings()
     parser = argparse.ArgumentParser(prog="fmserve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default=settings.address, help="gateway address")
+    parser.set_defaults(settings=settings)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run the whole cluster as local processes")
@@ -73,7 +77,16 @@ def _parser() -> argparse.ArgumentParser:
     up.add_argument(
         "--base-port", type=int, default=50051, help="gateway port; the stages take the next four"
     )
-    up.set_defaults(run=_up, settings=settings)
+    up.set_defaults(run=_up)
+
+    certificates = commands.add_parser("certs", help="a CA and a certificate per service")
+    certificates.add_argument("--out", type=Path, default=Path(".fmserve/certs"))
+    certificates.add_argument(
+        "--hosts", default="", help="more names or addresses the certificates hold, comma-separated"
+    )
+    certificates.add_argument("--days", type=int, default=825, help="validity of each certificate")
+    certificates.add_argument("--force", action="store_true", help="replace certificates there")
+    certificates.set_defaults(run=_certs)
 
     models = commands.add_parser("models", help="list the models served")
     models.add_argument("--json", action="store_true")
@@ -130,9 +143,33 @@ def _job_commands(commands: Any) -> None:
     cancel.set_defaults(run=_cancel)
 
 
+def _client(args: argparse.Namespace) -> Client:
+    """The gateway client, with TLS when the settings ask for it (FMSERVE_TLS_CA,
+    FMSERVE_CERTS or FMSERVE_TLS)."""
+    settings: ClientSettings = args.settings
+    ca = settings.tls_ca or (settings.certs / "ca.crt" if settings.certs else None)
+    if ca is None:
+        return Client(args.address, tls=settings.tls)
+    try:
+        return Client(args.address, root_certificates=ca.read_bytes())
+    except OSError as exc:
+        raise InputError(f"cannot read the CA certificate {ca}: {exc.strerror}") from None
+
+
+def _certs(args: argparse.Namespace) -> None:
+    hosts = [h for h in args.hosts.split(",") if h.strip()]
+    issued = certs.generate(args.out, hosts, args.days, args.force)
+    for path in issued.files:
+        print(f"wrote {path}")
+    print(
+        f"\nTLS for a local cluster:  FMSERVE_CERTS={issued.folder} fmserve up\n"
+        'For compose, write them to deploy/compose/certs (README, "TLS").'
+    )
+
+
 def _submit(args: argparse.Namespace) -> None:
     count = _check_jsonl(args.input)  # every line read once first: a bad one stops us here
-    with Client(args.address) as client:
+    with _client(args) as client:
         job = client.submit(
             _texts(args.input),
             args.model,
@@ -198,13 +235,13 @@ def _status_line(s: JobStatus) -> str:
 
 
 def _job(args: argparse.Namespace) -> None:
-    with Client(args.address) as client:
+    with _client(args) as client:
         status = client.job(args.id).status()
     print(json.dumps(asdict(status)) if args.json else _status_line(status))
 
 
 def _jobs(args: argparse.Namespace) -> None:
-    with Client(args.address) as client:
+    with _client(args) as client:
         jobs = client.jobs(args.limit)
     if args.json:
         print(json.dumps([asdict(j) for j in jobs]))
@@ -214,7 +251,7 @@ def _jobs(args: argparse.Namespace) -> None:
 
 
 def _cancel(args: argparse.Namespace) -> None:
-    with Client(args.address) as client:
+    with _client(args) as client:
         print(_status_line(client.job(args.id).cancel()))
 
 
@@ -224,7 +261,7 @@ def _call(args: argparse.Namespace) -> None:
         "classify": "text-classification",
         "entities": "token-classification",
     }
-    with Client(args.address) as client:
+    with _client(args) as client:
         answer = client.infer(
             args.texts,
             args.model,
@@ -268,7 +305,7 @@ def _readable(result: Any) -> str:
 
 
 def _models(args: argparse.Namespace) -> None:
-    with Client(args.address) as client:
+    with _client(args) as client:
         models = client.models()
     if args.json:
         print(json.dumps([asdict(m) for m in models]))
@@ -327,6 +364,7 @@ def _run_cluster(args: argparse.Namespace, redis: stores.Store, rabbitmq: stores
         replicas=_replicas(args.replicas),
         metrics_ports=metrics_ports(ports),
         log_dir=args.log_dir,
+        certs=_checked_certs(settings.certs),
     )
     check_ports(cluster)
     stopping: list[int] = []
@@ -344,6 +382,23 @@ def _run_cluster(args: argparse.Namespace, redis: stores.Store, rabbitmq: stores
         cluster.stop()
         print("stopped", flush=True)
     return 0
+
+
+def _checked_certs(folder: Path | None) -> Path | None:
+    """The certificate folder, once every file a service will read is there and well formed:
+    a missing one stops `fmserve up` here, not as a service that exits while starting."""
+    if folder is None:
+        return None
+    for name in (*SERVICES, "client"):
+        tls.from_folder(folder, name)
+    return folder.resolve()
+
+
+def security(cluster: Cluster) -> str:
+    """What the ready line says about exposure: whether TLS is on."""
+    if cluster.certs is None:
+        return "TLS off"
+    return f"TLS on: gateway TLS, mTLS between services ({cluster.certs})"
 
 
 def metrics_ports(ports: dict[str, int]) -> dict[str, int]:
@@ -376,7 +431,7 @@ def _print_cluster(cluster: Cluster, off: str) -> None:
     gateway = cluster.replicas_of["gateway"][0]
     running_without = f"; running without {off}" if off else ""
     print(
-        f"fmserve is ready: gateway at {gateway.address} (Ctrl-C stops everything)"
-        + running_without,
+        f"fmserve is ready: gateway at {gateway.address} ({security(cluster)}; "
+        f"Ctrl-C stops everything){running_without}",
         flush=True,
     )

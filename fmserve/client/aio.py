@@ -56,8 +56,24 @@ class AsyncJob:
 class AsyncClient:
     """asyncio client for the gateway: `Client`'s twin, every call awaited."""
 
-    def __init__(self, address: str = "localhost:50051", *, timeout: float = 30.0) -> None:
-        self._channel = grpc.aio.insecure_channel(address, options=wire.channel_options())
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        timeout: float = 30.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        """`tls=True` verifies the gateway against the system's root certificates;
+        `root_certificates` (PEM bytes, e.g. the `ca.crt` of `fmserve certs`) against those,
+        and implies TLS."""
+        credentials = wire.credentials(tls, root_certificates)
+        options = wire.channel_options()
+        self._channel = (
+            grpc.aio.secure_channel(address, credentials, options=options)
+            if credentials
+            else grpc.aio.insecure_channel(address, options=options)
+        )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self.timeout = timeout
 

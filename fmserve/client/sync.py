@@ -60,8 +60,24 @@ class Job:
 class Client:
     """Blocking client for the gateway."""
 
-    def __init__(self, address: str = "localhost:50051", *, timeout: float = 30.0) -> None:
-        self._channel = grpc.insecure_channel(address, options=wire.channel_options())
+    def __init__(
+        self,
+        address: str = "localhost:50051",
+        *,
+        timeout: float = 30.0,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+    ) -> None:
+        """`tls=True` verifies the gateway against the system's root certificates;
+        `root_certificates` (PEM bytes, e.g. the `ca.crt` of `fmserve certs`) against those,
+        and implies TLS."""
+        credentials = wire.credentials(tls, root_certificates)
+        options = wire.channel_options()
+        self._channel = (
+            grpc.secure_channel(address, credentials, options=options)
+            if credentials
+            else grpc.insecure_channel(address, options=options)
+        )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self.timeout = timeout
 

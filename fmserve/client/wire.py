@@ -7,6 +7,7 @@ import itertools
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
 from typing import Any
 
+import grpc
 import numpy as np
 
 from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
@@ -31,6 +32,14 @@ PRIORITY_NAMES = {wire: name for name, wire in PRIORITIES.items()}
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 TEXTS_PER_MESSAGE = 500  # texts per SubmitJob message: small messages, few of them
 RESULTS_PAGE = 1000  # items per results page
+
+
+def credentials(tls: bool, root_certificates: bytes | None) -> grpc.ChannelCredentials | None:
+    """TLS credentials for the gateway when asked for (`root_certificates` implies TLS; without
+    them, the system's roots); None: plaintext."""
+    if not tls and root_certificates is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates=root_certificates)
 
 
 def infer_request(

@@ -8,13 +8,47 @@ from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, PositiveFloat, PositiveInt, SecretStr
+from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "models"
 
 
-class ServiceSettings(BaseSettings):
+class TlsSettings(BaseSettings):
+    """The certificates of one process of the cluster (cluster-wide variable names; each process
+    is given its own files). All three set: the gateway serves TLS, and every other service
+    accepts only clients that present a certificate signed by the cluster's CA (mTLS); none set:
+    plaintext, as `fmserve up` and the tests run by default. Only paths are held here, so a
+    settings dump never carries a private key."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FMSERVE_", extra="ignore", validate_by_name=True, use_attribute_docstrings=True
+    )
+
+    tls_cert: Path | None = Field(None, validation_alias="FMSERVE_TLS_CERT")
+    """This process's certificate (PEM): its gRPC server presents it, and so does every call it
+    makes to another service. `fmserve certs` writes one per service."""
+    tls_key: Path | None = Field(None, validation_alias="FMSERVE_TLS_KEY")
+    """The private key of `FMSERVE_TLS_CERT` (PEM); only its path is ever logged."""
+    tls_ca: Path | None = Field(None, validation_alias="FMSERVE_TLS_CA")
+    """The cluster's CA certificate (PEM): services trust only certificates it signed."""
+
+    @model_validator(mode="after")
+    def _all_or_none(self) -> TlsSettings:
+        given = [self.tls_cert, self.tls_key, self.tls_ca]
+        if any(given) and not all(given):
+            raise ValueError(
+                "TLS needs FMSERVE_TLS_CERT, FMSERVE_TLS_KEY and FMSERVE_TLS_CA together "
+                "(`fmserve certs` writes them); set all three, or none for plaintext"
+            )
+        return self
+
+    @property
+    def tls_enabled(self) -> bool:
+        return self.tls_cert is not None
+
+
+class ServiceSettings(TlsSettings):
     """Fields common to all five services; subclasses set `env_prefix` and the default port."""
 
     # validate_by_name: code and tests may pass aliased fields (model_repository, log_level) by
@@ -24,8 +58,9 @@ class ServiceSettings(BaseSettings):
         env_prefix="FMSERVE_", extra="ignore", validate_by_name=True, use_attribute_docstrings=True
     )
 
-    host: str = "0.0.0.0"
-    """Interface the gRPC server binds."""
+    host: str = "127.0.0.1"
+    """Interface the gRPC server and /metrics bind. Stages default to loopback, reachable only
+    from this machine; compose sets 0.0.0.0 on its internal network."""
     port: int = 0
     """gRPC port; each service has its own default (gateway 50051 … cache 50055)."""
     metrics_port: int = 0
@@ -65,6 +100,14 @@ class ClientSettings(BaseSettings):
 
     address: str = "localhost:50051"
     """Gateway address the CLI talks to."""
+    certs: Path | None = None
+    """A folder written by `fmserve certs`: `fmserve up` gives each service its certificate
+    from it (TLS at the gateway, mTLS between services), and the CLI trusts its `ca.crt`."""
+    tls_ca: Path | None = None
+    """CA certificate (PEM) the CLI verifies the gateway's certificate with: TLS on."""
+    tls: bool = False
+    """TLS to the gateway, trusting the system's root certificates (a gateway whose certificate
+    a public CA signed); implied by `FMSERVE_TLS_CA` or `FMSERVE_CERTS`."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis used by the cache service; `fmserve up` checks it is reachable first."""
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"

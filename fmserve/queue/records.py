@@ -20,6 +20,7 @@ from fmserve.errors import (
     from_rpc_error,
 )
 from fmserve.rpc.channels import open_channel
+from fmserve.rpc.tls import Identity
 from fmserve.v1 import cache_pb2, cache_pb2_grpc, jobs_pb2
 
 CALL_TIMEOUT_S = 10.0
@@ -29,13 +30,19 @@ class JobRecords:
     """The cache service's job RPCs. Failures leave as fmserve errors: NOT_FOUND as
     JobNotFound, UNAVAILABLE (and a timeout) as Unavailable."""
 
-    def __init__(self, address: str, max_message_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        address: str,
+        max_message_bytes: int = 64 * 1024 * 1024,
+        identity: Identity | None = None,
+    ) -> None:
         self.address = address
         self.max_message_bytes = max_message_bytes
+        self.identity = identity
         self._channel: grpc.aio.Channel | None = None
 
     async def start(self) -> None:
-        self._channel = open_channel(self.address, self.max_message_bytes)
+        self._channel = open_channel(self.address, self.max_message_bytes, self.identity)
         self._stub = cache_pb2_grpc.CacheStub(self._channel)
 
     async def stop(self) -> None:

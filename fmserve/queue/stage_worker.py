@@ -34,6 +34,7 @@ from fmserve.queue.dead_letters import DeadLetters
 from fmserve.queue.metrics import ITEM_LATENCY, ITEMS
 from fmserve.queue.records import JobRecords, JobStates
 from fmserve.queue.topology import LEVELS, Topology
+from fmserve.rpc import tls
 from fmserve.v1 import common_pb2, jobs_pb2
 
 LEVEL_OF: dict[int, str] = {
@@ -187,7 +188,7 @@ def stage_resources(
     and finish what they hold first, then the broker and the cache client close."""
     if not settings.worker_enabled:
         return []
-    records = JobRecords(settings.cache_address, settings.max_message_bytes)
+    records = JobRecords(settings.cache_address, settings.max_message_bytes, tls.load(settings))
     topology = Topology(settings.amqp_queue_prefix, settings.amqp_delivery_limit)
     broker = Broker(
         settings.amqp_url.get_secret_value(), topology, settings.publish_timeout_s, stage

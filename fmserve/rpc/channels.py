@@ -1,5 +1,6 @@
 """Client channels between services: round-robin over every address of a service, retries of
-UNAVAILABLE in the service config, and the request id and trace carried on every call."""
+UNAVAILABLE in the service config, the request id and trace carried on every call, and mTLS
+when the process has a TLS identity."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import grpc
 from fmserve.core import context, tracing
 from fmserve.rpc.interceptors import REQUEST_ID_KEY
 from fmserve.rpc.service import grpc_options
+from fmserve.rpc.tls import Identity
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
 
@@ -106,10 +108,29 @@ def channel_options(max_message_bytes: int) -> list[tuple[str, Any]]:
     ]
 
 
-def open_channel(address: str, max_message_bytes: int = 64 * 1024 * 1024) -> grpc.aio.Channel:
-    """An asyncio channel to a service (one address or several replicas)."""
-    return grpc.aio.insecure_channel(
+def tls_options(address: str) -> list[tuple[str, Any]]:
+    """Options a TLS channel adds. A replica list (`ipv4:a,b`) names no one host to check the
+    server's certificate against, so it is checked against the first address: each replica's
+    certificate must name it (those of `fmserve certs` name 127.0.0.1, as `fmserve up` lists)."""
+    resolved = target(address)
+    if not resolved.startswith("ipv4:"):
+        return []
+    first = resolved.removeprefix("ipv4:").split(",")[0].rpartition(":")[0]
+    return [("grpc.ssl_target_name_override", first)]
+
+
+def open_channel(
+    address: str, max_message_bytes: int = 64 * 1024 * 1024, identity: Identity | None = None
+) -> grpc.aio.Channel:
+    """An asyncio channel to a service (one address or several replicas); mTLS with
+    `identity`, plaintext without."""
+    options = channel_options(max_message_bytes)
+    interceptors = [_PropagatingInterceptor()]
+    if identity is None:
+        return grpc.aio.insecure_channel(target(address), options, interceptors=interceptors)
+    return grpc.aio.secure_channel(
         target(address),
-        options=channel_options(max_message_bytes),
-        interceptors=[_PropagatingInterceptor()],
+        identity.channel_credentials(),
+        [*options, *tls_options(address)],
+        interceptors=interceptors,
     )

@@ -1,5 +1,7 @@
 """The lifecycle every service shares: a grpc.aio server with the standard health service,
-reflection, the service interceptor, a /metrics endpoint, and an ordered graceful stop."""
+reflection, the service interceptor, a /metrics endpoint, and an ordered graceful stop. The
+server listens with TLS when the settings name certificates: a public service (the gateway)
+serves any client, the others only clients with a certificate the cluster's CA signed."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from fmserve.core import logs, tracing
 from fmserve.core.metrics import RpcMetrics, serve_metrics
 from fmserve.core.settings import ServiceSettings
-from fmserve.rpc import reflection
+from fmserve.rpc import reflection, tls
 from fmserve.rpc.interceptors import ServiceInterceptor
 from fmserve.rpc.options import grpc_options
 
@@ -60,6 +62,8 @@ class Service:
     resources: list[Resource] = field(default_factory=list)
     port: int = 0
     metrics_port: int | None = None
+    public: bool = False
+    """Serves clients outside the cluster: with TLS on, no client certificate is asked for."""
 
     def __post_init__(self) -> None:
         self._health = health.aio.HealthServicer()
@@ -78,12 +82,32 @@ class Service:
             s.add_to_server(s.servicer, server)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
         reflection.enable([*(s.name for s in self.servicers), health.SERVICE_NAME], server)
-        self.port = server.add_insecure_port(f"{self.settings.host}:{self.settings.port}")
+        self.port = self._listen(server)
         await server.start()
         self._server = server
         self.metrics_port = serve_metrics(self.settings.metrics_port, self.settings.host)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
-        log.info("serving", extra={"port": self.port, "metrics_port": self.metrics_port})
+        log.info(
+            "serving",
+            extra={
+                "port": self.port,
+                "metrics_port": self.metrics_port,
+                "tls": self._tls_mode(),
+            },
+        )
+
+    def _listen(self, server: grpc.aio.Server) -> int:
+        address = f"{self.settings.host}:{self.settings.port}"
+        identity = tls.load(self.settings)
+        if identity is None:
+            return server.add_insecure_port(address)
+        credentials = identity.server_credentials(require_client_auth=not self.public)
+        return server.add_secure_port(address, credentials)
+
+    def _tls_mode(self) -> str:
+        if not self.settings.tls_enabled:
+            return "off"
+        return "server" if self.public else "mutual"
 
     async def stop(self) -> None:
         """Health NOT_SERVING first (balancers move away), drain calls, then close resources."""

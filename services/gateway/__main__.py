@@ -6,7 +6,7 @@ from fmserve.core.repository import ModelRepository
 from fmserve.queue.broker import Broker
 from fmserve.queue.records import JobRecords
 from fmserve.queue.topology import Topology
-from fmserve.rpc import service
+from fmserve.rpc import service, tls
 from fmserve.rpc.service import Resource, Service
 from services.gateway.gateway import Gateway
 from services.gateway.jobs import Jobs
@@ -28,11 +28,12 @@ def build(settings: GatewaySettings) -> Service:
         ModelRepository(settings.model_repository), settings.max_items, settings.max_text_chars
     )
     gateway = Gateway(router, pipeline, cache, settings.default_timeout_s)
-    records = JobRecords(settings.cache_address, settings.max_message_bytes)
+    identity = tls.load(settings)
+    records = JobRecords(settings.cache_address, settings.max_message_bytes, identity)
     broker = _broker(settings) if settings.jobs_enabled else None
     jobs = Jobs(router, broker, records, settings)
     resources: list[Resource] = [stages, pipeline, cache, records, *([broker] if broker else [])]
-    return Service("gateway", settings, [servicer(gateway, jobs)], resources=resources)
+    return Service("gateway", settings, [servicer(gateway, jobs)], resources=resources, public=True)
 
 
 def _broker(settings: GatewaySettings) -> Broker:

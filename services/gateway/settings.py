@@ -8,6 +8,8 @@ from fmserve.core.settings import AmqpSettings, RepositorySettings
 class GatewaySettings(RepositorySettings, AmqpSettings):
     model_config = SettingsConfigDict(env_prefix="FMSERVE_GATEWAY_", extra="ignore")
 
+    host: str = "0.0.0.0"
+    """Interface the gateway binds: every one, as the cluster's public front door."""
     port: int = 50051
     """gRPC port of the gateway: the cluster's public API."""
     preprocess_address: str = "127.0.0.1:50052"

@@ -14,7 +14,14 @@ from tritonclient.utils import InferenceServerException
 from fmserve.core import tensors
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
 from fmserve.errors import DeadlineExceeded, FmserveError, Unavailable, from_rpc_error
-from fmserve.rpc.channels import channel_options, open_channel, outgoing_metadata, target
+from fmserve.rpc import tls
+from fmserve.rpc.channels import (
+    channel_options,
+    open_channel,
+    outgoing_metadata,
+    target,
+    tls_options,
+)
 from fmserve.v1 import (
     cache_pb2,
     cache_pb2_grpc,
@@ -71,15 +78,25 @@ class StageClients:
 
     async def start(self) -> None:
         s = self.settings
+        self._identity = tls.load(s)
         self._preprocess = preprocess_pb2_grpc.PreprocessStub(self._open(s.preprocess_address))
         self._postprocess = postprocess_pb2_grpc.PostprocessStub(self._open(s.postprocess_address))
         self._cache = cache_pb2_grpc.CacheStub(self._open(s.cache_address))
-        self._inference = triton.InferenceServerClient(
-            target(s.inference_address), channel_args=channel_options(s.max_message_bytes)
+        self._inference = self._triton(s.inference_address)
+
+    def _triton(self, address: str) -> triton.InferenceServerClient:
+        """tritonclient opens its own channel: same options, and mTLS when on."""
+        options = channel_options(self.settings.max_message_bytes)
+        if self._identity is None:
+            return triton.InferenceServerClient(target(address), channel_args=options)
+        return triton.InferenceServerClient(
+            target(address),
+            creds=self._identity.channel_credentials(),
+            channel_args=[*options, *tls_options(address)],
         )
 
     def _open(self, address: str) -> grpc.aio.Channel:
-        channel = open_channel(address, self.settings.max_message_bytes)
+        channel = open_channel(address, self.settings.max_message_bytes, self._identity)
         self._channels.append(channel)
         return channel
 

@@ -7,6 +7,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -45,9 +46,18 @@ def cluster(
     key_prefix: str,
     collector: Collector,
 ) -> Iterator[Cluster]:
-    require_server("Redis", "127.0.0.1", 6379)
-    require_server("RabbitMQ", "127.0.0.1", 5672)
     env = {
+        **cluster_env(model_repository, key_prefix),
+        "FMSERVE_OTLP_ENDPOINT": f"127.0.0.1:{collector.port}",
+        "OTEL_BSP_SCHEDULE_DELAY": "100",  # the SDK's own variable: export spans within 0.1 s
+    }
+    with running_cluster(env, tmp_path_factory.mktemp("logs"), key_prefix) as started:
+        yield started
+
+
+def cluster_env(model_repository: Path, key_prefix: str) -> dict[str, str]:
+    """A test cluster's environment: its own Redis database, key prefix and queue prefix."""
+    return {
         "FMSERVE_AMQP_URL": AMQP_URL,
         # The queues' names start with the run's own prefix (deleted at the end), so runs and
         # any real cluster on this RabbitMQ never share a queue.
@@ -63,12 +73,19 @@ def cluster(
         "FMSERVE_GATEWAY_JOB_MAX_ITEMS": str(MAX_JOB_ITEMS),
         "FMSERVE_GATEWAY_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
         "FMSERVE_LOG_LEVEL": "DEBUG",
-        "FMSERVE_OTLP_ENDPOINT": f"127.0.0.1:{collector.port}",
-        "OTEL_BSP_SCHEDULE_DELAY": "100",  # the SDK's own variable: export spans within 0.1 s
     }
+
+
+@contextmanager
+def running_cluster(
+    env: dict[str, str], log_dir: Path, key_prefix: str, certs: Path | None = None
+) -> Iterator[Cluster]:
+    """The five services as processes, on free ports, started the way `fmserve up` starts them;
+    stopped, and their keys and queues deleted, on the way out."""
+    require_server("Redis", "127.0.0.1", 6379)
+    require_server("RabbitMQ", "127.0.0.1", 5672)
     ports = {name: free_port() for name in SERVICES}
-    log_dir = tmp_path_factory.mktemp("logs")
-    cluster = Cluster(env=env, ports=ports, log_dir=log_dir, say=lambda _: None)
+    cluster = Cluster(env=env, ports=ports, log_dir=log_dir, say=lambda _: None, certs=certs)
     try:
         cluster.start(timeout_s=180)
         yield cluster

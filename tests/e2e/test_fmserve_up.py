@@ -13,6 +13,7 @@ import time
 import uuid
 from collections.abc import Coroutine, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -21,6 +22,7 @@ import aiormq
 import pytest
 
 from fmserve import Client
+from fmserve.cli.certs import generate
 from fmserve.cli.cluster import free_port
 from fmserve.errors import Unavailable
 from fmserve.queue.consumer import queue_depth
@@ -96,6 +98,15 @@ def _alive(pid: int) -> bool:
 
 @pytest.fixture
 def up(tmp_path: Path, model_repository: Path) -> Iterator[tuple[subprocess.Popen[str], int, str]]:
+    with _cluster(tmp_path, model_repository) as running:
+        yield running
+
+
+@contextmanager
+def _cluster(
+    log_dir: Path, model_repository: Path, extra: dict[str, str] | None = None
+) -> Iterator[tuple[subprocess.Popen[str], int, str]]:
+    """`fmserve up` as a subprocess on its own ports, Redis keys and queues; gone afterwards."""
     require_server("Redis", "127.0.0.1", 6379)
     require_server("RabbitMQ", "127.0.0.1", 5672)
     base = _base_port()
@@ -110,8 +121,9 @@ def up(tmp_path: Path, model_repository: Path) -> Iterator[tuple[subprocess.Pope
         "FMSERVE_AMQP_QUEUE_PREFIX": f"{name}.",
         "FMSERVE_INFERENCE_PRELOAD": "minilm-embed",
         "FMSERVE_INFERENCE_TORCH_THREADS": "1",
+        **(extra or {}),
     }
-    process = _fmserve_up(base, tmp_path, env)
+    process = _fmserve_up(base, log_dir, env)
     try:
         yield process, base, f"{name}."
     finally:
@@ -151,6 +163,7 @@ def test_up_serves_restarts_and_stops_cleanly(
         m[1]: int(m[2]) for line in lines if (m := re.match(r"\s+(\w+)\s+grpc .* pid (\d+)", line))
     }
     assert set(pids) == {"gateway", "preprocess", "inference", "postprocess", "cache"}
+    assert "(TLS off;" in lines[-1]
     with Client(f"127.0.0.1:{base}") as client:
         assert client.embed(["hello from fmserve up"]).shape == (1, 384)
 
@@ -161,6 +174,23 @@ def test_up_serves_restarts_and_stops_cleanly(
     assert process.wait(timeout=60) == 0
     time.sleep(0.5)
     assert not [name for name, pid in pids.items() if _alive(pid)]
+
+
+def test_up_with_certificates_serves_tls_and_says_so(
+    tmp_path: Path, model_repository: Path
+) -> None:
+    certs = generate(tmp_path / "certs").folder
+    with _cluster(tmp_path / "logs", model_repository, {"FMSERVE_CERTS": str(certs)}) as running:
+        process, base, _ = running
+        lines = _read_until(process, r"\bready\b", timeout_s=240)
+        assert f"TLS on: gateway TLS, mTLS between services ({certs})" in lines[-1]
+        ca = (certs / "ca.crt").read_bytes()
+        with Client(f"127.0.0.1:{base}", root_certificates=ca) as client:
+            assert client.embed(["hello over TLS"]).shape == (1, 384)
+        with Client(f"127.0.0.1:{base}", timeout=5) as plain, pytest.raises(Unavailable):
+            plain.models()
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=60) == 0
 
 
 def test_up_starts_redis_and_runs_without_rabbitmq(tmp_path: Path, model_repository: Path) -> None:

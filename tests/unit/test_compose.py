@@ -37,6 +37,7 @@ from tests.deployment import (
 
 STAGES = ("preprocess", "inference", "postprocess", "cache")
 PUBLISHED = {"gateway", "grafana", "prometheus", "rabbitmq"}
+ONE_SHOT = {"certs"}  # runs once before the services start, then exits: no health to check
 
 # The Compose specification's keys for what this project's files use (compose-spec.json).
 TOP_LEVEL_KEYS = {"version", "name", "include", "services", "networks", "volumes", "secrets"}
@@ -113,6 +114,9 @@ def test_healthchecks_restart_and_durations_are_well_formed(
 ) -> None:
     for name, service in services.items():
         assert RESTART.match(service["restart"]), name
+        if name in ONE_SHOT:
+            assert service["restart"] == "no" and "healthcheck" not in service, name
+            continue
         check = service["healthcheck"]
         assert set(check) <= HEALTHCHECK_KEYS, name
         assert check["test"][0] in {"CMD", "CMD-SHELL"}, name
@@ -274,6 +278,75 @@ def test_image_installs_the_project_as_the_readme_does() -> None:
     assert "make install" in dockerfile
     assert "ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu" in dockerfile
     assert dockerfile.index("$TORCH_INDEX_URL") < dockerfile.index("RUN make install")
+
+
+# TLS: certificates, mTLS, private stages ------------------------------------------------------
+
+
+def tls_files(name: str) -> dict[str, str]:
+    return {
+        "FMSERVE_TLS_CERT": f"/certs/{name}.crt",
+        "FMSERVE_TLS_KEY": f"/certs/{name}.key",
+        "FMSERVE_TLS_CA": "/certs/ca.crt",
+    }
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_every_service_runs_tls_with_its_own_certificate(
+    services: dict[str, dict[str, Any]], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    service = services[name]
+    env = environment(service)
+    assert {k: env.get(k) for k in tls_files(name)} == tls_files(name)
+    assert "certs:/certs:ro" in service["volumes"]
+    assert service["depends_on"]["certs"] == {"condition": "service_completed_successfully"}
+    settings = settings_of(name, env, monkeypatch)
+    assert settings.tls_enabled
+    # The health check presents the service's own certificate: a stage refuses any other call.
+    test = service["healthcheck"]["test"]
+    flags = dict(zip(test[5::2], test[6::2], strict=True))
+    assert flags == {
+        "--tls-cert": f"/certs/{name}.crt",
+        "--tls-key": f"/certs/{name}.key",
+        "--tls-ca": "/certs/ca.crt",
+    }
+
+
+@pytest.mark.parametrize("name", SERVICES)
+def test_stages_serve_the_internal_network_only(
+    services: dict[str, dict[str, Any]], name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outside compose a stage binds loopback; here every service binds all interfaces, and
+    only the gateway's are reachable from the host (no stage publishes a port)."""
+    settings = settings_of(name, environment(services[name]), monkeypatch)
+    assert settings.host == "0.0.0.0"
+    assert bool(services[name].get("ports")) == (name == "gateway")
+
+
+def test_the_certs_service_copies_keys_for_the_services_user_only(
+    compose: dict[str, Any],
+) -> None:
+    certs = compose["services"]["certs"]
+    assert "./certs:/host-certs:ro" in certs["volumes"] and "certs:/certs" in certs["volumes"]
+    assert certs["network_mode"] == "none"
+    script = certs["command"][-1]
+    uid = re.search(r"useradd .*--uid (\d+) fmserve", (ROOT / "Dockerfile").read_text())
+    assert uid, "the Dockerfile's service user"
+    assert f"install -o {uid[1]} -m 0600 /host-certs/*.key /certs/" in script
+    assert f"install -o {uid[1]} -m 0644 /host-certs/*.crt /certs/" in script
+    assert "fmserve certs --out deploy/compose/certs" in script  # what to do when none exist
+    assert "certs" in compose["volumes"]
+
+
+def test_git_never_holds_the_compose_certificates() -> None:
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", "deploy/compose/certs/gateway.key"], cwd=ROOT, check=False
+    )
+    assert ignored.returncode == 0
+    kept = subprocess.run(
+        ["git", "check-ignore", "-q", "deploy/compose/certs/.gitignore"], cwd=ROOT, check=False
+    )
+    assert kept.returncode == 1  # the folder itself exists in a checkout, for the bind mount
 
 
 # Grafana ------------------------------------------------------------------------------------
