@@ -375,7 +375,7 @@ def test_the_declared_queues_are_quorum_queues() -> None:
 
 def test_the_readme_capacity_table_is_the_scalers() -> None:
     """deploy/k8s/README.md promises a target and a replica range per Deployment."""
-    section = (K8S_DIR / "README.md").read_text().split("### Capacity model", 1)[1]
+    section = (K8S_DIR / "README.md").read_text().split("## Capacity model", 1)[1]
     rows = re.findall(r"^\| `([\w-]+)` \|[^|]*\| (\d+)[^|]*\| (\d+)-(\d+) \|", section, re.M)
     promised = {name: (int(t), int(lo), int(hi)) for name, t, lo, hi in rows}
     actual = {}
