@@ -1,12 +1,17 @@
-"""The signals deploy/k8s's autoscalers read rise under load and fall when it ends, on a real
-inference service: `fmserve_inference_requests_in_flight` (the interceptor's gauge, the same
-code for every service) and `fmserve_inference_queued_sequences` (its batchers' queues), read
-from the exposition text Prometheus scrapes. KEDA asks for ceil(metric / target) replicas; the
-targets are the rendered ScaledObjects', and deploy/k8s/README.md states the counts measured
-here.
+"""The signals deploy/k8s's autoscalers read rise under load and fall when it ends:
 
-The load is made exact rather than timed: the model's forward pass is held until the test lets
-it go, so every call stays in flight and every sequence but the running batch's waits."""
+- on a real inference service, `fmserve_inference_requests_in_flight` (the interceptor's gauge,
+  the same code for every service) and `fmserve_inference_queued_sequences` (its batchers'
+  queues), read from the exposition text Prometheus scrapes. The load is made exact rather
+  than timed: the model's forward pass is held until the test lets it go, so every call stays
+  in flight and every sequence but the running batch's waits;
+- on the real RabbitMQ, the messages ready in the queues a worker's rabbitmq triggers name,
+  read as KEDA's amqp mode reads them (a passive declaration's message count), while fmserve's
+  broker publishes a job's chunks and a consumer drains them.
+
+KEDA asks for ceil(metric / target) replicas, the largest over a ScaledObject's triggers; the
+targets are the rendered ScaledObjects', and deploy/k8s/README.md states the counts measured
+here."""
 
 from __future__ import annotations
 
@@ -14,10 +19,12 @@ import asyncio
 import math
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import aio_pika
 import numpy as np
 import pytest
 import tritonclient.grpc.aio as triton
@@ -25,6 +32,8 @@ from prometheus_client import REGISTRY, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from tritonclient.grpc import InferInput
 
+from fmserve.queue.broker import Broker, queue_depth
+from fmserve.queue.topology import Topology, delete_queues
 from services.inference.__main__ import build
 from services.inference.runner import Runner
 from services.inference.settings import InferenceSettings
@@ -35,6 +44,7 @@ pytestmark = pytest.mark.timeout(60)
 MODEL = "tiny-classifier"  # max_batch_size 8 (tests/models.py)
 CALLS = 40
 SEQUENCES_PER_CALL = 2
+JOB_ITEMS, CHUNK_ITEMS = 10_000, 32  # a 10,000-item job in the gateway's default chunks
 
 
 class HeldForward:
@@ -142,3 +152,49 @@ async def test_in_flight_and_queue_depth_rise_under_load_and_fall_after(
         held.release.set()
         await client.close()
         await service.stop()
+
+
+async def test_queue_depth_starts_workers_and_draining_takes_them_to_zero(amqp_url: str) -> None:
+    scaled = Manifests(render("cpu")).one("ScaledObject", "inference-worker")["spec"]
+    topology = Topology(f"fmserve-test-scaling-{uuid.uuid4().hex[:8]}.")
+    # The triggers' queue names under this test's prefix (the workers' default is "fmserve.").
+    triggers = {
+        t["metadata"]["queueName"].replace("fmserve.", topology.prefix, 1): int(
+            t["metadata"]["value"]
+        )
+        for t in scaled["triggers"]
+    }
+    assert sorted(triggers) == sorted(topology.queues("inference"))
+    broker = Broker(amqp_url, topology, publish_timeout_s=10.0, name="test")
+    await broker.start()
+    connection = await aio_pika.connect_robust(amqp_url)
+    try:
+
+        async def replicas() -> int:
+            """What the HPA asks for: the largest ceil(ready / value) over the triggers."""
+            depths = {q: await queue_depth(connection, [q]) for q in triggers}
+            return max(math.ceil(depths[q] / value) for q, value in triggers.items())
+
+        assert await replicas() == 0, "no job: no worker"
+        chunks = math.ceil(JOB_ITEMS / CHUNK_ITEMS)
+        # What the preprocess workers forward to inference: one message per chunk.
+        await broker.publish("inference", "normal", [b"chunk"] * chunks)
+        assert await queue_depth(connection, [topology.queue("inference")]) == chunks
+        workers = await replicas()
+        assert workers == 4
+        readme = (K8S_DIR / "README.md").read_text()
+        value = triggers[topology.queue("inference")]
+        assert f"({chunks} chunks) thus starts {workers} inference" in readme
+        assert f"ceil({chunks} / {value})" in readme
+
+        async with connection.channel() as channel:  # the workers drain the queue
+            queue = await channel.get_queue(topology.queue("inference"))
+            for _ in range(chunks):
+                message = await queue.get(timeout=5)
+                assert message is not None
+                await message.ack()
+        assert await replicas() == 0, "an empty queue lets the workers go to zero"
+    finally:
+        await connection.close()
+        await broker.stop()
+        await delete_queues(amqp_url, topology)
