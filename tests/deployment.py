@@ -1,17 +1,22 @@
 """What the deployment tests read: the compose files with their `${VAR:-default}` values, the
 Prometheus and Grafana configuration, the metric names a dashboard's PromQL uses, the README's
-metrics table, and a Prometheus text scrape."""
+metrics table, a Prometheus text scrape, and a service's settings as it would read them from
+an environment."""
 
 from __future__ import annotations
 
+import importlib
 import json
+import os
 import re
 import urllib.request
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
+from pydantic_settings import BaseSettings
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_DIR = ROOT / "deploy" / "compose"
@@ -118,3 +123,19 @@ _DECLARED = {"counter": ("_total",), "histogram": ("_bucket", "_count", "_sum")}
 
 def _matches(value: str | None, wanted: str) -> bool:
     return value != wanted[1:] if wanted.startswith("!") else value == wanted
+
+
+def settings_class(service: str) -> type[BaseSettings]:
+    module = importlib.import_module(f"services.{service}.settings")
+    cls: type[BaseSettings] = getattr(module, f"{service.capitalize()}Settings")
+    return cls
+
+
+def settings_of(service: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
+    """The service's settings as it would read them from this environment (and nothing else)."""
+    with monkeypatch.context() as patch:
+        for name in [name for name in os.environ if name.startswith("FMSERVE_")]:
+            patch.delenv(name, raising=False)
+        for name, value in env.items():
+            patch.setenv(name, value)
+        return settings_class(service)()

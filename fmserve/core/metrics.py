@@ -3,7 +3,7 @@ labels stay bounded (method, model, code; never a user or request id)."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram, start_http_server
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 # Latency buckets from 0.5 ms to 10 s: cache hits live at the bottom, cold batches at the top.
 LATENCY_BUCKETS = (
@@ -20,18 +20,25 @@ MAX_MODEL_LABELS = 256
 
 # One pair of collectors per service name and process: Prometheus refuses to register a name
 # twice, and a process may build the same service more than once (tests, a restart in place).
-_RPC_COLLECTORS: dict[str, tuple[Counter, Histogram, Counter]] = {}
+_RPC_COLLECTORS: dict[str, tuple[Counter, Histogram, Counter, Gauge]] = {}
 _KNOWN_MODELS: dict[str, set[str]] = {}
 
 
 class RpcMetrics:
-    """Request count and latency per gRPC method, model and status code, for one service."""
+    """Request count, latency and calls in flight per gRPC method (count and latency also per
+    model and status code), for one service."""
 
     def __init__(self, service: str) -> None:
         if service not in _RPC_COLLECTORS:
             _RPC_COLLECTORS[service] = _rpc_collectors(service)
-        self.requests, self.latency, self.retried = _RPC_COLLECTORS[service]
+        self.requests, self.latency, self.retried, self.in_flight = _RPC_COLLECTORS[service]
         self.known_models = _KNOWN_MODELS.setdefault(service, set())
+
+    def started(self, method: str) -> None:
+        self.in_flight.labels(method).inc()
+
+    def ended(self, method: str) -> None:
+        self.in_flight.labels(method).dec()
 
     def observe(self, method: str, model: str, code: str, seconds: float) -> None:
         label = self.model_label(model, code)
@@ -53,7 +60,7 @@ class RpcMetrics:
         self.retried.labels(method).inc()
 
 
-def _rpc_collectors(service: str) -> tuple[Counter, Histogram, Counter]:
+def _rpc_collectors(service: str) -> tuple[Counter, Histogram, Counter, Gauge]:
     requests = Counter(
         f"fmserve_{service}_requests_total",
         "gRPC requests handled, by method, model and status code.",
@@ -73,7 +80,15 @@ def _rpc_collectors(service: str) -> tuple[Counter, Histogram, Counter]:
         "usually), by method.",
         ["method"],
     )
-    return requests, latency, retried
+    # What the autoscalers read (deploy/k8s/): calls a replica holds right now, summed over the
+    # replicas, over a target per replica. By method, so long-lived streams (WatchJob) can be
+    # left out of the sum: they hold a call open without keeping the replica busy.
+    in_flight = Gauge(
+        f"fmserve_{service}_requests_in_flight",
+        "gRPC calls this replica is handling now (received, not yet answered), by method.",
+        ["method"],
+    )
+    return requests, latency, retried, in_flight
 
 
 def serve_metrics(port: int, host: str = "0.0.0.0") -> int | None:

@@ -169,12 +169,14 @@ class _CallScope:
         self.span = self.tracing.__enter__()
         self.span.set_attribute("fmserve.request_id", self.request_id)
         self.started = time.perf_counter()
+        self.metrics.started(self.method)
         return self
 
     def __exit__(self, *exc_info: object) -> None:
         if self.code == "OK" and self._deadline_passed():
             self.code = "DEADLINE_EXCEEDED"  # answered, but too late: the caller saw this
         elapsed = time.perf_counter() - self.started
+        self.metrics.ended(self.method)
         self.metrics.observe(self.method, self.model, self.code, elapsed)
         log.debug("rpc", extra={"method": self.method, "code": self.code, "ms": elapsed * 1e3})
         self.span.set_attribute("rpc.grpc.status_code", self.code)

@@ -103,6 +103,7 @@ class ModelInstance:
             cost=len,
             observer=self._observed,
         )
+        metrics.QUEUED_SEQUENCES.watch(self.batcher, self.config.name)
 
     @property
     def idle(self) -> bool:
@@ -128,6 +129,7 @@ class ModelInstance:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
         await self.batcher.stop()
+        metrics.QUEUED_SEQUENCES.forget(self.batcher)
 
     def _check(self, request: InferRequest) -> None:
         unknown = set(request.outputs) - {self.output.name}

@@ -3,8 +3,15 @@ Created once per process: Prometheus refuses a name registered twice."""
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+import threading
+import weakref
+from collections.abc import Iterator
+from typing import Any
 
+from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from fmserve.core.batching import Batcher
 from fmserve.core.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 
 BATCH_SIZE = Histogram(
@@ -38,3 +45,43 @@ HEAP_RELEASED = Counter(
     "fmserve_inference_heap_released_bytes_total",
     "Resident memory those trims gave back to the OS.",
 )
+
+
+class _QueuedSequences:
+    """`fmserve_inference_queued_sequences`: sequences waiting in each model's batcher for a
+    forward pass, read from the batchers when Prometheus scrapes (nothing on the request path).
+    The inference autoscaler's signal (deploy/k8s/): a queue that stays longer than a couple of
+    batches means this replica's forward passes cannot keep up."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()  # scrapes run in the /metrics thread
+        self._batchers: weakref.WeakKeyDictionary[Batcher[Any, Any], str] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def watch(self, batcher: Batcher[Any, Any], model: str) -> None:
+        with self._lock:
+            self._batchers[batcher] = model
+
+    def forget(self, batcher: Batcher[Any, Any]) -> None:
+        with self._lock:
+            self._batchers.pop(batcher, None)
+
+    def collect(self) -> Iterator[Metric]:
+        family = GaugeMetricFamily(
+            "fmserve_inference_queued_sequences",
+            "Sequences waiting in a model's batcher for a forward pass, by model.",
+            labels=["model"],
+        )
+        with self._lock:
+            watched = list(self._batchers.items())
+        depths: dict[str, int] = {}
+        for batcher, model in watched:  # versions of one model add up
+            depths[model] = depths.get(model, 0) + batcher.queued
+        for model, depth in sorted(depths.items()):
+            family.add_metric([model], depth)
+        yield family
+
+
+QUEUED_SEQUENCES = _QueuedSequences()
+REGISTRY.register(QUEUED_SEQUENCES)

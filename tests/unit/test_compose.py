@@ -9,14 +9,12 @@ reads and parses, every port agrees with health checks, addresses and Prometheus
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import re
 import subprocess
 from typing import Any
 
 import pytest
-from pydantic_settings import BaseSettings
 
 from fmserve.cli.cluster import SERVICES
 from fmserve.core.settings import variables
@@ -33,6 +31,8 @@ from tests.deployment import (
     interpolate,
     load_yaml,
     metric_names,
+    settings_class,
+    settings_of,
 )
 
 STAGES = ("preprocess", "inference", "postprocess", "cache")
@@ -70,28 +70,6 @@ def compose() -> dict[str, Any]:
 @pytest.fixture(scope="module")
 def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return compose["services"]
-
-
-def settings_class(service: str) -> type[BaseSettings]:
-    module = importlib.import_module(f"services.{service}.settings")
-    cls: type[BaseSettings] = getattr(module, f"{service.capitalize()}Settings")
-    return cls
-
-
-def settings_of(service: str, env: dict[str, str], monkeypatch: pytest.MonkeyPatch) -> Any:
-    """The service's settings as it would read them from this environment (and nothing else)."""
-    with monkeypatch.context() as patch:
-        for name in _fmserve_variables():
-            patch.delenv(name, raising=False)
-        for name, value in env.items():
-            patch.setenv(name, value)
-        return settings_class(service)()
-
-
-def _fmserve_variables() -> set[str]:
-    import os
-
-    return {name for name in os.environ if name.startswith("FMSERVE_")}
 
 
 def _port_of(address: str) -> int:

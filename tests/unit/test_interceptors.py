@@ -41,6 +41,14 @@ class Probe:
     deadlines_left: list[float | None] = field(default_factory=list)
     observed: list[tuple[str, str, str]] = field(default_factory=list)
     """(method, model, code) per call, as RpcMetrics.observe is told."""
+    in_flight: dict[str, int] = field(default_factory=dict)
+    """Calls started and not yet ended, per method, as RpcMetrics.started/ended are told."""
+
+    def started(self, method: str) -> None:
+        self.in_flight[method] = self.in_flight.get(method, 0) + 1
+
+    def ended(self, method: str) -> None:
+        self.in_flight[method] -= 1
 
     def observe(self, method: str, model: str, code: str, seconds: float) -> None:
         self.observed.append((method, model, code))
@@ -158,6 +166,7 @@ def served(server: Served) -> Served:
     probe.request_ids.clear()
     probe.deadlines_left.clear()
     probe.observed.clear()
+    probe.in_flight.clear()
     return server
 
 
@@ -345,3 +354,21 @@ async def test_a_call_the_client_cancelled_is_recorded_as_cancelled(served: Serv
     with contextlib.suppress(asyncio.CancelledError):
         await call
     assert await served.probe.observations(1) == [("Unary", "m", "CANCELLED")]
+
+
+async def test_calls_in_flight_rise_while_handled_and_fall_on_every_ending(served: Served) -> None:
+    """The autoscalers' signal (deploy/k8s/): every call counts while it runs, and is taken off
+    however it ends: answered, failed, cancelled or past its deadline."""
+    hanging = [served.unary()(say("hang"), timeout=0.5) for _ in range(3)]
+    stream = served.stream()(say("hang"), timeout=0.5)
+    await stream.read()  # its first reply is out: the stream is being handled
+    deadline = time.monotonic() + 2.0
+    while served.probe.in_flight.get("Unary", 0) < 3 and time.monotonic() < deadline:
+        await asyncio.sleep(0.005)
+    assert served.probe.in_flight == {"Unary": 3, "Stream": 1}
+    await served.unary()(say("ok"))
+    await failure(served.unary()(say("raise Overloaded")))
+    for call in [*hanging, stream.read()]:
+        await failure(call)
+    await served.probe.observations(6)
+    assert served.probe.in_flight == {"Unary": 0, "Stream": 0}
