@@ -202,6 +202,8 @@ def test_ports_probes_and_scrape_annotations_are_the_services(
     settings = settings_for(manifests, deployment, monkeypatch)
     ports = {p["name"]: p["containerPort"] for p in container(deployment)["ports"]}
     assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    # Probes, scrapes and callers reach the pod on its own address, never on its loopback.
+    assert settings.host == "0.0.0.0", f"{name} binds {settings.host}"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         # Kubernetes' own gRPC probe asks grpc.health.v1 for the whole server ("" service),
         # which every fmserve service answers (fmserve/rpc/service.py).
