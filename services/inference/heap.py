@@ -56,6 +56,7 @@ class HeapTrimmer:
         self._trim = trim if trim is not None or idle_s <= 0 else _malloc_trim()
         self._active = 0
         self._worked = False
+        self._stopped = False
         self._timer: asyncio.TimerHandle | None = None
 
     @property
@@ -72,11 +73,13 @@ class HeapTrimmer:
             yield
         finally:
             self._active -= 1
-            if self._active == 0 and self.enabled:
+            # A batch that ends after stop() arms nothing: the executor may be shut down.
+            if self._active == 0 and self.enabled and not self._stopped:
                 loop = asyncio.get_running_loop()
                 self._timer = loop.call_later(self.idle_s, self._paused)
 
     def stop(self) -> None:
+        self._stopped = True
         self._cancel()
 
     def _cancel(self) -> None:

@@ -72,3 +72,13 @@ async def test_off_when_idle_is_zero_and_after_stop() -> None:
     stopped.stop()
     await pause()
     assert off_calls == stopped_calls == []
+
+
+async def test_a_batch_ending_after_stop_arms_no_trim() -> None:
+    """The registry stops the trimmer, then closes its instances: a batch still running then
+    ends after stop() and must not schedule a trim on the executor being shut down."""
+    heap, calls = trimmer()
+    with heap.working():
+        heap.stop()
+    await pause()
+    assert calls == []
