@@ -18,10 +18,13 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import redis
+
 from bench.embedding import MODEL, Load, closed_loop
 from fmserve import Client
 from fmserve.cli.cluster import SERVICES, Cluster, Replica, free_port
 from fmserve.core import apikeys
+from fmserve.core.settings import ClientSettings
 
 
 class _OneOpenGateway(Cluster):
@@ -94,7 +97,17 @@ def main() -> None:
         loads = measure(cluster, key, args.seconds, args.rounds)
     finally:
         cluster.stop()
+        forget(cluster.env["FMSERVE_CACHE_KEY_PREFIX"])
     report(loads)
+
+
+def forget(prefix: str) -> None:
+    """Delete what the run left in Redis: key records have no TTL (cache entries do)."""
+    client = redis.Redis.from_url(ClientSettings().redis_url)
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
 
 
 if __name__ == "__main__":
