@@ -8,6 +8,7 @@
     fmserve entities --model my-ner "Ada lives in London"
     fmserve submit --model minilm-embed --input items.jsonl --output results.jsonl --wait
     fmserve job ID / fmserve jobs / fmserve cancel ID
+    fmserve keys create|list|revoke|generate    API keys (FMSERVE_API_KEY: the key sent)
 
 Add --json to any call for machine-readable output."""
 
@@ -24,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.cli import certs, stores
+from fmserve.cli import certs, keys, stores
 from fmserve.cli.cluster import (
     METRICS_PORT_OFFSET,
     PORT_ORDER,
@@ -33,9 +34,11 @@ from fmserve.cli.cluster import (
     ClusterError,
     check_ports,
 )
-from fmserve.client import Client, JobStatus
+from fmserve.cli.connect import InputError, gateway_client
+from fmserve.client import JobStatus
 from fmserve.core.settings import (
     DEFAULT_REPOSITORY,
+    AuthSettings,
     ClientSettings,
     RepositorySettings,
     settings_class,
@@ -60,14 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
 
-class InputError(ValueError):
-    """An input file the CLI cannot use; the message names the file and line."""
-
-
 def _parser() -> argparse.ArgumentParser:
     settings = ClientSettings()
     parser = argparse.ArgumentParser(prog="fmserve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default=settings.address, help="gateway address")
+    # The API key comes from FMSERVE_API_KEY only: a command-line flag would show it to `ps`.
     parser.set_defaults(settings=settings)
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
@@ -96,6 +96,7 @@ def _parser() -> argparse.ArgumentParser:
     config.set_defaults(run=_config)
 
     _job_commands(commands)
+    keys.add_commands(commands)
 
     for name, helptext in (
         ("embed", "one vector per text"),
@@ -143,19 +144,6 @@ def _job_commands(commands: Any) -> None:
     cancel.set_defaults(run=_cancel)
 
 
-def _client(args: argparse.Namespace) -> Client:
-    """The gateway client, with TLS when the settings ask for it (FMSERVE_TLS_CA,
-    FMSERVE_CERTS or FMSERVE_TLS)."""
-    settings: ClientSettings = args.settings
-    ca = settings.tls_ca or (settings.certs / "ca.crt" if settings.certs else None)
-    if ca is None:
-        return Client(args.address, tls=settings.tls)
-    try:
-        return Client(args.address, root_certificates=ca.read_bytes())
-    except OSError as exc:
-        raise InputError(f"cannot read the CA certificate {ca}: {exc.strerror}") from None
-
-
 def _certs(args: argparse.Namespace) -> None:
     hosts = [h for h in args.hosts.split(",") if h.strip()]
     issued = certs.generate(args.out, hosts, args.days, args.force)
@@ -169,7 +157,7 @@ def _certs(args: argparse.Namespace) -> None:
 
 def _submit(args: argparse.Namespace) -> None:
     count = _check_jsonl(args.input)  # every line read once first: a bad one stops us here
-    with _client(args) as client:
+    with gateway_client(args) as client:
         job = client.submit(
             _texts(args.input),
             args.model,
@@ -235,13 +223,13 @@ def _status_line(s: JobStatus) -> str:
 
 
 def _job(args: argparse.Namespace) -> None:
-    with _client(args) as client:
+    with gateway_client(args) as client:
         status = client.job(args.id).status()
     print(json.dumps(asdict(status)) if args.json else _status_line(status))
 
 
 def _jobs(args: argparse.Namespace) -> None:
-    with _client(args) as client:
+    with gateway_client(args) as client:
         jobs = client.jobs(args.limit)
     if args.json:
         print(json.dumps([asdict(j) for j in jobs]))
@@ -251,7 +239,7 @@ def _jobs(args: argparse.Namespace) -> None:
 
 
 def _cancel(args: argparse.Namespace) -> None:
-    with _client(args) as client:
+    with gateway_client(args) as client:
         print(_status_line(client.job(args.id).cancel()))
 
 
@@ -261,7 +249,7 @@ def _call(args: argparse.Namespace) -> None:
         "classify": "text-classification",
         "entities": "token-classification",
     }
-    with _client(args) as client:
+    with gateway_client(args) as client:
         answer = client.infer(
             args.texts,
             args.model,
@@ -305,7 +293,7 @@ def _readable(result: Any) -> str:
 
 
 def _models(args: argparse.Namespace) -> None:
-    with _client(args) as client:
+    with gateway_client(args) as client:
         models = client.models()
     if args.json:
         print(json.dumps([asdict(m) for m in models]))
@@ -373,7 +361,7 @@ def _run_cluster(args: argparse.Namespace, redis: stores.Store, rabbitmq: stores
     print("starting fmserve: cache, preprocess, inference, postprocess, gateway …", flush=True)
     try:
         cluster.start()
-        _print_cluster(cluster, stores.what_is_off(redis, rabbitmq))
+        _print_cluster(cluster, stores.what_is_off(redis, rabbitmq), AuthSettings().auth)
         while not stopping:
             cluster.supervise_once()
             time.sleep(0.5)
@@ -423,15 +411,16 @@ def _replicas(spec: str) -> dict[str, int]:
     return counts
 
 
-def _print_cluster(cluster: Cluster, off: str) -> None:
+def _print_cluster(cluster: Cluster, off: str, auth: bool) -> None:
     for r in cluster.all():
         pid = r.process.pid if r.process else "-"
         where = f"grpc {r.address:<16} metrics :{r.metrics_port:<6}"
         print(f"  {r.service:<12} {where} pid {pid:<8} {r.log_path}")
     gateway = cluster.replicas_of["gateway"][0]
     running_without = f"; running without {off}" if off else ""
+    keys = "auth on: API keys required" if auth else "auth off (FMSERVE_AUTH=on requires API keys)"
     print(
-        f"fmserve is ready: gateway at {gateway.address} ({security(cluster)}; "
-        f"Ctrl-C stops everything){running_without}",
+        f"fmserve is ready: gateway at {gateway.address}, {keys}, {security(cluster)} "
+        f"(Ctrl-C stops everything){running_without}",
         flush=True,
     )

@@ -108,6 +108,8 @@ class ClientSettings(BaseSettings):
     tls: bool = False
     """TLS to the gateway, trusting the system's root certificates (a gateway whose certificate
     a public CA signed); implied by `FMSERVE_TLS_CA` or `FMSERVE_CERTS`."""
+    api_key: SecretStr = SecretStr("")
+    """The API key the CLI sends (`authorization: Bearer <key>`) to a cluster with auth on."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis used by the cache service; `fmserve up` checks it is reachable first."""
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"
@@ -172,6 +174,22 @@ class AmqpSettings(BaseSettings):
     publish_timeout_s: PositiveFloat = 10.0
     """Longest wait for RabbitMQ to confirm a publish, reconnection included, before the
     caller is told UNAVAILABLE."""
+
+
+class AuthSettings(BaseSettings):
+    """API keys at the gateway (cluster-wide: every gateway replica must agree)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FMSERVE_", extra="ignore", validate_by_name=True, use_attribute_docstrings=True
+    )
+
+    auth: bool = Field(False, validation_alias="FMSERVE_AUTH")
+    """Require an API key (`authorization: Bearer <key>`) on every public RPC (`on`/`off`). Off
+    by default for local development; the compose deployment turns it on."""
+    admin_key: SecretStr = Field(SecretStr(""), validation_alias="FMSERVE_ADMIN_KEY")
+    """A first admin key (`fmserve keys generate` makes one), accepted by every gateway without
+    being stored. Empty with auth on: the first gateway to start creates an admin key named
+    `admin` and logs it once."""
 
 
 class WorkerSettings(AmqpSettings):

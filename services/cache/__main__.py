@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from fmserve.rpc import service
 from fmserve.rpc.service import Service
+from services.cache import key_server
 from services.cache.cache import ResultCache
 from services.cache.job_store import RedisJobStore
 from services.cache.jobs import JobBook
+from services.cache.keys import KeyRecords
 from services.cache.server import servicer
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
@@ -15,13 +17,15 @@ from services.cache.sweeper import JobSweeper
 
 def build(settings: CacheSettings) -> Service:
     """The service wired from its settings: Redis store → result cache, job book → servicer,
-    and the job sweeper (stopped before Redis closes)."""
+    the API key records (KeyStore), and the job sweeper (stopped before Redis closes)."""
     redis = RedisStore(settings)
     cache = ResultCache(redis, settings.default_ttl_s)
     store = RedisJobStore(redis, settings.key_prefix)
     jobs = JobBook(store, settings.job_lease_s, settings.job_max_run_s)
     sweeper = JobSweeper(jobs, settings.job_sweep_interval_s)
-    return Service("cache", settings, [servicer(cache, jobs)], resources=[redis, sweeper])
+    keys = key_server.servicer(KeyRecords(redis, settings.key_prefix))
+    servicers = [servicer(cache, jobs), keys]
+    return Service("cache", settings, servicers, resources=[redis, sweeper])
 
 
 def main() -> None:
