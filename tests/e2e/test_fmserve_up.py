@@ -163,7 +163,7 @@ def test_up_serves_restarts_and_stops_cleanly(
         m[1]: int(m[2]) for line in lines if (m := re.match(r"\s+(\w+)\s+grpc .* pid (\d+)", line))
     }
     assert set(pids) == {"gateway", "preprocess", "inference", "postprocess", "cache"}
-    assert "(TLS off;" in lines[-1]
+    assert ", TLS off (" in lines[-1]
     with Client(f"127.0.0.1:{base}") as client:
         assert client.embed(["hello from fmserve up"]).shape == (1, 384)
 
