@@ -1,7 +1,8 @@
-"""Auth end to end: the five services as processes with FMSERVE_AUTH on and two gateway
-replicas; every public RPC refused without a key and without its scope (walked through server
-reflection), scoped keys, revocation on every replica within a second, job ownership, the CLI's
-`keys` commands, the audit trail, and no key in any log line the cluster wrote."""
+"""Auth end to end: the five services as processes with FMSERVE_AUTH on, TLS at the gateway
+and mTLS between the services (as a deployment runs them), and two gateway replicas: every
+public RPC refused without a key and without its scope (walked through server reflection),
+scoped keys, revocation on every replica within a second, job ownership, the CLI's `keys`
+commands, the audit trail, and no key (API or private) in any log line the cluster wrote."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 )
 
 from fmserve import Client
+from fmserve.cli.certs import generate
 from fmserve.cli.cluster import SERVICES, Cluster, free_port
 from fmserve.core import apikeys
 from fmserve.errors import JobNotFound, PermissionDenied, Unauthenticated
@@ -40,9 +42,32 @@ SECRETS: list[str] = [ADMIN_KEY]
 """Every key this module sees; none may appear in any log line (the last test)."""
 
 
+Connect = Callable[..., Client]
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return generate(tmp_path_factory.mktemp("certs")).folder
+
+
+@pytest.fixture(scope="module")
+def ca(certs: Path) -> bytes:
+    return (certs / "ca.crt").read_bytes()
+
+
+@pytest.fixture(scope="module")
+def connect(ca: bytes) -> Connect:
+    """A client of a gateway over TLS, with an API key or none."""
+
+    def client(address: str, key: str = "") -> Client:
+        return Client(address, root_certificates=ca, api_key=key)
+
+    return client
+
+
 @pytest.fixture(scope="module")
 def secure_cluster(
-    model_repository: Path, tmp_path_factory: pytest.TempPathFactory
+    model_repository: Path, tmp_path_factory: pytest.TempPathFactory, certs: Path
 ) -> Iterator[Cluster]:
     require_server("Redis", "127.0.0.1", 6379)
     require_server("RabbitMQ", "127.0.0.1", 5672)
@@ -68,6 +93,7 @@ def secure_cluster(
         replicas={"gateway": 2},
         log_dir=tmp_path_factory.mktemp("auth-logs"),
         say=lambda _: None,
+        certs=certs,
     )
     try:
         cluster.start(timeout_s=180)
@@ -85,8 +111,8 @@ def gateways(secure_cluster: Cluster) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def admin(gateways: list[str]) -> Iterator[Client]:
-    with Client(gateways[0], api_key=ADMIN_KEY) as client:
+def admin(gateways: list[str], connect: Connect) -> Iterator[Client]:
+    with connect(gateways[0], ADMIN_KEY) as client:
         yield client
 
 
@@ -117,10 +143,10 @@ def call(channel: grpc.Channel, method: Any, key: str = "") -> grpc.StatusCode:
 
 
 def test_every_gateway_rpc_found_by_reflection_is_refused_without_a_key_or_its_scope(
-    gateways: list[str], admin: Client
+    gateways: list[str], admin: Client, ca: bytes
 ) -> None:
     jobs_only, infer_only = new_key(admin, ["jobs:read"]), new_key(admin, ["infer:*"])
-    with grpc.insecure_channel(gateways[0]) as channel:
+    with grpc.secure_channel(gateways[0], grpc.ssl_channel_credentials(ca)) as channel:
         # Reflection and health answer without a key.
         pool = DescriptorPool(ProtoReflectionDescriptorDatabase(channel))
         service = pool.FindServiceByName("fmserve.v1.Gateway")
@@ -141,28 +167,28 @@ def test_every_gateway_rpc_found_by_reflection_is_refused_without_a_key_or_its_s
 
 
 def test_a_scoped_key_calls_its_models_only_and_is_told_the_scope_it_lacks(
-    gateways: list[str], admin: Client
+    gateways: list[str], admin: Client, connect: Connect
 ) -> None:
     key = new_key(admin, ["infer:minilm-embed:embedding"])
-    with Client(gateways[1], api_key=key) as client:
+    with connect(gateways[1], key) as client:
         assert client.embed(["a sentence"]).shape == (1, 384)
         assert [m.name for m in client.models()] == ["minilm-embed"]  # only what it may call
     assert {"minilm-embed", "minilm-sentiment"} <= {m.name for m in admin.models()}
-    with Client(gateways[1], api_key=key) as client:
+    with connect(gateways[1], key) as client:
         with pytest.raises(PermissionDenied, match="infer:minilm-sentiment:text-classification"):
             client.classify(["I love it"], model="minilm-sentiment")
         with pytest.raises(PermissionDenied, match="jobs:submit"):
             client.submit(["a"], "minilm-embed")
-    with Client(gateways[1]) as anonymous, pytest.raises(Unauthenticated, match="Bearer"):
+    with connect(gateways[1]) as anonymous, pytest.raises(Unauthenticated, match="Bearer"):
         anonymous.embed(["a sentence"])
 
 
 def test_a_revoked_key_is_refused_by_every_replica_within_a_second(
-    gateways: list[str], admin: Client
+    gateways: list[str], admin: Client, connect: Connect
 ) -> None:
     name = f"revoked-{uuid.uuid4().hex[:6]}"
     key = new_key(admin, ["infer:minilm-*"], name)
-    clients = [Client(address, api_key=key) for address in gateways]
+    clients = [connect(address, key) for address in gateways]
     try:
         for client in clients:  # both replicas have verified (and cached) the key
             client.embed(["warm"], cache="bypass")
@@ -188,13 +214,13 @@ def wait_refused(client: Client) -> float:
 
 
 def test_a_job_is_seen_only_by_the_key_that_submitted_it_and_admins(
-    gateways: list[str], admin: Client
+    gateways: list[str], admin: Client, connect: Connect
 ) -> None:
     scopes = ["infer:minilm-*", "jobs:submit", "jobs:read"]
     owner_key, other_key = new_key(admin, scopes), new_key(admin, scopes)
     with (
-        Client(gateways[0], api_key=owner_key) as owner,
-        Client(gateways[1], api_key=other_key) as other,
+        connect(gateways[0], owner_key) as owner,
+        connect(gateways[1], other_key) as other,
     ):
         job = owner.submit(["one", "two"], "minilm-embed", idempotency_key="same")
         assert job.wait(timeout=60).state == "succeeded"
@@ -219,8 +245,8 @@ def test_a_job_is_seen_only_by_the_key_that_submitted_it_and_admins(
     assert admin.job(job.id).status().state == "succeeded"
 
 
-def fmserve(address: str, key: str, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "FMSERVE_API_KEY": key}
+def fmserve(address: str, key: str, certs: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "FMSERVE_API_KEY": key, "FMSERVE_CERTS": str(certs)}
     return subprocess.run(
         [sys.executable, "-m", "fmserve.cli", "--address", address, *args],
         env=env,
@@ -230,10 +256,12 @@ def fmserve(address: str, key: str, *args: str) -> subprocess.CompletedProcess[s
     )
 
 
-def test_the_cli_creates_lists_and_revokes_keys(gateways: list[str]) -> None:
+def test_the_cli_creates_lists_and_revokes_keys(
+    gateways: list[str], certs: Path, connect: Connect
+) -> None:
     name = f"ci-{uuid.uuid4().hex[:6]}"
     created = fmserve(
-        gateways[0], ADMIN_KEY, "keys", "create", "--name", name,
+        gateways[0], ADMIN_KEY, certs, "keys", "create", "--name", name,
         "--scopes", "infer:minilm-*,jobs:submit", "--rpm", "600", "--concurrency", "4",
         "--daily-items", "1000", "--expires-in", "30d",
     )  # fmt: skip
@@ -241,19 +269,19 @@ def test_the_cli_creates_lists_and_revokes_keys(gateways: list[str]) -> None:
     key = created.stdout.strip().splitlines()[-1]
     SECRETS.append(key)
     assert apikeys.key_id_of(key) is not None
-    with Client(gateways[1], api_key=key) as client:
+    with connect(gateways[1], key) as client:
         assert client.embed(["via the cli's key"]).shape == (1, 384)
-    listed = fmserve(gateways[1], ADMIN_KEY, "keys", "list", "--json")
+    listed = fmserve(gateways[1], ADMIN_KEY, certs, "keys", "list", "--json")
     mine = [json.loads(line) for line in listed.stdout.splitlines() if f'"{name}"' in line]
     assert len(mine) == 1 and mine[0]["scopes"] == ["infer:minilm-*", "jobs:submit"]
     assert (mine[0]["rpm"], mine[0]["max_concurrency"], mine[0]["daily_items"]) == (600, 4, 1000)
     assert 29 * 86400 < mine[0]["expires"] - time.time() <= 30 * 86400
     assert key not in listed.stdout
-    revoked = fmserve(gateways[0], ADMIN_KEY, "keys", "revoke", name)
+    revoked = fmserve(gateways[0], ADMIN_KEY, certs, "keys", "revoke", name)
     assert revoked.returncode == 0 and "revoked" in revoked.stdout
-    refused = fmserve(gateways[0], key, "keys", "list")
+    refused = fmserve(gateways[0], key, certs, "keys", "list")
     assert refused.returncode == 1 and "UNAUTHENTICATED" in refused.stderr
-    not_admin = fmserve(gateways[0], "", "models")
+    not_admin = fmserve(gateways[0], "", certs, "models")
     assert not_admin.returncode == 1 and "UNAUTHENTICATED" in not_admin.stderr
 
 
@@ -269,8 +297,9 @@ def test_refusals_and_admin_actions_are_audited(secure_cluster: Cluster) -> None
     assert denied["key_name"] and len(denied["key_id"]) == 16 and "unix_ms" in denied
 
 
-def test_no_key_appears_in_any_log_line(secure_cluster: Cluster) -> None:
-    """Last: every key this module used (the admin key included) against every line written."""
+def test_no_key_appears_in_any_log_line(secure_cluster: Cluster, certs: Path) -> None:
+    """Last: every key this module used (the admin key included), and the services' private
+    keys, against every line written."""
     lines = [
         line
         for path in secure_cluster.log_dir.glob("*.log")
@@ -278,6 +307,12 @@ def test_no_key_appears_in_any_log_line(secure_cluster: Cluster) -> None:
     ]
     assert len(lines) > 100 and len(SECRETS) >= 8
     secrets = [key.split("_", 2)[2] for key in SECRETS]  # the secret part alone, too
+    secrets += [  # each private key's base64 lines
+        line
+        for path in certs.glob("*.key")
+        for line in path.read_text().splitlines()
+        if not line.startswith("-----")
+    ]
     leaked = [line for line in lines if any(s in line for s in secrets)]
     assert leaked == []
 
