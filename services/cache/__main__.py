@@ -7,6 +7,8 @@ from fmserve.rpc.service import Service
 from services.cache.cache import ResultCache
 from services.cache.job_store import RedisJobStore
 from services.cache.jobs import JobBook
+from services.cache.limits import RateLimitStore
+from services.cache.limits_server import limits_servicer
 from services.cache.server import servicer
 from services.cache.settings import CacheSettings
 from services.cache.store import RedisStore
@@ -15,13 +17,15 @@ from services.cache.sweeper import JobSweeper
 
 def build(settings: CacheSettings) -> Service:
     """The service wired from its settings: Redis store → result cache, job book → servicer,
-    and the job sweeper (stopped before Redis closes)."""
+    rate limits → their own servicer, and the job sweeper (stopped before Redis closes)."""
     redis = RedisStore(settings)
     cache = ResultCache(redis, settings.default_ttl_s)
     store = RedisJobStore(redis, settings.key_prefix)
     jobs = JobBook(store, settings.job_lease_s, settings.job_max_run_s)
     sweeper = JobSweeper(jobs, settings.job_sweep_interval_s)
-    return Service("cache", settings, [servicer(cache, jobs)], resources=[redis, sweeper])
+    limits = limits_servicer(RateLimitStore(redis, settings.key_prefix))
+    servicers = [servicer(cache, jobs), limits]
+    return Service("cache", settings, servicers, resources=[redis, sweeper])
 
 
 def main() -> None:

@@ -1,0 +1,200 @@
+"""Per-key limits in Redis: token buckets, concurrency slots and daily item quotas, checked and
+taken together by one Lua script (EVALSHA; redis-py loads it once and again only if Redis lost
+it), so concurrent gateway replicas never admit more than the limits allow. Time is Redis's
+own (`TIME`), so replicas with drifting clocks agree.
+
+    {prefix}limits:rate:{key_id}:{bucket}   hash   tokens (float), ms (last update)
+    {prefix}limits:slots:{key_id}           zset   call id by its slot's lease end (ms)
+    {prefix}limits:items:{key_id}:{day}     string items admitted on that UTC day (day number)
+
+Every key is bounded: a bucket expires once it would have refilled to full (an absent bucket
+is full), the slots set once its last lease ends, a day's count two days after it began.
+A slot whose gateway died is gone when its lease ends (renewed while its call runs).
+The quota key is built in the script from Redis's day (a single Redis instance allows it;
+Redis Cluster would need hash tags).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any
+
+from fmserve.errors import InvalidInput
+from services.cache.store import RedisStore
+
+DAY_MS = 86_400_000
+SLOT_RETRY_MS = 100
+"""What a call refused for concurrency is told to wait: slots free as calls end, which the
+script cannot foresee; a short wait suits calls of the sync path."""
+
+
+class Reason(IntEnum):
+    """Why a call was refused (the script's first return value; 0 admitted)."""
+
+    ADMITTED = 0
+    RATE = 1
+    CONCURRENCY = 2
+    QUOTA = 3
+
+
+@dataclass(frozen=True)
+class Bucket:
+    """A token bucket: `burst` tokens at most, refilled at `per_minute` / 60 per second."""
+
+    name: str
+    per_minute: int
+    burst: int
+
+
+@dataclass(frozen=True)
+class Admission:
+    """One call's claim: buckets to take a token from, a slot, and items of the day's quota."""
+
+    key_id: str
+    buckets: Sequence[Bucket] = ()
+    max_concurrency: int = 0
+    call_id: str = ""
+    lease_ms: int = 30_000
+    daily_items: int = 0
+    items: int = 0
+
+
+@dataclass(frozen=True)
+class Verdict:
+    reason: Reason
+    bucket: str = ""
+    retry_after_ms: int = 0
+    items_used: int = 0
+
+    @property
+    def admitted(self) -> bool:
+        return self.reason is Reason.ADMITTED
+
+
+# KEYS: slots set, then one key per bucket. ARGV: call id, lease (ms), max concurrency, daily
+# items, items, quota key without its day, then per bucket: per minute, burst.
+# Returns {reason, bucket index (1-based, RATE), retry after (ms), items used today (QUOTA)}.
+# Everything is checked before anything is taken, so a refused call takes nothing.
+_ADMIT = f"""
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local slots, call, lease = KEYS[1], ARGV[1], tonumber(ARGV[2])
+local max_slots, quota_limit, items = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+if max_slots > 0 then
+  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+  if redis.call('ZCARD', slots) >= max_slots then
+    return {{{Reason.CONCURRENCY}, 0, {SLOT_RETRY_MS}, 0}}
+  end
+end
+local levels = {{}}
+for i = 2, #KEYS do
+  local rate = tonumber(ARGV[5 + 2 * (i - 1)]) / 60000
+  local burst = tonumber(ARGV[6 + 2 * (i - 1)])
+  local saved = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
+  local tokens = burst
+  if saved[1] then
+    tokens = math.min(burst, tonumber(saved[1]) + math.max(0, now - tonumber(saved[2])) * rate)
+  end
+  if tokens < 1 then
+    return {{{Reason.RATE}, i - 1, math.ceil((1 - tokens) / rate), 0}}
+  end
+  levels[i] = {{tokens - 1, math.ceil(burst / rate)}}
+end
+local day = math.floor(now / {DAY_MS})
+local quota = ARGV[6] .. day
+if quota_limit > 0 then
+  local used = tonumber(redis.call('GET', quota) or '0')
+  if used + items > quota_limit then
+    return {{{Reason.QUOTA}, 0, (day + 1) * {DAY_MS} - now, used}}
+  end
+  redis.call('INCRBY', quota, items)
+  redis.call('PEXPIRE', quota, 2 * {DAY_MS})
+end
+for i = 2, #KEYS do
+  redis.call('HSET', KEYS[i], 'tokens', tostring(levels[i][1]), 'ms', now)
+  redis.call('PEXPIRE', KEYS[i], levels[i][2])
+end
+if max_slots > 0 then
+  redis.call('ZADD', slots, now + lease, call)
+  redis.call('PEXPIRE', slots, lease)
+end
+return {{{Reason.ADMITTED}, 0, 0, 0}}
+"""
+
+# KEYS: slots sets. ARGV: lease (ms), then one call id per key. Extends only slots still held.
+_RENEW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local lease = tonumber(ARGV[1])
+for i = 1, #KEYS do
+  if redis.call('ZADD', KEYS[i], 'XX', 'CH', now + lease, ARGV[i + 1]) == 1 then
+    redis.call('PEXPIRE', KEYS[i], lease)
+  end
+end
+return 0
+"""
+
+
+class RateLimitStore:
+    """Admits, releases and renews calls against the limits kept in Redis."""
+
+    def __init__(self, redis: RedisStore, key_prefix: str) -> None:
+        self.redis = redis
+        self.prefix = f"{key_prefix}limits:"
+        self._scripts: dict[str, Any] = {}
+
+    async def admit(self, claim: Admission) -> Verdict:
+        check(claim)
+        keys = [self.slots_key(claim.key_id)]
+        keys += [self.bucket_key(claim.key_id, b.name) for b in claim.buckets]
+        args: list[Any] = [claim.call_id, claim.lease_ms, claim.max_concurrency]
+        args += [claim.daily_items, claim.items, f"{self.prefix}items:{claim.key_id}:"]
+        args += [n for b in claim.buckets for n in (b.per_minute, b.burst)]
+        with self.redis.translated("limits admit"):
+            reason, index, retry_ms, used = await self._script(_ADMIT)(keys=keys, args=args)
+        bucket = claim.buckets[int(index) - 1].name if int(index) > 0 else ""
+        return Verdict(Reason(int(reason)), bucket, int(retry_ms), int(used))
+
+    async def release(self, key_id: str, call_id: str) -> None:
+        with self.redis.translated("limits release"):
+            await self.redis.client.zrem(self.slots_key(key_id), call_id)
+
+    async def renew(self, slots: Sequence[tuple[str, str]], lease_ms: int) -> None:
+        """Extend the leases of (key id, call id) slots still held; released ones stay gone."""
+        if lease_ms <= 0:
+            raise InvalidInput(f"lease_ms is {lease_ms}; give a positive number of milliseconds")
+        if not slots:
+            return
+        keys = [self.slots_key(key_id) for key_id, _ in slots]
+        with self.redis.translated("limits renew"):
+            await self._script(_RENEW)(keys=keys, args=[lease_ms, *(c for _, c in slots)])
+
+    def slots_key(self, key_id: str) -> str:
+        return f"{self.prefix}slots:{key_id}"
+
+    def bucket_key(self, key_id: str, bucket: str) -> str:
+        return f"{self.prefix}rate:{key_id}:{bucket}"
+
+    def _script(self, source: str) -> Any:
+        if source not in self._scripts:
+            self._scripts[source] = self.redis.client.register_script(source)
+        return self._scripts[source]
+
+
+def check(claim: Admission) -> None:
+    """Refuse a claim the script could not apply (a bucket that never refills, a slot with no
+    lease) before Redis sees it."""
+    if not claim.key_id:
+        raise InvalidInput("key_id is empty; limits are kept per API key id")
+    for bucket in claim.buckets:
+        if bucket.per_minute <= 0 or bucket.burst <= 0:
+            raise InvalidInput(
+                f"bucket {bucket.name!r} has per_minute {bucket.per_minute} and burst "
+                f"{bucket.burst}; both must be positive (send no bucket for no rate limit)"
+            )
+    if claim.max_concurrency > 0 and (not claim.call_id or claim.lease_ms <= 0):
+        raise InvalidInput("a concurrency slot needs a call_id and a positive lease_ms")
+    if claim.items < 0:
+        raise InvalidInput(f"items is {claim.items}; give 0 or more")
