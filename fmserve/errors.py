@@ -10,6 +10,9 @@ them into wire statuses, and the clients turn wire statuses back into them.
     │   ├── ModelNotFound             NOT_FOUND         unknown model or version
     │   └── JobNotFound               NOT_FOUND         unknown job id
     ├── Conflict                      FAILED_PRECONDITION  e.g. cancel of a finished job
+    ├── AlreadyExists                 ALREADY_EXISTS    e.g. an API key name that is taken
+    ├── Unauthenticated               UNAUTHENTICATED   no API key, or a wrong/expired/revoked one
+    ├── PermissionDenied              PERMISSION_DENIED the key lacks the scope (named) it needs
     ├── Overloaded                    RESOURCE_EXHAUSTED   queue full, retry later
     │   ├── TooLarge                  RESOURCE_EXHAUSTED   too many items in one request
     │   └── RateLimited               RESOURCE_EXHAUSTED   an API key's limit; `retry-after-ms`
@@ -69,11 +72,29 @@ class ModelNotFound(NotFound):
 
 
 class JobNotFound(NotFound):
-    pass
+    @classmethod
+    def unknown(cls, job_id: str) -> JobNotFound:
+        """The one answer for an id that names no job the caller may see: an unknown id and
+        another key's job read the same, so ids cannot be probed."""
+        return cls(
+            f"no job {job_id!r}: the id is wrong, or the job ended longer ago than its retention"
+        )
 
 
 class Conflict(FmserveError):
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class AlreadyExists(FmserveError):
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class Unauthenticated(FmserveError):
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class PermissionDenied(FmserveError):
+    code = grpc.StatusCode.PERMISSION_DENIED
 
 
 class Overloaded(FmserveError):
@@ -122,6 +143,9 @@ _BY_CODE: dict[grpc.StatusCode, type[FmserveError]] = {
     grpc.StatusCode.INVALID_ARGUMENT: InvalidInput,
     grpc.StatusCode.NOT_FOUND: NotFound,
     grpc.StatusCode.FAILED_PRECONDITION: Conflict,
+    grpc.StatusCode.ALREADY_EXISTS: AlreadyExists,
+    grpc.StatusCode.UNAUTHENTICATED: Unauthenticated,
+    grpc.StatusCode.PERMISSION_DENIED: PermissionDenied,
     grpc.StatusCode.RESOURCE_EXHAUSTED: Overloaded,
     grpc.StatusCode.UNAVAILABLE: Unavailable,
     grpc.StatusCode.DEADLINE_EXCEEDED: DeadlineExceeded,

@@ -131,6 +131,22 @@ class AmqpSettings(BaseSettings):
     caller is told UNAVAILABLE."""
 
 
+class AuthSettings(BaseSettings):
+    """API keys at the gateway (cluster-wide: every gateway replica must agree)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="FMSERVE_", extra="ignore", validate_by_name=True, use_attribute_docstrings=True
+    )
+
+    auth: bool = Field(False, validation_alias="FMSERVE_AUTH")
+    """Require an API key (`authorization: Bearer <key>`) on every public RPC (`on`/`off`). Off
+    by default for local development; the compose deployment turns it on."""
+    admin_key: SecretStr = Field(SecretStr(""), validation_alias="FMSERVE_ADMIN_KEY")
+    """A first admin key (`fmserve keys generate` makes one), accepted by every gateway without
+    being stored. Empty with auth on: the first gateway to start creates an admin key named
+    `admin` and logs it once."""
+
+
 class WorkerSettings(AmqpSettings):
     """Stage services (preprocess, inference, postprocess): their queue consumer."""
 

@@ -70,8 +70,9 @@ class JobRecords:
         request = cache_pb2.FinishJobRequest(job_id=job_id, state=wire, error=error)
         return await self._call("FinishJob", request)
 
-    async def list(self, limit: int) -> list[jobs_pb2.Job]:
-        reply = await self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit))
+    async def list(self, limit: int, owner_key_id: str = "") -> list[jobs_pb2.Job]:
+        request = jobs_pb2.ListJobsRequest(limit=limit, owner_key_id=owner_key_id)
+        reply = await self._call("ListJobs", request)
         return list(reply.jobs)
 
     async def _call(self, method: str, request: object) -> Any:

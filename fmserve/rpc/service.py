@@ -60,6 +60,9 @@ class Service:
     resources: list[Resource] = field(default_factory=list)
     port: int = 0
     metrics_port: int | None = None
+    interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+    """Inside the service interceptor (which maps their errors to statuses), in order: the
+    gateway's auth."""
 
     def __post_init__(self) -> None:
         self._health = health.aio.HealthServicer()
@@ -71,7 +74,7 @@ class Service:
         for resource in self.resources:
             await resource.start()
         server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.name, self._metrics)],
+            interceptors=[ServiceInterceptor(self.name, self._metrics), *self.interceptors],
             options=server_options(self.settings),
         )
         for s in self.servicers:

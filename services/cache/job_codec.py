@@ -22,6 +22,7 @@ def new_job(job: jobs_pb2.Job) -> JobRecord:
         expires_ms=job.expires_unix_ms,
         idempotency_key=job.idempotency_key,
         trace_id=job.trace_id,
+        owner_key_id=job.owner_key_id,
     )
 
 
@@ -45,6 +46,7 @@ def to_wire(record: JobRecord) -> jobs_pb2.Job:
         error=record.error,
         idempotency_key=record.idempotency_key,
         trace_id=record.trace_id,
+        owner_key_id=record.owner_key_id,
     )
 
 

@@ -36,3 +36,5 @@ class JobRecord:
     error: str = ""
     idempotency_key: str = ""
     trace_id: str = ""
+    owner_key_id: str = ""
+    """The id of the API key that submitted the job ('' without auth): never the key."""

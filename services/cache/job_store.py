@@ -5,8 +5,12 @@ stages, gateways and cache replicas never see or make a half-done change.
                                       plus idempotency_redis_key, the name of the key below,
                                       and lease_until_ms (the submission lease, see below)
     {prefix}job:{id}:results  hash    item index → serialized fmserve.v1.JobItemResult
-    {prefix}job:key:{key}     string  idempotency key → job id
+    {prefix}job:key:{key}     string  idempotency key → job id ({prefix}job:key:{owner}:{key}
+                                      for a job with an owner: one key's idempotency key never
+                                      names another key's job)
     {prefix}job:index         zset    job id by creation time (ListJobs), newest INDEX_SIZE kept
+    {prefix}job:owner:{key}   zset    the same for one API key id's jobs (its ListJobs), with the
+                                      TTL of its newest job
     {prefix}job:leases        zset    unsealed active job id by its submission lease's end (ms)
     {prefix}job:deadlines     zset    active job id by its deadline, expires_ms
 
@@ -107,7 +111,8 @@ end
 """
 )
 
-# KEYS: leases, deadlines, idempotency key ('' for none), job, index. ARGV: id, now, job key
+# KEYS: leases, deadlines, idempotency key ('' for none), job, index, owner's index ('' for
+# none). ARGV: id, now, job key
 # prefix, how many jobs the index keeps, TTL (ms), lease end (ms), deadline (ms), what a lapsed
 # submission's job says, then field/value pairs.
 # Returns {id, 1} for the new job; {id, 0} for the job the key names when it is still kept (and
@@ -137,6 +142,11 @@ redis.call('ZADD', leases, ARGV[6], ARGV[1])
 if tonumber(ARGV[7]) > 0 then redis.call('ZADD', deadlines, ARGV[7], ARGV[1]) end
 redis.call('ZADD', KEYS[5], ARGV[2], ARGV[1])
 redis.call('ZREMRANGEBYRANK', KEYS[5], 0, -(tonumber(ARGV[4]) + 1))
+if KEYS[6] ~= '' then
+  redis.call('ZADD', KEYS[6], ARGV[2], ARGV[1])
+  redis.call('ZREMRANGEBYRANK', KEYS[6], 0, -(tonumber(ARGV[4]) + 1))
+  redis.call('PEXPIRE', KEYS[6], ARGV[5])
+end
 return {ARGV[1], 1}
 """
 
@@ -264,16 +274,24 @@ class RedisJobStore:
     def _keys(self, job_id: str) -> list[str]:
         return [*self._sets, self.prefix + job_id, f"{self.prefix}{job_id}:results"]
 
-    def idempotency_key(self, key: str) -> str:
-        return f"{self.prefix}key:{key}" if key else ""
+    def idempotency_key(self, key: str, owner_key_id: str = "") -> str:
+        if not key:
+            return ""
+        return (
+            f"{self.prefix}key:{owner_key_id}:{key}" if owner_key_id else f"{self.prefix}key:{key}"
+        )
+
+    def _index(self, owner_key_id: str) -> str:
+        return f"{self.prefix}owner:{owner_key_id}" if owner_key_id else self.prefix + "index"
 
     async def create(self, record: JobRecord, ttl_ms: int, lease_until_ms: int) -> tuple[str, int]:
         """Create a record, or name the job that its idempotency key already names: (id,
         CREATED, KEPT or STREAMING)."""
-        key = self.idempotency_key(record.idempotency_key)
+        key = self.idempotency_key(record.idempotency_key, record.owner_key_id)
         fields = {**to_hash(record), "idempotency_redis_key": key}
         flat = [part for pair in fields.items() for part in pair]
-        keys = [*self._sets, key, self.prefix + record.id, self.prefix + "index"]
+        owned = self._index(record.owner_key_id) if record.owner_key_id else ""
+        keys = [*self._sets, key, self.prefix + record.id, self.prefix + "index", owned]
         args = [record.id, record.created_ms, self.prefix, INDEX_SIZE, ttl_ms, lease_until_ms]
         args += [record.expires_ms, LAPSED, *flat]
         with self.redis.translated("job create"):
@@ -336,9 +354,10 @@ class RedisJobStore:
             values = await self.redis.client.hmget(self._keys(job_id)[3], indexes)
         return [cast(bytes, v) for v in values if v is not None]
 
-    async def recent(self, limit: int) -> list[JobRecord]:
-        """The newest jobs still kept, newest first; ids whose record has gone are forgotten."""
-        index = self.prefix + "index"
+    async def recent(self, limit: int, owner_key_id: str = "") -> list[JobRecord]:
+        """The newest jobs still kept (of one owner, or all), newest first; ids whose record
+        has gone are forgotten."""
+        index = self._index(owner_key_id)
         with self.redis.translated("job list"):
             newest = await self.redis.client.zrevrange(index, 0, limit * 2)
             ids = [_text(cast(bytes, i)) for i in newest]
@@ -390,6 +409,7 @@ def from_hash(raw: Mapping[bytes | str, bytes | str]) -> JobRecord:
         error=fields.get("error", ""),
         idempotency_key=fields.get("idempotency_key", ""),
         trace_id=fields.get("trace_id", ""),
+        owner_key_id=fields.get("owner_key_id", ""),
     )
 
 

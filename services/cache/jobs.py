@@ -4,8 +4,8 @@ are JobRecords here (job_store.py keeps them); the servicer converts them to the
 
 from __future__ import annotations
 
+import secrets
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import replace
 
@@ -54,8 +54,13 @@ class JobBook:
         now = now_ms()
         latest = now + self.max_run_ms
         expires = min(request.expires_ms, latest) if request.expires_ms > 0 else latest
+        # 128 random bits from `secrets`: a job id cannot be guessed (job ownership relies on it).
         record = replace(
-            request, id=uuid.uuid4().hex, state=JobState.QUEUED, created_ms=now, expires_ms=expires
+            request,
+            id=secrets.token_hex(16),
+            state=JobState.QUEUED,
+            created_ms=now,
+            expires_ms=expires,
         )
         ttl_ms = max(expires - now, 0) + request.retention_s * 1000 + TTL_MARGIN_MS
         found, outcome = await self.store.create(record, ttl_ms, now + self.lease_ms)
@@ -82,7 +87,7 @@ class JobBook:
         that ended or was sealed is returned as it is, one whose lease lapsed is FAILED now."""
         outcome = await self.store.renew(job_id, now_ms(), now_ms() + self.lease_ms)
         if outcome < 0:
-            raise _unknown(job_id)
+            raise JobNotFound.unknown(job_id)
         if outcome == LAPSED_NOW:
             JOBS.labels(JobState.FAILED).inc()
         return await self._read(job_id)
@@ -100,7 +105,7 @@ class JobBook:
             raise InvalidInput(f"total is {total}; a job has at least one item")
         found, completed = await self.store.seal(job_id, total, now_ms())
         if not found:
-            raise _unknown(job_id)
+            raise JobNotFound.unknown(job_id)
         if completed:
             JOBS.labels(completed).inc()
         return await self._read(job_id)
@@ -115,7 +120,7 @@ class JobBook:
                 raise InvalidInput(f"item index {index} is negative")
         recorded, completed, started = await self.store.record(job_id, items, now_ms())
         if recorded < 0:
-            raise _unknown(job_id)
+            raise JobNotFound.unknown(job_id)
         if started:
             JOBS.labels(JobState.RUNNING).inc()
         if completed:
@@ -142,15 +147,15 @@ class JobBook:
         record = await self.get(job_id)
         return record, await self.store.results(job_id, start, limit or DEFAULT_PAGE)
 
-    async def recent(self, limit: int) -> list[JobRecord]:
+    async def recent(self, limit: int, owner_key_id: str = "") -> list[JobRecord]:
         if limit < 0 or limit > MAX_LIST:
             raise InvalidInput(f"limit must lie between 0 (the default, 50) and {MAX_LIST}")
-        return await self.store.recent(limit or 50)
+        return await self.store.recent(limit or 50, owner_key_id)
 
     async def _finish(self, job_id: str, state: JobState, error: str) -> bool:
         outcome = await self.store.finish(job_id, state, error, now_ms())
         if outcome < 0:
-            raise _unknown(job_id)
+            raise JobNotFound.unknown(job_id)
         if outcome:
             JOBS.labels(state).inc()
         return bool(outcome)
@@ -160,11 +165,5 @@ class JobBook:
             raise InvalidInput("job_id is required")
         record = await self.store.get(job_id)
         if record is None:
-            raise _unknown(job_id)
+            raise JobNotFound.unknown(job_id)
         return record
-
-
-def _unknown(job_id: str) -> JobNotFound:
-    return JobNotFound(
-        f"no job {job_id!r}: the id is wrong, or the job ended longer ago than its retention"
-    )

@@ -79,7 +79,7 @@ class CacheServicer(cache_pb2_grpc.CacheServicer):
     async def ListJobs(
         self, request: jobs_pb2.ListJobsRequest, context: grpc.aio.ServicerContext
     ) -> jobs_pb2.ListJobsResponse:
-        records = await self.jobs.recent(request.limit)
+        records = await self.jobs.recent(request.limit, request.owner_key_id)
         return jobs_pb2.ListJobsResponse(jobs=[job_codec.to_wire(r) for r in records])
 
 

@@ -2,15 +2,24 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from fmserve.core.repository import ModelRepository
+from fmserve.errors import FmserveError
 from fmserve.queue.broker import Broker
 from fmserve.queue.records import JobRecords
 from fmserve.queue.topology import Topology
 from fmserve.rpc import service
 from fmserve.rpc.service import Resource, Service
+from services.gateway.access import AccessTable
+from services.gateway.admin import FirstAdminKey, KeyAdmin
+from services.gateway.auth import AuthInterceptor
 from services.gateway.gateway import Gateway
 from services.gateway.jobs import Jobs
+from services.gateway.keyring import KeyRing
+from services.gateway.keystore import KeyStore
 from services.gateway.pipeline import Pipeline
+from services.gateway.principal import AdmitAll
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Router
 from services.gateway.server import servicer
@@ -31,8 +40,37 @@ def build(settings: GatewaySettings) -> Service:
     records = JobRecords(settings.cache_address, settings.max_message_bytes)
     broker = _broker(settings) if settings.jobs_enabled else None
     jobs = Jobs(router, broker, records, settings)
+    keys = KeyStore(settings.cache_address)
+    admin = KeyAdmin(keys)
     resources: list[Resource] = [stages, pipeline, cache, records, *([broker] if broker else [])]
-    return Service("gateway", settings, [servicer(gateway, jobs)], resources=resources)
+    resources.append(keys)
+    interceptors = []
+    if settings.auth:
+        interceptors.append(_auth(settings, keys, router))
+        if not settings.admin_key.get_secret_value():
+            resources.append(FirstAdminKey(admin))
+    return Service(
+        "gateway",
+        settings,
+        [servicer(gateway, jobs, admin)],
+        resources=resources,
+        interceptors=interceptors,
+    )
+
+
+def _auth(settings: GatewaySettings, keys: KeyStore, router: Router) -> AuthInterceptor:
+    keyring = KeyRing(keys, settings.key_cache_s, settings.admin_key.get_secret_value())
+    return AuthInterceptor(keyring, AccessTable(_task_of(router)), AdmitAll())
+
+
+def _task_of(router: Router) -> Callable[[str], str]:
+    def task_of(model: str) -> str:
+        try:
+            return router.repository.get(model).task.value
+        except FmserveError:  # unknown or broken: the call will say so, if authorized
+            return ""
+
+    return task_of
 
 
 def _broker(settings: GatewaySettings) -> Broker:

@@ -16,11 +16,16 @@ with the reason, so it never waits for items that will not come. While the strea
 submission renews its job's lease in the cache service; if the gateway dies and the lease
 lapses, the cache service marks the job FAILED itself. A second submission with the idempotency
 key of one still streaming is refused (FAILED_PRECONDITION), never joined.
+
+Ownership (with auth on): a job records the key id that submitted it; only that key, or an
+admin key, can read, watch, cancel or list it. Another key gets the very answer an unknown id
+gets (NOT_FOUND), so job ids cannot be probed; idempotency keys are per owner too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
@@ -29,12 +34,13 @@ from dataclasses import dataclass
 from fmserve.core import tracing
 from fmserve.core.jobs import JobState
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
-from fmserve.errors import FmserveError, InvalidInput, TooLarge, Unavailable
+from fmserve.errors import FmserveError, InvalidInput, JobNotFound, TooLarge, Unavailable
 from fmserve.queue.broker import Broker
 from fmserve.queue.chunks import failure
 from fmserve.queue.records import JobRecords
 from fmserve.queue.stage_worker import level_of
 from fmserve.v1 import jobs_pb2
+from services.gateway import principal
 from services.gateway.backlog import Backlog
 from services.gateway.routes import Route, Router
 from services.gateway.settings import GatewaySettings
@@ -144,6 +150,7 @@ class Jobs:
             expires_unix_ms=expires,
             idempotency_key=s.idempotency_key,
             trace_id=tracing.current_trace_id(),
+            owner_key_id=_caller_id(),
         )
 
     async def _broke_off(self, job_id: str, exc: BaseException) -> None:
@@ -156,21 +163,42 @@ class Jobs:
             log.warning("could not mark a broken-off job failed: %s", error.message)
 
     async def get(self, job_id: str) -> jobs_pb2.Job:
-        return await self.records.get(job_id)
+        return _visible(await self.records.get(job_id))
 
     async def results(self, job_id: str, start: int, limit: int) -> jobs_pb2.GetJobResultsResponse:
-        return await self.records.results(job_id, start, limit)
+        page = await self.records.results(job_id, start, limit)
+        _visible(page.job)
+        return page
 
     async def cancel(self, job_id: str) -> jobs_pb2.Job:
+        await self.get(job_id)  # the owner never changes: checked once, before the change
         return await self.records.finish(job_id, JobState.CANCELLED, "cancelled by a client")
 
     async def list(self, limit: int) -> list[jobs_pb2.Job]:
-        return await self.records.list(limit)
+        caller = principal.current.get()
+        owner = caller.key_id if caller is not None and not caller.admin else ""
+        return await self.records.list(limit, owner)
 
-    def watch(self, job_id: str, peer: str = "") -> AsyncGenerator[jobs_pb2.Job, None]:
+    async def watch(self, job_id: str, peer: str = "") -> AsyncGenerator[jobs_pb2.Job, None]:
         """The record now, then on every change of state or progress, until it is terminal;
         one poll per job shared by all its watchers, and bounded (`watchers.py`)."""
-        return self.watchers.watch(job_id, peer)
+        await self.get(job_id)
+        async with contextlib.aclosing(self.watchers.watch(job_id, peer)) as jobs:
+            async for job in jobs:
+                yield job
+
+
+def _caller_id() -> str:
+    caller = principal.current.get()
+    return caller.key_id if caller is not None else ""
+
+
+def _visible(job: jobs_pb2.Job) -> jobs_pb2.Job:
+    """The job, if the caller may see it (see the module's docstring)."""
+    caller = principal.current.get()
+    if caller is None or caller.admin or job.owner_key_id == caller.key_id:
+        return job
+    raise JobNotFound.unknown(job.id)
 
 
 def _too_many(limit: int) -> str:

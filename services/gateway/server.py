@@ -8,16 +8,18 @@ from collections.abc import AsyncIterator
 import grpc
 
 from fmserve.rpc.service import Servicer
-from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2
+from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
 from services.gateway import codec
+from services.gateway.admin import KeyAdmin
 from services.gateway.gateway import Gateway
 from services.gateway.jobs import Jobs
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway, jobs: Jobs) -> None:
+    def __init__(self, gateway: Gateway, jobs: Jobs, keys: KeyAdmin) -> None:
         self.gateway = gateway
         self.jobs = jobs
+        self.keys = keys
 
     async def Infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
@@ -68,10 +70,25 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> jobs_pb2.ListJobsResponse:
         return jobs_pb2.ListJobsResponse(jobs=await self.jobs.list(request.limit))
 
+    async def CreateApiKey(
+        self, request: keys_pb2.CreateApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.CreateApiKeyResponse:
+        return await self.keys.create(request)
 
-def servicer(gateway: Gateway, jobs: Jobs) -> Servicer:
+    async def ListApiKeys(
+        self, request: keys_pb2.ListApiKeysRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.ListApiKeysResponse:
+        return keys_pb2.ListApiKeysResponse(keys=await self.keys.list())
+
+    async def RevokeApiKey(
+        self, request: keys_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.ApiKeyInfo:
+        return await self.keys.revoke(request.name)
+
+
+def servicer(gateway: Gateway, jobs: Jobs, keys: KeyAdmin) -> Servicer:
     """The servicer as `fmserve.rpc.service.Service` registers it."""
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     return Servicer(
-        gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(gateway, jobs), name
+        gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(gateway, jobs, keys), name
     )

@@ -2,10 +2,10 @@
 
 from pydantic_settings import SettingsConfigDict
 
-from fmserve.core.settings import AmqpSettings, RepositorySettings
+from fmserve.core.settings import AmqpSettings, AuthSettings, RepositorySettings
 
 
-class GatewaySettings(RepositorySettings, AmqpSettings):
+class GatewaySettings(RepositorySettings, AmqpSettings, AuthSettings):
     model_config = SettingsConfigDict(env_prefix="FMSERVE_GATEWAY_", extra="ignore")
 
     port: int = 50051
@@ -72,3 +72,6 @@ class GatewaySettings(RepositorySettings, AmqpSettings):
     """WatchJob streams open at once; more are refused with RESOURCE_EXHAUSTED. 0: no bound."""
     max_watchers_per_connection: int = 100
     """WatchJob streams open at once on one client connection; 0: no bound."""
+    key_cache_s: float = 0.5
+    """How long a gateway trusts an API key it verified before asking the cache service again:
+    a revoked key stops working within this time on every replica."""

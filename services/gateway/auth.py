@@ -1,0 +1,167 @@
+"""The auth interceptor: every public RPC of the gateway is authenticated (`authorization:
+Bearer <key>` metadata → a `Principal`, keyring.py), authorized against the method's access rule
+(access.py: deny by default), and admitted (the `Admission` seam: per-key limits) before its
+handler runs; the principal is bound in `principal.current` for the handler (job ownership).
+Health and reflection stay open. A streaming request (SubmitJob) is checked on its first
+message, the header.
+
+Refusals leave as Unauthenticated or PermissionDenied (the service interceptor, outside this
+one, puts them on the wire) and are audited, as is every admin action. The key itself is never
+logged, nor put in an error: only its key id and name.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+
+from fmserve.errors import FmserveError, PermissionDenied, Unauthenticated
+from services.gateway import apikeys, audit, scopes
+from services.gateway.access import Access, AccessTable
+from services.gateway.keyring import KeyRing
+from services.gateway.principal import Admission, Principal, current
+
+_OPEN = ("/grpc.health", "/grpc.reflection")
+_SCHEME = "bearer "
+
+
+class AuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(self, keyring: KeyRing, table: AccessTable, admission: Admission) -> None:
+        self.keyring = keyring
+        self.table = table
+        self.admission = admission
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None or details.method.startswith(_OPEN):
+            return handler
+        method = details.method.rsplit("/", 1)[-1]
+        kind, behavior = _behavior(handler)
+        wrap = getattr(self, f"_wrap_{kind}")
+        factory = getattr(grpc, f"{kind}_rpc_method_handler")
+        return factory(
+            wrap(behavior, method),
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )
+
+    def _wrap_unary_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._guarded(method, request, context):
+                return await behavior(request, context)
+
+        return wrapped
+
+    def _wrap_unary_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async with self._guarded(method, request, context):
+                async for reply in behavior(request, context):
+                    yield reply
+
+        return wrapped
+
+    def _wrap_stream_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            first = await anext(aiter(requests), None)
+            async with self._guarded(method, first, context):
+                return await behavior(_prepend(first, requests), context)
+
+        return wrapped
+
+    def _wrap_stream_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
+        async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            first = await anext(aiter(requests), None)
+            async with self._guarded(method, first, context):
+                async for reply in behavior(_prepend(first, requests), context):
+                    yield reply
+
+        return wrapped
+
+    @contextlib.asynccontextmanager
+    async def _guarded(self, method: str, request: Any, context: Any) -> AsyncIterator[None]:
+        """Authorize, bind the principal, admit; audit an admin action's outcome."""
+        principal, access = await self._authorize(method, request, _bearer(context))
+        token = current.set(principal)
+        try:
+            async with contextlib.AsyncExitStack() as stack:
+                await self._admit(stack, method, principal, access)
+                yield
+        except BaseException as exc:
+            if scopes.ADMIN in access.scopes:
+                audit.record(method, _code(exc), principal.key_id, principal.name, access.asked)
+            raise
+        else:
+            if scopes.ADMIN in access.scopes:
+                audit.record(method, "OK", principal.key_id, principal.name, access.asked)
+        finally:
+            current.reset(token)
+
+    async def _authorize(self, method: str, request: Any, api_key: str) -> tuple[Principal, Access]:
+        try:
+            principal = await self.keyring.authenticate(api_key)
+        except Unauthenticated:
+            claimed = apikeys.key_id_of(api_key) or ""
+            audit.record(method, "UNAUTHENTICATED", claimed, "", {})
+            raise
+        try:
+            access = self.table.access(method, request)
+        except PermissionDenied:
+            audit.record(method, "PERMISSION_DENIED", principal.key_id, principal.name, {})
+            raise
+        for needed in access.scopes:
+            if not scopes.allows(principal.scopes, needed):
+                audit.record(
+                    method, "PERMISSION_DENIED", principal.key_id, principal.name, access.asked
+                )
+                raise PermissionDenied(
+                    f"the API key {principal.name!r} lacks the scope {needed!r} that {method} "
+                    "needs here; ask an admin for a key with it"
+                )
+        return principal, access
+
+    async def _admit(
+        self, stack: contextlib.AsyncExitStack, method: str, principal: Principal, access: Access
+    ) -> None:
+        try:
+            await stack.enter_async_context(
+                self.admission.admit(principal, access.model, access.items)
+            )
+        except FmserveError as exc:
+            audit.record(method, exc.code.name, principal.key_id, principal.name, access.asked)
+            raise
+
+
+def _behavior(handler: grpc.RpcMethodHandler) -> tuple[str, Callable[..., Any]]:
+    for kind in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+        if behavior := getattr(handler, kind):
+            return kind, behavior
+    raise ValueError("a method handler without a behavior")
+
+
+def _bearer(context: Any) -> str:
+    """The key from `authorization: Bearer <key>`, or '' when there is none."""
+    for name, value in context.invocation_metadata() or ():
+        if name == "authorization" and isinstance(value, str):
+            return value[len(_SCHEME) :].strip() if value.lower().startswith(_SCHEME) else ""
+    return ""
+
+
+async def _prepend(first: Any, rest: AsyncIterator[Any]) -> AsyncIterator[Any]:
+    if first is not None:
+        yield first
+    async for message in rest:
+        yield message
+
+
+def _code(exc: BaseException) -> str:
+    if isinstance(exc, FmserveError):
+        return exc.code.name
+    return "CANCELLED" if isinstance(exc, asyncio.CancelledError) else "INTERNAL"
