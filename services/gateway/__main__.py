@@ -18,8 +18,9 @@ from services.gateway.gateway import Gateway
 from services.gateway.jobs import Jobs
 from services.gateway.keyring import KeyRing
 from services.gateway.keystore import KeyStore
+from services.gateway.limits import KeyLimits
+from services.gateway.limits_client import LimitsClient
 from services.gateway.pipeline import Pipeline
-from services.gateway.principal import AdmitAll
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Router
 from services.gateway.server import servicer
@@ -46,7 +47,9 @@ def build(settings: GatewaySettings) -> Service:
     resources.append(keys)
     interceptors = []
     if settings.auth:
-        interceptors.append(_auth(settings, keys, router))
+        limits = _limits(settings)
+        resources.append(limits)
+        interceptors.append(_auth(settings, keys, router, limits))
         if not settings.admin_key.get_secret_value():
             resources.append(FirstAdminKey(admin))
     return Service(
@@ -58,9 +61,19 @@ def build(settings: GatewaySettings) -> Service:
     )
 
 
-def _auth(settings: GatewaySettings, keys: KeyStore, router: Router) -> AuthInterceptor:
+def _auth(
+    settings: GatewaySettings, keys: KeyStore, router: Router, limits: KeyLimits
+) -> AuthInterceptor:
     keyring = KeyRing(keys, settings.key_cache_s, settings.admin_key.get_secret_value())
-    return AuthInterceptor(keyring, AccessTable(_task_of(router)), AdmitAll())
+    return AuthInterceptor(keyring, AccessTable(_task_of(router)), limits)
+
+
+def _limits(settings: GatewaySettings) -> KeyLimits:
+    """Per-key limits, kept by the cache service (see limits.py for what fails closed)."""
+    client = LimitsClient(
+        settings.cache_address, settings.limits_timeout_s, settings.max_message_bytes
+    )
+    return KeyLimits(client, settings.limits_slot_lease_s, settings.key_model_rpm)
 
 
 def _task_of(router: Router) -> Callable[[str], str]:
