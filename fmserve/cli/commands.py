@@ -7,6 +7,7 @@
     fmserve entities --model my-ner "Ada lives in London"
     fmserve submit --model minilm-embed --input items.jsonl --output results.jsonl --wait
     fmserve job ID / fmserve jobs / fmserve cancel ID
+    fmserve keys create|list|revoke|generate    API keys (FMSERVE_API_KEY: the key sent)
 
 Add --json to any call for machine-readable output."""
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.cli import stores
+from fmserve.cli import keys, stores
 from fmserve.cli.cluster import (
     METRICS_PORT_OFFSET,
     PORT_ORDER,
@@ -65,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     settings = ClientSettings()
     parser = argparse.ArgumentParser(prog="fmserve", description=__doc__.split("\n\n")[0])
     parser.add_argument("--address", default=settings.address, help="gateway address")
+    # From FMSERVE_API_KEY only: a command-line flag would show the key to `ps`.
+    parser.set_defaults(api_key=settings.api_key.get_secret_value())
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     up = commands.add_parser("up", help="run the whole cluster as local processes")
@@ -83,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
     config.set_defaults(run=_config)
 
     _job_commands(commands)
+    keys.add_commands(commands)
 
     for name, helptext in (
         ("embed", "one vector per text"),
@@ -132,7 +136,7 @@ def _job_commands(commands: Any) -> None:
 
 def _submit(args: argparse.Namespace) -> None:
     count = _check_jsonl(args.input)  # every line read once first: a bad one stops us here
-    with Client(args.address) as client:
+    with Client(args.address, api_key=args.api_key) as client:
         job = client.submit(
             _texts(args.input),
             args.model,
@@ -198,13 +202,13 @@ def _status_line(s: JobStatus) -> str:
 
 
 def _job(args: argparse.Namespace) -> None:
-    with Client(args.address) as client:
+    with Client(args.address, api_key=args.api_key) as client:
         status = client.job(args.id).status()
     print(json.dumps(asdict(status)) if args.json else _status_line(status))
 
 
 def _jobs(args: argparse.Namespace) -> None:
-    with Client(args.address) as client:
+    with Client(args.address, api_key=args.api_key) as client:
         jobs = client.jobs(args.limit)
     if args.json:
         print(json.dumps([asdict(j) for j in jobs]))
@@ -214,7 +218,7 @@ def _jobs(args: argparse.Namespace) -> None:
 
 
 def _cancel(args: argparse.Namespace) -> None:
-    with Client(args.address) as client:
+    with Client(args.address, api_key=args.api_key) as client:
         print(_status_line(client.job(args.id).cancel()))
 
 
@@ -224,7 +228,7 @@ def _call(args: argparse.Namespace) -> None:
         "classify": "text-classification",
         "entities": "token-classification",
     }
-    with Client(args.address) as client:
+    with Client(args.address, api_key=args.api_key) as client:
         answer = client.infer(
             args.texts,
             args.model,
@@ -268,7 +272,7 @@ def _readable(result: Any) -> str:
 
 
 def _models(args: argparse.Namespace) -> None:
-    with Client(args.address) as client:
+    with Client(args.address, api_key=args.api_key) as client:
         models = client.models()
     if args.json:
         print(json.dumps([asdict(m) for m in models]))

@@ -13,14 +13,26 @@ Batch jobs: submit any iterable of texts (streamed to the gateway in chunks), th
         for item in job.results():                           # item order, fetched page by page
             print(item.index, item.result if item.ok else item.error)
 
+A cluster with auth on needs an API key: `Client(address, api_key=key)`.
+
 gRPC failures arrive as `fmserve.errors` exceptions (see that module's tree)."""
 
 from fmserve.client.aio import AsyncClient, AsyncJob
 from fmserve.client.sync import Client, Job
-from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+from fmserve.client.types import (
+    Answer,
+    ApiKey,
+    Entity,
+    JobItem,
+    JobStatus,
+    LabelScore,
+    ModelInfo,
+    NewApiKey,
+)
 
 __all__ = [
     "Answer",
+    "ApiKey",
     "AsyncClient",
     "AsyncJob",
     "Client",
@@ -30,4 +42,5 @@ __all__ = [
     "JobStatus",
     "LabelScore",
     "ModelInfo",
+    "NewApiKey",
 ]

@@ -9,9 +9,18 @@ import grpc
 import numpy as np
 
 from fmserve.client import wire
-from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+from fmserve.client.types import (
+    Answer,
+    ApiKey,
+    Entity,
+    JobItem,
+    JobStatus,
+    LabelScore,
+    ModelInfo,
+    NewApiKey,
+)
 from fmserve.errors import from_rpc_error
-from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2
+from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
 
 
 class AsyncJob:
@@ -33,7 +42,9 @@ class AsyncJob:
         status = None
         with JobProgress(enabled=progress) as bar:
             try:
-                async for job in self.client._stub.WatchJob(request, timeout=timeout):
+                async for job in self.client._stub.WatchJob(
+                    request, timeout=timeout, metadata=self.client._metadata
+                ):
                     status = wire.to_job_status(job)
                     bar.update(status)
             except grpc.RpcError as exc:
@@ -56,10 +67,15 @@ class AsyncJob:
 class AsyncClient:
     """asyncio client for the gateway: `Client`'s twin, every call awaited."""
 
-    def __init__(self, address: str = "localhost:50051", *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, address: str = "localhost:50051", *, timeout: float = 30.0, api_key: str = ""
+    ) -> None:
+        """`api_key`: sent on every call as `authorization: Bearer <key>` (a cluster with auth
+        on needs one; the CLI takes it from FMSERVE_API_KEY)."""
         self._channel = grpc.aio.insecure_channel(address, options=wire.channel_options())
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self.timeout = timeout
+        self._metadata = wire.auth_metadata(api_key)
 
     async def infer(
         self,
@@ -75,7 +91,9 @@ class AsyncClient:
         """Run `model` on `texts`; `cache` is "use", "bypass" or "refresh"."""
         request = wire.infer_request(texts, model, task, version, truncate, top_k, cache)
         try:
-            return wire.to_answer(await self._stub.Infer(request, timeout=self.timeout))
+            return wire.to_answer(
+                await self._stub.Infer(request, timeout=self.timeout, metadata=self._metadata)
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -100,7 +118,7 @@ class AsyncClient:
     async def models(self) -> list[ModelInfo]:
         try:
             reply = await self._stub.ListModels(
-                gateway_pb2.ListModelsRequest(), timeout=self.timeout
+                gateway_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
@@ -133,7 +151,7 @@ class AsyncClient:
                 yield request
 
         try:
-            job = await self._stub.SubmitJob(requests(), timeout=None)
+            job = await self._stub.SubmitJob(requests(), timeout=None, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return AsyncJob(self, job.id)
@@ -147,9 +165,38 @@ class AsyncClient:
         reply = await self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit))
         return [wire.to_job_status(job) for job in reply.jobs]
 
+    async def create_key(
+        self,
+        name: str,
+        scopes: Sequence[str],
+        *,
+        rpm: int = 0,
+        max_concurrency: int = 0,
+        daily_items: int = 0,
+        expires_in_s: int = 0,
+    ) -> NewApiKey:
+        """Admin: a new API key (limits of 0: unlimited); its `api_key` is shown only here."""
+        request = wire.create_key_request(
+            name, scopes, rpm, max_concurrency, daily_items, expires_in_s
+        )
+        return wire.to_new_api_key(await self._call("CreateApiKey", request))
+
+    async def keys(self) -> list[ApiKey]:
+        """Admin: every API key, revoked ones included (never their secrets)."""
+        reply = await self._call("ListApiKeys", keys_pb2.ListApiKeysRequest())
+        return [wire.to_api_key(info) for info in reply.keys]
+
+    async def revoke_key(self, name: str) -> ApiKey:
+        """Admin: revoke the key of that name (every gateway refuses it within a second)."""
+        return wire.to_api_key(
+            await self._call("RevokeApiKey", keys_pb2.RevokeApiKeyRequest(name=name))
+        )
+
     async def _call(self, method: str, request: Any) -> Any:
         try:
-            return await getattr(self._stub, method)(request, timeout=self.timeout)
+            return await getattr(self._stub, method)(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 

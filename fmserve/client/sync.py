@@ -10,9 +10,18 @@ import grpc
 import numpy as np
 
 from fmserve.client import wire
-from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+from fmserve.client.types import (
+    Answer,
+    ApiKey,
+    Entity,
+    JobItem,
+    JobStatus,
+    LabelScore,
+    ModelInfo,
+    NewApiKey,
+)
 from fmserve.errors import from_rpc_error
-from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2
+from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
 
 
 class Job:
@@ -36,7 +45,9 @@ class Job:
         status = None
         with JobProgress(enabled=progress) as bar:
             try:
-                for job in self.client._stub.WatchJob(request, timeout=timeout):
+                for job in self.client._stub.WatchJob(
+                    request, timeout=timeout, metadata=self.client._metadata
+                ):
                     status = wire.to_job_status(job)
                     bar.update(status)
             except grpc.RpcError as exc:
@@ -60,10 +71,15 @@ class Job:
 class Client:
     """Blocking client for the gateway."""
 
-    def __init__(self, address: str = "localhost:50051", *, timeout: float = 30.0) -> None:
+    def __init__(
+        self, address: str = "localhost:50051", *, timeout: float = 30.0, api_key: str = ""
+    ) -> None:
+        """`api_key`: sent on every call as `authorization: Bearer <key>` (a cluster with auth
+        on needs one; the CLI takes it from FMSERVE_API_KEY)."""
         self._channel = grpc.insecure_channel(address, options=wire.channel_options())
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self.timeout = timeout
+        self._metadata = wire.auth_metadata(api_key)
 
     def infer(
         self,
@@ -79,7 +95,9 @@ class Client:
         """Run `model` on `texts`; `cache` is "use", "bypass" or "refresh"."""
         request = wire.infer_request(texts, model, task, version, truncate, top_k, cache)
         try:
-            return wire.to_answer(self._stub.Infer(request, timeout=self.timeout))
+            return wire.to_answer(
+                self._stub.Infer(request, timeout=self.timeout, metadata=self._metadata)
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
@@ -103,7 +121,9 @@ class Client:
 
     def models(self) -> list[ModelInfo]:
         try:
-            reply = self._stub.ListModels(gateway_pb2.ListModelsRequest(), timeout=self.timeout)
+            reply = self._stub.ListModels(
+                gateway_pb2.ListModelsRequest(), timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return [wire.to_model_info(m) for m in reply.models]
@@ -131,7 +151,7 @@ class Client:
         header.header.expected_items = wire.declared_size(texts)  # lets the gateway refuse at once
         requests = itertools.chain([header], wire.text_chunks(texts))
         try:
-            job = self._stub.SubmitJob(requests, timeout=None)
+            job = self._stub.SubmitJob(requests, timeout=None, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return Job(self, job.id)
@@ -145,9 +165,36 @@ class Client:
         reply = self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit))
         return [wire.to_job_status(job) for job in reply.jobs]
 
+    def create_key(
+        self,
+        name: str,
+        scopes: Sequence[str],
+        *,
+        rpm: int = 0,
+        max_concurrency: int = 0,
+        daily_items: int = 0,
+        expires_in_s: int = 0,
+    ) -> NewApiKey:
+        """Admin: a new API key (limits of 0: unlimited); its `api_key` is shown only here."""
+        request = wire.create_key_request(
+            name, scopes, rpm, max_concurrency, daily_items, expires_in_s
+        )
+        return wire.to_new_api_key(self._call("CreateApiKey", request))
+
+    def keys(self) -> list[ApiKey]:
+        """Admin: every API key, revoked ones included (never their secrets)."""
+        reply = self._call("ListApiKeys", keys_pb2.ListApiKeysRequest())
+        return [wire.to_api_key(info) for info in reply.keys]
+
+    def revoke_key(self, name: str) -> ApiKey:
+        """Admin: revoke the key of that name (every gateway refuses it within a second)."""
+        return wire.to_api_key(self._call("RevokeApiKey", keys_pb2.RevokeApiKeyRequest(name=name)))
+
     def _call(self, method: str, request: Any) -> Any:
         try:
-            return getattr(self._stub, method)(request, timeout=self.timeout)
+            return getattr(self._stub, method)(
+                request, timeout=self.timeout, metadata=self._metadata
+            )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 

@@ -102,3 +102,27 @@ class JobItem:
     @property
     def ok(self) -> bool:
         return not self.error
+
+
+@dataclass(frozen=True)
+class ApiKey:
+    """An API key as an admin sees it: never its secret. Times are Unix seconds (expires 0:
+    never); limits of 0 mean unlimited."""
+
+    key_id: str
+    name: str
+    scopes: list[str]
+    created: float
+    expires: float
+    revoked: bool
+    rpm: int
+    max_concurrency: int
+    daily_items: int
+
+
+@dataclass(frozen=True)
+class NewApiKey:
+    """A key just created: `api_key` is shown this once; only its hash is kept."""
+
+    info: ApiKey
+    api_key: str = field(repr=False)

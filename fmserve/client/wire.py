@@ -9,11 +9,20 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+from fmserve.client.types import (
+    Answer,
+    ApiKey,
+    Entity,
+    JobItem,
+    JobStatus,
+    LabelScore,
+    ModelInfo,
+    NewApiKey,
+)
 from fmserve.core.jobs import state_from_wire
 from fmserve.core.tasks import TASK_TO_WIRE
 from fmserve.rpc.options import grpc_options
-from fmserve.v1 import common_pb2, gateway_pb2, jobs_pb2
+from fmserve.v1 import common_pb2, gateway_pb2, jobs_pb2, keys_pb2
 
 TASKS = {task.value: wire for task, wire in TASK_TO_WIRE.items()}
 TASK_NAMES = {wire: name for name, wire in TASKS.items()}
@@ -90,6 +99,47 @@ def to_model_info(info: gateway_pb2.ModelInfo) -> ModelInfo:
         info.dimensions,
         info.description,
     )
+
+
+def to_api_key(info: keys_pb2.ApiKeyInfo) -> ApiKey:
+    return ApiKey(
+        key_id=info.key_id,
+        name=info.name,
+        scopes=list(info.scopes),
+        created=info.created_unix_ms / 1000,
+        expires=info.expires_unix_ms / 1000,
+        revoked=info.revoked,
+        rpm=info.rpm,
+        max_concurrency=info.max_concurrency,
+        daily_items=info.daily_items,
+    )
+
+
+def to_new_api_key(reply: keys_pb2.CreateApiKeyResponse) -> NewApiKey:
+    return NewApiKey(to_api_key(reply.info), reply.api_key)
+
+
+def create_key_request(
+    name: str,
+    scopes: Sequence[str],
+    rpm: int,
+    max_concurrency: int,
+    daily_items: int,
+    expires_in_s: int,
+) -> keys_pb2.CreateApiKeyRequest:
+    return keys_pb2.CreateApiKeyRequest(
+        name=name,
+        scopes=list(scopes),
+        rpm=rpm,
+        max_concurrency=max_concurrency,
+        daily_items=daily_items,
+        expires_in_s=expires_in_s,
+    )
+
+
+def auth_metadata(api_key: str) -> tuple[tuple[str, str], ...]:
+    """The metadata that carries an API key (none without a key)."""
+    return (("authorization", f"Bearer {api_key}"),) if api_key else ()
 
 
 def channel_options() -> list[tuple[str, Any]]:

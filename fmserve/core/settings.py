@@ -65,6 +65,8 @@ class ClientSettings(BaseSettings):
 
     address: str = "localhost:50051"
     """Gateway address the CLI talks to."""
+    api_key: SecretStr = SecretStr("")
+    """The API key the CLI sends (`authorization: Bearer <key>`) to a cluster with auth on."""
     redis_url: str = "redis://127.0.0.1:6379/0"
     """Redis used by the cache service; `fmserve up` checks it is reachable first."""
     amqp_url: str = "amqp://guest:guest@127.0.0.1:5672/"

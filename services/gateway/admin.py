@@ -15,9 +15,10 @@ import logging
 import re
 import time
 
+from fmserve.core import apikeys
 from fmserve.errors import AlreadyExists, InvalidInput, Unavailable
 from fmserve.v1 import keys_pb2
-from services.gateway import apikeys, scopes
+from services.gateway import scopes
 from services.gateway.keystore import KeyStore
 
 log = logging.getLogger("fmserve.gateway.admin")

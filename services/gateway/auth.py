@@ -19,8 +19,9 @@ from typing import Any
 
 import grpc
 
+from fmserve.core import apikeys
 from fmserve.errors import FmserveError, PermissionDenied, Unauthenticated
-from services.gateway import apikeys, audit, scopes
+from services.gateway import audit, scopes
 from services.gateway.access import Access, AccessTable
 from services.gateway.keyring import KeyRing
 from services.gateway.principal import Admission, Principal, current

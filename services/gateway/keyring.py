@@ -18,9 +18,10 @@ import hashlib
 import time
 from collections.abc import Callable
 
+from fmserve.core import apikeys
 from fmserve.errors import ConfigError, NotFound, Unauthenticated
 from fmserve.v1 import keys_pb2
-from services.gateway import apikeys, scopes
+from services.gateway import scopes
 from services.gateway.keystore import KeyStore
 from services.gateway.principal import Principal
 

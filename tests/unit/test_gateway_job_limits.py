@@ -139,15 +139,22 @@ class RecordingStub:
 
     def __init__(self) -> None:
         self.header: gateway_pb2.JobHeader | None = None
+        self.metadata: object = None
 
-    def SubmitJob(self, requests: Iterator[gateway_pb2.SubmitJobRequest], timeout: object) -> Any:
+    def SubmitJob(
+        self, requests: Iterator[gateway_pb2.SubmitJobRequest], timeout: object, metadata: object
+    ) -> Any:
         self.header = next(iter(requests)).header
+        self.metadata = metadata
         return jobs_pb2.Job(id="j")
 
 
 class AsyncRecordingStub(RecordingStub):
-    async def SubmitJob(self, requests: Any, timeout: object) -> Any:  # type: ignore[override]
+    async def SubmitJob(  # type: ignore[override]
+        self, requests: Any, timeout: object, metadata: object
+    ) -> Any:
         self.header = (await anext(aiter(requests))).header
+        self.metadata = metadata
         return jobs_pb2.Job(id="j")
 
 
@@ -165,3 +172,21 @@ async def test_the_async_client_declares_a_list() -> None:
         client._stub = stub = AsyncRecordingStub()  # type: ignore[assignment]
         await client.submit(["a", "b"], "m")
         assert stub.header is not None and stub.header.expected_items == 2
+
+
+def test_the_clients_send_their_api_key_as_bearer_metadata_and_nothing_without_one() -> None:
+    with Client("127.0.0.1:9", api_key="fms_k_secret") as client:
+        client._stub = stub = RecordingStub()  # type: ignore[assignment]
+        client.submit(["a"], "m")
+        assert stub.metadata == (("authorization", "Bearer fms_k_secret"),)
+    with Client("127.0.0.1:9") as client:
+        client._stub = stub = RecordingStub()  # type: ignore[assignment]
+        client.submit(["a"], "m")
+        assert stub.metadata == ()
+
+
+async def test_the_async_client_sends_its_api_key() -> None:
+    async with AsyncClient("127.0.0.1:9", api_key="fms_k_secret") as client:
+        client._stub = stub = AsyncRecordingStub()  # type: ignore[assignment]
+        await client.submit(["a"], "m")
+        assert stub.metadata == (("authorization", "Bearer fms_k_secret"),)

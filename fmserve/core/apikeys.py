@@ -4,7 +4,7 @@ A key is `fms_<key_id>_<secret>`: key_id is 16 hex characters (public: it names 
 records, jobs and logs), secret 43 urlsafe characters (32 random bytes from `secrets`). Only
 `pbkdf2_hmac(sha256, key, salt)` is stored. The secret has 256 bits of entropy, so a slow hash
 would add no strength against guessing; a few hundred iterations keep a check well under a
-millisecond, and the gateway caches verified keys briefly anyway (keyring.py). Digests are
+millisecond, and the gateway caches verified keys briefly anyway (its keyring). Digests are
 compared with `hmac.compare_digest`, in constant time.
 """
 
