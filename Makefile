@@ -51,6 +51,7 @@ test-unit: install
 bench: install
 	$(PY) -m bench.embedding
 	$(PY) -m bench.jobs
+	$(PY) -m bench.auth
 
 up: install
 	$(VENV)/bin/fmserve up

@@ -24,9 +24,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from fmserve.cli.cluster import SERVICES, Cluster, free_port
+from fmserve.core import apikeys
 from fmserve.queue.topology import delete_queues
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, keys_pb2
-from services.gateway import apikeys
 from tests.conftest import AMQP_URL, require_binary, require_server
 from tests.e2e.conftest import topology
 from tests.models import build_classifier

@@ -1,0 +1,182 @@
+"""Benchmark: what API keys and per-key rate limits cost on the synchronous path.
+
+    make bench            (or: python -m bench.auth --seconds 10)
+
+One cluster, two gateways in front of the same stages: one with auth off, one with auth on
+(`FMSERVE_AUTH=on`). Through them, in the same run and interleaved round by round (the machine
+is shared, so figures drift between minutes), three callers:
+1. auth off (no key);
+2. auth on, a key without limits (key check: cached by the gateway for
+   FMSERVE_GATEWAY_KEY_CACHE_S, then asked of the cache service again);
+3. auth on, a key with an rpm limit far above the load (the check above plus a token taken
+   from its bucket in Redis through the cache service on every call).
+Each sends single-sentence requests (the model's path, cache bypassed; then cache hits, where
+the cost is largest relative to the answer) at concurrency 1 (p50) and 32 (throughput). It
+prints each as the p50 added and the throughput kept relative to auth off.
+Targets: <= 0.5 ms added at p50, >= 95% of the throughput."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+import uuid
+from collections import defaultdict
+from pathlib import Path
+
+import grpc
+import redis
+
+from bench.embedding import MODEL, Load, sentence
+from fmserve.cli.cluster import SERVICES, Cluster, Replica, free_port
+from fmserve.core import apikeys
+from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, keys_pb2
+
+ADMIN_KEY = apikeys.generate().api_key
+MODES = ("auth off", "key, no limits", "key + rpm limit")
+UNREACHED_RPM = 10_000_000
+"""The limited key's rpm: every call takes a token, none is ever refused."""
+
+
+class TwoGateways(Cluster):
+    """The cluster with a second gateway replica whose auth is off."""
+
+    def child_env(self, replica: Replica) -> dict[str, str]:
+        env = super().child_env(replica)
+        if replica is self.replicas_of["gateway"][1]:
+            env["FMSERVE_AUTH"] = "off"
+        return env
+
+
+def start_cluster(prefix: str) -> TwoGateways:
+    env = {
+        "FMSERVE_AUTH": "on",
+        "FMSERVE_ADMIN_KEY": ADMIN_KEY,
+        "FMSERVE_INFERENCE_PRELOAD": MODEL,
+        "FMSERVE_LOG_LEVEL": "WARNING",
+        "FMSERVE_CACHE_KEY_PREFIX": prefix,
+        "FMSERVE_CACHE_DEFAULT_TTL_S": "300",
+    }
+    ports = {name: free_port() for name in SERVICES}
+    log_dir = Path(tempfile.mkdtemp(prefix="fmserve-bench-auth-"))
+    cluster = TwoGateways(
+        env=env, ports=ports, replicas={"gateway": 2}, log_dir=log_dir, say=lambda _: None
+    )
+    cluster.start()
+    return cluster
+
+
+async def create_key(address: str, name: str, rpm: int) -> str:
+    request = keys_pb2.CreateApiKeyRequest(name=name, scopes=["infer:*"], rpm=rpm)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        metadata = (("authorization", f"Bearer {ADMIN_KEY}"),)
+        reply = await stub.CreateApiKey(request, metadata=metadata, timeout=30)
+    return str(reply.api_key)
+
+
+async def closed_loop(
+    address: str, api_key: str, concurrency: int, seconds: float, *, repeat: bool
+) -> Load:
+    """`concurrency` clients each sending one single-sentence request after another."""
+    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+    policy = common_pb2.CACHE_POLICY_USE if repeat else common_pb2.CACHE_POLICY_BYPASS
+    options = gateway_pb2.InferOptions(cache_policy=policy)
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = gateway_pb2_grpc.GatewayStub(channel)
+        latencies: list[float] = []
+        run = uuid.uuid4().hex[:6]
+
+        def request(w: int, i: int) -> gateway_pb2.InferRequest:
+            text = "cached benchmark sentence" if repeat else sentence(i, f"{run}-{w}")
+            return gateway_pb2.InferRequest(model=MODEL, texts=[text], options=options)
+
+        await stub.Infer(request(0, 0), metadata=metadata, timeout=30)  # warm: key, cache
+        stop_at = time.perf_counter() + seconds
+
+        async def worker(w: int) -> None:
+            i = 1
+            while time.perf_counter() < stop_at:
+                start = time.perf_counter()
+                await stub.Infer(request(w, i), metadata=metadata, timeout=30)
+                latencies.append((time.perf_counter() - start) * 1e3)
+                i += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        return Load(len(latencies), time.perf_counter() - start, latencies)
+
+
+def merged(loads: list[Load]) -> Load:
+    return Load(
+        sum(x.requests for x in loads),
+        sum(x.seconds for x in loads),
+        [ms for x in loads for ms in x.latencies_ms],
+    )
+
+
+async def measure(
+    callers: dict[str, tuple[str, str]], seconds: float, rounds: int, paths: list[str]
+) -> dict[tuple[str, str, int], Load]:
+    """Every (path, mode, concurrency), interleaved: each round runs each mode once."""
+    runs: dict[tuple[str, str, int], list[Load]] = defaultdict(list)
+    for _ in range(rounds):
+        for path in paths:
+            for concurrency in (1, 32):
+                for mode, (address, key) in callers.items():
+                    load = await closed_loop(
+                        address, key, concurrency, seconds, repeat=path == "cache hit"
+                    )
+                    runs[path, mode, concurrency].append(load)
+    return {k: merged(v) for k, v in runs.items()}
+
+
+def report(loads: dict[tuple[str, str, int], Load], paths: list[str]) -> None:
+    for path in paths:
+        print(f"\n{path}:")
+        base1, base32 = loads[path, MODES[0], 1], loads[path, MODES[0], 32]
+        for mode in MODES:
+            c1, c32 = loads[path, mode, 1], loads[path, mode, 32]
+            line = f"  {mode:<16} c=1 p50 {c1.pct(0.5):6.2f} ms   c=32 {c32.rate:7.1f} req/s"
+            if mode != MODES[0]:
+                added = c1.pct(0.5) - base1.pct(0.5)
+                kept = c32.rate / base32.rate
+                line += (
+                    f"   p50 added {added:+.2f} ms [<= 0.5]   throughput kept {kept:.3f} [>= 0.95]"
+                )
+            print(line)
+
+
+def forget(prefix: str) -> None:
+    """Delete what the run left in Redis (its keys' records, cached results, buckets)."""
+    client = redis.Redis()
+    keys = list(client.scan_iter(match=prefix + "*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
+    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--no-hits", action="store_true", help="skip the cache-hit path")
+    args = parser.parse_args()
+    paths = ["model (cache bypassed)", *([] if args.no_hits else ["cache hit"])]
+    prefix = f"fmserve-bench-auth-{uuid.uuid4().hex[:8]}:"
+    cluster = start_cluster(prefix)
+    try:
+        on, off = (r.address for r in cluster.replicas_of["gateway"])
+        free = asyncio.run(create_key(on, f"bench-free-{prefix[-9:-1]}", 0))
+        limited = asyncio.run(create_key(on, f"bench-rpm-{prefix[-9:-1]}", UNREACHED_RPM))
+        callers = {MODES[0]: (off, ""), MODES[1]: (on, free), MODES[2]: (on, limited)}
+        loads = asyncio.run(measure(callers, args.seconds, args.rounds, paths))
+    finally:
+        cluster.stop()
+        forget(prefix)
+    report(loads, paths)
+
+
+if __name__ == "__main__":
+    main()
