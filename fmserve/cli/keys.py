@@ -60,7 +60,7 @@ def duration_s(text: str) -> int:
 def _create(args: argparse.Namespace) -> None:
     scopes = [s.strip() for s in args.scopes.split(",") if s.strip()]
     with Client(args.address, api_key=args.api_key) as client:
-        new = client.create_key(
+        new = client.create_api_key(
             args.name,
             scopes,
             rpm=args.rpm,
@@ -75,14 +75,14 @@ def _create(args: argparse.Namespace) -> None:
 
 def _list(args: argparse.Namespace) -> None:
     with Client(args.address, api_key=args.api_key) as client:
-        keys = client.keys()
+        keys = client.api_keys()
     for key in keys:
         print(json.dumps(asdict(key)) if args.json else _line(key))
 
 
 def _revoke(args: argparse.Namespace) -> None:
     with Client(args.address, api_key=args.api_key) as client:
-        print(f"revoked {_line(client.revoke_key(args.name))}")
+        print(f"revoked {_line(client.revoke_api_key(args.name))}")
 
 
 def _line(key: ApiKey) -> str:

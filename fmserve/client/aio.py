@@ -165,7 +165,7 @@ class AsyncClient:
         reply = await self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit))
         return [wire.to_job_status(job) for job in reply.jobs]
 
-    async def create_key(
+    async def create_api_key(
         self,
         name: str,
         scopes: Sequence[str],
@@ -181,12 +181,12 @@ class AsyncClient:
         )
         return wire.to_new_api_key(await self._call("CreateApiKey", request))
 
-    async def keys(self) -> list[ApiKey]:
+    async def api_keys(self) -> list[ApiKey]:
         """Admin: every API key, revoked ones included (never their secrets)."""
         reply = await self._call("ListApiKeys", keys_pb2.ListApiKeysRequest())
         return [wire.to_api_key(info) for info in reply.keys]
 
-    async def revoke_key(self, name: str) -> ApiKey:
+    async def revoke_api_key(self, name: str) -> ApiKey:
         """Admin: revoke the key of that name (every gateway refuses it within a second)."""
         return wire.to_api_key(
             await self._call("RevokeApiKey", keys_pb2.RevokeApiKeyRequest(name=name))

@@ -165,7 +165,7 @@ class Client:
         reply = self._call("ListJobs", jobs_pb2.ListJobsRequest(limit=limit))
         return [wire.to_job_status(job) for job in reply.jobs]
 
-    def create_key(
+    def create_api_key(
         self,
         name: str,
         scopes: Sequence[str],
@@ -181,12 +181,12 @@ class Client:
         )
         return wire.to_new_api_key(self._call("CreateApiKey", request))
 
-    def keys(self) -> list[ApiKey]:
+    def api_keys(self) -> list[ApiKey]:
         """Admin: every API key, revoked ones included (never their secrets)."""
         reply = self._call("ListApiKeys", keys_pb2.ListApiKeysRequest())
         return [wire.to_api_key(info) for info in reply.keys]
 
-    def revoke_key(self, name: str) -> ApiKey:
+    def revoke_api_key(self, name: str) -> ApiKey:
         """Admin: revoke the key of that name (every gateway refuses it within a second)."""
         return wire.to_api_key(self._call("RevokeApiKey", keys_pb2.RevokeApiKeyRequest(name=name)))
 

@@ -2,7 +2,7 @@
 one), the model and how many items (for admission), and what was asked (for the audit log).
 
 Deny by default: a method without a rule here is refused to every key, so a new RPC cannot be
-added unprotected (tests/unit/test_gateway_access.py checks every Gateway method has a rule).
+added unprotected (tests/unit/test_gateway_auth.py checks every Gateway method has a rule).
 """
 
 from __future__ import annotations

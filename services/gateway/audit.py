@@ -1,4 +1,4 @@
-"""The audit trail: one structured line on the logger named "fmserve.audit" for every admin
+"""The audit trail: one structured line on the audit logger (`log` below) for every admin
 action and every refusal, saying who (key id and name, never the key), what (method and what it
 asked), when, and the outcome. With the default JSON log format each is one JSON line."""
 
