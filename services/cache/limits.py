@@ -16,6 +16,7 @@ Redis Cluster would need hash tags).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -144,6 +145,13 @@ class RateLimitStore:
         self.redis = redis
         self.prefix = f"{key_prefix}limits:"
         self._scripts: dict[str, Any] = {}
+
+    async def admit_many(self, claims: Sequence[Admission]) -> list[Verdict]:
+        """Each claim admitted or refused on its own (one script each, sent at once: a script
+        per claim keeps each atomic without holding Redis for the whole batch)."""
+        for claim in claims:
+            check(claim)
+        return list(await asyncio.gather(*map(self.admit, claims)))
 
     async def admit(self, claim: Admission) -> Verdict:
         check(claim)

@@ -13,7 +13,7 @@ _REASON_TO_WIRE = {
 }
 
 
-def admission_to_domain(request: limits_pb2.AdmitRequest) -> Admission:
+def admission_to_domain(request: limits_pb2.Claim) -> Admission:
     return Admission(
         key_id=request.key_id,
         buckets=[Bucket(b.name, b.per_minute, b.burst) for b in request.buckets],
@@ -25,8 +25,8 @@ def admission_to_domain(request: limits_pb2.AdmitRequest) -> Admission:
     )
 
 
-def verdict_to_wire(verdict: Verdict) -> limits_pb2.AdmitResponse:
-    return limits_pb2.AdmitResponse(
+def verdict_to_wire(verdict: Verdict) -> limits_pb2.Verdict:
+    return limits_pb2.Verdict(
         admitted=verdict.admitted,
         reason=_REASON_TO_WIRE[verdict.reason],
         bucket=verdict.bucket,

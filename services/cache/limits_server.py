@@ -18,8 +18,9 @@ class RateLimitsServicer(limits_pb2_grpc.RateLimitsServicer):
     async def Admit(
         self, request: limits_pb2.AdmitRequest, context: grpc.aio.ServicerContext
     ) -> limits_pb2.AdmitResponse:
-        verdict = await self.store.admit(limits_codec.admission_to_domain(request))
-        return limits_codec.verdict_to_wire(verdict)
+        claims = [limits_codec.admission_to_domain(claim) for claim in request.claims]
+        verdicts = await self.store.admit_many(claims)
+        return limits_pb2.AdmitResponse(verdicts=map(limits_codec.verdict_to_wire, verdicts))
 
     async def Release(
         self, request: limits_pb2.ReleaseRequest, context: grpc.aio.ServicerContext

@@ -76,7 +76,7 @@ class KeyLimits:
             if claim.max_concurrency:
                 self._release(claim.key_id, claim.call_id)
 
-    def claim(self, principal: Principal, model: str, items: int) -> limits_pb2.AdmitRequest | None:
+    def claim(self, principal: Principal, model: str, items: int) -> limits_pb2.Claim | None:
         """What a call by this key claims from its limits; None when the key has none."""
         buckets = []
         if principal.rpm > 0:
@@ -88,7 +88,7 @@ class KeyLimits:
             return None
         for bucket in buckets:
             bucket.burst = bucket.per_minute  # a full minute's worth, as documented
-        return limits_pb2.AdmitRequest(
+        return limits_pb2.Claim(
             key_id=principal.key_id,
             buckets=buckets,
             max_concurrency=principal.max_concurrency,
@@ -98,7 +98,7 @@ class KeyLimits:
             items=items if principal.daily_items else 0,
         )
 
-    async def _enter(self, principal: Principal, claim: limits_pb2.AdmitRequest) -> None:
+    async def _enter(self, principal: Principal, claim: limits_pb2.Claim) -> None:
         try:
             reply = await self.client.admit(claim)
         except BaseException as exc:
@@ -148,7 +148,7 @@ _REASONS = {
 
 
 def refusal(
-    principal: Principal, claim: limits_pb2.AdmitRequest, reply: limits_pb2.AdmitResponse
+    principal: Principal, claim: limits_pb2.Claim, reply: limits_pb2.Verdict
 ) -> tuple[str, RateLimited]:
     """The metric's reason and the error a refused call gets: which limit, and when to retry."""
     reason = _REASONS.get(reply.reason, "rate")

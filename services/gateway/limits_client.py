@@ -1,9 +1,15 @@
 """The gateway's client of the cache service's fmserve.v1.RateLimits: the one boundary that sees
 those calls' gRPC errors. Every failure to reach the limits leaves as Unavailable, so a call
-whose limits cannot be checked is refused (fail closed), never let through."""
+whose limits cannot be checked is refused (fail closed), never let through.
+
+Claims are coalesced: a claim made while no Admit call is in flight goes out at once (a lone
+call waits for nothing); claims made while one is in flight wait for it and go out together in
+the next, so under load the gateway pays one round trip for many calls, not one each."""
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -16,6 +22,9 @@ from fmserve.rpc.channels import open_channel
 from fmserve.v1 import limits_pb2, limits_pb2_grpc
 
 log = logging.getLogger("fmserve.gateway.limits")
+
+MAX_CLAIMS = 256
+"""Most claims in one Admit call."""
 
 UNREACHABLE = (
     "this API key's limits cannot be checked: the cache service or its Redis is unavailable, "
@@ -31,23 +40,64 @@ class LimitsClient:
         self.timeout_s = timeout_s
         self.max_message_bytes = max_message_bytes
         self._channel: grpc.aio.Channel | None = None
+        self._waiting: list[tuple[limits_pb2.Claim, asyncio.Future[limits_pb2.Verdict]]] = []
+        self._sender: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._channel = open_channel(self.address, self.max_message_bytes)
         self._stub = limits_pb2_grpc.RateLimitsStub(self._channel)
 
     async def stop(self) -> None:
+        if self._sender is not None:
+            self._sender.cancel()
+            await asyncio.gather(self._sender, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
 
-    async def admit(self, request: limits_pb2.AdmitRequest) -> limits_pb2.AdmitResponse:
-        # What is left of the caller's deadline, at most timeout_s: a slow check is refused.
+    async def admit(self, claim: limits_pb2.Claim) -> limits_pb2.Verdict:
+        """The claim's verdict, within what is left of the caller's deadline (at most
+        timeout_s: a check that takes longer is refused)."""
         timeout = remaining_s(self.timeout_s)
-        reply: limits_pb2.AdmitResponse = await self._call(
-            "Admit", request, timeout, callers_deadline=timeout < self.timeout_s
-        )
-        return reply
+        verdict = asyncio.get_running_loop().create_future()
+        self._waiting.append((claim, verdict))
+        if self._sender is None:
+            # A context of its own: the batch is no one caller's (request id, trace).
+            self._sender = asyncio.create_task(self._send_all(), context=contextvars.Context())
+        try:
+            return await asyncio.wait_for(verdict, timeout)
+        except TimeoutError:
+            if timeout < self.timeout_s:
+                raise DeadlineExceeded(
+                    "the deadline expired while this API key's limits were checked"
+                ) from None
+            raise Unavailable(UNREACHABLE) from None
+
+    async def _send_all(self) -> None:
+        """Send what waits, one Admit call at a time, until nothing does."""
+        try:
+            while self._waiting:
+                batch, self._waiting = self._waiting[:MAX_CLAIMS], self._waiting[MAX_CLAIMS:]
+                batch = [(claim, verdict) for claim, verdict in batch if not verdict.done()]
+                if batch:
+                    await self._send(batch)
+        finally:
+            self._sender = None
+
+    async def _send(
+        self, batch: list[tuple[limits_pb2.Claim, asyncio.Future[limits_pb2.Verdict]]]
+    ) -> None:
+        request = limits_pb2.AdmitRequest(claims=[claim for claim, _ in batch])
+        try:
+            reply = await self._call("Admit", request, self.timeout_s)
+        except FmserveError as exc:
+            for _, verdict in batch:
+                if not verdict.done():  # each waiter its own error, with its own traceback
+                    verdict.set_exception(type(exc)(exc.message))
+            return
+        for (_, verdict), answer in zip(batch, reply.verdicts, strict=True):
+            if not verdict.done():
+                verdict.set_result(answer)
 
     async def release(self, key_id: str, call_id: str) -> None:
         request = limits_pb2.ReleaseRequest(key_id=key_id, call_id=call_id)
@@ -58,21 +108,17 @@ class LimitsClient:
         request = limits_pb2.RenewSlotsRequest(slots=wire, lease_ms=lease_ms)
         await self._call("RenewSlots", request, self.timeout_s)
 
-    async def _call(
-        self, method: str, request: object, timeout: float, callers_deadline: bool = False
-    ) -> Any:
+    async def _call(self, method: str, request: object, timeout: float) -> Any:
         if self._channel is None:
             raise Unavailable(UNREACHABLE)
         try:
             return await getattr(self._stub, method)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            raise _translate(exc, callers_deadline) from None
+            raise _translate(exc) from None
 
 
-def _translate(exc: grpc.aio.AioRpcError, callers_deadline: bool) -> FmserveError:
+def _translate(exc: grpc.aio.AioRpcError) -> FmserveError:
     code = exc.code()
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED and callers_deadline:
-        return DeadlineExceeded("the deadline expired while this API key's limits were checked")
     if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
         return Unavailable(UNREACHABLE)
     # Anything else is the gateway's fault (a request the cache refused), not the client's.

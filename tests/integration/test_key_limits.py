@@ -103,6 +103,28 @@ async def test_over_its_rpm_a_key_is_refused_with_a_retry_time_and_counted(
     assert refusals(who, "rate") == 1
 
 
+def admit_calls() -> float:
+    labels = {"method": "Admit", "model": "-", "code": "OK"}
+    return REGISTRY.get_sample_value("fmserve_cache_requests_total", labels) or 0.0
+
+
+async def test_calls_arriving_together_are_checked_together_each_on_its_own(
+    limits: KeyLimits,
+) -> None:
+    who, before = principal(rpm=20), admit_calls()
+
+    async def call() -> bool:
+        try:
+            async with limits.admit(who, "m", 1):
+                return True
+        except RateLimited:
+            return False
+
+    admitted = await asyncio.gather(*(call() for _ in range(32)))
+    assert sum(admitted) == 20 and refusals(who, "rate") == 12
+    assert admit_calls() - before < 32 / 4  # coalesced: one Admit call for many claims
+
+
 async def test_a_key_may_be_limited_per_model_too(cache_port: int) -> None:
     who = principal(rpm=100)
     async with key_limits(cache_port, model_rpm=2) as limits:

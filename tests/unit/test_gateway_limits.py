@@ -30,10 +30,10 @@ class FakeLimits:
     async def stop(self) -> None:
         pass
 
-    async def admit(self, request: limits_pb2.AdmitRequest) -> limits_pb2.AdmitResponse:
+    async def admit(self, claim: limits_pb2.Claim) -> limits_pb2.Verdict:
         if self.failure is not None:
             raise self.failure
-        return limits_pb2.AdmitResponse(admitted=True)
+        return limits_pb2.Verdict(admitted=True)
 
     async def release(self, key_id: str, call_id: str) -> None:
         self.released.append((key_id, call_id))
