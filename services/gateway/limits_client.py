@@ -90,6 +90,13 @@ class LimitsClient:
         request = limits_pb2.AdmitRequest(claims=[claim for claim, _ in batch])
         try:
             reply = await self._call("Admit", request, self.timeout_s)
+            if len(reply.verdicts) != len(batch):
+                log.error(
+                    "the cache service answered %d claims with %d verdicts",
+                    len(batch),
+                    len(reply.verdicts),
+                )
+                raise FmserveError("the limits check failed")
         except FmserveError as exc:
             for _, verdict in batch:
                 if not verdict.done():  # each waiter its own error, with its own traceback
