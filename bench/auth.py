@@ -9,7 +9,9 @@ is shared, so figures drift between minutes), three callers:
 2. auth on, a key without limits (key check: cached by the gateway for
    FMSERVE_GATEWAY_KEY_CACHE_S, then asked of the cache service again);
 3. auth on, a key with an rpm limit far above the load (the check above plus a token taken
-   from its bucket in Redis through the cache service on every call).
+   from its bucket in Redis through the cache service on every call);
+4. auth on, a key with every limit, none reached (rpm, concurrency: a slot taken and given
+   back per call; daily items).
 Each sends single-sentence requests (the model's path, cache bypassed; then cache hits, where
 the cost is largest relative to the answer) at concurrency 1 (p50) and 32 (throughput). It
 prints each as the p50 added and the throughput kept relative to auth off.
@@ -34,9 +36,9 @@ from fmserve.core import apikeys
 from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, keys_pb2
 
 ADMIN_KEY = apikeys.generate().api_key
-MODES = ("auth off", "key, no limits", "key + rpm limit")
-UNREACHED_RPM = 10_000_000
-"""The limited key's rpm: every call takes a token, none is ever refused."""
+MODES = ("auth off", "key, no limits", "key + rpm limit", "key + all limits")
+UNREACHED = {"rpm": 10_000_000, "max_concurrency": 100_000, "daily_items": 10**12}
+"""Limits the load never reaches: every call takes its token, slot and items; none is refused."""
 
 
 class TwoGateways(Cluster):
@@ -67,8 +69,8 @@ def start_cluster(prefix: str) -> TwoGateways:
     return cluster
 
 
-async def create_key(address: str, name: str, rpm: int) -> str:
-    request = keys_pb2.CreateApiKeyRequest(name=name, scopes=["infer:*"], rpm=rpm)
+async def create_key(address: str, name: str, **limits: int) -> str:
+    request = keys_pb2.CreateApiKeyRequest(name=name, scopes=["infer:*"], **limits)
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         metadata = (("authorization", f"Bearer {ADMIN_KEY}"),)
@@ -168,9 +170,16 @@ def main() -> None:
     cluster = start_cluster(prefix)
     try:
         on, off = (r.address for r in cluster.replicas_of["gateway"])
-        free = asyncio.run(create_key(on, f"bench-free-{prefix[-9:-1]}", 0))
-        limited = asyncio.run(create_key(on, f"bench-rpm-{prefix[-9:-1]}", UNREACHED_RPM))
-        callers = {MODES[0]: (off, ""), MODES[1]: (on, free), MODES[2]: (on, limited)}
+        run = prefix[-9:-1]
+        free = asyncio.run(create_key(on, f"bench-free-{run}"))
+        rpm = asyncio.run(create_key(on, f"bench-rpm-{run}", rpm=UNREACHED["rpm"]))
+        every = asyncio.run(create_key(on, f"bench-all-{run}", **UNREACHED))
+        callers = {
+            MODES[0]: (off, ""),
+            MODES[1]: (on, free),
+            MODES[2]: (on, rpm),
+            MODES[3]: (on, every),
+        }
         loads = asyncio.run(measure(callers, args.seconds, args.rounds, paths))
     finally:
         cluster.stop()
