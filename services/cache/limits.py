@@ -165,9 +165,15 @@ class RateLimitStore:
         bucket = claim.buckets[int(index) - 1].name if int(index) > 0 else ""
         return Verdict(Reason(int(reason)), bucket, int(retry_ms), int(used))
 
-    async def release(self, key_id: str, call_id: str) -> None:
+    async def release(self, slots: Sequence[tuple[str, str]]) -> None:
+        """Give back (key id, call id) slots, in one round trip."""
+        if not slots:
+            return
         with self.redis.translated("limits release"):
-            await self.redis.client.zrem(self.slots_key(key_id), call_id)
+            async with self.redis.client.pipeline(transaction=False) as pipe:
+                for key_id, call_id in slots:
+                    pipe.zrem(self.slots_key(key_id), call_id)
+                await pipe.execute()
 
     async def renew(self, slots: Sequence[tuple[str, str]], lease_ms: int) -> None:
         """Extend the leases of (key id, call id) slots still held; released ones stay gone."""

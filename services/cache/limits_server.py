@@ -25,7 +25,7 @@ class RateLimitsServicer(limits_pb2_grpc.RateLimitsServicer):
     async def Release(
         self, request: limits_pb2.ReleaseRequest, context: grpc.aio.ServicerContext
     ) -> limits_pb2.ReleaseResponse:
-        await self.store.release(request.key_id, request.call_id)
+        await self.store.release([(slot.key_id, slot.call_id) for slot in request.slots])
         return limits_pb2.ReleaseResponse()
 
     async def RenewSlots(

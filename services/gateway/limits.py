@@ -22,8 +22,7 @@ import asyncio
 import contextlib
 import logging
 import uuid
-from collections.abc import AsyncIterator, Coroutine
-from typing import Any
+from collections.abc import AsyncIterator
 
 from fmserve.errors import FmserveError, RateLimited, Unavailable
 from fmserve.v1 import limits_pb2
@@ -47,7 +46,6 @@ class KeyLimits:
         self.lease_ms = max(1, int(slot_lease_s * 1000))
         self.key_model_rpm = key_model_rpm
         self._held: dict[str, str] = {}  # call id → key id, renewed until released
-        self._background: set[asyncio.Task[None]] = set()
         self._renewer: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
@@ -59,8 +57,6 @@ class KeyLimits:
             self._renewer.cancel()
             await asyncio.gather(self._renewer, return_exceptions=True)
             self._renewer = None
-        # Releases already sent finish before the channel closes (each within its timeout).
-        await asyncio.gather(*self._background, return_exceptions=True)
         await self.client.stop()
 
     @contextlib.asynccontextmanager
@@ -118,26 +114,22 @@ class KeyLimits:
     def _release(self, key_id: str, call_id: str) -> None:
         """Give the slot back without holding up the call's answer (its lease is the backstop)."""
         self._held.pop(call_id, None)
-        self._spawn(self._quietly(self.client.release(key_id, call_id), "release"))
+        self.client.release(key_id, call_id)
 
     async def _renew_forever(self) -> None:
         while True:
             await asyncio.sleep(self.lease_ms / 3000)
             slots = [(key_id, call_id) for call_id, key_id in self._held.items()]
-            if slots:
-                await self._quietly(self.client.renew(slots, self.lease_ms), "renew")
-
-    def _spawn(self, work: Coroutine[Any, Any, None]) -> None:
-        task = asyncio.create_task(work)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    @staticmethod
-    async def _quietly(work: Coroutine[Any, Any, None], what: str) -> None:
-        try:
-            await work
-        except FmserveError as exc:
-            log.warning("could not %s concurrency slots (their lease frees them): %s", what, exc)
+            if not slots:
+                continue
+            try:
+                await self.client.renew(slots, self.lease_ms)
+            except FmserveError as exc:
+                log.warning(
+                    "could not renew %d concurrency slots (a slot lapses unrenewed): %s",
+                    len(slots),
+                    exc,
+                )
 
 
 _REASONS = {

@@ -4,14 +4,15 @@ whose limits cannot be checked is refused (fail closed), never let through.
 
 Claims are coalesced: a claim made while no Admit call is in flight goes out at once (a lone
 call waits for nothing); claims made while one is in flight wait for it and go out together in
-the next, so under load the gateway pays one round trip for many calls, not one each."""
+the next, so under load the gateway pays one round trip for many calls, not one each. Slots are
+given back the same way, in the background: a call's answer never waits for its release."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
-from collections.abc import Sequence
+from collections.abc import Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -42,6 +43,8 @@ class LimitsClient:
         self._channel: grpc.aio.Channel | None = None
         self._waiting: list[tuple[limits_pb2.Claim, asyncio.Future[limits_pb2.Verdict]]] = []
         self._sender: asyncio.Task[None] | None = None
+        self._releasing: list[limits_pb2.Slot] = []
+        self._releaser: asyncio.Task[None] | None = None
 
     async def start(self) -> None:
         self._channel = open_channel(self.address, self.max_message_bytes)
@@ -51,6 +54,8 @@ class LimitsClient:
         if self._sender is not None:
             self._sender.cancel()
             await asyncio.gather(self._sender, return_exceptions=True)
+        if self._releaser is not None:  # slots already given back go out (within the timeout)
+            await asyncio.gather(self._releaser, return_exceptions=True)
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -62,8 +67,7 @@ class LimitsClient:
         verdict = asyncio.get_running_loop().create_future()
         self._waiting.append((claim, verdict))
         if self._sender is None:
-            # A context of its own: the batch is no one caller's (request id, trace).
-            self._sender = asyncio.create_task(self._send_all(), context=contextvars.Context())
+            self._sender = _background(self._send_all())
         try:
             return await asyncio.wait_for(verdict, timeout)
         except TimeoutError:
@@ -89,7 +93,7 @@ class LimitsClient:
     ) -> None:
         request = limits_pb2.AdmitRequest(claims=[claim for claim, _ in batch])
         try:
-            reply = await self._call("Admit", request, self.timeout_s)
+            reply = await self._call("Admit", request)
             if len(reply.verdicts) != len(batch):
                 log.error(
                     "the cache service answered %d claims with %d verdicts",
@@ -106,22 +110,45 @@ class LimitsClient:
             if not verdict.done():
                 verdict.set_result(answer)
 
-    async def release(self, key_id: str, call_id: str) -> None:
-        request = limits_pb2.ReleaseRequest(key_id=key_id, call_id=call_id)
-        await self._call("Release", request, self.timeout_s)
+    def release(self, key_id: str, call_id: str) -> None:
+        """Give a slot back, in the background (a failure is logged: the slot's lease is the
+        backstop)."""
+        self._releasing.append(limits_pb2.Slot(key_id=key_id, call_id=call_id))
+        if self._releaser is None:
+            self._releaser = _background(self._release_all())
+
+    async def _release_all(self) -> None:
+        try:
+            while self._releasing:
+                batch = self._releasing[:MAX_CLAIMS]
+                self._releasing = self._releasing[MAX_CLAIMS:]
+                try:
+                    await self._call("Release", limits_pb2.ReleaseRequest(slots=batch))
+                except FmserveError as exc:
+                    log.warning(
+                        "could not give back %d concurrency slots (their leases free them): %s",
+                        len(batch),
+                        exc,
+                    )
+        finally:
+            self._releaser = None
 
     async def renew(self, slots: Sequence[tuple[str, str]], lease_ms: int) -> None:
-        wire = [limits_pb2.RenewSlotsRequest.Slot(key_id=k, call_id=c) for k, c in slots]
-        request = limits_pb2.RenewSlotsRequest(slots=wire, lease_ms=lease_ms)
-        await self._call("RenewSlots", request, self.timeout_s)
+        wire = [limits_pb2.Slot(key_id=k, call_id=c) for k, c in slots]
+        await self._call("RenewSlots", limits_pb2.RenewSlotsRequest(slots=wire, lease_ms=lease_ms))
 
-    async def _call(self, method: str, request: object, timeout: float) -> Any:
+    async def _call(self, method: str, request: object) -> Any:
         if self._channel is None:
             raise Unavailable(UNREACHABLE)
         try:
-            return await getattr(self._stub, method)(request, timeout=timeout)
+            return await getattr(self._stub, method)(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from None
+
+
+def _background(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    """A task in a context of its own: a batch is no one caller's (request id, trace)."""
+    return asyncio.create_task(work, context=contextvars.Context())
 
 
 def _translate(exc: grpc.aio.AioRpcError) -> FmserveError:

@@ -113,8 +113,8 @@ async def test_concurrency_slots_are_limited_and_released(store: RateLimitStore)
     assert (await store.admit(call("b"))).admitted
     refused = await store.admit(call("c"))
     assert refused.reason is Reason.CONCURRENCY and refused.retry_after_ms == SLOT_RETRY_MS
-    await store.release(key_id, "a")
-    await store.release(key_id, "a")  # twice is harmless
+    await store.release([(key_id, "a")])
+    await store.release([(key_id, "a")])  # twice is harmless
     assert (await store.admit(call("c"))).admitted
     assert not (await store.admit(call("d"))).admitted
 
@@ -134,7 +134,7 @@ async def test_a_renewed_slot_outlives_its_first_lease_and_a_released_one_stays_
     key_id, other = key(), key()
     assert await store.admit(Admission(key_id, max_concurrency=1, call_id="a", lease_ms=300))
     assert await store.admit(Admission(other, max_concurrency=1, call_id="b", lease_ms=300))
-    await store.release(other, "b")
+    await store.release([(other, "b")])
     await asyncio.sleep(0.2)
     await store.renew([(key_id, "a"), (other, "b")], 1000)
     await asyncio.sleep(0.3)  # past the first lease
