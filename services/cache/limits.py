@@ -1,7 +1,8 @@
 """Per-key limits in Redis: token buckets, concurrency slots and daily item quotas, checked and
 taken together by one Lua script (EVALSHA; redis-py loads it once and again only if Redis lost
-it), so concurrent gateway replicas never admit more than the limits allow. Time is Redis's
-own (`TIME`), so replicas with drifting clocks agree.
+it), so concurrent gateway replicas never admit more than the limits allow. One script call
+takes a batch of claims (the calls a gateway saw arrive together), each all or nothing. Time
+is Redis's own (`TIME`), so replicas with drifting clocks agree.
 
     {prefix}limits:rate:{key_id}:{bucket}   hash   tokens (float), ms (last update)
     {prefix}limits:slots:{key_id}           zset   call id by its slot's lease end (ms)
@@ -16,7 +17,6 @@ Redis Cluster would need hash tags).
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
@@ -74,54 +74,65 @@ class Verdict:
         return self.reason is Reason.ADMITTED
 
 
-# KEYS: slots set, then one key per bucket. ARGV: call id, lease (ms), max concurrency, daily
-# items, items, quota key without its day, then per bucket: per minute, burst.
-# Returns {reason, bucket index (1-based, RATE), retry after (ms), items used today (QUOTA)}.
-# Everything is checked before anything is taken, so a refused call takes nothing.
+# Claims one after another, each all or nothing. Per claim, KEYS: its slots set, then one key
+# per bucket; ARGV: its bucket count, call id, lease (ms), max concurrency, daily items, items,
+# quota key without its day, then per bucket: per minute, burst.
+# Returns per claim {reason, bucket index (1-based, RATE), retry after (ms), items used today
+# (QUOTA)}, flat. Every limit of a claim is checked before any is taken, so a refused claim
+# takes nothing.
 _ADMIT = f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local slots, call, lease = KEYS[1], ARGV[1], tonumber(ARGV[2])
-local max_slots, quota_limit, items = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
-if max_slots > 0 then
-  redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
-  if redis.call('ZCARD', slots) >= max_slots then
-    return {{{Reason.CONCURRENCY}, 0, {SLOT_RETRY_MS}, 0}}
-  end
-end
-local levels = {{}}
-for i = 2, #KEYS do
-  local rate = tonumber(ARGV[5 + 2 * (i - 1)]) / 60000
-  local burst = tonumber(ARGV[6 + 2 * (i - 1)])
-  local saved = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
-  local tokens = burst
-  if saved[1] then
-    tokens = math.min(burst, tonumber(saved[1]) + math.max(0, now - tonumber(saved[2])) * rate)
-  end
-  if tokens < 1 then
-    return {{{Reason.RATE}, i - 1, math.ceil((1 - tokens) / rate), 0}}
-  end
-  levels[i] = {{tokens - 1, math.ceil(burst / rate)}}
-end
 local day = math.floor(now / {DAY_MS})
-local quota = ARGV[6] .. day
-if quota_limit > 0 then
-  local used = tonumber(redis.call('GET', quota) or '0')
-  if used + items > quota_limit then
-    return {{{Reason.QUOTA}, 0, (day + 1) * {DAY_MS} - now, used}}
+local function admit(k, a, buckets)
+  local slots, call, lease = KEYS[k], ARGV[a], tonumber(ARGV[a + 1])
+  local max_slots, quota_limit = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
+  local items, quota = tonumber(ARGV[a + 4]), ARGV[a + 5] .. day
+  if max_slots > 0 then
+    redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
+    if redis.call('ZCARD', slots) >= max_slots then
+      return {{{Reason.CONCURRENCY}, 0, {SLOT_RETRY_MS}, 0}}
+    end
   end
-  redis.call('INCRBY', quota, items)
-  redis.call('PEXPIRE', quota, 2 * {DAY_MS})
+  local levels = {{}}
+  for j = 1, buckets do
+    local rate = tonumber(ARGV[a + 4 + 2 * j]) / 60000
+    local burst = tonumber(ARGV[a + 5 + 2 * j])
+    local saved = redis.call('HMGET', KEYS[k + j], 'tokens', 'ms')
+    local tokens = burst
+    if saved[1] then
+      tokens = math.min(burst, tonumber(saved[1]) + math.max(0, now - tonumber(saved[2])) * rate)
+    end
+    if tokens < 1 then
+      return {{{Reason.RATE}, j, math.ceil((1 - tokens) / rate), 0}}
+    end
+    levels[j] = {{tokens - 1, math.ceil(burst / rate)}}
+  end
+  if quota_limit > 0 then
+    local used = tonumber(redis.call('GET', quota) or '0')
+    if used + items > quota_limit then
+      return {{{Reason.QUOTA}, 0, (day + 1) * {DAY_MS} - now, used}}
+    end
+    redis.call('INCRBY', quota, items)
+    redis.call('PEXPIRE', quota, 2 * {DAY_MS})
+  end
+  for j = 1, buckets do
+    redis.call('HSET', KEYS[k + j], 'tokens', tostring(levels[j][1]), 'ms', now)
+    redis.call('PEXPIRE', KEYS[k + j], levels[j][2])
+  end
+  if max_slots > 0 then
+    redis.call('ZADD', slots, now + lease, call)
+    redis.call('PEXPIRE', slots, lease)
+  end
+  return {{{Reason.ADMITTED}, 0, 0, 0}}
 end
-for i = 2, #KEYS do
-  redis.call('HSET', KEYS[i], 'tokens', tostring(levels[i][1]), 'ms', now)
-  redis.call('PEXPIRE', KEYS[i], levels[i][2])
+local verdicts, k, a = {{}}, 1, 1
+while a <= #ARGV do
+  local buckets = tonumber(ARGV[a])
+  for _, value in ipairs(admit(k, a + 1, buckets)) do verdicts[#verdicts + 1] = value end
+  k, a = k + 1 + buckets, a + 7 + 2 * buckets
 end
-if max_slots > 0 then
-  redis.call('ZADD', slots, now + lease, call)
-  redis.call('PEXPIRE', slots, lease)
-end
-return {{{Reason.ADMITTED}, 0, 0, 0}}
+return verdicts
 """
 
 # KEYS: slots sets. ARGV: lease (ms), then one call id per key. Extends only slots still held.
@@ -147,23 +158,24 @@ class RateLimitStore:
         self._scripts: dict[str, Any] = {}
 
     async def admit_many(self, claims: Sequence[Admission]) -> list[Verdict]:
-        """Each claim admitted or refused on its own (one script each, sent at once: a script
-        per claim keeps each atomic without holding Redis for the whole batch)."""
+        """Each claim admitted or refused on its own, in order, all in one script call."""
+        keys: list[str] = []
+        args: list[Any] = []
         for claim in claims:
             check(claim)
-        return list(await asyncio.gather(*map(self.admit, claims)))
+            keys += [self.slots_key(claim.key_id)]
+            keys += [self.bucket_key(claim.key_id, b.name) for b in claim.buckets]
+            args += [len(claim.buckets), claim.call_id, claim.lease_ms, claim.max_concurrency]
+            args += [claim.daily_items, claim.items, f"{self.prefix}items:{claim.key_id}:"]
+            args += [n for b in claim.buckets for n in (b.per_minute, b.burst)]
+        if not claims:
+            return []
+        with self.redis.translated("limits admit"):
+            flat = await self._script(_ADMIT)(keys=keys, args=args)
+        return [_verdict(claim, flat[4 * i : 4 * i + 4]) for i, claim in enumerate(claims)]
 
     async def admit(self, claim: Admission) -> Verdict:
-        check(claim)
-        keys = [self.slots_key(claim.key_id)]
-        keys += [self.bucket_key(claim.key_id, b.name) for b in claim.buckets]
-        args: list[Any] = [claim.call_id, claim.lease_ms, claim.max_concurrency]
-        args += [claim.daily_items, claim.items, f"{self.prefix}items:{claim.key_id}:"]
-        args += [n for b in claim.buckets for n in (b.per_minute, b.burst)]
-        with self.redis.translated("limits admit"):
-            reason, index, retry_ms, used = await self._script(_ADMIT)(keys=keys, args=args)
-        bucket = claim.buckets[int(index) - 1].name if int(index) > 0 else ""
-        return Verdict(Reason(int(reason)), bucket, int(retry_ms), int(used))
+        return (await self.admit_many([claim]))[0]
 
     async def release(self, slots: Sequence[tuple[str, str]]) -> None:
         """Give back (key id, call id) slots, in one round trip."""
@@ -195,6 +207,12 @@ class RateLimitStore:
         if source not in self._scripts:
             self._scripts[source] = self.redis.client.register_script(source)
         return self._scripts[source]
+
+
+def _verdict(claim: Admission, values: Sequence[Any]) -> Verdict:
+    reason, index, retry_ms, used = (int(v) for v in values)
+    bucket = claim.buckets[index - 1].name if index > 0 else ""
+    return Verdict(Reason(reason), bucket, retry_ms, used)
 
 
 def check(claim: Admission) -> None:

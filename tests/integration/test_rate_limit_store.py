@@ -94,6 +94,19 @@ async def test_a_refused_call_takes_nothing_from_any_limit(
     assert not [k async for k in redis.scan_iter(match=f"{store.prefix}items:{key_id}:*")]
 
 
+async def test_claims_sent_together_are_answered_in_order_each_on_its_own(
+    store: RateLimitStore,
+) -> None:
+    one, other = key(), key()
+    verdicts = await store.admit_many(
+        [rate(one, 60, 1), rate(other, 60, 2), rate(one, 60, 1), rate(other, 60, 2)]
+    )
+    # The second claim of `one` saw the first take its only token.
+    assert [v.admitted for v in verdicts] == [True, True, False, True]
+    assert verdicts[2].reason is Reason.RATE and verdicts[2].bucket == "key"
+    assert await store.admit_many([]) == []
+
+
 async def test_buckets_expire_once_they_would_be_full_again(
     store: RateLimitStore, redis: Redis
 ) -> None:
