@@ -4,7 +4,7 @@
 
 One cluster, two gateways in front of the same stages: one with auth off, one with auth on
 (`FMSERVE_AUTH=on`). Through them, in the same run and interleaved round by round (the machine
-is shared, so figures drift between minutes), three callers:
+is shared, so figures drift between minutes), four callers:
 1. auth off (no key);
 2. auth on, a key without limits (key check: cached by the gateway for
    FMSERVE_GATEWAY_KEY_CACHE_S, then asked of the cache service again);
@@ -26,7 +26,6 @@ import argparse
 import asyncio
 import os
 import tempfile
-import time
 import uuid
 from collections import defaultdict
 from pathlib import Path
@@ -34,10 +33,11 @@ from pathlib import Path
 import grpc
 import redis
 
-from bench.embedding import MODEL, Load, sentence
+from bench.embedding import MODEL, Load, closed_loop
 from fmserve.cli.cluster import SERVICES, Cluster, Replica, free_port
 from fmserve.core import apikeys
-from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, keys_pb2
+from fmserve.core.settings import ClientSettings
+from fmserve.v1 import gateway_pb2_grpc, keys_pb2
 
 ADMIN_KEY = apikeys.generate().api_key
 MODES = ("auth off", "key, no limits", "key + rpm limit", "key + all limits")
@@ -82,38 +82,6 @@ async def create_key(address: str, name: str, **limits: int) -> str:
     return str(reply.api_key)
 
 
-async def closed_loop(
-    address: str, api_key: str, concurrency: int, seconds: float, *, repeat: bool
-) -> Load:
-    """`concurrency` clients each sending one single-sentence request after another."""
-    metadata = (("authorization", f"Bearer {api_key}"),) if api_key else ()
-    policy = common_pb2.CACHE_POLICY_USE if repeat else common_pb2.CACHE_POLICY_BYPASS
-    options = gateway_pb2.InferOptions(cache_policy=policy)
-    async with grpc.aio.insecure_channel(address) as channel:
-        stub = gateway_pb2_grpc.GatewayStub(channel)
-        latencies: list[float] = []
-        run = uuid.uuid4().hex[:6]
-
-        def request(w: int, i: int) -> gateway_pb2.InferRequest:
-            text = "cached benchmark sentence" if repeat else sentence(i, f"{run}-{w}")
-            return gateway_pb2.InferRequest(model=MODEL, texts=[text], options=options)
-
-        await stub.Infer(request(0, 0), metadata=metadata, timeout=30)  # warm: key, cache
-        stop_at = time.perf_counter() + seconds
-
-        async def worker(w: int) -> None:
-            i = 1
-            while time.perf_counter() < stop_at:
-                start = time.perf_counter()
-                await stub.Infer(request(w, i), metadata=metadata, timeout=30)
-                latencies.append((time.perf_counter() - start) * 1e3)
-                i += 1
-
-        start = time.perf_counter()
-        await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        return Load(len(latencies), time.perf_counter() - start, latencies)
-
-
 def cpu_s(pids: list[int]) -> float:
     """CPU time (user + system) the processes have used so far, from /proc (Linux)."""
     ticks = 0
@@ -150,9 +118,10 @@ async def measure(
         for path in paths:
             for concurrency in (1, 32):
                 for mode, (address, key) in callers.items():
+                    metadata = (("authorization", f"Bearer {key}"),) if key else ()
                     before = cpu_s(pids)
                     load = await closed_loop(
-                        address, key, concurrency, seconds, repeat=path == "cache hit"
+                        address, concurrency, seconds, repeat=path == "cache hit", metadata=metadata
                     )
                     cpu[path, mode, concurrency] += cpu_s(pids) - before
                     runs[path, mode, concurrency].append(load)
@@ -183,7 +152,7 @@ def report(loads: dict[Key, Load], cpu_ms: dict[Key, float], paths: list[str]) -
 
 def forget(prefix: str) -> None:
     """Delete what the run left in Redis (its keys' records, cached results, buckets)."""
-    client = redis.Redis()
+    client = redis.Redis.from_url(ClientSettings().redis_url)
     keys = list(client.scan_iter(match=prefix + "*", count=1000))
     if keys:
         client.delete(*keys)

@@ -101,8 +101,16 @@ def sentence(i: int, tag: str) -> str:
     return f"Benchmark sentence number {i} about serving models on your own machines. {tag}"
 
 
-async def closed_loop(address: str, concurrency: int, seconds: float, *, repeat: bool) -> Load:
-    """`concurrency` clients each sending one single-sentence request after another."""
+async def closed_loop(
+    address: str,
+    concurrency: int,
+    seconds: float,
+    *,
+    repeat: bool,
+    metadata: tuple[tuple[str, str], ...] = (),
+) -> Load:
+    """`concurrency` clients each sending one single-sentence request after another (with
+    `metadata` on each, e.g. an API key)."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         policy = common_pb2.CACHE_POLICY_USE if repeat else common_pb2.CACHE_POLICY_BYPASS
@@ -117,13 +125,13 @@ async def closed_loop(address: str, concurrency: int, seconds: float, *, repeat:
                 text = "cached benchmark sentence" if repeat else sentence(i, f"{run}-{w}")
                 request = gateway_pb2.InferRequest(model=MODEL, texts=[text], options=options)
                 start = time.perf_counter()
-                await stub.Infer(request, timeout=30)
+                await stub.Infer(request, timeout=30, metadata=metadata)
                 latencies.append((time.perf_counter() - start) * 1e3)
                 i += 1
 
         if repeat:  # put the entry in the cache before timing hits
             warm = gateway_pb2.InferRequest(model=MODEL, texts=["cached benchmark sentence"])
-            await stub.Infer(warm, timeout=30)
+            await stub.Infer(warm, timeout=30, metadata=metadata)
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
         return Load(len(latencies), time.perf_counter() - start, latencies)

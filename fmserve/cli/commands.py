@@ -36,6 +36,7 @@ from fmserve.cli.cluster import (
 from fmserve.client import Client, JobStatus
 from fmserve.core.settings import (
     DEFAULT_REPOSITORY,
+    AuthSettings,
     ClientSettings,
     RepositorySettings,
     settings_class,
@@ -339,7 +340,7 @@ def _run_cluster(args: argparse.Namespace, redis: stores.Store, rabbitmq: stores
     print("starting fmserve: cache, preprocess, inference, postprocess, gateway …", flush=True)
     try:
         cluster.start()
-        _print_cluster(cluster, stores.what_is_off(redis, rabbitmq))
+        _print_cluster(cluster, stores.what_is_off(redis, rabbitmq), AuthSettings().auth)
         while not stopping:
             cluster.supervise_once()
             time.sleep(0.5)
@@ -372,15 +373,16 @@ def _replicas(spec: str) -> dict[str, int]:
     return counts
 
 
-def _print_cluster(cluster: Cluster, off: str) -> None:
+def _print_cluster(cluster: Cluster, off: str, auth: bool) -> None:
     for r in cluster.all():
         pid = r.process.pid if r.process else "-"
         where = f"grpc {r.address:<16} metrics :{r.metrics_port:<6}"
         print(f"  {r.service:<12} {where} pid {pid:<8} {r.log_path}")
     gateway = cluster.replicas_of["gateway"][0]
     running_without = f"; running without {off}" if off else ""
+    keys = "auth on: API keys required" if auth else "auth off (FMSERVE_AUTH=on requires API keys)"
     print(
-        f"fmserve is ready: gateway at {gateway.address} (Ctrl-C stops everything)"
+        f"fmserve is ready: gateway at {gateway.address}, {keys} (Ctrl-C stops everything)"
         + running_without,
         flush=True,
     )

@@ -13,7 +13,6 @@ logged, nor put in an error: only its key id and name.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -86,24 +85,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
         return wrapped
 
-    @contextlib.asynccontextmanager
-    async def _guarded(self, method: str, request: Any, context: Any) -> AsyncIterator[None]:
-        """Authorize, bind the principal, admit; audit an admin action's outcome."""
-        principal, access = await self._authorize(method, request, _bearer(context))
-        token = current.set(principal)
-        try:
-            async with contextlib.AsyncExitStack() as stack:
-                await self._admit(stack, method, principal, access)
-                yield
-        except BaseException as exc:
-            if scopes.ADMIN in access.scopes:
-                audit.record(method, _code(exc), principal.key_id, principal.name, access.asked)
-            raise
-        else:
-            if scopes.ADMIN in access.scopes:
-                audit.record(method, "OK", principal.key_id, principal.name, access.asked)
-        finally:
-            current.reset(token)
+    def _guarded(self, method: str, request: Any, context: Any) -> _Guard:
+        return _Guard(self, method, request, context)
 
     async def _authorize(self, method: str, request: Any, api_key: str) -> tuple[Principal, Access]:
         try:
@@ -128,16 +111,41 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 )
         return principal, access
 
-    async def _admit(
-        self, stack: contextlib.AsyncExitStack, method: str, principal: Principal, access: Access
-    ) -> None:
+
+class _Guard:
+    """One call: authorize, bind the principal, admit; on the way out, release the admission
+    and audit an admin action's outcome. A class, not a generator: it runs on every call."""
+
+    def __init__(self, owner: AuthInterceptor, method: str, request: Any, context: Any) -> None:
+        self.owner, self.method, self.request, self.context = owner, method, request, context
+
+    async def __aenter__(self) -> None:
+        api_key = _bearer(self.context)
+        self.principal, self.access = await self.owner._authorize(
+            self.method, self.request, api_key
+        )
+        self.token = current.set(self.principal)
+        access = self.access
+        self.admitted = self.owner.admission.admit(self.principal, access.model, access.items)
         try:
-            await stack.enter_async_context(
-                self.admission.admit(principal, access.model, access.items)
-            )
-        except FmserveError as exc:
-            audit.record(method, exc.code.name, principal.key_id, principal.name, access.asked)
+            await self.admitted.__aenter__()
+        except BaseException as exc:
+            current.reset(self.token)
+            if isinstance(exc, FmserveError):
+                self._audit(exc.code.name)
             raise
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self.admitted.__aexit__(*exc_info)
+        finally:
+            current.reset(self.token)
+            if scopes.ADMIN in self.access.scopes:
+                self._audit("OK" if exc_info[1] is None else _code(exc_info[1]))
+
+    def _audit(self, outcome: str) -> None:
+        p = self.principal
+        audit.record(self.method, outcome, p.key_id, p.name, self.access.asked)
 
 
 def _behavior(handler: grpc.RpcMethodHandler) -> tuple[str, Callable[..., Any]]:

@@ -26,6 +26,8 @@ from services.gateway.keystore import KeyStore
 from services.gateway.principal import Principal
 
 MAX_CACHED = 10_000
+MAX_KEY_CHARS = 256
+"""Far above a real key (64 characters): anything longer is refused before it is hashed."""
 NOT_VALID = "the API key is not valid (unknown, revoked or expired); ask an admin for a key"
 NO_KEY = "an API key is required: send the metadata `authorization: Bearer <key>`"
 
@@ -60,6 +62,8 @@ class KeyRing:
     async def authenticate(self, api_key: str) -> Principal:
         if not api_key:
             raise Unauthenticated(NO_KEY)
+        if len(api_key) > MAX_KEY_CHARS:
+            raise Unauthenticated(NOT_VALID)
         if self._admin is not None and self._admin[0].key_id == apikeys.key_id_of(api_key):
             return self._check_admin(api_key)
         fingerprint = hashlib.sha256(api_key.encode()).digest()

@@ -23,6 +23,7 @@ import contextlib
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 
 from fmserve.errors import FmserveError, RateLimited, Unavailable
 from fmserve.v1 import limits_pb2
@@ -36,6 +37,7 @@ KEY_BUCKET = "key"
 MODEL_BUCKET = "model:"
 # Longest model name kept in a bucket's Redis key: the name comes from the client.
 MAX_MODEL_CHARS = 128
+_NOTHING: AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
 class KeyLimits:
@@ -59,12 +61,16 @@ class KeyLimits:
             self._renewer = None
         await self.client.stop()
 
-    @contextlib.asynccontextmanager
-    async def admit(self, principal: Principal, model: str, items: int) -> AsyncIterator[None]:
+    def admit(
+        self, principal: Principal, model: str, items: int
+    ) -> AbstractAsyncContextManager[None]:
         claim = self.claim(principal, model, items)
         if claim is None:
-            yield  # no limits: no call to the cache service at all
-            return
+            return _NOTHING  # no limits: no call to the cache service, nothing per call
+        return self._admitted(principal, claim)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, principal: Principal, claim: limits_pb2.Claim) -> AsyncIterator[None]:
         await self._enter(principal, claim)
         try:
             yield

@@ -102,13 +102,24 @@ class LimitsClient:
                 )
                 raise FmserveError("the limits check failed")
         except FmserveError as exc:
-            for _, verdict in batch:
+            for claim, verdict in batch:
                 if not verdict.done():  # each waiter its own error, with its own traceback
                     verdict.set_exception(type(exc)(exc.message))
+                else:
+                    self._abandoned(claim)
             return
-        for (_, verdict), answer in zip(batch, reply.verdicts, strict=True):
+        for (claim, verdict), answer in zip(batch, reply.verdicts, strict=True):
             if not verdict.done():
                 verdict.set_result(answer)
+            elif answer.admitted:
+                self._abandoned(claim)
+
+    def _abandoned(self, claim: limits_pb2.Claim) -> None:
+        """Its caller left (cancelled, out of time) while the claim was being checked: give
+        back a slot it may have taken, now that the check is over (a release sent before the
+        check ran would find nothing to release, and the slot would wait for its lease)."""
+        if claim.max_concurrency:
+            self.release(claim.key_id, claim.call_id)
 
     def release(self, key_id: str, call_id: str) -> None:
         """Give a slot back, in the background (a failure is logged: the slot's lease is the

@@ -5,7 +5,6 @@ whether an authorized call may run now."""
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from contextvars import ContextVar
 from dataclasses import dataclass
@@ -43,8 +42,11 @@ class Admission(Protocol):
 
 
 class AdmitAll:
-    """The default `Admission`: no limits."""
+    """The default `Admission`: no limits (one shared no-op context, nothing per call)."""
 
-    @contextlib.asynccontextmanager
-    async def admit(self, principal: Principal, model: str, items: int) -> AsyncIterator[None]:
-        yield
+    _NOTHING: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+
+    def admit(
+        self, principal: Principal, model: str, items: int
+    ) -> AbstractAsyncContextManager[None]:
+        return self._NOTHING

@@ -14,6 +14,7 @@ Globs are fnmatch patterns (`*`, `?`, `[...]`), case-sensitive: `infer:minilm-*`
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 from fnmatch import fnmatchcase
@@ -49,6 +50,12 @@ def infer_scope(model: str, task: str) -> str:
 
 def allows(granted: Iterable[str], needed: str) -> bool:
     """Whether any granted scope meets the needed one."""
+    return _allows(tuple(granted), needed)
+
+
+@functools.lru_cache(maxsize=4096)
+def _allows(granted: tuple[str, ...], needed: str) -> bool:
+    """Remembered: keys and models are few, and every call asks (fnmatch is the cost)."""
     return any(_meets(scope, needed) for scope in granted)
 
 

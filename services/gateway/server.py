@@ -9,7 +9,7 @@ import grpc
 
 from fmserve.rpc.service import Servicer
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
-from services.gateway import codec
+from services.gateway import codec, principal, scopes
 from services.gateway.admin import KeyAdmin
 from services.gateway.gateway import Gateway
 from services.gateway.jobs import Jobs
@@ -29,9 +29,8 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     async def ListModels(
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.ListModelsResponse:
-        return gateway_pb2.ListModelsResponse(
-            models=[codec.model_to_wire(m) for m in self.gateway.router.models()]
-        )
+        models = [m for m in self.gateway.router.models() if _may_call(m.name, m.task.value)]
+        return gateway_pb2.ListModelsResponse(models=[codec.model_to_wire(m) for m in models])
 
     async def SubmitJob(
         self,
@@ -84,6 +83,13 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         self, request: keys_pb2.RevokeApiKeyRequest, context: grpc.aio.ServicerContext
     ) -> keys_pb2.ApiKeyInfo:
         return await self.keys.revoke(request.name)
+
+
+def _may_call(model: str, task: str) -> bool:
+    """Whether the caller's key may call the model (every model when auth is off): a key is
+    shown only the models its scopes reach."""
+    caller = principal.current.get()
+    return caller is None or scopes.allows(caller.scopes, scopes.infer_scope(model, task))
 
 
 def servicer(gateway: Gateway, jobs: Jobs, keys: KeyAdmin) -> Servicer:

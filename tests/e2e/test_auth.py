@@ -146,6 +146,9 @@ def test_a_scoped_key_calls_its_models_only_and_is_told_the_scope_it_lacks(
     key = new_key(admin, ["infer:minilm-embed:embedding"])
     with Client(gateways[1], api_key=key) as client:
         assert client.embed(["a sentence"]).shape == (1, 384)
+        assert [m.name for m in client.models()] == ["minilm-embed"]  # only what it may call
+    assert {"minilm-embed", "minilm-sentiment"} <= {m.name for m in admin.models()}
+    with Client(gateways[1], api_key=key) as client:
         with pytest.raises(PermissionDenied, match="infer:minilm-sentiment:text-classification"):
             client.classify(["I love it"], model="minilm-sentiment")
         with pytest.raises(PermissionDenied, match="jobs:submit"):

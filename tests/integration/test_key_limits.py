@@ -20,7 +20,8 @@ from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from fmserve.cli.cluster import free_port
-from fmserve.errors import RateLimited, Unavailable
+from fmserve.core import context
+from fmserve.errors import DeadlineExceeded, RateLimited, Unavailable
 from services.cache.__main__ import build
 from services.gateway.limits import KeyLimits
 from services.gateway.limits_client import LimitsClient
@@ -225,6 +226,19 @@ async def test_a_slot_is_given_back_when_the_deadline_passes_or_the_client_leave
                 break
             await asyncio.sleep(0.01)
         call.cancel()
+        await eventually_free(redis, prefix, who)
+
+
+async def test_a_slot_taken_for_a_caller_that_left_during_the_check_is_given_back(
+    limits: KeyLimits, redis: Redis, prefix: str
+) -> None:
+    who = principal(max_concurrency=1)
+    for _ in range(5):  # out of time once the claim is sent, before its answer is back
+        context.set_deadline_from(0.003)
+        with contextlib.suppress(DeadlineExceeded):
+            async with limits.admit(who, "m", 1):
+                pass
+        context.deadline.set(None)
         await eventually_free(redis, prefix, who)
 
 

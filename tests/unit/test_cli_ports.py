@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from fmserve.cli.cluster import PORT_ORDER, Cluster
-from fmserve.cli.commands import metrics_ports
+from fmserve.cli.commands import _print_cluster, metrics_ports
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -53,3 +53,16 @@ def test_the_cluster_gives_its_first_replica_the_chosen_port(tmp_path: Path) -> 
     first, second = cluster.replicas_of["inference"]
     assert first.metrics_port == 19153
     assert second.metrics_port not in (0, 19153)
+
+
+@pytest.mark.parametrize(
+    ("auth", "says"),
+    [(True, "auth on: API keys required"), (False, "auth off (FMSERVE_AUTH=on requires")],
+)
+def test_the_ready_line_says_whether_auth_is_on(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], auth: bool, says: str
+) -> None:
+    cluster = Cluster(ports={n: 50000 + i for i, n in enumerate(PORT_ORDER)}, log_dir=tmp_path)
+    _print_cluster(cluster, "", auth)
+    ready = capsys.readouterr().out.splitlines()[-1]
+    assert ready.startswith("fmserve is ready: gateway at 127.0.0.1:") and says in ready

@@ -208,7 +208,9 @@ async def test_a_valid_key_is_its_principal() -> None:
     )
 
 
-@pytest.mark.parametrize("shape", ["missing", "malformed", "unknown id", "wrong secret"])
+@pytest.mark.parametrize(
+    "shape", ["missing", "malformed", "unknown id", "wrong secret", "too long"]
+)
 async def test_a_missing_or_wrong_key_is_unauthenticated(shape: str) -> None:
     store = MemoryKeyStore()
     key = store.add("ci", ["jobs:read"])
@@ -218,6 +220,7 @@ async def test_a_missing_or_wrong_key_is_unauthenticated(shape: str) -> None:
         "malformed": "not-a-key",
         "unknown id": f"fms_{'0' * 16}_{'s' * 43}",
         "wrong secret": f"fms_{key_id}_{'s' * 43}",
+        "too long": key + "s" * 1000,
     }[shape]
     with pytest.raises(Unauthenticated) as raised:
         await keyring(store, Clock()).authenticate(presented)
