@@ -1,17 +1,20 @@
-"""What a call claims from its key's limits (services/gateway/limits.py), and that a slot is
-given back even when the check itself fails or the caller leaves during it. The limits store is
-an in-memory stand-in here; tests/integration/test_key_limits.py runs the real one."""
+"""What a call claims from its key's limits (services/gateway/limits.py), that a slot is given
+back even when the check itself fails or the caller leaves during it, and how the client
+coalesces claims (limits_client.py). The cache service is an in-memory stand-in here;
+tests/integration/test_key_limits.py runs the real one."""
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
 from fmserve.errors import Unavailable
 from fmserve.v1 import limits_pb2
 from services.gateway.limits import MAX_MODEL_CHARS, KeyLimits
+from services.gateway.limits_client import LimitsClient
 from services.gateway.principal import Principal
 
 pytestmark = pytest.mark.timeout(10)
@@ -88,3 +91,53 @@ async def test_a_slot_is_given_back_when_the_check_fails_or_the_caller_leaves(
         async with gate.admit(key(max_concurrency=1), "m", 1):
             pytest.fail("admitted without an answer")
     assert [k for k, _ in fake.released] == ["0123456789abcdef"]
+
+
+class SlowCache(LimitsClient):
+    """The client over an in-memory cache service whose Admit answers when told to."""
+
+    def __init__(self) -> None:
+        super().__init__("127.0.0.1:1", 5.0, 1 << 20)
+        self.answer = asyncio.Event()
+        self.calls: list[str] = []
+
+    async def _call(self, method: str, request: Any) -> Any:
+        self.calls.append(method)
+        if method == "Admit":
+            await self.answer.wait()
+            verdicts = [limits_pb2.Verdict(admitted=True) for _ in request.claims]
+            return limits_pb2.AdmitResponse(verdicts=verdicts)
+        return limits_pb2.ReleaseResponse()
+
+
+async def until_called(cache: SlowCache, method: str) -> None:
+    for _ in range(100):
+        if method in cache.calls:
+            return
+        await asyncio.sleep(0)
+    pytest.fail(f"{method} was never called")
+
+
+async def test_a_slot_taken_after_its_caller_left_is_given_back_once_the_check_is_over() -> None:
+    cache = SlowCache()
+    claim = limits_pb2.Claim(key_id="k", max_concurrency=1, call_id="c", lease_ms=1000)
+    waiting = asyncio.create_task(cache.admit(claim))
+    await until_called(cache, "Admit")
+    waiting.cancel()  # the caller leaves while its claim is being checked
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert cache.calls == ["Admit"]  # a release now could reach Redis before the claim
+    cache.answer.set()
+    await until_called(cache, "Release")
+    assert cache.calls == ["Admit", "Release"]
+
+
+async def test_claims_made_during_a_check_go_together_in_the_next() -> None:
+    cache = SlowCache()
+    first = asyncio.create_task(cache.admit(limits_pb2.Claim(key_id="k")))
+    await until_called(cache, "Admit")
+    more = [asyncio.create_task(cache.admit(limits_pb2.Claim(key_id="k"))) for _ in range(5)]
+    await asyncio.sleep(0)
+    cache.answer.set()
+    verdicts = await asyncio.gather(first, *more)
+    assert all(v.admitted for v in verdicts) and cache.calls == ["Admit", "Admit"]
