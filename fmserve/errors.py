@@ -14,7 +14,8 @@ them into wire statuses, and the clients turn wire statuses back into them.
     ├── Unauthenticated               UNAUTHENTICATED   no API key, or a wrong/expired/revoked one
     ├── PermissionDenied              PERMISSION_DENIED the key lacks the scope (named) it needs
     ├── Overloaded                    RESOURCE_EXHAUSTED   queue full, retry later
-    │   └── TooLarge                  RESOURCE_EXHAUSTED   too many items in one request
+    │   ├── TooLarge                  RESOURCE_EXHAUSTED   too many items in one request
+    │   └── RateLimited               RESOURCE_EXHAUSTED   an API key's limit; `retry-after-ms`
     ├── Unavailable                   UNAVAILABLE       a stage or store is down, model not ready
     │   └── ConfigError               UNAVAILABLE       a model's model.toml is invalid
     ├── DeadlineExceeded              DEADLINE_EXCEEDED
@@ -42,6 +43,8 @@ class FmserveError(Exception):
     """Base of every fmserve error; unexpected failures are reported as INTERNAL."""
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    trailing: tuple[tuple[str, str], ...] = ()
+    """Trailing metadata the error adds to its status (besides its class name)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -100,6 +103,19 @@ class Overloaded(FmserveError):
 
 class TooLarge(Overloaded):
     pass
+
+
+RETRY_AFTER_KEY = "retry-after-ms"
+
+
+class RateLimited(Overloaded):
+    """A limit of the caller's API key refused the call; `retry_after_ms` (the `retry-after-ms`
+    trailer on the wire) says when a retry may succeed."""
+
+    def __init__(self, message: str, retry_after_ms: int = 0) -> None:
+        super().__init__(message)
+        self.retry_after_ms = retry_after_ms
+        self.trailing = ((RETRY_AFTER_KEY, str(retry_after_ms)),)
 
 
 class Unavailable(FmserveError):
@@ -163,4 +179,8 @@ def from_rpc_error(error: grpc.RpcError) -> FmserveError:
     trailing = dict(error.trailing_metadata() or ()) if hasattr(error, "trailing_metadata") else {}
     named = _classes().get(str(trailing.get(ERROR_TYPE_KEY, "")))
     cls = named if named is not None and named.code == code else _BY_CODE.get(code, FmserveError)
-    return cls(details or code.name)
+    error = cls(details or code.name)
+    if isinstance(error, RateLimited):
+        after = str(trailing.get(RETRY_AFTER_KEY, ""))
+        error.retry_after_ms = int(after) if after.isdigit() else 0
+    return error

@@ -222,7 +222,7 @@ class _CallScope:
         trailing = [(REQUEST_ID_KEY, self.request_id)]
         if isinstance(exc, FmserveError) and type(exc) is not FmserveError:
             code, message = exc.code, exc.message
-            trailing.append((ERROR_TYPE_KEY, type(exc).__name__))
+            trailing += [(ERROR_TYPE_KEY, type(exc).__name__), *exc.trailing]
         else:
             log.exception("unexpected error in %s", self.method)
             code = grpc.StatusCode.INTERNAL

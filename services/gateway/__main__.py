@@ -11,6 +11,7 @@ from fmserve.queue.records import JobRecords
 from fmserve.queue.topology import Topology
 from fmserve.rpc import service, tls
 from fmserve.rpc.service import Resource, Service
+from fmserve.rpc.tls import Identity
 from services.gateway.access import AccessTable
 from services.gateway.admin import FirstAdminKey, KeyAdmin
 from services.gateway.auth import AuthInterceptor
@@ -18,8 +19,9 @@ from services.gateway.gateway import Gateway
 from services.gateway.jobs import Jobs
 from services.gateway.keyring import KeyRing
 from services.gateway.keystore import KeyStore
+from services.gateway.limits import KeyLimits
+from services.gateway.limits_client import LimitsClient
 from services.gateway.pipeline import Pipeline
-from services.gateway.principal import AdmitAll
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Router
 from services.gateway.server import servicer
@@ -47,7 +49,9 @@ def build(settings: GatewaySettings) -> Service:
     resources.append(keys)
     interceptors = []
     if settings.auth:
-        interceptors.append(_auth(settings, keys, router))
+        limits = _limits(settings, identity)
+        resources.append(limits)
+        interceptors.append(_auth(settings, keys, router, limits))
         if not settings.admin_key.get_secret_value():
             resources.append(FirstAdminKey(admin))
     return Service(
@@ -60,9 +64,19 @@ def build(settings: GatewaySettings) -> Service:
     )
 
 
-def _auth(settings: GatewaySettings, keys: KeyStore, router: Router) -> AuthInterceptor:
+def _auth(
+    settings: GatewaySettings, keys: KeyStore, router: Router, limits: KeyLimits
+) -> AuthInterceptor:
     keyring = KeyRing(keys, settings.key_cache_s, settings.admin_key.get_secret_value())
-    return AuthInterceptor(keyring, AccessTable(_task_of(router)), AdmitAll())
+    return AuthInterceptor(keyring, AccessTable(_task_of(router)), limits)
+
+
+def _limits(settings: GatewaySettings, identity: Identity | None) -> KeyLimits:
+    """Per-key limits, kept by the cache service (see limits.py for what fails closed)."""
+    client = LimitsClient(
+        settings.cache_address, settings.limits_timeout_s, settings.max_message_bytes, identity
+    )
+    return KeyLimits(client, settings.limits_slot_lease_s, settings.key_model_rpm)
 
 
 def _task_of(router: Router) -> Callable[[str], str]:

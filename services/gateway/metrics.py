@@ -21,3 +21,9 @@ LOOKUPS = Counter(
     "Result cache lookups per text, by outcome (hit, miss, error).",
     ["model", "outcome"],
 )
+LIMIT_REFUSALS = Counter(
+    "fmserve_gateway_limit_refusals_total",
+    "Calls refused by an API key's limits, by the key's name (never the key) and reason: rate, "
+    "model_rate, concurrency, quota, or unavailable (the limits could not be checked).",
+    ["key_name", "reason"],
+)

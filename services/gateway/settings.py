@@ -30,6 +30,16 @@ class GatewaySettings(RepositorySettings, AmqpSettings, AuthSettings):
     """A cache lookup slower than this counts as a miss: the cache never holds up an answer."""
     cache_ttl_s: int = 0
     """Time to live of stored results; 0 uses the cache service's default."""
+    limits_timeout_s: float = 2.0
+    """Longest wait for the cache service to check an API key's limits; a call whose limits
+    cannot be checked in time is refused UNAVAILABLE (limits fail closed). A cache service
+    that is down answers at once; this bounds one that is overloaded or hung."""
+    limits_slot_lease_s: float = 30.0
+    """How long a concurrency slot outlives a gateway that stopped renewing it (a crash); a
+    running call's slot is renewed every third of this, so it is held as long as the call."""
+    key_model_rpm: int = 0
+    """Requests per minute one API key may send to any one model (a token bucket per key and
+    model, burst as many), on top of the key's own rpm; 0: no per-model limit."""
     max_batch_size: int = 64
     """Most texts the gateway sends downstream in one call per stage."""
     max_batches_in_flight: int = 4

@@ -72,12 +72,14 @@ class Probe:
 
 async def act(probe: Probe, request: TokenizeRequest, ctx: grpc.aio.ServicerContext) -> None:
     """Do what the request's first text says: `ok`, `raise <ErrorClass>`, `crash`, `abort`,
-    `hang`."""
+    `hang`, `limit <ms>`."""
     probe.see()
     command, _, argument = (request.texts[0] if request.texts else "ok").partition(" ")
     if command == "raise":
         error_class = getattr(errors, argument)
         raise error_class(f"{argument}: the message a person can act on")
+    if command == "limit":
+        raise errors.RateLimited("over the key's limit", int(argument))
     if command == "crash":
         raise RuntimeError(SECRET)
     if command == "abort":
@@ -251,6 +253,14 @@ async def test_each_fmserve_error_keeps_its_code_message_and_class(
     assert error.details() == f"{name}: the message a person can act on"
     assert trailing(error)[ERROR_TYPE_KEY] == name
     assert type(errors.from_rpc_error(error)) is error_class  # the client raises the same class
+
+
+async def test_an_errors_own_trailers_reach_the_client(served: Served) -> None:
+    error = await failure(served.unary()(say("limit 250")))
+    assert error.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert trailing(error)[errors.RETRY_AFTER_KEY] == "250"
+    raised = errors.from_rpc_error(error)
+    assert isinstance(raised, errors.RateLimited) and raised.retry_after_ms == 250
 
 
 async def test_an_unknown_exception_is_internal_with_a_fixed_text(

@@ -1,0 +1,175 @@
+"""Per-key limits at the gateway: the `Admission` that the auth interceptor enters around every
+authorized call. The limits themselves live in Redis behind the cache service (shared by every
+gateway replica); this module decides which ones a call claims, keeps its concurrency slot for
+as long as it runs, gives the slot back on every path, and turns a refusal into an error.
+
+- Rate: a token bucket per key, `rpm` tokens at most (a burst of a full minute), refilled at
+  rpm / 60 per second; and, with `FMSERVE_GATEWAY_KEY_MODEL_RPM`, one per key and model.
+- Concurrency: a slot per running call, `max_concurrency` at once, leased for
+  `limits_slot_lease_s` and renewed while the call runs, so a crashed gateway's slots free
+  themselves.
+- Quota: `daily_items` items (texts) per UTC day, counted when a call is admitted.
+
+A key with no limit at all is admitted without any call to the cache service: an outage of the
+cache service or Redis neither slows nor blocks it. A key with limits fails closed: when its
+limits cannot be checked the call is refused UNAVAILABLE, because an outage must not open the
+gates.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
+
+from fmserve.errors import FmserveError, RateLimited, Unavailable
+from fmserve.v1 import limits_pb2
+from services.gateway.limits_client import LimitsClient
+from services.gateway.metrics import LIMIT_REFUSALS
+from services.gateway.principal import Principal
+
+log = logging.getLogger("fmserve.gateway.limits")
+
+KEY_BUCKET = "key"
+MODEL_BUCKET = "model:"
+# Longest model name kept in a bucket's Redis key: the name comes from the client.
+MAX_MODEL_CHARS = 128
+_NOTHING: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+
+
+class KeyLimits:
+    """The gateway's `Admission`: per-key rate, concurrency and daily item limits."""
+
+    def __init__(self, client: LimitsClient, slot_lease_s: float, key_model_rpm: int) -> None:
+        self.client = client
+        self.lease_ms = max(1, int(slot_lease_s * 1000))
+        self.key_model_rpm = key_model_rpm
+        self._held: dict[str, str] = {}  # call id → key id, renewed until released
+        self._renewer: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        await self.client.start()
+        self._renewer = asyncio.create_task(self._renew_forever())
+
+    async def stop(self) -> None:
+        if self._renewer is not None:
+            self._renewer.cancel()
+            await asyncio.gather(self._renewer, return_exceptions=True)
+            self._renewer = None
+        await self.client.stop()
+
+    def admit(
+        self, principal: Principal, model: str, items: int
+    ) -> AbstractAsyncContextManager[None]:
+        claim = self.claim(principal, model, items)
+        if claim is None:
+            return _NOTHING  # no limits: no call to the cache service, nothing per call
+        return self._admitted(principal, claim)
+
+    @contextlib.asynccontextmanager
+    async def _admitted(self, principal: Principal, claim: limits_pb2.Claim) -> AsyncIterator[None]:
+        await self._enter(principal, claim)
+        try:
+            yield
+        finally:
+            if claim.max_concurrency:
+                self._release(claim.key_id, claim.call_id)
+
+    def claim(self, principal: Principal, model: str, items: int) -> limits_pb2.Claim | None:
+        """What a call by this key claims from its limits; None when the key has none."""
+        buckets = []
+        if principal.rpm > 0:
+            buckets.append(limits_pb2.Bucket(name=KEY_BUCKET, per_minute=principal.rpm))
+        if self.key_model_rpm > 0 and model:
+            name = MODEL_BUCKET + model[:MAX_MODEL_CHARS]
+            buckets.append(limits_pb2.Bucket(name=name, per_minute=self.key_model_rpm))
+        if not (buckets or principal.max_concurrency or principal.daily_items):
+            return None
+        for bucket in buckets:
+            bucket.burst = bucket.per_minute  # a full minute's worth, as documented
+        return limits_pb2.Claim(
+            key_id=principal.key_id,
+            buckets=buckets,
+            max_concurrency=principal.max_concurrency,
+            call_id=uuid.uuid4().hex if principal.max_concurrency else "",
+            lease_ms=self.lease_ms,
+            daily_items=principal.daily_items,
+            items=items if principal.daily_items else 0,
+        )
+
+    async def _enter(self, principal: Principal, claim: limits_pb2.Claim) -> None:
+        try:
+            reply = await self.client.admit(claim)
+        except BaseException as exc:
+            # The slot may have been taken before the answer was lost (or the caller left).
+            if claim.max_concurrency:
+                self._release(claim.key_id, claim.call_id)
+            if isinstance(exc, Unavailable):
+                LIMIT_REFUSALS.labels(principal.name, "unavailable").inc()
+            raise
+        if not reply.admitted:
+            reason, error = refusal(principal, claim, reply)
+            LIMIT_REFUSALS.labels(principal.name, reason).inc()
+            raise error
+        if claim.max_concurrency:
+            self._held[claim.call_id] = claim.key_id
+
+    def _release(self, key_id: str, call_id: str) -> None:
+        """Give the slot back without holding up the call's answer (its lease is the backstop)."""
+        self._held.pop(call_id, None)
+        self.client.release(key_id, call_id)
+
+    async def _renew_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.lease_ms / 3000)
+            slots = [(key_id, call_id) for call_id, key_id in self._held.items()]
+            if not slots:
+                continue
+            try:
+                await self.client.renew(slots, self.lease_ms)
+            except FmserveError as exc:
+                log.warning(
+                    "could not renew %d concurrency slots (a slot lapses unrenewed): %s",
+                    len(slots),
+                    exc,
+                )
+
+
+_REASONS = {
+    limits_pb2.LIMIT_REASON_RATE: "rate",
+    limits_pb2.LIMIT_REASON_CONCURRENCY: "concurrency",
+    limits_pb2.LIMIT_REASON_QUOTA: "quota",
+}
+
+
+def refusal(
+    principal: Principal, claim: limits_pb2.Claim, reply: limits_pb2.Verdict
+) -> tuple[str, RateLimited]:
+    """The metric's reason and the error a refused call gets: which limit, and when to retry."""
+    reason = _REASONS.get(reply.reason, "rate")
+    after = reply.retry_after_ms
+    key = f"API key {principal.name!r}"
+    if reason == "concurrency":
+        message = f"{key} already has {principal.max_concurrency} calls running, its limit"
+    elif reason == "quota":
+        message = _quota_message(key, principal.daily_items, reply.items_used, claim.items)
+    elif reply.bucket.startswith(MODEL_BUCKET):
+        reason = "model_rate"
+        model = reply.bucket.removeprefix(MODEL_BUCKET)
+        rpm = claim.buckets[-1].per_minute  # the model's bucket comes last
+        message = f"{key} is over the limit of {rpm} requests per minute to model {model!r}"
+    else:
+        message = f"{key} is over its limit of {principal.rpm} requests per minute"
+    return reason, RateLimited(f"{message}; retry in {after} ms", after)
+
+
+def _quota_message(key: str, daily: int, used: int, items: int) -> str:
+    if items > daily:
+        return (
+            f"{key} may send {daily} items a day, and this call brings {items}: split it; "
+            "the quota resets at 00:00 UTC"
+        )
+    return f"{key} has used {used} of its {daily} items today (UTC) and this call brings {items}"
