@@ -9,10 +9,12 @@ from fmserve.queue.topology import Topology
 from fmserve.rpc import service
 from fmserve.rpc.service import Resource, Service
 from services.gateway.gateway import Gateway
+from services.gateway.generator import Generator
 from services.gateway.jobs import Jobs
 from services.gateway.pipeline import Pipeline
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Router
+from services.gateway.sampling import StopLimits
 from services.gateway.server import servicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.stages import StageClients
@@ -31,8 +33,11 @@ def build(settings: GatewaySettings) -> Service:
     records = JobRecords(settings.cache_address, settings.max_message_bytes)
     broker = _broker(settings) if settings.jobs_enabled else None
     jobs = Jobs(router, broker, records, settings)
+    limits = StopLimits(settings.max_stop_strings, settings.max_stop_chars)
+    generator = Generator(router, stages, cache, limits, settings.generate_timeout_s)
     resources: list[Resource] = [stages, pipeline, cache, records, *([broker] if broker else [])]
-    return Service("gateway", settings, [servicer(gateway, jobs)], resources=resources)
+    servicers = [servicer(gateway, jobs, generator)]
+    return Service("gateway", settings, servicers, resources=resources)
 
 
 def _broker(settings: GatewaySettings) -> Broker:

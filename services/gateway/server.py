@@ -11,18 +11,30 @@ from fmserve.rpc.service import Servicer
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2
 from services.gateway import codec
 from services.gateway.gateway import Gateway
+from services.gateway.generator import Generator
 from services.gateway.jobs import Jobs
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway, jobs: Jobs) -> None:
+    def __init__(self, gateway: Gateway, jobs: Jobs, generator: Generator) -> None:
         self.gateway = gateway
         self.jobs = jobs
+        self.generator = generator
 
     async def Infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.InferResponse:
         return codec.to_wire(await self.gateway.infer(codec.to_domain(request)))
+
+    async def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        # Closed as soon as the call ends (the client left, the deadline passed), which cancels
+        # the inference stream at once rather than when the generator is collected.
+        call = codec.generate_to_domain(request)
+        async with contextlib.aclosing(self.generator.generate(call)) as events:
+            async for event in events:
+                yield codec.event_to_wire(event)
 
     async def ListModels(
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -69,9 +81,11 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
         return jobs_pb2.ListJobsResponse(jobs=await self.jobs.list(request.limit))
 
 
-def servicer(gateway: Gateway, jobs: Jobs) -> Servicer:
+def servicer(gateway: Gateway, jobs: Jobs, generator: Generator) -> Servicer:
     """The servicer as `fmserve.rpc.service.Service` registers it."""
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     return Servicer(
-        gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(gateway, jobs), name
+        gateway_pb2_grpc.add_GatewayServicer_to_server,
+        GatewayServicer(gateway, jobs, generator),
+        name,
     )

@@ -63,3 +63,10 @@ class GatewaySettings(RepositorySettings, AmqpSettings):
     """WatchJob streams open at once; more are refused with RESOURCE_EXHAUSTED. 0: no bound."""
     max_watchers_per_connection: int = 100
     """WatchJob streams open at once on one client connection; 0: no bound."""
+    max_stop_strings: int = 16
+    """Most stop strings in one Generate request."""
+    max_stop_chars: int = 256
+    """Longest stop string, in characters."""
+    generate_timeout_s: float = 300.0
+    """Deadline for a Generate stream whose client sent none (generation takes longer than
+    an Infer call)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from fmserve.core.repository import ModelRepository
 from fmserve.rpc import service
 from fmserve.rpc.service import Service
+from services.postprocess.detokenizers import Detokenizers
 from services.postprocess.postprocessor import Postprocessor
 from services.postprocess.server import servicer
 from services.postprocess.settings import PostprocessSettings
@@ -16,8 +17,10 @@ def build(settings: PostprocessSettings) -> Service:
     the queue workers (stopped first, while the postprocessor still runs)."""
     repository = ModelRepository(settings.model_repository)
     postprocessor = Postprocessor(repository, settings.offload_min_rows, settings.worker_threads)
-    resources = [postprocessor, *worker_resources(settings, postprocessor)]
-    return Service("postprocess", settings, [servicer(postprocessor)], resources=resources)
+    detokenizers = Detokenizers(repository)
+    resources = [postprocessor, detokenizers, *worker_resources(settings, postprocessor)]
+    servicers = [servicer(postprocessor, detokenizers)]
+    return Service("postprocess", settings, servicers, resources=resources)
 
 
 def main() -> None:
