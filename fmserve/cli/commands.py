@@ -42,7 +42,12 @@ from fmserve.core.settings import (
 )
 from fmserve.errors import FmserveError
 
-_CLUSTER_WIDE = {"FMSERVE_LOG_LEVEL", "FMSERVE_LOG_FORMAT", "FMSERVE_MODEL_REPOSITORY"}
+_CLUSTER_WIDE = {
+    "FMSERVE_LOG_LEVEL",
+    "FMSERVE_LOG_FORMAT",
+    "FMSERVE_MODEL_REPOSITORY",
+    "FMSERVE_CONVERTED_CACHE",
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -297,6 +302,7 @@ def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
     print(f"\n**{title}**\n\n| variable | default | meaning |\n|---|---|---|")
     for env, default, doc in rows:
         default = default.replace(str(DEFAULT_REPOSITORY), "models/ (in the checkout)")
+        default = default.replace(str(Path.home()), "~")
         print(f"| `{env}` | `{default}` | {doc} |")
 
 

@@ -27,7 +27,9 @@ def build(settings: GatewaySettings) -> Service:
     pipeline = Pipeline(stages, settings)
     cache = ResultCache(stages, settings)
     router = Router(
-        ModelRepository(settings.model_repository), settings.max_items, settings.max_text_chars
+        ModelRepository(settings.model_repository, settings.converted_cache),
+        settings.max_items,
+        settings.max_text_chars,
     )
     gateway = Gateway(router, pipeline, cache, settings.default_timeout_s)
     records = JobRecords(settings.cache_address, settings.max_message_bytes)

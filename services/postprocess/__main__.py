@@ -15,7 +15,7 @@ from services.postprocess.worker import worker_resources
 def build(settings: PostprocessSettings) -> Service:
     """The service wired from its settings: model repository → postprocessor → servicer, and
     the queue workers (stopped first, while the postprocessor still runs)."""
-    repository = ModelRepository(settings.model_repository)
+    repository = ModelRepository(settings.model_repository, settings.converted_cache)
     postprocessor = Postprocessor(repository, settings.offload_min_rows, settings.worker_threads)
     detokenizers = Detokenizers(repository)
     resources = [postprocessor, detokenizers, *worker_resources(settings, postprocessor)]
