@@ -13,11 +13,27 @@ Batch jobs: submit any iterable of texts (streamed to the gateway in chunks), th
         for item in job.results():                           # item order, fetched page by page
             print(item.index, item.result if item.ok else item.error)
 
+Generation (a text-generation model such as smollm2): the finished text, or a stream of it:
+
+        g = c.generate("Write a haiku", model="smollm2", max_new_tokens=64)  # g.text, g.usage
+        for event in c.stream(messages=[{"role": "user", "content": "Hi"}], model="smollm2"):
+            print(getattr(event, "text", ""), end="", flush=True)  # deltas, then the Generation
+
 gRPC failures arrive as `fmserve.errors` exceptions (see that module's tree)."""
 
 from fmserve.client.aio import AsyncClient, AsyncJob
 from fmserve.client.sync import Client, Job
-from fmserve.client.types import Answer, Entity, JobItem, JobStatus, LabelScore, ModelInfo
+from fmserve.client.types import (
+    Answer,
+    Entity,
+    Generation,
+    GenerationDelta,
+    JobItem,
+    JobStatus,
+    LabelScore,
+    ModelInfo,
+    Usage,
+)
 
 __all__ = [
     "Answer",
@@ -25,9 +41,12 @@ __all__ = [
     "AsyncJob",
     "Client",
     "Entity",
+    "Generation",
+    "GenerationDelta",
     "Job",
     "JobItem",
     "JobStatus",
     "LabelScore",
     "ModelInfo",
+    "Usage",
 ]
