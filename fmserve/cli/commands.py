@@ -5,6 +5,7 @@
     fmserve embed --model minilm-embed "text"   vectors
     fmserve classify --model minilm-sentiment "I love it"
     fmserve entities --model my-ner "Ada lives in London"
+    fmserve generate --model smollm2 "Once upon a time"   text, printed as it arrives
     fmserve submit --model minilm-embed --input items.jsonl --output results.jsonl --wait
     fmserve job ID / fmserve jobs / fmserve cancel ID
 
@@ -23,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.cli import stores
+from fmserve.cli import generate, stores
 from fmserve.cli.cluster import (
     METRICS_PORT_OFFSET,
     PORT_ORDER,
@@ -88,6 +89,7 @@ def _parser() -> argparse.ArgumentParser:
     config.set_defaults(run=_config)
 
     _job_commands(commands)
+    generate.add_command(commands)
 
     for name, helptext in (
         ("embed", "one vector per text"),
