@@ -1,0 +1,240 @@
+"""Generation through the five real services: gateway Generate → preprocess EncodePrompt →
+inference ModelStreamInfer ⇄ postprocess Detokenize, on the test repository's tiny Llama and
+GPT-2, checked against transformers' `model.generate` in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import urllib.request
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from fmserve.cli.cluster import Cluster
+from fmserve.client import AsyncClient, Client, Generation, GenerationDelta
+from fmserve.errors import InputTooLong, InvalidInput, WrongTask
+
+pytestmark = pytest.mark.timeout(300)
+
+PROMPTS = [
+    "def generate(prompt: str) -> str:",
+    "numbers 0123",
+    "return prompt",
+    "the quick brown fox",
+    "str) -> str",
+    "hello world",
+    "# numbers 9876543210",
+    "prompt[::-1]",
+]
+
+
+@pytest.fixture(scope="module")
+def client(gateway_address: str):
+    with Client(gateway_address, timeout=120) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def reference(model_repository: Path):
+    """The tiny models in-process, as `model.generate` runs them."""
+    loaded = {}
+    for name in ("tiny-llama", "tiny-gpt2"):
+        folder = model_repository / name / "1"
+        model = AutoModelForCausalLM.from_pretrained(folder).eval()
+        loaded[name] = (model, AutoTokenizer.from_pretrained(folder))
+    return loaded
+
+
+def greedy(reference, model: str, prompt: str, max_new_tokens: int) -> list[int]:
+    lm, tokenizer = reference[model]
+    ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = lm.generate(
+            ids, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+        )
+    return out[0, ids.shape[1] :].tolist()
+
+
+def unique(prompt: str) -> str:
+    """A prompt no other test sent: its first answer cannot come from the cache."""
+    return f"{prompt} {uuid.uuid4().hex[:6]}"
+
+
+def metric(cluster: Cluster, service: str, name: str, **labels: str) -> float:
+    port = cluster.replicas_of[service][0].metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(w in line for w in want)
+    )
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+def test_greedy_equals_model_generate_token_for_token(client, reference, model):
+    for prompt in PROMPTS[:3]:
+        g = client.generate(prompt, model=model, max_new_tokens=24, cache="bypass")
+
+        assert g.token_ids == greedy(reference, model, prompt, 24), prompt
+        tokenizer = reference[model][1]
+        assert g.text == tokenizer.decode(g.token_ids, skip_special_tokens=True)
+        assert g.finish_reason == ("length" if len(g.token_ids) == 24 else "stop")
+        assert g.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
+        assert g.usage.completion_tokens == len(g.token_ids)
+        assert not g.cached
+
+
+def test_stream_deltas_concatenate_to_the_final_text(client):
+    events = list(client.stream(unique("numbers"), model="tiny-llama", max_new_tokens=40))
+
+    *deltas, final = events
+    assert isinstance(final, Generation) and deltas
+    assert all(isinstance(d, GenerationDelta) for d in deltas)
+    assert "".join(d.text for d in deltas) == final.text
+    assert [t for d in deltas for t in d.token_ids] == final.token_ids
+    assert all("\ufffd" not in d.text for d in deltas)
+
+
+def test_a_stop_string_across_token_boundaries(client, reference):
+    prompt = unique(PROMPTS[0])
+    tokenizer = reference["tiny-llama"][1]
+    full = client.generate(prompt, model="tiny-llama", max_new_tokens=40, cache="bypass")
+    pieces = [tokenizer.decode(full.token_ids[:n]) for n in range(len(full.token_ids) + 1)]
+    # A stop string made of the end of one token's text and the start of the next one's.
+    k = next(
+        k for k in range(3, len(pieces) - 1) if pieces[k] and len(pieces[k + 1]) > len(pieces[k])
+    )
+    stop = pieces[k][-1] + pieces[k + 1][len(pieces[k])]
+    expected = full.text[: full.text.index(stop)]
+
+    events = list(client.stream(prompt, model="tiny-llama", max_new_tokens=40, stop=[stop]))
+
+    final = events[-1]
+    assert final.finish_reason == "stop"
+    assert final.text == expected
+    assert "".join(e.text for e in events[:-1]) == expected
+    assert len(final.token_ids) < len(full.token_ids) or expected != full.text
+
+
+def test_finish_reasons_length_and_stop_token(client):
+    prompt = unique(PROMPTS[1])
+    long = client.generate(prompt, model="tiny-llama", max_new_tokens=6, cache="bypass")
+    assert (long.finish_reason, len(long.token_ids)) == ("length", 6)
+
+    third = long.token_ids[2]
+    cut = client.generate(
+        prompt, model="tiny-llama", max_new_tokens=6, stop_token_ids=[third], cache="bypass"
+    )
+    assert cut.finish_reason == "stop"
+    assert cut.token_ids == long.token_ids[: long.token_ids.index(third) + 1]
+
+
+def test_chat_messages_go_through_the_chat_template(client, reference):
+    lm, tokenizer = reference["tiny-llama"]
+    messages = [{"role": "system", "content": "Reverse it."}, {"role": "user", "content": "abc"}]
+    ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
+    ids = ids["input_ids"] if not isinstance(ids, torch.Tensor) else ids
+    with torch.no_grad():
+        out = lm.generate(ids, max_new_tokens=12, do_sample=False, pad_token_id=2)
+
+    g = client.generate(messages=messages, model="tiny-llama", max_new_tokens=12, cache="bypass")
+
+    assert g.token_ids == out[0, ids.shape[1] :].tolist()
+    assert g.usage.prompt_tokens == ids.shape[1]
+
+
+def test_seeded_sampling_is_reproducible(client):
+    prompt = unique(PROMPTS[3])
+    runs = [
+        client.generate(
+            prompt, model="tiny-llama", max_new_tokens=16, temperature=1.0, seed=11, cache="bypass"
+        )
+        for _ in range(2)
+    ]
+    assert runs[0].token_ids == runs[1].token_ids
+
+
+def test_a_deterministic_repeat_is_answered_from_the_cache(client):
+    prompt = unique(PROMPTS[5])
+    first = client.generate(prompt, model="tiny-gpt2", max_new_tokens=12)
+    deadline = time.monotonic() + 5  # the store is in the background
+    while not (again := client.generate(prompt, model="tiny-gpt2", max_new_tokens=12)).cached:
+        assert time.monotonic() < deadline, "the repeat never came from the cache"
+        time.sleep(0.1)
+
+    assert not first.cached
+    assert (again.text, again.token_ids, again.finish_reason) == (
+        first.text,
+        first.token_ids,
+        first.finish_reason,
+    )
+    other = client.generate(prompt, model="tiny-gpt2", max_new_tokens=11)
+    assert not other.cached  # another parameter, another key
+    assert not client.generate(prompt, model="tiny-gpt2", max_new_tokens=12, cache="bypass").cached
+
+
+def test_eight_concurrent_streams_are_each_correct(gateway_address, reference):
+    async def run() -> list[Generation]:
+        async with AsyncClient(gateway_address, timeout=120) as client:
+            calls = [
+                client.generate(p, model="tiny-llama", max_new_tokens=20, cache="bypass")
+                for p in PROMPTS
+            ]
+            return list(await asyncio.gather(*calls))
+
+    results = asyncio.run(run())
+
+    for prompt, g in zip(PROMPTS, results, strict=True):
+        assert g.token_ids == greedy(reference, "tiny-llama", prompt, 20), prompt
+
+
+def test_cancel_mid_stream_frees_the_sequence(client, cluster):
+    stream = client.stream(unique("cancel"), model="tiny-llama", max_new_tokens=128, cache="bypass")
+    first = next(stream)
+    assert isinstance(first, GenerationDelta)
+    stream.close()  # the client cancels the call
+
+    deadline = time.monotonic() + 10
+    while metric(cluster, "inference", "fmserve_inference_sequences_active", model="tiny-llama"):
+        assert time.monotonic() < deadline, "the cancelled sequence is still decoding"
+        time.sleep(0.1)
+    assert client.generate("after", model="tiny-llama", max_new_tokens=4).token_ids
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        ({"prompt": ""}, InvalidInput, "prompt is empty and there are no messages"),
+        (
+            {"prompt": "x", "messages": [{"role": "user", "content": "y"}]},
+            InvalidInput,
+            "prompt and messages are both set",
+        ),
+        ({"messages": [{"role": "", "content": "y"}]}, InvalidInput, r"messages\[0\].role"),
+        ({"messages": [{"role": "user", "content": ""}]}, InvalidInput, r"messages\[0\].content"),
+        ({"prompt": "hello " * 300}, InputTooLong, "prompt is .* tokens and max_new_tokens"),
+        ({"prompt": "x", "max_new_tokens": 0}, InvalidInput, "max_new_tokens must be 1 to 128"),
+        ({"prompt": "x", "max_new_tokens": 129}, InvalidInput, "max_new_tokens must be 1 to 128"),
+        ({"prompt": "x", "temperature": -1}, InvalidInput, "temperature must be >= 0"),
+        ({"prompt": "x", "top_p": 0}, InvalidInput, r"top_p must be in \(0, 1\]"),
+        ({"prompt": "x", "top_p": 1.5}, InvalidInput, r"top_p must be in \(0, 1\]"),
+        ({"prompt": "x", "top_k": -1}, InvalidInput, "top_k must be 0"),
+        ({"prompt": "x", "stop": ["a"] * 17}, InvalidInput, "stop has 17 strings"),
+        ({"prompt": "x", "stop": ["a", ""]}, InvalidInput, r"stop\[1\] is empty"),
+    ],
+)
+def test_bad_input_is_invalid_argument_naming_the_field(client, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        client.generate(model="tiny-llama", **kwargs)
+
+
+def test_generate_on_an_encoder_is_a_wrong_task(client):
+    with pytest.raises(WrongTask, match="minilm-embed"):
+        client.generate("hello", model="minilm-embed")
+    with pytest.raises(WrongTask, match="tiny-llama"):
+        client.embed(["hello"], model="tiny-llama")
