@@ -89,7 +89,7 @@ def test_greedy_equals_model_generate_token_for_token(client, reference, model):
         assert not g.cached
 
 
-def test_stream_deltas_concatenate_to_the_final_text(client):
+def test_stream_deltas_concatenate_to_the_final_text(client, reference):
     events = list(client.stream(unique("numbers"), model="tiny-llama", max_new_tokens=40))
 
     *deltas, final = events
@@ -97,7 +97,11 @@ def test_stream_deltas_concatenate_to_the_final_text(client):
     assert all(isinstance(d, GenerationDelta) for d in deltas)
     assert "".join(d.text for d in deltas) == final.text
     assert [t for d in deltas for t in d.token_ids] == final.token_ids
-    assert all("\ufffd" not in d.text for d in deltas)
+    # A random tiny model may emit byte tokens that make no valid UTF-8: the full decode has
+    # U+FFFD there too. Whole characters split over tokens are the unit tests' subject.
+    assert final.text == reference["tiny-llama"][1].decode(
+        final.token_ids, skip_special_tokens=True
+    )
 
 
 def test_a_stop_string_across_token_boundaries(client, reference):
