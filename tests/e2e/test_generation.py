@@ -16,7 +16,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fmserve.cli.cluster import Cluster
 from fmserve.client import AsyncClient, Client, Generation, GenerationDelta
-from fmserve.errors import InputTooLong, InvalidInput, WrongTask
+from fmserve.errors import InputTooLong, InvalidInput, Unavailable, WrongTask
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -242,3 +242,30 @@ def test_generate_on_an_encoder_is_a_wrong_task(client):
         client.generate("hello", model="minilm-embed")
     with pytest.raises(WrongTask, match="tiny-llama"):
         client.embed(["hello"], model="tiny-llama")
+
+
+@pytest.mark.parametrize("stage", ["postprocess", "inference"])
+def test_a_stage_killed_mid_stream_fails_it_unavailable_then_recovers(client, cluster, stage):
+    replica = cluster.replicas_of[stage][0]
+    assert replica.process is not None
+    events = client.stream(unique("kill"), model="tiny-llama", max_new_tokens=128, cache="bypass")
+    assert isinstance(next(events), GenerationDelta)
+
+    replica.process.kill()
+    replica.process.wait()
+    started = time.monotonic()
+    with pytest.raises(Unavailable, match=stage):
+        for _ in events:
+            pass
+    assert time.monotonic() - started < 10
+
+    cluster.supervise_once()
+    cluster.wait_healthy(replica, time.monotonic() + 120)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert client.generate("back", model="tiny-llama", max_new_tokens=4).token_ids
+            break
+        except Unavailable:
+            assert time.monotonic() < deadline, f"the gateway did not reach the restarted {stage}"
+            time.sleep(0.2)
