@@ -129,8 +129,7 @@ class Generation:
     text: str
     """The generated text, without the prompt and without the stop string that ended it."""
     finish_reason: str
-    """"stop" (EOS, a stop token or string), "length" (max_new_tokens, the context) or
-    "cancelled"."""
+    """"stop" (EOS, a stop token or string) or "length" (max_new_tokens, the context)."""
     usage: Usage
     token_ids: list[int]
     cached: bool = False

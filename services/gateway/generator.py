@@ -12,6 +12,8 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 
+from opentelemetry import trace
+
 from fmserve.core import context
 from fmserve.core.tasks import TaskName
 from fmserve.errors import DeadlineExceeded
@@ -90,6 +92,7 @@ class Generator:
             yield delta
         if key and call.cache_policy is not CachePolicy.BYPASS:
             self.cache.store([(key, common_pb2.Result(generation=run.generation))])
+        _annotate(run.generation)
         yield Finished(route, run.generation)
 
     async def _stream(
@@ -149,6 +152,14 @@ class _Run:
             usage=usage
             or common_pb2.Usage(prompt_tokens=self.prompt_tokens, completion_tokens=completion),
         )
+
+
+def _annotate(generation: common_pb2.Generation) -> None:
+    """The stream's span (opened by the server interceptor) says how the generation went."""
+    span = trace.get_current_span()
+    span.set_attribute("fmserve.generation.prompt_tokens", generation.usage.prompt_tokens)
+    span.set_attribute("fmserve.generation.completion_tokens", generation.usage.completion_tokens)
+    span.set_attribute("fmserve.generation.finish_reason", generation.finish_reason)
 
 
 def _left(deadline: float) -> float:
