@@ -5,6 +5,7 @@ GPT-2, checked against transformers' `model.generate` in-process."""
 from __future__ import annotations
 
 import asyncio
+import shutil
 import time
 import urllib.request
 import uuid
@@ -16,7 +17,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fmserve.cli.cluster import Cluster
 from fmserve.client import AsyncClient, Client, Generation, GenerationDelta
-from fmserve.errors import InputTooLong, InvalidInput, Unavailable, WrongTask
+from fmserve.core.repository import ModelRepository
+from fmserve.errors import DeadlineExceeded, InputTooLong, InvalidInput, Unavailable, WrongTask
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -269,3 +271,37 @@ def test_a_stage_killed_mid_stream_fails_it_unavailable_then_recovers(client, cl
         except Unavailable:
             assert time.monotonic() < deadline, f"the gateway did not reach the restarted {stage}"
             time.sleep(0.2)
+
+
+def test_a_passed_deadline_ends_the_stream_and_frees_the_sequence(client, cluster):
+    with pytest.raises(DeadlineExceeded):
+        client.generate(unique("slow"), model="tiny-llama", max_new_tokens=128, timeout=0.3)
+
+    deadline = time.monotonic() + 10
+    while metric(cluster, "inference", "fmserve_inference_sequences_active", model="tiny-llama"):
+        assert time.monotonic() < deadline, "the expired sequence is still decoding"
+        time.sleep(0.1)
+
+
+def test_smollm2_chat_greedy_equals_model_generate(client, model_repository):
+    bundled = Path(__file__).resolve().parents[2] / "models" / "smollm2" / "model.toml"
+    (model_repository / "smollm2").mkdir(exist_ok=True)
+    shutil.copy(bundled, model_repository / "smollm2" / "model.toml")
+    folder = ModelRepository(model_repository).get("smollm2").files()
+    lm = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+
+    for question in ("What is the capital of France?", "Write one word: ça, 東京 or 😀?"):
+        messages = [{"role": "user", "content": question}]
+        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        ids = tokenizer(ids, add_special_tokens=False, return_tensors="pt")["input_ids"]
+        with torch.no_grad():
+            out = lm.generate(ids, max_new_tokens=16, do_sample=False)
+        expected = out[0, ids.shape[1] :].tolist()
+
+        events = list(client.stream(messages=messages, model="smollm2", max_new_tokens=16))
+
+        final = events[-1]
+        assert final.token_ids == expected, question
+        assert final.text == tokenizer.decode(expected, skip_special_tokens=True)
+        assert "".join(e.text for e in events[:-1]) == final.text
