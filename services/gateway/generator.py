@@ -23,7 +23,7 @@ from services.gateway.gateway import CachePolicy
 from services.gateway.metrics import INTER_TOKEN_LATENCY, TIME_TO_FIRST_TOKEN, TOKENS_GENERATED
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Route, Router
-from services.gateway.sampling import Prompt, Sampling, StopLimits, checked
+from services.gateway.sampling import Prompt, Sampling, StopLimits, check_prompt_size, checked
 from services.gateway.stages import StageClients
 
 
@@ -76,6 +76,7 @@ class Generator:
         route = self.router.route(call.model, call.version, TaskName.TEXT_GENERATION, False, 0)
         config = self.router.repository.get(route.model)
         sampling = checked(call.sampling, config, self.limits)
+        check_prompt_size(call.prompt, self.router.max_text_chars)
         key = generation_key(route, call.prompt, sampling) if sampling.deterministic else None
         if key and call.cache_policy is CachePolicy.USE:
             [hit] = await self.cache.lookup(route.model, [key])

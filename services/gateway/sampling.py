@@ -43,6 +43,15 @@ class StopLimits:
     max_stop_chars: int
 
 
+def check_prompt_size(prompt: Prompt, max_chars: int) -> None:
+    """The gateway's bound on what it forwards (token limits are the model's, checked by
+    preprocess, which also judges whether the prompt or messages are well formed)."""
+    size = len(prompt.prompt) + sum(len(role) + len(content) for role, content in prompt.messages)
+    if size > max_chars:
+        field = "messages" if prompt.messages else "prompt"
+        raise InvalidInput(f"{field} has {size} characters; the limit is {max_chars}")
+
+
 def checked(sampling: Sampling, config: ModelConfig, limits: StopLimits) -> Sampling:
     """The parameters with max_new_tokens resolved, or InvalidInput naming the first bad one."""
     cap = config.generation.max_new_tokens

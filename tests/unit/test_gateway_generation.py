@@ -15,7 +15,7 @@ from fmserve.core.tasks import TaskName
 from fmserve.errors import FmserveError, InvalidInput, NotFound, Overloaded
 from services.gateway.cache_keys import generation_key
 from services.gateway.routes import Route
-from services.gateway.sampling import Prompt, Sampling, StopLimits, checked
+from services.gateway.sampling import Prompt, Sampling, StopLimits, check_prompt_size, checked
 from services.gateway.streams import in_stream_error, infer_request, step_to_domain
 
 LIMITS = StopLimits(max_stop_strings=4, max_stop_chars=8)
@@ -52,6 +52,14 @@ def test_defaults_pass_and_max_new_tokens_takes_the_models_default(config):
 def test_bad_parameters_are_refused_naming_the_field(config, sampling, message):
     with pytest.raises(InvalidInput, match=f"^{message}"):
         checked(sampling, config, LIMITS)
+
+
+def test_prompts_over_the_gateways_size_limit_are_refused_naming_the_field():
+    check_prompt_size(Prompt("x" * 10), max_chars=10)
+    with pytest.raises(InvalidInput, match=r"^prompt has 11 characters; the limit is 10"):
+        check_prompt_size(Prompt("x" * 11), max_chars=10)
+    with pytest.raises(InvalidInput, match=r"^messages has 11 characters; the limit is 10"):
+        check_prompt_size(Prompt(messages=(("user", "x" * 7),)), max_chars=10)
 
 
 def test_only_greedy_or_seeded_requests_are_deterministic():
