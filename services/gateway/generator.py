@@ -9,7 +9,8 @@ deterministic request is answered from the result cache when it can be, and stor
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncGenerator, AsyncIterator
+from collections.abc import AsyncGenerator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 
 from opentelemetry import trace
@@ -74,31 +75,41 @@ class Generator:
         started = time.monotonic()
         deadline = started + context.remaining_s(self.timeout_s)
         route = self.router.route(call.model, call.version, TaskName.TEXT_GENERATION, False, 0)
-        config = self.router.repository.get(route.model)
-        sampling = checked(call.sampling, config, self.limits)
+        sampling = checked(call.sampling, self.router.repository.get(route.model), self.limits)
         check_prompt_size(call.prompt, self.router.max_text_chars)
         key = generation_key(route, call.prompt, sampling) if sampling.deterministic else None
-        if key and call.cache_policy is CachePolicy.USE:
-            [hit] = await self.cache.lookup(route.model, [key])
-            if hit is not None and hit.HasField("generation"):
-                TOKENS_GENERATED.labels(route.model).inc(len(hit.generation.token_ids))
-                yield Delta(hit.generation.text, list(hit.generation.token_ids))
-                yield Finished(route, hit.generation, cached=True)
-                return
+        if (hit := await self._cached(route, key, call.cache_policy)) is not None:
+            yield Delta(hit.text, list(hit.token_ids))
+            yield Finished(route, hit, cached=True)
+            return
         input_ids = await self.stages.encode_prompt(
             route, call.prompt, sampling.max_new_tokens or 0, _left(deadline)
         )
         run = _Run(route, len(input_ids), started)
-        async for delta in self._stream(run, input_ids, sampling, deadline):
-            yield delta
+        # Closed with this generator, so a caller who leaves cancels the inference at once.
+        async with aclosing(self._stream(run, input_ids, sampling, deadline)) as deltas:
+            async for delta in deltas:
+                yield delta
         if key and call.cache_policy is not CachePolicy.BYPASS:
             self.cache.store([(key, common_pb2.Result(generation=run.generation))])
         _annotate(run.generation)
         yield Finished(route, run.generation)
 
+    async def _cached(
+        self, route: Route, key: str | None, policy: CachePolicy
+    ) -> common_pb2.Generation | None:
+        """The cached generation, when the request may use one (deterministic, policy USE)."""
+        if key is None or policy is not CachePolicy.USE:
+            return None
+        [hit] = await self.cache.lookup(route.model, [key])
+        if hit is None or not hit.HasField("generation"):
+            return None
+        TOKENS_GENERATED.labels(route.model).inc(len(hit.generation.token_ids))
+        return hit.generation
+
     async def _stream(
         self, run: _Run, input_ids: list[int], sampling: Sampling, deadline: float
-    ) -> AsyncIterator[Delta]:
+    ) -> AsyncGenerator[Delta, None]:
         inference = self.stages.generation(
             run.route, input_ids, sampling, context.request_id.get(), _left(deadline)
         )
