@@ -5,6 +5,7 @@ GPT-2, checked against transformers' `model.generate` in-process."""
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import time
 import urllib.request
@@ -16,6 +17,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from fmserve.cli.cluster import Cluster
+from fmserve.cli.commands import main as cli_main
 from fmserve.client import AsyncClient, Client, Generation, GenerationDelta
 from fmserve.core.repository import ModelRepository
 from fmserve.errors import DeadlineExceeded, InputTooLong, InvalidInput, Unavailable, WrongTask
@@ -106,16 +108,12 @@ def test_stream_deltas_concatenate_to_the_final_text(client, reference):
     )
 
 
-def test_a_stop_string_across_token_boundaries(client, reference):
-    prompt = unique(PROMPTS[0])
+@pytest.mark.parametrize("prompt", PROMPTS[:4])
+def test_a_stop_string_across_token_boundaries(client, reference, prompt):
+    prompt = unique(prompt)
     tokenizer = reference["tiny-llama"][1]
     full = client.generate(prompt, model="tiny-llama", max_new_tokens=40, cache="bypass")
-    pieces = [tokenizer.decode(full.token_ids[:n]) for n in range(len(full.token_ids) + 1)]
-    # A stop string made of the end of one token's text and the start of the next one's.
-    k = next(
-        k for k in range(3, len(pieces) - 1) if pieces[k] and len(pieces[k + 1]) > len(pieces[k])
-    )
-    stop = pieces[k][-1] + pieces[k + 1][len(pieces[k])]
+    stop = _across_a_boundary(tokenizer, full)
     expected = full.text[: full.text.index(stop)]
 
     events = list(client.stream(prompt, model="tiny-llama", max_new_tokens=40, stop=[stop]))
@@ -124,7 +122,22 @@ def test_a_stop_string_across_token_boundaries(client, reference):
     assert final.finish_reason == "stop"
     assert final.text == expected
     assert "".join(e.text for e in events[:-1]) == expected
-    assert len(final.token_ids) < len(full.token_ids) or expected != full.text
+    assert final.token_ids == full.token_ids[: len(final.token_ids)]  # the same run, cut short
+
+
+def _across_a_boundary(tokenizer, full: Generation) -> str:
+    """Two characters of the text: the end of one token's and the start of the next one's."""
+    pieces = [
+        tokenizer.decode(full.token_ids[:n], skip_special_tokens=True)
+        for n in range(len(full.token_ids) + 1)
+    ]
+    for k in range(3, len(pieces) - 1):
+        before, after = pieces[k], pieces[k + 1]
+        if before and len(after) > len(before) and after.startswith(before):
+            stop = before[-1] + after[len(before)]
+            if "\ufffd" not in stop and stop in full.text:
+                return stop
+    raise AssertionError(f"no token boundary to test in {full.text!r}")
 
 
 def test_finish_reasons_length_and_stop_token(client):
@@ -305,3 +318,21 @@ def test_smollm2_chat_greedy_equals_model_generate(client, model_repository):
         assert final.token_ids == expected, question
         assert final.text == tokenizer.decode(expected, skip_special_tokens=True)
         assert "".join(e.text for e in events[:-1]) == final.text
+
+
+def test_the_cli_prints_text_as_it_arrives_and_json(client, gateway_address, capsys):
+    prompt = unique("cli")
+    expected = client.generate(prompt, model="tiny-llama", max_new_tokens=8, cache="bypass")
+    base = ["--address", gateway_address, "generate", "--model", "tiny-llama", prompt]
+
+    assert cli_main([*base, "--max-new-tokens", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert out == expected.text
+    assert f"[{expected.finish_reason}: " in err
+
+    assert cli_main([*base, "--max-new-tokens", "8", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert (printed["text"], printed["token_ids"]) == (expected.text, expected.token_ids)
+
+    assert cli_main([*base, "--top-p", "2"]) == 1
+    assert "error (INVALID_ARGUMENT): top_p must be in (0, 1]" in capsys.readouterr().err
