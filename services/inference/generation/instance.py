@@ -28,7 +28,8 @@ def load_engine(config: ModelConfig, version: str, cuda_devices: int | None = No
     """The causal LM of a version on its device (slow: run it in a thread)."""
     placement = place(config.runtime, cuda_devices)
     module = load_module(config.files(version), TaskName.TEXT_GENERATION, placement)
-    if any(DynamicCache(config=module.config).is_sliding):
+    hf_config: Any = module.config
+    if any(DynamicCache(config=hf_config).is_sliding):
         # its cache drops old entries itself, which the left-padded batch cannot follow
         raise LoadFailed(
             "models with sliding-window attention are not supported for generation yet"
