@@ -30,12 +30,12 @@ from pathlib import Path
 # this shared machine (README, "Performance"); the service sets the same.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-import grpc  # noqa: E402
-import numpy as np  # noqa: E402
-from tritonclient.grpc import service_pb2, service_pb2_grpc  # noqa: E402
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from fmserve.cli.cluster import free_port  # noqa: E402
-from fmserve.core.repository import ModelRepository  # noqa: E402
+from fmserve.cli.cluster import free_port
+from fmserve.core.repository import ModelRepository
 
 MODEL = "smollm2"
 REPOSITORY = Path(__file__).resolve().parent.parent / "models"
