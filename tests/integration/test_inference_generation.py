@@ -368,3 +368,16 @@ def triton_stream(port: int, prompt: list[int]) -> list[Any]:
     finally:
         client.stop_stream()
         client.close()
+
+
+async def test_metadata_and_config_describe_a_decoupled_generation_model(stub: Any) -> None:
+    metadata = await stub.ModelMetadata(service_pb2.ModelMetadataRequest(name="tiny-llama"))
+    assert [(t.name, list(t.shape)) for t in metadata.inputs] == [
+        ("input_ids", [1, -1]),
+        ("stop_token_ids", [-1]),
+    ]
+    assert [(t.name, t.datatype) for t in metadata.outputs] == [("token_ids", "INT64")]
+    config = (await stub.ModelConfig(service_pb2.ModelConfigRequest(name="tiny-llama"))).config
+    assert config.model_transaction_policy.decoupled and config.max_batch_size == 0
+    assert config.parameters["max_new_tokens"].string_value == "128"
+    assert config.parameters["task"].string_value == "text-generation"
