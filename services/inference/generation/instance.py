@@ -10,6 +10,8 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor
 from typing import Any
 
+from transformers import DynamicCache
+
 from fmserve.core.repository import ModelConfig
 from fmserve.core.tasks import TaskName
 from fmserve.errors import InvalidInput
@@ -18,7 +20,7 @@ from services.inference.generation.engine import Engine
 from services.inference.generation.params import GenerationRequest, check
 from services.inference.generation.scheduler import Event, Scheduler
 from services.inference.heap import HeapTrimmer
-from services.inference.loading import load_module, place
+from services.inference.loading import LoadFailed, load_module, place
 from services.inference.stats import ModelStats
 
 
@@ -26,6 +28,12 @@ def load_engine(config: ModelConfig, version: str, cuda_devices: int | None = No
     """The causal LM of a version on its device (slow: run it in a thread)."""
     placement = place(config.runtime, cuda_devices)
     module = load_module(config.files(version), TaskName.TEXT_GENERATION, placement)
+    hf_config: Any = module.config
+    if any(DynamicCache(config=hf_config).is_sliding):
+        # its cache drops old entries itself, which the left-padded batch cannot follow
+        raise LoadFailed(
+            "models with sliding-window attention are not supported for generation yet"
+        )
     return Engine(module, placement)
 
 
