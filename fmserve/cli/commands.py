@@ -6,6 +6,7 @@
     fmserve embed --model minilm-embed "text"   vectors
     fmserve classify --model minilm-sentiment "I love it"
     fmserve entities --model my-ner "Ada lives in London"
+    fmserve generate --model smollm2 "Once upon a time"   text, printed as it arrives
     fmserve submit --model minilm-embed --input items.jsonl --output results.jsonl --wait
     fmserve job ID / fmserve jobs / fmserve cancel ID
     fmserve keys create|list|revoke|generate    API keys (FMSERVE_API_KEY: the key sent)
@@ -25,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.cli import certs, keys, stores
+from fmserve.cli import certs, generate, keys, stores
 from fmserve.cli.cluster import (
     METRICS_PORT_OFFSET,
     PORT_ORDER,
@@ -47,7 +48,12 @@ from fmserve.core.settings import (
 from fmserve.errors import FmserveError
 from fmserve.rpc import tls
 
-_CLUSTER_WIDE = {"FMSERVE_LOG_LEVEL", "FMSERVE_LOG_FORMAT", "FMSERVE_MODEL_REPOSITORY"}
+_CLUSTER_WIDE = {
+    "FMSERVE_LOG_LEVEL",
+    "FMSERVE_LOG_FORMAT",
+    "FMSERVE_MODEL_REPOSITORY",
+    "FMSERVE_CONVERTED_CACHE",
+}
 _CLUSTER_WIDE |= {"FMSERVE_TLS_CERT", "FMSERVE_TLS_KEY", "FMSERVE_TLS_CA"}
 
 
@@ -97,6 +103,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _job_commands(commands)
     keys.add_commands(commands)
+    generate.add_command(commands)
 
     for name, helptext in (
         ("embed", "one vector per text"),
@@ -322,6 +329,7 @@ def _table(title: str, rows: list[tuple[str, str, str]]) -> None:
     print(f"\n**{title}**\n\n| variable | default | meaning |\n|---|---|---|")
     for env, default, doc in rows:
         default = default.replace(str(DEFAULT_REPOSITORY), "models/ (in the checkout)")
+        default = default.replace(str(Path.home()), "~")
         print(f"| `{env}` | `{default}` | {doc} |")
 
 

@@ -13,6 +13,12 @@ Batch jobs: submit any iterable of texts (streamed to the gateway in chunks), th
         for item in job.results():                           # item order, fetched page by page
             print(item.index, item.result if item.ok else item.error)
 
+Generation (a text-generation model such as smollm2): the finished text, or a stream of it:
+
+        g = c.generate("Write a haiku", model="smollm2", max_new_tokens=64)  # g.text, g.usage
+        for event in c.stream(messages=[{"role": "user", "content": "Hi"}], model="smollm2"):
+            print(getattr(event, "text", ""), end="", flush=True)  # deltas, then the Generation
+
 A cluster with auth on needs an API key: `Client(address, api_key=key)`.
 
 gRPC failures arrive as `fmserve.errors` exceptions (see that module's tree)."""
@@ -23,11 +29,14 @@ from fmserve.client.types import (
     Answer,
     ApiKey,
     Entity,
+    Generation,
+    GenerationDelta,
     JobItem,
     JobStatus,
     LabelScore,
     ModelInfo,
     NewApiKey,
+    Usage,
 )
 
 __all__ = [
@@ -37,10 +46,13 @@ __all__ = [
     "AsyncJob",
     "Client",
     "Entity",
+    "Generation",
+    "GenerationDelta",
     "Job",
     "JobItem",
     "JobStatus",
     "LabelScore",
     "ModelInfo",
     "NewApiKey",
+    "Usage",
 ]

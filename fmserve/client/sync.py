@@ -14,13 +14,15 @@ from fmserve.client.types import (
     Answer,
     ApiKey,
     Entity,
+    Generation,
+    GenerationDelta,
     JobItem,
     JobStatus,
     LabelScore,
     ModelInfo,
     NewApiKey,
 )
-from fmserve.errors import from_rpc_error
+from fmserve.errors import Unavailable, from_rpc_error
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
 
 
@@ -132,6 +134,56 @@ class Client:
     ) -> list[list[Entity]]:
         """Per text, the labelled spans found in it, with character offsets."""
         return self.infer(texts, model, task="token-classification", **options).results
+
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        model: str,
+        **parameters: Any,
+    ) -> Generation:
+        """Generate text and return the finished generation. Parameters as `stream`."""
+        for event in self.stream(prompt, messages=messages, model=model, **parameters):
+            if isinstance(event, Generation):
+                return event
+        raise Unavailable("the gateway ended the stream without the generation; retry")
+
+    def stream(
+        self,
+        prompt: str | None = None,
+        *,
+        messages: Sequence[dict[str, str]] | None = None,
+        model: str,
+        version: str = "",
+        max_new_tokens: int | None = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+        stop: str | Sequence[str] = (),
+        repetition_penalty: float = 1.0,
+        stop_token_ids: Sequence[int] = (),
+        cache: str = "use",
+        timeout: float | None = None,
+    ) -> Iterator[GenerationDelta | Generation]:
+        """Deltas as the text is produced, then the finished `Generation`. Leaving the loop
+        early cancels the generation on the server. `max_new_tokens=None`: the model's
+        default; `timeout`: seconds for the whole stream (default: the client's)."""
+        request = wire.generate_request(
+            prompt, messages, model, version, max_new_tokens, temperature, top_p, top_k,
+            seed, stop, repetition_penalty, stop_token_ids, cache,
+        )  # fmt: skip
+        call = self._stub.Generate(
+            request, timeout=timeout or self.timeout, metadata=self._metadata
+        )
+        try:
+            for reply in call:
+                yield wire.to_generation_event(reply)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+        finally:
+            call.cancel()  # a no-op once the stream has ended
 
     def models(self) -> list[ModelInfo]:
         try:

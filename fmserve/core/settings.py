@@ -11,6 +11,8 @@ from typing import Literal
 from pydantic import Field, PositiveFloat, PositiveInt, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from fmserve.core.gguf import DEFAULT_CACHE
+
 DEFAULT_REPOSITORY = Path(__file__).resolve().parents[2] / "models"
 
 
@@ -89,6 +91,9 @@ class RepositorySettings(ServiceSettings):
 
     model_repository: Path = Field(DEFAULT_REPOSITORY, validation_alias="FMSERVE_MODEL_REPOSITORY")
     """Folder with one sub-folder per model (see README, "Model repository")."""
+    converted_cache: Path = Field(DEFAULT_CACHE, validation_alias="FMSERVE_CONVERTED_CACHE")
+    """Folder where GGUF models are converted, once per machine, to safetensors; every service
+    of a machine must agree on it."""
 
 
 class ClientSettings(BaseSettings):

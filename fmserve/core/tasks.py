@@ -14,6 +14,7 @@ class TaskName(StrEnum):
     EMBEDDING = "embedding"
     TEXT_CLASSIFICATION = "text-classification"
     TOKEN_CLASSIFICATION = "token-classification"
+    TEXT_GENERATION = "text-generation"
 
     @property
     def postprocess_needs_tokens(self) -> bool:
@@ -33,5 +34,6 @@ TASK_TO_WIRE: dict[TaskName, common_pb2.Task] = {
     TaskName.EMBEDDING: common_pb2.TASK_EMBEDDING,
     TaskName.TEXT_CLASSIFICATION: common_pb2.TASK_TEXT_CLASSIFICATION,
     TaskName.TOKEN_CLASSIFICATION: common_pb2.TASK_TOKEN_CLASSIFICATION,
+    TaskName.TEXT_GENERATION: common_pb2.TASK_TEXT_GENERATION,
 }
 TASK_FROM_WIRE: dict[common_pb2.Task, TaskName] = {w: t for t, w in TASK_TO_WIRE.items()}

@@ -16,6 +16,7 @@ from services.gateway.access import AccessTable
 from services.gateway.admin import FirstAdminKey, KeyAdmin
 from services.gateway.auth import AuthInterceptor
 from services.gateway.gateway import Gateway
+from services.gateway.generator import Generator
 from services.gateway.jobs import Jobs
 from services.gateway.keyring import KeyRing
 from services.gateway.keystore import KeyStore
@@ -24,6 +25,7 @@ from services.gateway.limits_client import LimitsClient
 from services.gateway.pipeline import Pipeline
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Router
+from services.gateway.sampling import StopLimits
 from services.gateway.server import servicer
 from services.gateway.settings import GatewaySettings
 from services.gateway.stages import StageClients
@@ -36,13 +38,17 @@ def build(settings: GatewaySettings) -> Service:
     pipeline = Pipeline(stages, settings)
     cache = ResultCache(stages, settings)
     router = Router(
-        ModelRepository(settings.model_repository), settings.max_items, settings.max_text_chars
+        ModelRepository(settings.model_repository, settings.converted_cache),
+        settings.max_items,
+        settings.max_text_chars,
     )
     gateway = Gateway(router, pipeline, cache, settings.default_timeout_s)
     identity = tls.load(settings)
     records = JobRecords(settings.cache_address, settings.max_message_bytes, identity)
     broker = _broker(settings) if settings.jobs_enabled else None
     jobs = Jobs(router, broker, records, settings)
+    stop_limits = StopLimits(settings.max_stop_strings, settings.max_stop_chars)
+    generator = Generator(router, stages, cache, stop_limits, settings.generate_timeout_s)
     keys = KeyStore(settings.cache_address, identity)
     admin = KeyAdmin(keys)
     resources: list[Resource] = [stages, pipeline, cache, records, *([broker] if broker else [])]
@@ -57,7 +63,7 @@ def build(settings: GatewaySettings) -> Service:
     return Service(
         "gateway",
         settings,
-        [servicer(gateway, jobs, admin)],
+        [servicer(gateway, jobs, admin, generator)],
         resources=resources,
         interceptors=interceptors,
         public=True,

@@ -11,7 +11,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fmserve.core.tasks import TASK_FROM_WIRE
+from fmserve.core.tasks import TASK_FROM_WIRE, TaskName
 from fmserve.errors import PermissionDenied
 from services.gateway import scopes
 
@@ -32,6 +32,7 @@ class AccessTable:
         self.task_of = task_of
         self.rules: dict[str, Callable[[Any], Access]] = {
             "Infer": self._infer,
+            "Generate": self._generate,
             "ListModels": lambda _: Access((scopes.INFER,)),
             "SubmitJob": self._submit,
             "GetJob": _job(scopes.JOBS_READ),
@@ -60,6 +61,12 @@ class AccessTable:
         needed = self._infer_scope(request)
         asked = {"model": request.model, "items": len(request.texts)}
         return Access((needed,), request.model, len(request.texts), asked)
+
+    def _generate(self, request: Any) -> Access:
+        """One item per generation: the tokens it will produce are not known when it is
+        admitted, so daily quotas count generations, not tokens (yet)."""
+        needed = scopes.infer_scope(request.model, TaskName.TEXT_GENERATION.value)
+        return Access((needed,), request.model, 1, {"model": request.model, "items": 1})
 
     def _submit(self, request: Any) -> Access:
         """Checked on the stream's first message, its header."""

@@ -12,7 +12,9 @@ from fmserve.core.tasks import TASK_FROM_WIRE, TASK_TO_WIRE, TaskName
 from fmserve.errors import InvalidInput
 from fmserve.v1 import common_pb2, gateway_pb2
 from services.gateway.gateway import Answer, CachePolicy, InferCall
+from services.gateway.generator import Delta, Event, GenerateCall
 from services.gateway.jobs import Submission
+from services.gateway.sampling import Prompt, Sampling
 
 _POLICIES = {
     common_pb2.CACHE_POLICY_USE: CachePolicy.USE,
@@ -44,6 +46,44 @@ def to_wire(answer: Answer) -> gateway_pb2.InferResponse:
         cache_hit=answer.cache_hit,
         trace_id=tracing.current_trace_id(),
     )
+
+
+def generate_to_domain(request: gateway_pb2.GenerateRequest) -> GenerateCall:
+    return GenerateCall(
+        model=request.model,
+        version=request.version,
+        prompt=Prompt(request.prompt, tuple((m.role, m.content) for m in request.messages)),
+        sampling=sampling_to_domain(request.parameters),
+        cache_policy=_POLICIES.get(request.cache_policy, CachePolicy.USE),
+    )
+
+
+def sampling_to_domain(p: gateway_pb2.SamplingParameters) -> Sampling:
+    """Unset optional fields take the defaults gateway.proto documents."""
+    return Sampling(
+        max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else None,
+        temperature=p.temperature,
+        top_p=p.top_p if p.HasField("top_p") else 1.0,
+        top_k=p.top_k,
+        seed=p.seed if p.HasField("seed") else None,
+        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
+        stop=tuple(p.stop),
+        stop_token_ids=tuple(p.stop_token_ids),
+    )
+
+
+def event_to_wire(event: Event) -> gateway_pb2.GenerateResponse:
+    if isinstance(event, Delta):
+        delta = gateway_pb2.GenerationDelta(text=event.text, token_ids=event.token_ids)
+        return gateway_pb2.GenerateResponse(delta=delta)
+    result = gateway_pb2.GenerationResult(
+        model=event.route.model,
+        version=event.route.version,
+        generation=event.generation,
+        cached=event.cached,
+        trace_id=tracing.current_trace_id(),
+    )
+    return gateway_pb2.GenerateResponse(result=result)
 
 
 def submission_to_domain(request: gateway_pb2.SubmitJobRequest | None) -> Submission:

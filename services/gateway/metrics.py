@@ -27,3 +27,20 @@ LIMIT_REFUSALS = Counter(
     "model_rate, concurrency, quota, or unavailable (the limits could not be checked).",
     ["key_name", "reason"],
 )
+TIME_TO_FIRST_TOKEN = Histogram(
+    "fmserve_gateway_time_to_first_token_seconds",
+    "Time from a Generate call's arrival to its first generated token.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "fmserve_gateway_inter_token_latency_seconds",
+    "Time between consecutive generated tokens of one Generate stream.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+TOKENS_GENERATED = Counter(
+    "fmserve_gateway_generated_tokens_total",
+    "Tokens streamed to Generate callers (cache hits included).",
+    ["model"],
+)

@@ -12,19 +12,31 @@ from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
 from services.gateway import codec, principal, scopes
 from services.gateway.admin import KeyAdmin
 from services.gateway.gateway import Gateway
+from services.gateway.generator import Generator
 from services.gateway.jobs import Jobs
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway, jobs: Jobs, keys: KeyAdmin) -> None:
+    def __init__(self, gateway: Gateway, jobs: Jobs, keys: KeyAdmin, generator: Generator) -> None:
         self.gateway = gateway
         self.jobs = jobs
         self.keys = keys
+        self.generator = generator
 
     async def Infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
     ) -> gateway_pb2.InferResponse:
         return codec.to_wire(await self.gateway.infer(codec.to_domain(request)))
+
+    async def Generate(
+        self, request: gateway_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[gateway_pb2.GenerateResponse]:
+        # Closed as soon as the call ends (the client left, the deadline passed), which cancels
+        # the inference stream at once rather than when the generator is collected.
+        call = codec.generate_to_domain(request)
+        async with contextlib.aclosing(self.generator.generate(call)) as events:
+            async for event in events:
+                yield codec.event_to_wire(event)
 
     async def ListModels(
         self, request: gateway_pb2.ListModelsRequest, context: grpc.aio.ServicerContext
@@ -92,9 +104,11 @@ def _may_call(model: str, task: str) -> bool:
     return caller is None or scopes.allows(caller.scopes, scopes.infer_scope(model, task))
 
 
-def servicer(gateway: Gateway, jobs: Jobs, keys: KeyAdmin) -> Servicer:
+def servicer(gateway: Gateway, jobs: Jobs, keys: KeyAdmin, generator: Generator) -> Servicer:
     """The servicer as `fmserve.rpc.service.Service` registers it."""
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
     return Servicer(
-        gateway_pb2_grpc.add_GatewayServicer_to_server, GatewayServicer(gateway, jobs, keys), name
+        gateway_pb2_grpc.add_GatewayServicer_to_server,
+        GatewayServicer(gateway, jobs, keys, generator),
+        name,
     )

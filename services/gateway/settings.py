@@ -78,3 +78,10 @@ class GatewaySettings(RepositorySettings, AmqpSettings, AuthSettings):
     key_cache_s: float = 0.5
     """How long a gateway trusts an API key it verified before asking the cache service again:
     a revoked key stops working within this time on every replica."""
+    max_stop_strings: int = 16
+    """Most stop strings in one Generate request."""
+    max_stop_chars: int = 256
+    """Longest stop string, in characters."""
+    generate_timeout_s: float = 300.0
+    """Deadline for a Generate stream whose client sent none (generation takes longer than
+    an Infer call)."""

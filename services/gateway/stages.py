@@ -4,16 +4,14 @@ sees their gRPC (and tritonclient) errors, and translates them into fmserve erro
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Sequence
 
 import grpc
 import tritonclient.grpc.aio as triton
-from tritonclient.utils import InferenceServerException
+from tritonclient.grpc import service_pb2_grpc
 
 from fmserve.core import tensors
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
-from fmserve.errors import DeadlineExceeded, FmserveError, Unavailable, from_rpc_error
 from fmserve.rpc import tls
 from fmserve.rpc.channels import (
     channel_options,
@@ -32,41 +30,14 @@ from fmserve.v1 import (
     preprocess_pb2_grpc,
 )
 from services.gateway.routes import Route
+from services.gateway.sampling import Prompt, Sampling
 from services.gateway.settings import GatewaySettings
+from services.gateway.stage_errors import translated
+from services.gateway.streams import DetokenizeStream, InferenceStream, infer_request
 
 log = logging.getLogger("fmserve.gateway.stages")
 
 OUTPUT_NAME = {TaskName.EMBEDDING: "embeddings"}  # every other task answers "logits"
-
-
-# Only preprocess judges what a client sent; an INVALID_ARGUMENT from a later stage means the
-# gateway sent it something wrong: a server fault, not the client's.
-_JUDGES_INPUT = {"preprocess"}
-
-
-@asynccontextmanager
-async def _translated(stage: str) -> AsyncIterator[None]:
-    """Turn a stage's failure into an fmserve error that names the stage, not its address."""
-    try:
-        yield
-    except grpc.aio.AioRpcError as exc:
-        raise _stage_error(stage, exc) from None
-    except InferenceServerException as exc:
-        code = grpc.StatusCode[str(exc.status() or "StatusCode.UNKNOWN").split(".")[-1]]
-        error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), exc.message())
-        raise _stage_error(stage, error) from None
-
-
-def _stage_error(stage: str, exc: grpc.aio.AioRpcError) -> FmserveError:
-    code = exc.code()
-    if code is grpc.StatusCode.UNAVAILABLE:
-        return Unavailable(f"the {stage} stage is unavailable; retry shortly")
-    if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-        return DeadlineExceeded(f"the deadline expired while waiting for the {stage} stage")
-    if code is grpc.StatusCode.INVALID_ARGUMENT and stage not in _JUDGES_INPUT:
-        log.error("the %s stage refused what the gateway sent: %s", stage, exc.details())
-        return FmserveError(f"the {stage} stage refused the gateway's request")
-    return from_rpc_error(exc)
 
 
 class StageClients:
@@ -82,6 +53,9 @@ class StageClients:
         self._preprocess = preprocess_pb2_grpc.PreprocessStub(self._open(s.preprocess_address))
         self._postprocess = postprocess_pb2_grpc.PostprocessStub(self._open(s.postprocess_address))
         self._cache = cache_pb2_grpc.CacheStub(self._open(s.cache_address))
+        # Generation streams use the KServe stub itself: the call is cancelled the moment the
+        # client leaves, which tritonclient's stream wrapper leaves to its consumer.
+        self._streams = service_pb2_grpc.GRPCInferenceServiceStub(self._open(s.inference_address))
         self._inference = self._triton(s.inference_address)
 
     def _triton(self, address: str) -> triton.InferenceServerClient:
@@ -116,7 +90,7 @@ class StageClients:
             truncate=route.truncate,
             return_offsets=route.task.needs_offsets,
         )
-        async with _translated("preprocess"):
+        async with translated("preprocess"):
             return await self._preprocess.Tokenize(request, timeout=timeout)
 
     async def infer(
@@ -127,7 +101,7 @@ class StageClients:
             _triton_input("lengths", tokens.lengths),
         ]
         output = OUTPUT_NAME.get(route.task, "logits")
-        async with _translated("inference"):
+        async with translated("inference"):
             result = await self._inference.infer(
                 route.model,
                 inputs,
@@ -168,7 +142,7 @@ class StageClients:
             request.texts.extend(texts)
             request.lengths.CopyFrom(tokens.lengths)
             request.offsets.CopyFrom(tokens.offsets)
-        async with _translated("postprocess"):
+        async with translated("postprocess"):
             reply = await self._postprocess.Postprocess(request, timeout=timeout)
         results = list(reply.results)
         # Not strict: the batcher reports a wrong count of results, as an error for the batch.
@@ -177,9 +151,40 @@ class StageClients:
                 del result.classification.labels[k:]
         return results
 
+    async def encode_prompt(
+        self, route: Route, prompt: Prompt, max_new_tokens: int, timeout: float
+    ) -> list[int]:
+        """A generation's prompt ids (chat template applied); preprocess checks the context."""
+        request = preprocess_pb2.EncodePromptRequest(
+            model=route.model,
+            version=route.version,
+            prompt=prompt.prompt,
+            messages=[common_pb2.ChatMessage(role=r, content=c) for r, c in prompt.messages],
+            max_new_tokens=max_new_tokens,
+        )
+        async with translated("preprocess"):
+            reply = await self._preprocess.EncodePrompt(request, timeout=timeout)
+        return list(reply.input_ids)
+
+    def generation(
+        self,
+        route: Route,
+        input_ids: list[int],
+        sampling: Sampling,
+        request_id: str,
+        timeout: float,
+    ) -> InferenceStream:
+        """The inference stream of one sequence (use with `async with`)."""
+        request = infer_request(route, input_ids, sampling, request_id)
+        return InferenceStream(self._streams, request, timeout)
+
+    def detokenizer(self, route: Route, stop: tuple[str, ...], timeout: float) -> DetokenizeStream:
+        """The detokenize stream of one sequence (use with `async with`)."""
+        return DetokenizeStream(self._postprocess, route, stop, timeout)
+
     async def lookup(self, keys: list[str], timeout: float) -> list[common_pb2.Result | None]:
         request = cache_pb2.LookupRequest(keys=keys)
-        async with _translated("cache"):
+        async with translated("cache"):
             reply = await self._cache.Lookup(request, timeout=timeout)
         return [entry.result if entry.found else None for entry in reply.entries]
 
@@ -188,7 +193,7 @@ class StageClients:
             items=[cache_pb2.StoreItem(key=k, result=r) for k, r in items],
             ttl_s=self.settings.cache_ttl_s,
         )
-        async with _translated("cache"):
+        async with translated("cache"):
             await self._cache.Store(request, timeout=timeout)
 
 

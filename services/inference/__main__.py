@@ -21,7 +21,7 @@ def build(settings: InferenceSettings) -> Service:
 
     configure_threads(settings.torch_threads, settings.torch_interop_threads)
     registry = ModelRegistry(
-        ModelRepository(settings.model_repository),
+        ModelRepository(settings.model_repository, settings.converted_cache),
         max_loaded_models=settings.max_loaded_models,
         preload=settings.preload_models,
         grace_s=settings.grace_period_s,

@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError
 from transformers import (
     AutoModel,
+    AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -41,6 +42,7 @@ _AUTO_CLASSES = {
     TaskName.EMBEDDING: AutoModel,
     TaskName.TEXT_CLASSIFICATION: AutoModelForSequenceClassification,
     TaskName.TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
+    TaskName.TEXT_GENERATION: AutoModelForCausalLM,
 }
 # What transformers raises for a folder it cannot use: missing, truncated or mismatched files.
 _LIBRARY_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)

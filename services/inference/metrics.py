@@ -8,7 +8,7 @@ import weakref
 from collections.abc import Iterator
 from typing import Any
 
-from prometheus_client import REGISTRY, Counter, Histogram
+from prometheus_client import REGISTRY, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from fmserve.core.batching import Batcher
@@ -85,3 +85,49 @@ class _QueuedSequences:
 
 QUEUED_SEQUENCES = _QueuedSequences()
 REGISTRY.register(QUEUED_SEQUENCES)
+
+# Text generation (services/inference/generation/), per model.
+TIME_TO_FIRST_TOKEN = Histogram(
+    "fmserve_inference_time_to_first_token_seconds",
+    "From a generation request's arrival to its first token: admission wait and prefill.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+INTER_TOKEN_LATENCY = Histogram(
+    "fmserve_inference_inter_token_latency_seconds",
+    "Time between two consecutive tokens of one sequence.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
+TOKENS_GENERATED = Counter(
+    "fmserve_inference_generated_tokens_total",
+    "Tokens generated, by model.",
+    ["model"],
+)
+SEQUENCES_ACTIVE = Gauge(
+    "fmserve_inference_sequences_active",
+    "Sequences being decoded (admitted, holding KV cache), by model.",
+    ["model"],
+)
+SEQUENCES_WAITING = Gauge(
+    "fmserve_inference_sequences_waiting",
+    "Sequences waiting for room in the KV-cache budget, by model.",
+    ["model"],
+)
+KV_TOKENS = Gauge(
+    "fmserve_inference_kv_cache_tokens",
+    "KV-cache entries held by the running sequences (padding excluded), by model.",
+    ["model"],
+)
+KV_TOKENS_RESERVED = Gauge(
+    "fmserve_inference_kv_cache_reserved_tokens",
+    "KV-cache tokens reserved by the running sequences (prompt + max_new_tokens each), of the "
+    "model's [generation] max_batch_tokens.",
+    ["model"],
+)
+DECODE_STEP_DURATION = Histogram(
+    "fmserve_inference_decode_step_duration_seconds",
+    "Time of one decoding step of every running sequence together, by model.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)

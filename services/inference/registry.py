@@ -26,8 +26,10 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 
 from fmserve.core.repository import ModelConfig, ModelRepository, version_order
-from fmserve.errors import ConfigError, Overloaded, Unavailable
+from fmserve.core.tasks import TaskName
+from fmserve.errors import ConfigError, Overloaded, Unavailable, WrongTask
 from services.inference import metrics
+from services.inference.generation.instance import GenerationInstance, load_engine
 from services.inference.heap import HeapTrimmer
 from services.inference.instance import ModelInstance
 from services.inference.loading import LoadFailed
@@ -41,6 +43,7 @@ RETRY_FAILED_S = 30.0
 freed); until then its requests fail at once with the reason."""
 
 Key = tuple[str, str]  # (model name, version)
+Instance = ModelInstance | GenerationInstance
 
 
 class State(StrEnum):
@@ -66,7 +69,7 @@ class _Slot:
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     """The load; held so that it is not garbage-collected while it runs."""
-    instance: ModelInstance | None = None
+    instance: Instance | None = None
     reason: str = ""
     """Why the load failed; empty while loading or ready."""
     failed_at: float = 0.0
@@ -128,11 +131,22 @@ class ModelRegistry:
         """A model's config; ModelNotFound for unknown names, ConfigError for broken configs."""
         return self.repository.get(name)
 
-    async def instance(self, name: str, version: str = "") -> ModelInstance:
+    async def instance(self, name: str, version: str = "") -> Instance:
         """The instance serving a request, loading it on first use."""
         config = self.config(name)
         version = config.resolve_version(version) if version else self._serving_version(config)
         return await self._ensure(config, version)
+
+    async def generator(self, name: str, version: str = "") -> GenerationInstance:
+        """The instance of a text-generation model; WrongTask for any other model."""
+        config = self.config(name)
+        if config.task is not TaskName.TEXT_GENERATION:
+            raise WrongTask(
+                f"model {name!r} is a {config.task} model and generates no text; use ModelInfer"
+            )
+        instance = await self.instance(name, version)
+        assert isinstance(instance, GenerationInstance)
+        return instance
 
     async def load(self, name: str) -> None:
         """Load a model's default version now (again, if it failed before)."""
@@ -177,7 +191,7 @@ class ModelRegistry:
         found = [entry for entry in found if not version or entry[1] == version]
         return found or [(name, version or config.default_version, ModelStats())]
 
-    def _loaded(self) -> list[tuple[Key, ModelInstance]]:
+    def _loaded(self) -> list[tuple[Key, Instance]]:
         loaded = [(k, s.instance) for k, s in self._slots.items() if s.instance is not None]
         return sorted(loaded, key=lambda entry: entry[0])
 
@@ -207,9 +221,7 @@ class ModelRegistry:
                 self._start_load(config, default)
         return max(ready, key=version_order)
 
-    async def _ensure(
-        self, config: ModelConfig, version: str, retry: bool = False
-    ) -> ModelInstance:
+    async def _ensure(self, config: ModelConfig, version: str, retry: bool = False) -> Instance:
         slot = self._slots.get((config.name, version))
         if slot is None or slot.stale or (retry and slot.reason):
             slot = self._start_load(config, version)
@@ -253,8 +265,7 @@ class ModelRegistry:
         try:
             for key, victim in victims:
                 await self._close(key, victim, "evicted", self._grace_s)
-            runner = await asyncio.to_thread(Runner.load, config, version)
-            slot.instance = ModelInstance(runner, version, self._compute, self._heap)
+            slot.instance = await self._instance(config, version)
             self._record(config.name, version, "loaded")
         except LoadFailed as exc:
             slot.fail(f"{what} failed to load: {exc.message}")
@@ -265,6 +276,14 @@ class ModelRegistry:
             self._record(config.name, version, "failed")
         finally:
             slot.done.set()
+
+    async def _instance(self, config: ModelConfig, version: str) -> Instance:
+        """Load the weights in a thread; the instance (its batcher or scheduler) on the loop."""
+        if config.task is TaskName.TEXT_GENERATION:
+            engine = await asyncio.to_thread(load_engine, config, version)
+            return GenerationInstance(engine, config, version, self._compute, self._heap)
+        runner = await asyncio.to_thread(Runner.load, config, version)
+        return ModelInstance(runner, version, self._compute, self._heap)
 
     async def _close(self, key: Key, slot: _Slot, event: str, grace_s: float) -> None:
         await slot.done.wait()  # unloading a version that is still loading waits for the load

@@ -4,6 +4,7 @@ generated base class)."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
 from typing import TypeAlias
 
 import grpc
@@ -13,6 +14,7 @@ from fmserve.errors import InvalidInput
 from fmserve.rpc.service import Servicer
 from services.inference import codec
 from services.inference.registry import ModelRegistry
+from services.inference.streaming import StreamCall
 
 Context: TypeAlias = grpc.aio.ServicerContext
 
@@ -68,6 +70,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         infer = codec.to_domain(request)
         instance = await self.registry.instance(infer.model, infer.version)
         return codec.to_wire(request, instance.version, await instance.infer(infer))
+
+    async def ModelStreamInfer(
+        self, requests: AsyncIterator[service_pb2.ModelInferRequest], context: Context
+    ) -> AsyncIterator[service_pb2.ModelStreamInferResponse]:
+        async for response in StreamCall(self.registry).serve(requests):
+            yield response
 
     async def RepositoryIndex(
         self, request: service_pb2.RepositoryIndexRequest, context: Context

@@ -28,9 +28,24 @@ per batch item, so tools that build inputs from ModelConfig (perf_analyzer) can 
 is accepted too (what fmserve's gateway sends)."""
 INPUTS = (INPUT_IDS, ATTENTION_MASK, LENGTHS)
 
+# Text generation (ModelStreamInfer): one prompt per request, no batch dimension.
+PROMPT_IDS = TensorSpec("input_ids", "INT64", (1, -1))
+STOP_TOKEN_IDS = TensorSpec("stop_token_ids", "INT64", (-1,), optional=True)
+TOKEN_IDS = TensorSpec("token_ids", "INT64", (1, -1))
+"""Each streamed response's new tokens, usually one."""
+
+
+def inputs(config: ModelConfig) -> tuple[TensorSpec, ...]:
+    if config.task is TaskName.TEXT_GENERATION:
+        return (PROMPT_IDS, STOP_TOKEN_IDS)
+    return INPUTS
+
 
 def output(config: ModelConfig) -> TensorSpec:
-    """The one output of a model: `embeddings` [B, D] or `logits` [B, C] / [B, T, C]."""
+    """The one output of a model: `embeddings` [B, D], `logits` [B, C] / [B, T, C], or a
+    generation's streamed `token_ids` [1, k]."""
+    if config.task is TaskName.TEXT_GENERATION:
+        return TOKEN_IDS
     if config.task is TaskName.EMBEDDING:
         return TensorSpec("embeddings", "FP32", (-1, config.dimensions or -1))
     classes = len(config.labels) or -1

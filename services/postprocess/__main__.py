@@ -5,6 +5,7 @@ from __future__ import annotations
 from fmserve.core.repository import ModelRepository
 from fmserve.rpc import service
 from fmserve.rpc.service import Service
+from services.postprocess.detokenizers import Detokenizers
 from services.postprocess.postprocessor import Postprocessor
 from services.postprocess.server import servicer
 from services.postprocess.settings import PostprocessSettings
@@ -14,10 +15,12 @@ from services.postprocess.worker import worker_resources
 def build(settings: PostprocessSettings) -> Service:
     """The service wired from its settings: model repository → postprocessor → servicer, and
     the queue workers (stopped first, while the postprocessor still runs)."""
-    repository = ModelRepository(settings.model_repository)
+    repository = ModelRepository(settings.model_repository, settings.converted_cache)
     postprocessor = Postprocessor(repository, settings.offload_min_rows, settings.worker_threads)
-    resources = [postprocessor, *worker_resources(settings, postprocessor)]
-    return Service("postprocess", settings, [servicer(postprocessor)], resources=resources)
+    detokenizers = Detokenizers(repository)
+    resources = [postprocessor, detokenizers, *worker_resources(settings, postprocessor)]
+    servicers = [servicer(postprocessor, detokenizers)]
+    return Service("postprocess", settings, servicers, resources=resources)
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ from services.preprocess.worker import worker_resources
 def build(settings: PreprocessSettings) -> Service:
     """The service wired from its settings: model repository → tokenizers → servicer, and the
     queue worker (stopped first, while the tokenizers still run)."""
-    repository = ModelRepository(settings.model_repository)
+    repository = ModelRepository(settings.model_repository, settings.converted_cache)
     tokenizers = Tokenizers(repository, settings.tokenizer_threads, settings.preload_models)
     resources = [tokenizers, *worker_resources(settings, tokenizers)]
     return Service("preprocess", settings, [servicer(tokenizers)], resources=resources)

@@ -1,12 +1,23 @@
 """The preprocess service's wire ↔ domain conversions, named for their direction as in every
-service. A Tokenize request's fields are plain values the servicer passes on, so only the reply
-needs converting."""
+service. A Tokenize request's fields are plain values the servicer passes on, so only its reply
+needs converting; an EncodePrompt request becomes a `PromptRequest`."""
 
 from __future__ import annotations
 
 from fmserve.core import tensors
 from fmserve.v1 import preprocess_pb2
 from services.preprocess.hf_tokenizer import Tokenized
+from services.preprocess.prompts import ChatMessage, PromptRequest
+
+
+def prompt_to_domain(request: preprocess_pb2.EncodePromptRequest) -> PromptRequest:
+    return PromptRequest(
+        model=request.model,
+        version=request.version,
+        prompt=request.prompt,
+        messages=[ChatMessage(m.role, m.content) for m in request.messages],
+        max_new_tokens=request.max_new_tokens,
+    )
 
 
 def to_wire(tokenized: Tokenized) -> preprocess_pb2.TokenizeResponse:

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Encoding, Tokenizer
 from transformers import AutoTokenizer
 
-from fmserve.errors import FmserveError
+from fmserve.errors import FmserveError, InvalidInput
 
 log = logging.getLogger("fmserve.preprocess")
 
@@ -44,8 +45,10 @@ class HfTokenizer:
     there is one copy per setting: untouched, and one truncating per maximum length.
     """
 
-    def __init__(self, tokenizer: Tokenizer) -> None:
+    def __init__(self, tokenizer: Tokenizer, chat: Any = None) -> None:
         self._plain = _copy(tokenizer, max_length=None)
+        self._chat = chat
+        """The transformers tokenizer, kept for its chat template; None when it has none."""
         self._truncating: dict[int, Tokenizer] = {}
         self._lock = threading.Lock()  # guards only the creation of truncating copies
 
@@ -66,7 +69,8 @@ class HfTokenizer:
         if not getattr(tokenizer, "is_fast", False):
             log.error("the tokenizer of %s in %s is not a fast one", model, folder)
             raise FmserveError(f"{model} needs a fast tokenizer (tokenizer.json) for offsets")
-        return cls(tokenizer.backend_tokenizer)
+        chat = tokenizer if getattr(tokenizer, "chat_template", None) else None
+        return cls(tokenizer.backend_tokenizer, chat)
 
     def encode(
         self, texts: Sequence[str], max_length: int | None = None, offsets: bool = False
@@ -84,6 +88,24 @@ class HfTokenizer:
             lengths=lengths,
             offsets=_offsets(encodings, total) if offsets else None,
         )
+
+    def encode_prompt(self, prompt: str) -> list[int]:
+        """A generation prompt's ids, the tokenizer's special tokens (BOS) added."""
+        return list(self._plain.encode(prompt, add_special_tokens=True).ids)
+
+    def encode_chat(self, messages: list[dict[str, str]], model: str = "this model") -> list[int]:
+        """Chat messages through the model's chat template, the assistant's turn opened: the
+        ids `apply_chat_template(messages, add_generation_prompt=True)` gives."""
+        if self._chat is None:
+            raise InvalidInput(f"{model} has no chat template; send a prompt instead of messages")
+        try:
+            text = self._chat.apply_chat_template(
+                messages, add_generation_prompt=True, tokenize=False
+            )
+        except Exception as exc:  # the template refused them (e.g. roles out of order)
+            raise InvalidInput(f"messages do not fit the chat template of {model}: {exc}") from exc
+        # The template writes the special tokens (BOS) itself.
+        return list(self._plain.encode(text, add_special_tokens=False).ids)
 
     def _cutting_at(self, max_length: int) -> Tokenizer:
         tokenizer = self._truncating.get(max_length)

@@ -26,6 +26,12 @@ class PreprocessServicer(preprocess_pb2_grpc.PreprocessServicer):
         )
         return codec.to_wire(tokenized)
 
+    async def EncodePrompt(
+        self, request: preprocess_pb2.EncodePromptRequest, context: grpc.aio.ServicerContext
+    ) -> preprocess_pb2.EncodePromptResponse:
+        ids = await self.tokenizers.encode_prompt(codec.prompt_to_domain(request))
+        return preprocess_pb2.EncodePromptResponse(input_ids=ids)
+
 
 def servicer(tokenizers: Tokenizers) -> Servicer:
     """The servicer as `fmserve.rpc.service.Service` registers it."""

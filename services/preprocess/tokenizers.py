@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.errors import FmserveError, InputTooLong, InvalidInput
+from services.preprocess import prompts
 from services.preprocess.hf_tokenizer import HfTokenizer, Tokenized
 from services.preprocess.metrics import REQUEST_TOKENS, TOKENIZER_LOADS
 
@@ -95,6 +96,23 @@ class Tokenizers:
         check_lengths(tokenized, config, name)
         REQUEST_TOKENS.labels(config.name).observe(tokenized.total_tokens)
         return tokenized
+
+    async def encode_prompt(self, request: prompts.PromptRequest) -> list[int]:
+        """A text-generation model's prompt ids (see `prompts` for the rules)."""
+        config = self.repository.get(request.model)
+        prompts.check_task(config)
+        version = config.resolve_version(request.version)
+        prompts.check_prompt(request)
+        tokenizer = await self.get(config, version)
+        if request.messages:
+            messages = [{"role": m.role, "content": m.content} for m in request.messages]
+            name = f"model {config.name!r}"
+            ids = await self._in_thread(partial(tokenizer.encode_chat, messages, name))
+        else:
+            ids = tokenizer.encode_prompt(request.prompt)
+        prompts.check_context(request, config, len(ids))
+        REQUEST_TOKENS.labels(config.name).observe(len(ids))
+        return ids
 
     async def get(self, config: ModelConfig, version: str) -> HfTokenizer:
         """The tokenizer of a model version, loading it on first use."""

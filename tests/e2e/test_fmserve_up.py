@@ -127,8 +127,14 @@ def _cluster(
     try:
         yield process, base, f"{name}."
     finally:
+        # SIGINT, as a terminal's Ctrl-C: `fmserve up` stops its services (each in a session of
+        # its own) before exiting; a SIGKILL would leave them running after a failed test.
         if process.poll() is None:
-            process.kill()
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait()
         if process.stdout:
             process.stdout.close()
@@ -219,8 +225,14 @@ def test_up_starts_redis_and_runs_without_rabbitmq(tmp_path: Path, model_reposit
         assert process.wait(timeout=60) == 0
         assert not _listening(redis_port)
     finally:
+        # SIGINT, as a terminal's Ctrl-C: `fmserve up` stops its services (each in a session of
+        # its own) before exiting; a SIGKILL would leave them running after a failed test.
         if process.poll() is None:
-            process.kill()
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
         process.wait()
         if process.stdout:
             process.stdout.close()

@@ -10,8 +10,25 @@ import inspect
 import numpy as np
 import pytest
 
-from fmserve.client import AsyncClient, AsyncJob, Client, Entity, Job, LabelScore
-from fmserve.client.wire import infer_request, to_answer, to_model_info, to_result
+from fmserve.client import (
+    AsyncClient,
+    AsyncJob,
+    Client,
+    Entity,
+    Generation,
+    GenerationDelta,
+    Job,
+    LabelScore,
+    Usage,
+)
+from fmserve.client.wire import (
+    generate_request,
+    infer_request,
+    to_answer,
+    to_generation_event,
+    to_model_info,
+    to_result,
+)
 from fmserve.v1 import common_pb2, gateway_pb2
 
 pytestmark = pytest.mark.timeout(10)
@@ -216,3 +233,62 @@ def test_model_info_conversion() -> None:
     assert (model.name, model.task, model.versions) == ("ner", "token-classification", ["3", "2"])
     assert (model.max_length, model.labels, model.dimensions) == (128, ["O", "PER"], 64)
     assert model.description == "people"
+
+
+# --- generation ------------------------------------------------------------------------------
+
+
+def test_generate_request_carries_every_parameter() -> None:
+    request = generate_request(
+        None, [{"role": "user", "content": "hi"}], "smollm2", "2", 32, 0.7, 0.9, 40, 11,
+        "\n\n", 1.2, (2,), "bypass",
+    )  # fmt: skip
+
+    assert (request.model, request.version, request.prompt) == ("smollm2", "2", "")
+    assert [(m.role, m.content) for m in request.messages] == [("user", "hi")]
+    p = request.parameters
+    assert (p.max_new_tokens, p.temperature, p.top_k, p.seed) == (32, 0.7, 40, 11)
+    assert p.top_p == pytest.approx(0.9) and p.repetition_penalty == pytest.approx(1.2)
+    assert list(p.stop) == ["\n\n"] and list(p.stop_token_ids) == [2]
+    assert request.cache_policy == common_pb2.CACHE_POLICY_BYPASS
+
+
+def test_generate_request_leaves_unset_what_takes_the_default() -> None:
+    request = generate_request("Once upon", None, "smollm2", max_new_tokens=None)
+
+    assert request.prompt == "Once upon" and not request.messages
+    assert not request.parameters.HasField("max_new_tokens")
+    assert not request.parameters.HasField("seed")
+    assert request.parameters.HasField("top_p")  # sent as given: the gateway checks it
+
+
+def test_stream_events_become_deltas_then_the_generation() -> None:
+    delta = gateway_pb2.GenerateResponse(
+        delta=gateway_pb2.GenerationDelta(text=" wor", token_ids=[5, 6])
+    )
+    generation = common_pb2.Generation(
+        text="Hello wor",
+        token_ids=[4, 5, 6],
+        finish_reason="length",
+        usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=3, cached_tokens=1),
+    )
+    result = gateway_pb2.GenerationResult(
+        model="m", version="1", generation=generation, cached=True, trace_id="ab"
+    )
+
+    assert to_generation_event(delta) == GenerationDelta(" wor", [5, 6])
+    assert to_generation_event(gateway_pb2.GenerateResponse(result=result)) == Generation(
+        text="Hello wor",
+        finish_reason="length",
+        usage=Usage(3, 3, 1),
+        token_ids=[4, 5, 6],
+        cached=True,
+        model="m",
+        version="1",
+        trace_id="ab",
+    )
+
+
+def test_a_bad_cache_policy_is_refused_before_sending() -> None:
+    with pytest.raises(ValueError, match="unknown cache policy"):
+        generate_request("x", None, "m", cache="sometimes")

@@ -132,6 +132,12 @@ def test_infer_needs_the_model_and_its_own_task_when_none_is_asked() -> None:
     assert TABLE.access("Infer", request).scopes == ("infer:minilm-embed:text-classification",)
 
 
+def test_generate_needs_the_model_for_text_generation_and_counts_one_item() -> None:
+    access = TABLE.access("Generate", gateway_pb2.GenerateRequest(model="smollm2", prompt="Hi"))
+    assert access.scopes == ("infer:smollm2:text-generation",)
+    assert (access.model, access.items) == ("smollm2", 1)
+
+
 def test_submit_job_is_checked_on_its_header() -> None:
     header = gateway_pb2.JobHeader(model="minilm-embed", expected_items=7)
     access = TABLE.access("SubmitJob", gateway_pb2.SubmitJobRequest(header=header))

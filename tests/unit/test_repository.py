@@ -273,3 +273,60 @@ def test_runtime_instances_and_auto_precision_are_read(tmp_path: Path) -> None:
     )
     runtime = ModelRepository(tmp_path).get("m").runtime
     assert (runtime.instances, runtime.precision) == (2, "auto")
+
+
+# --- text generation -------------------------------------------------------------------------
+
+
+def test_a_generation_model_reads_its_generation_table_and_needs_no_labels(
+    tmp_path: Path,
+) -> None:
+    toml = 'task = "text-generation"\n[generation]\nmax_new_tokens = 64\nmax_sequences = 4\n'
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "model.toml").write_text(toml)
+    write_hf(tmp_path / "lm" / "1", n_positions=1024)  # GPT-2 names its context so
+    config = ModelRepository(tmp_path).get("lm")
+    assert config.task is TaskName.TEXT_GENERATION
+    assert config.max_length == 1024
+    assert config.generation.max_new_tokens == 64 and config.generation.max_sequences == 4
+    assert config.generation.default_max_new_tokens == 64  # the default, kept under the cap
+
+
+@pytest.mark.parametrize(
+    ("table", "named"),
+    [
+        ("max_new_tokens = 0", "max_new_tokens"),
+        ("max_sequences = -1", "max_sequences"),
+        ("unknown_key = 1", "unknown_key"),
+    ],
+)
+def test_a_bad_generation_table_is_a_config_error_naming_the_key(
+    tmp_path: Path, table: str, named: str
+) -> None:
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "model.toml").write_text(
+        f'task = "text-generation"\n[generation]\n{table}\n'
+    )
+    write_hf(tmp_path / "lm" / "1")
+    with pytest.raises(ConfigError, match=named):
+        ModelRepository(tmp_path).get("lm")
+
+
+def test_a_gguf_source_needs_max_length_and_reads_without_converting(tmp_path: Path) -> None:
+    (tmp_path / "lm").mkdir()
+    (tmp_path / "lm" / "weights.gguf").write_bytes(b"GGUF")
+    toml = 'task = "text-generation"\nsource = "weights.gguf"\n'
+    (tmp_path / "lm" / "model.toml").write_text(toml)
+    with pytest.raises(ConfigError, match="max_length"):
+        ModelRepository(tmp_path).get("lm")
+    (tmp_path / "lm" / "model.toml").write_text(toml + "max_length = 2048\n")
+    config = ModelRepository(tmp_path, tmp_path / "cache").get("lm")
+    assert config.max_length == 2048
+    assert not (tmp_path / "cache").exists()  # conversion waits for files()
+
+
+def test_the_bundled_chat_model_reads() -> None:
+    smollm2 = ModelRepository(Path(__file__).resolve().parents[2] / "models").get("smollm2")
+    assert smollm2.task is TaskName.TEXT_GENERATION
+    assert smollm2.max_length == 8192
+    assert smollm2.versions["1"].name == "SmolLM2-135M-Instruct.Q4_1.gguf"

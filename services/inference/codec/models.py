@@ -33,7 +33,10 @@ def metadata_to_wire(config: ModelConfig) -> service_pb2.ModelMetadataResponse:
         name=config.name,
         versions=sorted(config.versions, key=version_order),
         platform=PLATFORM,
-        inputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in signature.INPUTS],
+        inputs=[
+            tensor(name=s.name, datatype=s.datatype, shape=s.shape)
+            for s in signature.inputs(config)
+        ],
         outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in _outputs(config)],
     )
 
@@ -55,9 +58,23 @@ def config_to_wire(config: ModelConfig) -> service_pb2.ModelConfigResponse:
             default_priority_level=1,
         ),
     )
+    if config.task is TaskName.TEXT_GENERATION:
+        _as_decoupled(model, config)
     for key, value in _parameters(config).items():
         model.parameters[key].string_value = value
     return service_pb2.ModelConfigResponse(config=model)
+
+
+def _as_decoupled(model: mc.ModelConfig, config: ModelConfig) -> None:
+    """A generation model as Triton declares a decoupled one: any number of responses per
+    request, one prompt per request (no batch dimension), batched by its own scheduler."""
+    model.max_batch_size = 0
+    model.ClearField("dynamic_batching")
+    del model.input[:]
+    model.input.extend(_input(spec, batched=False) for spec in signature.inputs(config))
+    del model.output[:]
+    model.output.append(_output(signature.TOKEN_IDS, batched=False))
+    model.model_transaction_policy.decoupled = True
 
 
 def statistics_to_wire(
@@ -85,20 +102,21 @@ def _outputs(config: ModelConfig) -> list[TensorSpec]:
     return [signature.output(config)]
 
 
-def _input(spec: TensorSpec) -> mc.ModelInput:
+def _input(spec: TensorSpec, batched: bool = True) -> mc.ModelInput:
     # dims are ModelMetadata's shape less the batch dimension, and no reshape: perf_analyzer
     # builds each input as [batch] + dims, and cannot shape one whose dims leave nothing.
     return mc.ModelInput(
         name=spec.name,
         data_type=_DATA_TYPES[spec.datatype],
-        dims=spec.shape[1:],
+        dims=spec.shape[1:] if batched else spec.shape,
         optional=spec.optional,
-        allow_ragged_batch=spec.name == signature.INPUT_IDS.name,
+        allow_ragged_batch=batched and spec.name == signature.INPUT_IDS.name,
     )
 
 
-def _output(spec: TensorSpec) -> mc.ModelOutput:
-    return mc.ModelOutput(name=spec.name, data_type=_DATA_TYPES[spec.datatype], dims=spec.shape[1:])
+def _output(spec: TensorSpec, batched: bool = True) -> mc.ModelOutput:
+    dims = spec.shape[1:] if batched else spec.shape
+    return mc.ModelOutput(name=spec.name, data_type=_DATA_TYPES[spec.datatype], dims=dims)
 
 
 def _parameters(config: ModelConfig) -> dict[str, str]:
@@ -113,6 +131,14 @@ def _parameters(config: ModelConfig) -> dict[str, str]:
         parameters["labels"] = ",".join(config.labels)
     if config.task is TaskName.EMBEDDING:
         parameters |= {"pooling": config.pooling, "normalize": str(config.normalize).lower()}
+    if config.task is TaskName.TEXT_GENERATION:
+        generation = config.generation
+        parameters |= {
+            "max_new_tokens": str(generation.max_new_tokens),
+            "default_max_new_tokens": str(generation.default_max_new_tokens),
+            "max_batch_tokens": str(generation.max_batch_tokens),
+            "max_sequences": str(generation.max_sequences),
+        }
     return parameters
 
 
