@@ -59,8 +59,8 @@ class StreamCall:
     async def _generate(self, request: service_pb2.ModelInferRequest) -> None:
         put = self._replies.put_nowait
         try:
-            generation = codec.to_domain(request)
             instance = await self.registry.generator(request.model_name, request.model_version)
+            generation = codec.to_domain(request)
             async for event in instance.generate(generation):
                 put(codec.to_wire(request, instance.version, event))
         except FmserveError as exc:

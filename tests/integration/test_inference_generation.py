@@ -37,15 +37,15 @@ BUNDLED = Path(__file__).resolve().parents[2] / "models"
 @pytest.fixture(scope="module")
 def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The two tiny LMs, plus `tiny-small`: a copy of tiny-llama with room for one sequence of
-    64 tokens, which waits 0.5 s for room at most."""
+    at most 240 tokens, where a request waits 0.2 s for room at most."""
     root = tmp_path_factory.mktemp("generation")
     for family in ("llama", "gpt2"):
         build_causal_lm(root / f"tiny-{family}" / "1", family, seed=5)
         (root / f"tiny-{family}" / "model.toml").write_text(GENERATION_TOML)
     shutil.copytree(root / "tiny-llama", root / "tiny-small")
     (root / "tiny-small" / "model.toml").write_text(
-        'task = "text-generation"\n[generation]\nmax_batch_tokens = 64\nmax_sequences = 1\n'
-        "max_wait_s = 0.5\n"
+        'task = "text-generation"\n[generation]\nmax_batch_tokens = 240\nmax_sequences = 1\n'
+        "max_wait_s = 0.2\n"
     )
     shutil.copytree(BUNDLED / "minilm-embed", root / "minilm-embed")
     shutil.copytree(BUNDLED / "smollm2", root / "smollm2")
@@ -271,20 +271,26 @@ async def test_model_infer_on_a_generation_model_points_to_the_stream(stub: Any)
 
 
 async def test_a_request_waits_for_room_then_gets_resource_exhausted(stub: Any) -> None:
-    too_big = await stream(stub, [request("tiny-small", [5] * 30, "x", max_new_tokens=40)])
+    too_big = await stream(stub, [request("tiny-small", [5] * 30, "x", max_new_tokens=220)])
     assert too_big["x"].error.startswith("RESOURCE_EXHAUSTED:")  # can never fit: at once
-    holder = stub.ModelStreamInfer(iter([request("tiny-small", [5] * 10, "h", max_new_tokens=50)]))
-    first = await holder.read()  # admitted: the one sequence of room is taken
-    assert first.infer_response.raw_output_contents
-    started = asyncio.get_running_loop().time()
+    assert "max_batch_tokens" in too_big["x"].error
+    # the one sequence of room, taken for 200 steps (seconds: far longer than the wait)
+    holder = stub.ModelStreamInfer(iter([request("tiny-small", [5] * 10, "h", max_new_tokens=200)]))
+    assert (await holder.read()).infer_response.raw_output_contents
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     waiting = await stream(stub, [request("tiny-small", [6] * 5, "w", max_new_tokens=5)])
-    waited = asyncio.get_running_loop().time() - started
+    waited = loop.time() - started
     holder.cancel()
-    if "RESOURCE_EXHAUSTED" in waiting["w"].error:
-        assert 0.4 < waited < 5
-    else:  # the holder finished its 50 tokens within the wait: then it was admitted after it
-        assert waiting["w"].final["finish_reason"] == "length"
-    assert "max_wait" not in waiting["w"].error
+    assert waiting["w"].error.startswith("RESOURCE_EXHAUSTED: no room")
+    assert 0.15 < waited < 5
+    # once the holder is gone, the same request runs
+    for _ in range(100):
+        if gauge("fmserve_inference_sequences_active", "tiny-small") == 0:
+            break
+        await asyncio.sleep(0.02)
+    again = await stream(stub, [request("tiny-small", [6] * 5, "w", max_new_tokens=5)])
+    assert again["w"].final["finish_reason"] == "length"
 
 
 async def test_cancelling_a_stream_frees_its_sequence(stub: Any) -> None:
