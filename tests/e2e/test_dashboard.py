@@ -113,6 +113,8 @@ def send_traffic(client: Client) -> None:
         client.embed(texts, model="minilm-embed", cache="bypass")
         client.classify(texts, model="minilm-sentiment")
         client.classify(texts, model="tiny-classifier")
+        # Sampled (temperature > 0, no seed), so never a cache hit: the engine runs each time.
+        client.generate(f"a prompt ({tag})", model="tiny-llama", max_new_tokens=4, temperature=1)
     for call, error in (
         (lambda: client.embed(["x"], model="no-such-model"), ModelNotFound),
         (lambda: client.embed([]), InvalidInput),
