@@ -97,8 +97,16 @@ def metric_names(expression: str) -> set[str]:
 
 def readme_metrics() -> list[str]:
     """The metric names in the README's "Metrics" table (first column, in backticks)."""
-    section = README.read_text().split("\n### Metrics", 1)[1].split("\n#", 1)[0]
-    return re.findall(r"^\| `(fmserve_\w+)`", section, re.M)
+    return re.findall(r"^\| `(fmserve_\w+)`", _metrics_section(), re.M)
+
+
+def readme_gauges() -> set[str]:
+    """The metrics of that table whose type column says gauge."""
+    return set(re.findall(r"^\| `(fmserve_\w+)`[^|]*\| gauge \|", _metrics_section(), re.M))
+
+
+def _metrics_section() -> str:
+    return README.read_text().split("\n### Metrics", 1)[1].split("\n#", 1)[0]
 
 
 def scrape(port: int, **labels: str) -> dict[str, float]:

@@ -60,7 +60,7 @@ async def stub(counted: CountingRecords) -> AsyncIterator[gateway_pb2_grpc.Gatew
         max_watchers_per_connection=0,
     )
     jobs = Jobs(None, None, counted, settings)  # type: ignore[arg-type]  # watching needs neither
-    service = Service("gateway", settings, [servicer(None, jobs, None)])  # type: ignore[arg-type]
+    service = Service("gateway", settings, [servicer(None, jobs, None, None)])  # type: ignore[arg-type]
     await service.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
         yield gateway_pb2_grpc.GatewayStub(channel)
