@@ -190,7 +190,7 @@ class AuthSettings(BaseSettings):
 
     auth: bool = Field(False, validation_alias="FMSERVE_AUTH")
     """Require an API key (`authorization: Bearer <key>`) on every public RPC (`on`/`off`). Off
-    by default for local development; the compose deployment turns it on."""
+    by default for local development; compose and Kubernetes turn it on."""
     admin_key: SecretStr = Field(SecretStr(""), validation_alias="FMSERVE_ADMIN_KEY")
     """A first admin key (`fmserve keys generate` makes one), accepted by every gateway without
     being stored. Empty with auth on: the first gateway to start creates an admin key named

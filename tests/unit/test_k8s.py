@@ -192,6 +192,7 @@ def test_sync_deployments_leave_jobs_to_the_workers(
         assert consumer.cache_address == f"dns:///cache:{cache.port}", worker
     gateway = settings_for(manifests, manifests.one("Deployment", "gateway"), monkeypatch)
     assert gateway.jobs_enabled is True
+    assert gateway.auth is True, "API keys are on in Kubernetes, as in compose"
 
 
 @pytest.mark.parametrize("name", [*SERVICES, *WORKERS])
