@@ -7,12 +7,11 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Sequence
-from pathlib import Path
 
 from tokenizers import Tokenizer
 from transformers import AutoTokenizer
 
-from fmserve.core.repository import ModelRepository
+from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.core.tasks import TaskName
 from fmserve.errors import FmserveError, WrongTask
 from services.postprocess.detokenizer import Detokenizer
@@ -36,7 +35,8 @@ class Detokenizers:
         key = (config.name, version)
         loading = self._loaded.get(key)
         if loading is None:
-            loading = asyncio.ensure_future(asyncio.to_thread(_load, config.files(version), key))
+            # In a thread, files() included: for a GGUF source the first use converts it (once).
+            loading = asyncio.ensure_future(asyncio.to_thread(_load, config, version, key))
             loading.add_done_callback(lambda f: self._forget_failed(key, f))
             self._loaded[key] = loading
         tokenizer = await asyncio.shield(loading)  # a caller that leaves must not cancel a load
@@ -58,9 +58,10 @@ class Detokenizers:
         self._loaded.clear()
 
 
-def _load(folder: Path, key: tuple[str, str]) -> Tokenizer:
+def _load(config: ModelConfig, version: str, key: tuple[str, str]) -> Tokenizer:
     """The model's fast tokenizer, from local files only (no hub, no remote code). Errors name
     the model, never the folder: they reach clients."""
+    folder = config.files(version)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             folder, local_files_only=True, trust_remote_code=False

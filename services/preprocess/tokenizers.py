@@ -12,7 +12,6 @@ import logging
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
-from pathlib import Path
 from typing import TypeVar
 
 from fmserve.core.repository import ModelConfig, ModelRepository
@@ -119,16 +118,18 @@ class Tokenizers:
         key = (config.name, version)
         loading = self._tokenizers.get(key)
         if loading is None:
-            loading = asyncio.ensure_future(self._load(key, config.files(version)))
+            loading = asyncio.ensure_future(self._load(key, config, version))
             # Mark its error as seen: if every caller has gone, nobody else would.
             loading.add_done_callback(lambda f: f.cancelled() or f.exception())
             self._tokenizers[key] = loading
         # A caller that gives up must not cancel a load that other callers wait for.
         return await asyncio.shield(loading)
 
-    async def _load(self, key: tuple[str, str], folder: Path) -> HfTokenizer:
+    async def _load(self, key: tuple[str, str], config: ModelConfig, version: str) -> HfTokenizer:
         try:
             name = f"model {key[0]!r} version {key[1]}"
+            # In a thread: for a GGUF source, the first use converts it (a minute, once).
+            folder = await self._in_thread(partial(config.files, version))
             tokenizer = await self._in_thread(partial(HfTokenizer.load, folder, name))
         except BaseException:
             self._tokenizers.pop(key, None)

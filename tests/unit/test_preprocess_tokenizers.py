@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from itertools import chain
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 from prometheus_client import REGISTRY
 from transformers import AutoTokenizer
 
-from fmserve.core.repository import ModelRepository
+from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.errors import FmserveError, InputTooLong, InvalidInput, ModelNotFound
 from fmserve.v1 import jobs_pb2
 from services.preprocess.tokenizers import Tokenizers
@@ -192,3 +193,34 @@ async def test_tokens_per_request_are_counted(tokenizers):
     await tokenizers.tokenize("tiny-ner", "", ["Hello world", "Hello"])
 
     assert REGISTRY.get_sample_value(name, labels) - before == 7
+
+
+async def test_finding_a_models_files_runs_off_the_event_loop(
+    model_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """For a GGUF source, the first `files()` converts it (a minute, once): the event loop must
+    keep serving other calls meanwhile."""
+    slow_s = 0.5
+    found = ModelConfig.files
+
+    def slow_files(self: ModelConfig, version: str = "") -> Path:
+        time.sleep(slow_s)
+        return found(self, version)
+
+    monkeypatch.setattr(ModelConfig, "files", slow_files)
+    own = Tokenizers(ModelRepository(model_repository), threads=1)
+    ticks = 0
+
+    async def tick() -> None:
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.01)
+
+    ticker = asyncio.create_task(tick())
+    try:
+        await own.tokenize("minilm-embed", "", ["a text"])
+    finally:
+        ticker.cancel()
+        await own.stop()
+    assert ticks >= slow_s / 0.01 / 2, f"the event loop ran {ticks} times in {slow_s} s"
