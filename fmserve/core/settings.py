@@ -75,6 +75,9 @@ class ServiceSettings(TlsSettings):
     max_request_bytes: int = 16 * 1024 * 1024
     """Largest request this service's server accepts, counted after decompression, so a small
     gzip message that inflates past it is refused (RESOURCE_EXHAUSTED) instead of held."""
+    max_metadata_bytes: int = 8 * 1024
+    """Largest metadata (headers, API key included) a call to this service may carry; a bigger
+    one is refused with RESOURCE_EXHAUSTED before any handler runs."""
     max_connection_age_s: float = 30.0
     """Each client connection is closed gracefully (GOAWAY, calls in flight finish) after about
     this long, so clients re-resolve DNS and spread onto replicas added since; 0: never."""

@@ -47,6 +47,10 @@ def server_options(settings: ServiceSettings) -> list[tuple[str, Any]]:
     a maximum connection age: a client learns of new replicas only when it re-resolves DNS,
     which it does when a connection closes (gRPC adds ±10% jitter)."""
     options = grpc_options(settings.max_message_bytes, settings.max_request_bytes)
+    # gRPC's own soft limit (8 KiB) refuses calls between it and the hard one (16 KiB) at
+    # random; one limit for both makes the bound exact.
+    options.append(("grpc.max_metadata_size", settings.max_metadata_bytes))
+    options.append(("grpc.absolute_max_metadata_size", settings.max_metadata_bytes))
     if settings.max_connection_age_s > 0:
         options.append(("grpc.max_connection_age_ms", int(settings.max_connection_age_s * 1000)))
     return options

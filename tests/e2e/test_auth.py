@@ -30,7 +30,13 @@ from fmserve import Client
 from fmserve.cli.certs import generate
 from fmserve.cli.cluster import SERVICES, Cluster, free_port
 from fmserve.core import apikeys
-from fmserve.errors import JobNotFound, PermissionDenied, Unauthenticated
+from fmserve.errors import (
+    InvalidInput,
+    JobNotFound,
+    PermissionDenied,
+    TooLarge,
+    Unauthenticated,
+)
 from fmserve.queue.topology import delete_queues
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
 from tests.e2e.conftest import REDIS_DB, forget_keys, topology
@@ -200,6 +206,25 @@ def test_a_revoked_key_is_refused_by_every_replica_within_a_second(
             client.close()
     assert max(refused_after) < 1.0, refused_after
     assert [k.revoked for k in admin.api_keys() if k.name == name] == [True]
+
+
+def test_the_edge_limits_hold_for_an_authorized_key(
+    gateways: list[str], admin: Client, connect: Connect, ca: bytes
+) -> None:
+    """Input hygiene under auth: a key with every scope still meets the gateway's bounds."""
+    key = new_key(admin, ["infer:*"])
+    with connect(gateways[0], key) as client:
+        with pytest.raises(TooLarge, match="1024"):
+            client.embed(["a text"] * 1025)  # FMSERVE_GATEWAY_MAX_ITEMS
+        with pytest.raises(InvalidInput):
+            client.embed([""])
+        assert client.embed(["still served"]).shape == (1, 384)
+    with grpc.secure_channel(gateways[0], grpc.ssl_channel_credentials(ca)) as channel:
+        infer = channel.unary_unary("/fmserve.v1.Gateway/ListModels")
+        big = (("authorization", f"Bearer {key}"), ("x-padding", "a" * 9000))
+        with pytest.raises(grpc.RpcError) as refused:
+            infer(b"", metadata=big, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # 8 KiB of metadata
 
 
 def wait_refused(client: Client) -> float:
