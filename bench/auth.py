@@ -33,7 +33,7 @@ from pathlib import Path
 import grpc
 import redis
 
-from bench.embedding import MODEL, Load, closed_loop
+from bench.embedding import MODEL, SYNC_ONLY, Load, closed_loop
 from fmserve.cli.cluster import SERVICES, Cluster, Replica, free_port
 from fmserve.core import apikeys
 from fmserve.core.settings import ClientSettings
@@ -57,6 +57,7 @@ class TwoGateways(Cluster):
 
 def start_cluster(prefix: str) -> TwoGateways:
     env = {
+        **SYNC_ONLY,
         "FMSERVE_AUTH": "on",
         "FMSERVE_ADMIN_KEY": ADMIN_KEY,
         "FMSERVE_INFERENCE_PRELOAD": MODEL,

@@ -137,10 +137,20 @@ async def closed_loop(
         return Load(len(latencies), time.perf_counter() - start, latencies)
 
 
+# The synchronous path only: no job queues, so a run leaves nothing in a shared RabbitMQ.
+SYNC_ONLY = {
+    "FMSERVE_GATEWAY_JOBS_ENABLED": "false",
+    "FMSERVE_PREPROCESS_WORKER_ENABLED": "false",
+    "FMSERVE_INFERENCE_WORKER_ENABLED": "false",
+    "FMSERVE_POSTPROCESS_WORKER_ENABLED": "false",
+}
+
+
 def start_cluster(env: dict[str, str]) -> Cluster:
     ports = {name: free_port() for name in SERVICES}
     log_dir = Path(tempfile.mkdtemp(prefix="fmserve-bench-"))
     env = {
+        **SYNC_ONLY,
         "FMSERVE_INFERENCE_PRELOAD": MODEL,
         "FMSERVE_LOG_LEVEL": "WARNING",
         "FMSERVE_CACHE_KEY_PREFIX": f"fmserve-bench-{uuid.uuid4().hex[:8]}:",
