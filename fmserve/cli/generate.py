@@ -13,7 +13,8 @@ import sys
 from dataclasses import asdict
 from typing import Any
 
-from fmserve.client import Client, Generation
+from fmserve.cli.connect import gateway_client
+from fmserve.client import Generation
 
 
 def add_command(commands: Any) -> None:
@@ -40,7 +41,7 @@ def add_command(commands: Any) -> None:
 
 def run(args: argparse.Namespace) -> None:
     prompt, messages = _prompt(args)
-    with Client(args.address, timeout=args.timeout) as client:
+    with gateway_client(args) as client:
         events = client.stream(
             prompt,
             messages=messages,
@@ -54,6 +55,7 @@ def run(args: argparse.Namespace) -> None:
             stop=args.stop,
             repetition_penalty=args.repetition_penalty,
             cache=args.cache,
+            timeout=args.timeout,
         )
         for event in events:
             if isinstance(event, Generation):

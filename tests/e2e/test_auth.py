@@ -310,6 +310,36 @@ def test_the_cli_creates_lists_and_revokes_keys(
     assert not_admin.returncode == 1 and "UNAUTHENTICATED" in not_admin.stderr
 
 
+# Every CLI command that calls the gateway, with arguments that reach it. Each must connect with
+# the CLI's TLS settings and send FMSERVE_API_KEY: a key without any scope is then told, by
+# name, which scope it lacks (PERMISSION_DENIED); a command that forgot the key would be
+# UNAUTHENTICATED, one that forgot TLS UNAVAILABLE.
+GATEWAY_COMMANDS = [
+    ["embed", "--model", "minilm-embed", "a text"],
+    ["classify", "--model", "minilm-sentiment", "a text"],
+    ["entities", "--model", "minilm-embed", "a text"],
+    ["generate", "--model", "minilm-embed", "a prompt"],
+    ["submit", "--model", "minilm-embed", "--input", "{jobs}"],
+    ["job", "0" * 32],
+    ["jobs"],
+    ["cancel", "0" * 32],
+    ["keys", "list"],
+]
+
+
+@pytest.mark.parametrize("command", GATEWAY_COMMANDS, ids=lambda c: c[0])
+def test_every_cli_command_sends_the_key_over_tls(
+    gateways: list[str], admin: Client, certs: Path, tmp_path: Path, command: list[str]
+) -> None:
+    name = f"scopeless-{uuid.uuid4().hex[:6]}"
+    key = new_key(admin, ["infer:no-such-model"], name)
+    jobs = tmp_path / "jobs.jsonl"
+    jobs.write_text('{"text": "a"}\n')
+    done = fmserve(gateways[0], key, certs, *[part.format(jobs=jobs) for part in command])
+    assert done.returncode == 1, done.stdout
+    assert "PERMISSION_DENIED" in done.stderr and name in done.stderr, done.stderr
+
+
 def test_refusals_and_admin_actions_are_audited(secure_cluster: Cluster) -> None:
     events = [e for e in log_events(secure_cluster) if e.get("logger") == "fmserve.audit"]
     outcomes = {(e["method"], e["outcome"]) for e in events}
