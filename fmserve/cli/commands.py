@@ -367,9 +367,13 @@ def _run_cluster(args: argparse.Namespace, redis: stores.Store, rabbitmq: stores
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, _: stopping.append(signum))
     print("starting fmserve: cache, preprocess, inference, postprocess, gateway …", flush=True)
+    auth = AuthSettings()
+    logged_from = {r.log_path: _size(r.log_path) for r in cluster.replicas_of["gateway"]}
     try:
         cluster.start()
-        _print_cluster(cluster, stores.what_is_off(redis, rabbitmq), AuthSettings().auth)
+        if auth.auth and not auth.admin_key.get_secret_value():
+            print(_first_admin_key(cluster, logged_from), flush=True)
+        _print_cluster(cluster, stores.what_is_off(redis, rabbitmq), auth.auth)
         while not stopping:
             cluster.supervise_once()
             time.sleep(0.5)
@@ -397,6 +401,9 @@ def security(cluster: Cluster) -> str:
     return f"TLS on: gateway TLS, mTLS between services ({cluster.certs})"
 
 
+FIRST_ADMIN_KEY_WAIT_S = 10.0
+
+
 def metrics_ports(ports: dict[str, int]) -> dict[str, int]:
     """Each service's /metrics port: its FMSERVE_<SERVICE>_METRICS_PORT when set (-1 turns it
     off), else its gRPC port + METRICS_PORT_OFFSET, or a free port where that is not a user
@@ -417,6 +424,47 @@ def _replicas(spec: str) -> dict[str, int]:
             raise ClusterError(f"--replicas: {part!r} is not SERVICE=N (e.g. inference=2)")
         counts[name] = int(count)
     return counts
+
+
+def _first_admin_key(cluster: Cluster, logged_from: dict[Path, int]) -> str:
+    """With auth on and no FMSERVE_ADMIN_KEY, a new cluster's first gateway creates an admin key
+    and logs it once: shown here too, where the person who started the cluster looks for it."""
+    deadline = time.monotonic() + FIRST_ADMIN_KEY_WAIT_S
+    while time.monotonic() < deadline:
+        for path, offset in logged_from.items():
+            for record in _json_lines(path, offset):
+                if "first_admin_key" in record:
+                    return (
+                        "first admin key, shown once (FMSERVE_API_KEY=<it> fmserve keys create "
+                        f"...):\n{record['first_admin_key']}"
+                    )
+                if record.get("first_admin_key_exists"):
+                    return (
+                        "admin key: the one shown when this cluster first started with auth on "
+                        "(or set FMSERVE_ADMIN_KEY)"
+                    )
+        time.sleep(0.2)
+    return f"admin key: see first_admin_key in {', '.join(map(str, logged_from))}"
+
+
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _json_lines(path: Path, offset: int) -> list[dict[str, Any]]:
+    """The JSON records a service wrote to its log from `offset` on (other lines skipped)."""
+    with path.open("rb") as log:
+        log.seek(offset)
+        lines = log.read().decode("utf-8", "replace").splitlines()
+    records = []
+    for line in lines:
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict):
+            records.append(record)
+    return records
 
 
 def _print_cluster(cluster: Cluster, off: str, auth: bool) -> None:

@@ -92,6 +92,11 @@ class FirstAdminKey:
             try:
                 created = await self.admin.create(request)
             except AlreadyExists:
+                log.info(
+                    "auth is on and the first admin key exists: it was logged once, when this "
+                    "cluster first started (FMSERVE_ADMIN_KEY sets one of your own)",
+                    extra={"first_admin_key_exists": True},
+                )
                 return
             except Unavailable:
                 await asyncio.sleep(RETRY_S)

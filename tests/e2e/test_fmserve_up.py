@@ -182,17 +182,22 @@ def test_up_serves_restarts_and_stops_cleanly(
     assert not [name for name, pid in pids.items() if _alive(pid)]
 
 
-def test_up_with_certificates_serves_tls_and_says_so(
+def test_up_with_auth_and_certificates_shows_the_admin_key_and_serves_tls(
     tmp_path: Path, model_repository: Path
 ) -> None:
     certs = generate(tmp_path / "certs").folder
-    with _cluster(tmp_path / "logs", model_repository, {"FMSERVE_CERTS": str(certs)}) as running:
+    env = {"FMSERVE_CERTS": str(certs), "FMSERVE_AUTH": "on"}
+    with _cluster(tmp_path / "logs", model_repository, env) as running:
         process, base, _ = running
         lines = _read_until(process, r"\bready\b", timeout_s=240)
+        assert "auth on: API keys required" in lines[-1]
         assert f"TLS on: gateway TLS, mTLS between services ({certs})" in lines[-1]
+        shown = lines.index(next(line for line in lines if "first admin key" in line))
+        admin_key = lines[shown + 1].strip()
         ca = (certs / "ca.crt").read_bytes()
-        with Client(f"127.0.0.1:{base}", root_certificates=ca) as client:
+        with Client(f"127.0.0.1:{base}", root_certificates=ca, api_key=admin_key) as client:
             assert client.embed(["hello over TLS"]).shape == (1, 384)
+            assert "admin" in [key.name for key in client.api_keys()]
         with Client(f"127.0.0.1:{base}", timeout=5) as plain, pytest.raises(Unavailable):
             plain.models()
         process.send_signal(signal.SIGINT)
