@@ -82,3 +82,6 @@ def _finished(generation: Generation, as_json: bool) -> None:
         f"{usage.completion_tokens} generated tokens{cached}]",
         file=sys.stderr,
     )
+    if generation.finish_reason == "stop" and not generation.text.strip():
+        # An instruct model given a bare prompt often ends it at once.
+        print("the model ended its answer at once; a chat model may want --chat", file=sys.stderr)

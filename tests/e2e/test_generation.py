@@ -337,5 +337,10 @@ def test_the_cli_prints_text_as_it_arrives_and_json(client, gateway_address, cap
     printed = json.loads(capsys.readouterr().out)
     assert (printed["text"], printed["token_ids"]) == (expected.text, expected.token_ids)
 
+    stop = expected.text[:1]  # the answer ends before it says anything: a hint follows
+    assert stop and cli_main([*base, "--max-new-tokens", "8", "--stop", stop]) == 0
+    out, err = capsys.readouterr()
+    assert out == "" and "a chat model may want --chat" in err
+
     assert cli_main([*base, "--top-p", "2"]) == 1
     assert "error (INVALID_ARGUMENT): top_p must be in (0, 1]" in capsys.readouterr().err
