@@ -20,6 +20,10 @@ from services.inference.generation.params import GenerationRequest
 from services.inference.generation.scheduler import Finished, Tokens
 from services.inference.registry import ModelRegistry
 
+# The finish reason of a sequence that the scheduler ended before it was done (a stream then
+# gets its text so far); a job's item must not.
+CUT_SHORT = "cancelled"
+
 
 @dataclass(frozen=True)
 class Generated:
@@ -51,11 +55,17 @@ class JobGenerations:
     async def _one(self, instance: GenerationInstance, request: GenerationRequest) -> Generated:
         async with self._slots:
             token_ids: list[int] = []
-            # Cancelling this task raises inside the generator, whose cleanup frees the
-            # sequence; the loop never leaves it early otherwise (it ends after Finished).
+            finished: Finished | None = None
+            # Run to its end (it ends after Finished), so the generator is finalized now, not
+            # when collected: its cleanup frees the sequence and counts the stream done. A
+            # cancelled task raises inside it, which runs that cleanup too.
             async for event in instance.generate(request):
                 if isinstance(event, Tokens):
                     token_ids.extend(event.ids)
-                elif isinstance(event, Finished):
-                    return Generated(token_ids, event)
-        raise Unavailable(f"model {instance.config.name!r} ended a sequence without finishing it")
+                else:
+                    finished = event
+        if finished is None or finished.reason == CUT_SHORT:
+            # A sequence the scheduler cut short (the model unloading, the service stopping) is
+            # no item's answer: Unavailable is transient, so the chunk is retried.
+            raise Unavailable(f"model {instance.config.name!r} stopped before the sequence ended")
+        return Generated(token_ids, finished)
