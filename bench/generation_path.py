@@ -35,7 +35,7 @@ def generate_request(index: int, new_tokens: int) -> gateway_pb2.GenerateRequest
     return gateway_pb2.GenerateRequest(
         model=MODEL,
         messages=[common_pb2.ChatMessage(role="user", content=question)],
-        parameters=gateway_pb2.SamplingParameters(max_new_tokens=new_tokens),
+        parameters=common_pb2.SamplingParameters(max_new_tokens=new_tokens),
         cache_policy=common_pb2.CACHE_POLICY_BYPASS,
     )
 

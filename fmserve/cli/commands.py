@@ -8,6 +8,8 @@
     fmserve entities --model my-ner "Ada lives in London"
     fmserve generate --model smollm2 "Once upon a time"   text, printed as it arrives
     fmserve submit --model minilm-embed --input items.jsonl --output results.jsonl --wait
+    fmserve submit --model smollm2 --task generate --max-new-tokens 32 --input prompts.jsonl
+    fmserve results JOB_ID                        a finished job's results, one JSON line each
     fmserve job ID / fmserve jobs / fmserve cancel ID
     fmserve keys create|list|revoke|generate    API keys (FMSERVE_API_KEY: the key sent)
 
@@ -36,7 +38,7 @@ from fmserve.cli.cluster import (
     check_ports,
 )
 from fmserve.cli.connect import InputError, gateway_client
-from fmserve.client import JobStatus
+from fmserve.client import Generation, JobItem, JobStatus, wire
 from fmserve.core.settings import (
     DEFAULT_REPOSITORY,
     AuthSettings,
@@ -130,14 +132,20 @@ def _job_commands(commands: Any) -> None:
     submit.add_argument("--input", type=Path, required=True, help='JSONL: {"text": ...} per line')
     submit.add_argument("--output", type=Path, help="write the results here as JSONL (waits)")
     submit.add_argument("--wait", action="store_true", help="wait for the job, with progress")
-    submit.add_argument("--task", default=None)
+    submit.add_argument("--task", default=None, choices=[*wire.TASKS, *wire.TASK_ALIASES])
     submit.add_argument("--version", default="")
     submit.add_argument("--truncate", action="store_true")
-    submit.add_argument("--top-k", type=int, default=0)
+    submit.add_argument(
+        "--top-k", type=int, default=0, help="labels kept (classification), or sampling's top-k"
+    )
+    generate.add_sampling_arguments(submit)  # --task generate: each text is a prompt
     submit.add_argument("--priority", choices=["normal", "high", "low"], default="normal")
     submit.add_argument("--idempotency-key", default="")
     submit.add_argument("--timeout-s", type=int, default=0, help="expire the job after this")
     submit.set_defaults(run=_submit)
+    results = commands.add_parser("results", help="a finished job's results, as JSONL")
+    results.add_argument("id")
+    results.set_defaults(run=_results)
     job = commands.add_parser("job", help="a job's state and progress")
     job.add_argument("id")
     job.add_argument("--json", action="store_true")
@@ -175,6 +183,7 @@ def _submit(args: argparse.Namespace) -> None:
             idempotency_key=args.idempotency_key,
             priority=args.priority,
             timeout_s=args.timeout_s,
+            params=generate.sampling_of(args) if wire.generates(args.task) else None,
         )
         print(f"submitted job {job.id} ({count} items)", flush=True)
         if args.wait or args.output:
@@ -218,9 +227,21 @@ def _text_of(line: str, path: Path, number: int) -> str:
 def _write_results(items: Any, path: Path) -> None:
     with path.open("w", encoding="utf-8") as out:
         for item in items:
-            row = {"index": item.index}
-            row.update({"result": _jsonable(item.result)} if item.ok else {"error": item.error})
-            out.write(json.dumps(row) + "\n")
+            out.write(_result_row(item) + "\n")
+
+
+def _results(args: argparse.Namespace) -> None:
+    with gateway_client(args) as client:
+        for item in client.job(args.id).results():
+            print(_result_row(item))
+
+
+def _result_row(item: JobItem) -> str:
+    """One JSON line: {"index": i, "result": ...} or {"index": i, "error": "..."}; a
+    generation's result is {"text", "finish_reason", "usage", "token_ids", ...}."""
+    row: dict[str, Any] = {"index": item.index}
+    row.update({"result": _jsonable(item.result)} if item.ok else {"error": item.error})
+    return json.dumps(row)
 
 
 def _status_line(s: JobStatus) -> str:
@@ -283,6 +304,8 @@ def _jsonable(result: Any) -> Any:
         return None
     if isinstance(result, np.ndarray):
         return result.tolist()
+    if isinstance(result, Generation):
+        return asdict(result)
     return [asdict(item) for item in result]
 
 

@@ -14,7 +14,7 @@ from dataclasses import asdict
 from typing import Any
 
 from fmserve.cli.connect import gateway_client
-from fmserve.client import Generation
+from fmserve.client import Generation, GenerationParams
 
 
 def add_command(commands: Any) -> None:
@@ -26,17 +26,35 @@ def add_command(commands: Any) -> None:
         "--chat", action="store_true", help="send PROMPT as a user message (chat template)"
     )
     generate.add_argument("--system", default="", help="a system message (with --chat)")
-    generate.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's")
-    generate.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    generate.add_argument("--top-p", type=float, default=1.0)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--seed", type=int, default=None)
-    generate.add_argument("--repetition-penalty", type=float, default=1.0)
-    generate.add_argument("--stop", action="append", default=[], help="a stop string (repeat)")
+    generate.add_argument("--top-k", type=int, default=0, help="0: every token")
+    add_sampling_arguments(generate)
     generate.add_argument("--cache", choices=["use", "bypass", "refresh"], default="use")
     generate.add_argument("--timeout", type=float, default=300.0, help="seconds in all")
     generate.add_argument("--json", action="store_true", help="print the finished generation")
     generate.set_defaults(run=run)
+
+
+def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """The sampling options of `generate` and `submit --task generate` (each adds its own
+    --top-k: submit's also serves classification jobs)."""
+    parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the model's")
+    parser.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--repetition-penalty", type=float, default=1.0)
+    parser.add_argument("--stop", action="append", default=[], help="a stop string (repeat)")
+
+
+def sampling_of(args: argparse.Namespace) -> GenerationParams:
+    return GenerationParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        top_k=args.top_k,
+        seed=args.seed,
+        stop=args.stop,
+        repetition_penalty=args.repetition_penalty,
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -47,13 +65,7 @@ def run(args: argparse.Namespace) -> None:
             messages=messages,
             model=args.model,
             version=args.version,
-            max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            top_k=args.top_k,
-            seed=args.seed,
-            stop=args.stop,
-            repetition_penalty=args.repetition_penalty,
+            params=sampling_of(args),
             cache=args.cache,
             timeout=args.timeout,
         )

@@ -19,6 +19,10 @@ Generation (a text-generation model such as smollm2): the finished text, or a st
         for event in c.stream(messages=[{"role": "user", "content": "Hi"}], model="smollm2"):
             print(getattr(event, "text", ""), end="", flush=True)  # deltas, then the Generation
 
+A batch of prompts as a job: each item's result is its `Generation`:
+
+        job = c.submit(prompts, model="smollm2", task="generate", max_new_tokens=32, seed=1)
+
 A cluster with auth on needs an API key: `Client(address, api_key=key)`.
 
 gRPC failures arrive as `fmserve.errors` exceptions (see that module's tree)."""
@@ -31,6 +35,7 @@ from fmserve.client.types import (
     Entity,
     Generation,
     GenerationDelta,
+    GenerationParams,
     JobItem,
     JobStatus,
     LabelScore,
@@ -48,6 +53,7 @@ __all__ = [
     "Entity",
     "Generation",
     "GenerationDelta",
+    "GenerationParams",
     "Job",
     "JobItem",
     "JobStatus",

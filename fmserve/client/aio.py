@@ -15,6 +15,7 @@ from fmserve.client.types import (
     Entity,
     Generation,
     GenerationDelta,
+    GenerationParams,
     JobItem,
     JobStatus,
     LabelScore,
@@ -152,22 +153,14 @@ class AsyncClient:
         messages: Sequence[dict[str, str]] | None = None,
         model: str,
         version: str = "",
-        max_new_tokens: int | None = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        repetition_penalty: float = 1.0,
-        stop_token_ids: Sequence[int] = (),
+        params: GenerationParams | None = None,
         cache: str = "use",
         timeout: float | None = None,
+        **sampling: Any,
     ) -> AsyncIterator[GenerationDelta | Generation]:
         """`Client.stream`'s twin: `async for` the deltas, then the `Generation`."""
-        request = wire.generate_request(
-            prompt, messages, model, version, max_new_tokens, temperature, top_p, top_k,
-            seed, stop, repetition_penalty, stop_token_ids, cache,
-        )  # fmt: skip
+        params = wire.generation_params(params, sampling)
+        request = wire.generate_request(prompt, messages, model, version, params, cache)
         call = self._stub.Generate(
             request, timeout=timeout or self.timeout, metadata=self._metadata
         )
@@ -201,12 +194,16 @@ class AsyncClient:
         priority: str = "normal",
         retention_s: int = 0,
         timeout_s: int = 0,
+        params: GenerationParams | None = None,
+        **sampling: Any,
     ) -> AsyncJob:
         """Submit a batch job; returns once it is durable (see `Client.submit`). `texts` may
         also be an async iterable."""
+        params = wire.job_params(task, top_k, params, sampling)
         header = wire.job_header(
-            model, task, version, truncate, top_k, idempotency_key, priority, retention_s, timeout_s
-        )
+            model, task, version, truncate, top_k, idempotency_key, priority, retention_s,
+            timeout_s, params,
+        )  # fmt: skip
         header.header.expected_items = wire.declared_size(texts)  # lets the gateway refuse at once
 
         async def requests() -> AsyncIterator[gateway_pb2.SubmitJobRequest]:

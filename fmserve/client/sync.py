@@ -16,6 +16,7 @@ from fmserve.client.types import (
     Entity,
     Generation,
     GenerationDelta,
+    GenerationParams,
     JobItem,
     JobStatus,
     LabelScore,
@@ -156,24 +157,17 @@ class Client:
         messages: Sequence[dict[str, str]] | None = None,
         model: str,
         version: str = "",
-        max_new_tokens: int | None = 64,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
-        seed: int | None = None,
-        stop: str | Sequence[str] = (),
-        repetition_penalty: float = 1.0,
-        stop_token_ids: Sequence[int] = (),
+        params: GenerationParams | None = None,
         cache: str = "use",
         timeout: float | None = None,
+        **sampling: Any,
     ) -> Iterator[GenerationDelta | Generation]:
         """Deltas as the text is produced, then the finished `Generation`. Leaving the loop
-        early cancels the generation on the server. `max_new_tokens=None`: the model's
-        default; `timeout`: seconds for the whole stream (default: the client's)."""
-        request = wire.generate_request(
-            prompt, messages, model, version, max_new_tokens, temperature, top_p, top_k,
-            seed, stop, repetition_penalty, stop_token_ids, cache,
-        )  # fmt: skip
+        early cancels the generation on the server. Sampling: `params`, or its fields as
+        keywords (`max_new_tokens=32, temperature=0.7, seed=1, stop=["."]`, ...: see
+        `GenerationParams`); `timeout`: seconds for the whole stream (default: the client's)."""
+        params = wire.generation_params(params, sampling)
+        request = wire.generate_request(prompt, messages, model, version, params, cache)
         call = self._stub.Generate(
             request, timeout=timeout or self.timeout, metadata=self._metadata
         )
@@ -207,13 +201,19 @@ class Client:
         priority: str = "normal",
         retention_s: int = 0,
         timeout_s: int = 0,
+        params: GenerationParams | None = None,
+        **sampling: Any,
     ) -> Job:
         """Submit a batch job; returns once it is durable (RabbitMQ confirmed every item).
         `texts` may be any iterable, read lazily; the same `idempotency_key` gives the same
-        job; `priority` is "normal", "high" or "low"; `timeout_s` expires an unfinished job."""
+        job; `priority` is "normal", "high" or "low"; `timeout_s` expires an unfinished job.
+        `task="generate"` on a text-generation model: each text is a prompt, each item's
+        result its `Generation`, sampled as `params` or keywords say (as for `stream`)."""
+        params = wire.job_params(task, top_k, params, sampling)
         header = wire.job_header(
-            model, task, version, truncate, top_k, idempotency_key, priority, retention_s, timeout_s
-        )
+            model, task, version, truncate, top_k, idempotency_key, priority, retention_s,
+            timeout_s, params,
+        )  # fmt: skip
         header.header.expected_items = wire.declared_size(texts)  # lets the gateway refuse at once
         requests = itertools.chain([header], wire.text_chunks(texts))
         try:

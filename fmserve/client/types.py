@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -93,7 +94,8 @@ class JobStatus:
 
 @dataclass(frozen=True)
 class JobItem:
-    """One item's answer: its result (as `Client.infer` gives it) or why it failed."""
+    """One item's answer: its result (as `Client.infer` gives it, or a `Generation` for a
+    text-generation job) or why it failed."""
 
     index: int
     result: Any = None
@@ -136,6 +138,28 @@ class Usage:
     """Tokens generated."""
     cached_tokens: int = 0
     """Prompt tokens whose KV cache the engine reused from an earlier request."""
+
+
+@dataclass(frozen=True)
+class GenerationParams:
+    """How a generation chooses its tokens and when it stops. `generate`, `stream` and
+    `submit(task="generate")` take these fields as keyword arguments, or whole as `params=`
+    (keywords given beside it override its fields). The gateway checks every value."""
+
+    max_new_tokens: int | None = 64
+    """Most tokens to generate; None: the model's default."""
+    temperature: float = 0.0
+    """0 is greedy; higher is more random."""
+    top_p: float = 1.0
+    top_k: int = 0
+    """Keep the k most likely tokens; 0 keeps all."""
+    seed: int | None = None
+    """The same seed and prompt give the same tokens; None: random."""
+    stop: str | Sequence[str] = ()
+    """Stop before any of these strings (not included in the text)."""
+    repetition_penalty: float = 1.0
+    stop_token_ids: Sequence[int] = ()
+    """Stop at any of these token ids (EOS always stops)."""
 
 
 @dataclass(frozen=True)

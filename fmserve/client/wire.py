@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from collections.abc import AsyncIterable, AsyncIterator, Iterable, Iterator, Sequence
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -16,6 +17,7 @@ from fmserve.client.types import (
     Entity,
     Generation,
     GenerationDelta,
+    GenerationParams,
     JobItem,
     JobStatus,
     LabelScore,
@@ -24,12 +26,14 @@ from fmserve.client.types import (
     Usage,
 )
 from fmserve.core.jobs import state_from_wire
-from fmserve.core.tasks import TASK_TO_WIRE
+from fmserve.core.tasks import TASK_TO_WIRE, TaskName
 from fmserve.rpc.options import grpc_options
 from fmserve.v1 import common_pb2, gateway_pb2, jobs_pb2, keys_pb2
 
 TASKS = {task.value: wire for task, wire in TASK_TO_WIRE.items()}
 TASK_NAMES = {wire: name for name, wire in TASKS.items()}
+# `submit(..., task="generate")` reads as the client's `generate()` does.
+TASK_ALIASES = {"generate": TaskName.TEXT_GENERATION.value}
 CACHE_POLICIES = {
     "use": common_pb2.CACHE_POLICY_USE,
     "bypass": common_pb2.CACHE_POLICY_BYPASS,
@@ -65,8 +69,6 @@ def infer_request(
 ) -> gateway_pb2.InferRequest:
     if isinstance(texts, str):
         texts = [texts]
-    if task is not None and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASKS)}")
     if cache not in CACHE_POLICIES:
         raise ValueError(f"unknown cache policy {cache!r}; use one of {sorted(CACHE_POLICIES)}")
     options = gateway_pb2.InferOptions(
@@ -75,9 +77,31 @@ def infer_request(
     return gateway_pb2.InferRequest(
         model=model,
         version=version,
-        task=TASKS[task] if task else common_pb2.TASK_UNSPECIFIED,
+        task=task_to_wire(task),
         texts=list(texts),
         options=options,
+    )
+
+
+def generation_params(params: GenerationParams | None, given: dict[str, Any]) -> GenerationParams:
+    """`params` (or the defaults) with the keyword arguments given beside it; an unknown one
+    is a TypeError that names it."""
+    return replace(params or GenerationParams(), **given)
+
+
+def sampling_parameters(params: GenerationParams) -> common_pb2.SamplingParameters:
+    """`max_new_tokens=None` is left unset (the model's default); the gateway checks every
+    value."""
+    stop = params.stop
+    return common_pb2.SamplingParameters(
+        max_new_tokens=params.max_new_tokens,
+        temperature=params.temperature,
+        top_p=params.top_p,
+        top_k=params.top_k,
+        seed=params.seed,
+        repetition_penalty=params.repetition_penalty,
+        stop=[stop] if isinstance(stop, str) else list(stop),
+        stop_token_ids=list(params.stop_token_ids),
     )
 
 
@@ -86,36 +110,18 @@ def generate_request(
     messages: Sequence[dict[str, str]] | None,
     model: str,
     version: str = "",
-    max_new_tokens: int | None = 64,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    top_k: int = 0,
-    seed: int | None = None,
-    stop: str | Sequence[str] = (),
-    repetition_penalty: float = 1.0,
-    stop_token_ids: Sequence[int] = (),
+    params: GenerationParams | None = None,
     cache: str = "use",
 ) -> gateway_pb2.GenerateRequest:
-    """`max_new_tokens=None` takes the model's default; the gateway checks every value."""
     if cache not in CACHE_POLICIES:
         raise ValueError(f"unknown cache policy {cache!r}; use one of {sorted(CACHE_POLICIES)}")
-    parameters = gateway_pb2.SamplingParameters(
-        max_new_tokens=max_new_tokens,
-        temperature=temperature,
-        top_p=top_p,
-        top_k=top_k,
-        seed=seed,
-        repetition_penalty=repetition_penalty,
-        stop=[stop] if isinstance(stop, str) else list(stop),
-        stop_token_ids=list(stop_token_ids),
-    )
     chat = [common_pb2.ChatMessage(role=m["role"], content=m["content"]) for m in messages or ()]
     return gateway_pb2.GenerateRequest(
         model=model,
         version=version,
         prompt=prompt or "",
         messages=chat,
-        parameters=parameters,
+        parameters=sampling_parameters(params or GenerationParams()),
         cache_policy=CACHE_POLICIES[cache],
     )
 
@@ -123,17 +129,25 @@ def generate_request(
 def to_generation_event(reply: gateway_pb2.GenerateResponse) -> GenerationDelta | Generation:
     if reply.HasField("delta"):
         return GenerationDelta(reply.delta.text, list(reply.delta.token_ids))
-    result, generation = reply.result, reply.result.generation
+    result = reply.result
+    return to_generation(
+        result.generation,
+        cached=result.cached,
+        model=result.model,
+        version=result.version,
+        trace_id=result.trace_id,
+    )
+
+
+def to_generation(generation: common_pb2.Generation, **about: Any) -> Generation:
+    """`about`: what the reply says besides the generation (cached, model, version, trace_id)."""
     usage = generation.usage
     return Generation(
         text=generation.text,
         finish_reason=generation.finish_reason,
         usage=Usage(usage.prompt_tokens, usage.completion_tokens, usage.cached_tokens),
         token_ids=list(generation.token_ids),
-        cached=result.cached,
-        model=result.model,
-        version=result.version,
-        trace_id=result.trace_id,
+        **about,
     )
 
 
@@ -143,6 +157,8 @@ def to_result(result: common_pb2.Result) -> Any:
         return np.asarray(result.embedding.values, dtype=np.float32)
     if kind == "classification":
         return [LabelScore(s.label, s.score) for s in result.classification.labels]
+    if kind == "generation":  # a text-generation job's item
+        return to_generation(result.generation, cached=result.cached)
     return [Entity(e.label, e.score, e.start, e.end, e.text) for e in result.entities.entities]
 
 
@@ -250,6 +266,17 @@ def to_job_item(item: jobs_pb2.JobItemResult) -> JobItem:
     return JobItem(item.index, error=item.error)
 
 
+def task_to_wire(task: str | None) -> common_pb2.Task:
+    """A task as users name it ("embedding", "text-generation" or "generate"); None: the
+    model's own."""
+    if task is None:
+        return common_pb2.TASK_UNSPECIFIED
+    task = TASK_ALIASES.get(task, task)
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; use one of {sorted([*TASKS, *TASK_ALIASES])}")
+    return TASKS[task]
+
+
 def job_header(
     model: str,
     task: str | None,
@@ -260,22 +287,42 @@ def job_header(
     priority: str,
     retention_s: int,
     timeout_s: int,
+    params: GenerationParams | None = None,
 ) -> gateway_pb2.SubmitJobRequest:
-    if task is not None and task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; use one of {sorted(TASKS)}")
+    """`params`: a text-generation job's (see `job_params`)."""
     if priority not in PRIORITIES:
         raise ValueError(f"unknown priority {priority!r}; use one of {sorted(PRIORITIES)}")
     header = gateway_pb2.JobHeader(
         model=model,
         version=version,
-        task=TASKS[task] if task else common_pb2.TASK_UNSPECIFIED,
-        options=gateway_pb2.InferOptions(truncate=truncate, top_k=top_k),
+        task=task_to_wire(task),
+        options=gateway_pb2.InferOptions(truncate=truncate, top_k=0 if params else top_k),
         idempotency_key=idempotency_key,
         priority=PRIORITIES[priority],
         retention_s=retention_s,
         timeout_s=timeout_s,
     )
+    if params is not None:
+        header.parameters.CopyFrom(sampling_parameters(params))
     return gateway_pb2.SubmitJobRequest(header=header)
+
+
+def generates(task: str | None) -> bool:
+    """Whether a job of this task generates text (its texts are prompts)."""
+    return task_to_wire(task) == common_pb2.TASK_TEXT_GENERATION
+
+
+def job_params(
+    task: str | None, top_k: int, params: GenerationParams | None, given: dict[str, Any]
+) -> GenerationParams | None:
+    """A text-generation job's parameters; None for other tasks, which take none. `submit`'s
+    `top_k` is the sampling's top_k in a text-generation job (the labels' in a classification
+    one)."""
+    if not generates(task):
+        if params is not None or given:
+            raise ValueError(f"sampling parameters apply to text-generation jobs, not {task!r}")
+        return None
+    return generation_params(params, {"top_k": top_k, **given} if top_k else given)
 
 
 def declared_size(texts: object) -> int:

@@ -219,8 +219,9 @@ class WorkerSettings(AmqpSettings):
     after that it goes back to its queue and spends one, so an error that never passes (a model
     whose files are broken) ends in the dead-letter queue instead of looping forever."""
     job_state_ttl_s: PositiveFloat = 1.0
-    """How long a stage trusts a job's state before asking the cache service again; bounds how
-    long a cancelled or expired job's items are still processed."""
+    """How long a stage trusts a job's state before asking the cache service again, and how
+    often a running chunk checks it; bounds how long a cancelled or expired job's items are
+    still processed (a generation job's running sequences included)."""
 
 
 # Each service registers its settings class under this entry point group (pyproject.toml), so

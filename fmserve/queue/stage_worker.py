@@ -3,7 +3,10 @@
 A stage worker, per message (one chunk of a job's items):
     1. drop it (ack) when its job is no longer QUEUED or RUNNING: cancelled, expired, failed,
        or unknown (its record gone after retention);
-    2. run the stage on the whole chunk; when that fails with an error of the items
+    2. run the stage on the whole chunk, checking every `job_state_ttl_s` that the job is still
+       active: when it has ended (a client cancelled it, it expired), the work is cancelled and
+       the chunk dropped, so a long chunk (a generation job's) never runs on for nobody;
+       when the stage fails with an error of the items
        (ITEM_ERRORS: InvalidInput, NotFound and their kinds), run it item by item, so one bad
        item fails alone, with its error;
     3. publish what succeeded to the next stage (confirmed), or at the last stage record the
@@ -20,9 +23,10 @@ RabbitMQ (`DeadLetters` then fails its items).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,13 +110,16 @@ class StageWorker:
             return
         level = LEVEL_OF.get(chunk.route.priority, "normal")
         try:
-            outcome = await self.work(chunk)
+            outcome = await self._while_active(job_id, self.work(chunk))
         except TRANSIENT:
             raise
         except Exception:  # not the items' fault (see the module docstring)
             if len(chunk.indexes) < 2:
                 raise  # spends a delivery; past the limit the item is dead-lettered
             await self._isolate(chunk, level)
+            return
+        if outcome is None:  # the job ended while the chunk ran
+            ITEMS.labels(self.stage, "dropped").inc(len(chunk.indexes))
             return
         if outcome.forward:
             bodies = [c.SerializeToString() for c in outcome.forward]
@@ -124,6 +131,30 @@ class StageWorker:
             ITEMS.labels(self.stage, "recorded").inc(len(outcome.results))
             ITEMS.labels(self.stage, "failed").inc(len(outcome.failed))
             self._observe_latency(chunk, len(outcome.results))
+
+    async def _while_active(
+        self, job_id: str, work: Coroutine[Any, Any, Outcome]
+    ) -> Outcome | None:
+        """The work's outcome, or None once the job has ended: the work is then cancelled (a
+        generation's sequences leave the batch at the scheduler's next step)."""
+        task = asyncio.ensure_future(work)
+        try:
+            while not (await asyncio.wait({task}, timeout=self.states.ttl_s))[0]:
+                if not await self._active(job_id):
+                    return None
+            return task.result()
+        finally:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _active(self, job_id: str) -> bool:
+        """Whether the job is still wanted; while the cache service cannot say, the work goes
+        on (recording its items will meet the outage, and retry)."""
+        try:
+            return await self.states.active(job_id)
+        except FmserveError as error:
+            log.warning("could not check a running chunk's job: %s", error.message)
+            return True
 
     async def _isolate(self, chunk: jobs_pb2.JobChunk, level: str) -> None:
         """A chunk failed unexpectedly (a bug, or an item that crashes the model): its items go

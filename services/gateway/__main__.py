@@ -47,8 +47,9 @@ def build(settings: GatewaySettings) -> Service:
     records = JobRecords(settings.cache_address, settings.max_message_bytes, identity)
     broker = _broker(settings) if settings.jobs_enabled else None
     jobs = Jobs(router, broker, records, settings)
-    stop_limits = StopLimits(settings.max_stop_strings, settings.max_stop_chars)
-    generator = Generator(router, stages, cache, stop_limits, settings.generate_timeout_s)
+    generator = Generator(
+        router, stages, cache, StopLimits.of(settings), settings.generate_timeout_s
+    )
     keys = KeyStore(settings.cache_address, identity)
     admin = KeyAdmin(keys)
     resources: list[Resource] = [stages, pipeline, cache, records, *([broker] if broker else [])]

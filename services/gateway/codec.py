@@ -11,10 +11,11 @@ from fmserve.core.repository import ModelConfig
 from fmserve.core.tasks import TASK_FROM_WIRE, TASK_TO_WIRE, TaskName
 from fmserve.errors import InvalidInput
 from fmserve.v1 import common_pb2, gateway_pb2
+from services.gateway import sampling_codec
 from services.gateway.gateway import Answer, CachePolicy, InferCall
 from services.gateway.generator import Delta, Event, GenerateCall
 from services.gateway.jobs import Submission
-from services.gateway.sampling import Prompt, Sampling
+from services.gateway.sampling import Prompt
 
 _POLICIES = {
     common_pb2.CACHE_POLICY_USE: CachePolicy.USE,
@@ -53,22 +54,8 @@ def generate_to_domain(request: gateway_pb2.GenerateRequest) -> GenerateCall:
         model=request.model,
         version=request.version,
         prompt=Prompt(request.prompt, tuple((m.role, m.content) for m in request.messages)),
-        sampling=sampling_to_domain(request.parameters),
+        sampling=sampling_codec.to_domain(request.parameters),
         cache_policy=_POLICIES.get(request.cache_policy, CachePolicy.USE),
-    )
-
-
-def sampling_to_domain(p: gateway_pb2.SamplingParameters) -> Sampling:
-    """Unset optional fields take the defaults gateway.proto documents."""
-    return Sampling(
-        max_new_tokens=p.max_new_tokens if p.HasField("max_new_tokens") else None,
-        temperature=p.temperature,
-        top_p=p.top_p if p.HasField("top_p") else 1.0,
-        top_k=p.top_k,
-        seed=p.seed if p.HasField("seed") else None,
-        repetition_penalty=p.repetition_penalty if p.HasField("repetition_penalty") else 1.0,
-        stop=tuple(p.stop),
-        stop_token_ids=tuple(p.stop_token_ids),
     )
 
 
@@ -102,6 +89,7 @@ def submission_to_domain(request: gateway_pb2.SubmitJobRequest | None) -> Submis
         retention_s=h.retention_s,
         timeout_s=h.timeout_s,
         expected_items=h.expected_items,
+        sampling=sampling_codec.to_domain(h.parameters) if h.HasField("parameters") else None,
     )
 
 

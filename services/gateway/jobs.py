@@ -17,6 +17,12 @@ submission renews its job's lease in the cache service; if the gateway dies and 
 lapses, the cache service marks the job FAILED itself. A second submission with the idempotency
 key of one still streaming is refused (FAILED_PRECONDITION), never joined.
 
+A text-generation job (task TEXT_GENERATION) treats each text as a prompt: its sampling
+parameters are checked at submission as Generate checks them (bad ones refuse the job at once)
+and travel, max_new_tokens resolved, on every chunk's route; each item's result is its finished
+generation. Such jobs skip the result cache: a job's items are answered once and kept with the
+job, and only the Generate path reads and fills the cache.
+
 Ownership (with auth on): a job records the key id that submitted it; only that key, or an
 admin key, can read, watch, cancel or list it. Another key gets the very answer an unknown id
 gets (NOT_FOUND), so job ids cannot be probed; idempotency keys are per owner too.
@@ -39,10 +45,11 @@ from fmserve.queue.broker import Broker
 from fmserve.queue.chunks import failure
 from fmserve.queue.records import JobRecords
 from fmserve.queue.stage_worker import level_of
-from fmserve.v1 import jobs_pb2
-from services.gateway import principal
+from fmserve.v1 import common_pb2, jobs_pb2
+from services.gateway import principal, sampling_codec
 from services.gateway.backlog import Backlog
 from services.gateway.routes import Route, Router
+from services.gateway.sampling import Sampling, StopLimits, checked
 from services.gateway.settings import GatewaySettings
 from services.gateway.watchers import Watchers
 
@@ -62,6 +69,8 @@ class Submission:
     timeout_s: int = 0
     expected_items: int = 0
     """How many items the client said will follow (0: not said)."""
+    sampling: Sampling | None = None
+    """A text-generation job's parameters (None: the defaults); refused on other tasks."""
 
 
 # What SubmitJob answers on a cluster running without RabbitMQ (jobs_enabled=false).
@@ -85,6 +94,7 @@ class Jobs:
         self.broker = broker
         self.records = records
         self.settings = settings
+        self.stop_limits = StopLimits.of(settings)
         limit, every_s = settings.job_queue_max_messages, settings.job_queue_depth_cache_s
         self.backlog = Backlog(broker, limit, every_s) if broker else None
         self.watchers = Watchers(
@@ -99,6 +109,7 @@ class Jobs:
             raise Unavailable(JOBS_OFF)
         s = submission
         route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k)
+        parameters = self._parameters(route, s.sampling)
         if s.priority not in jobs_pb2.JobPriority.values():
             raise InvalidInput(f"unknown priority {s.priority}; use NORMAL, HIGH or LOW")
         await self._admit(s)
@@ -110,7 +121,7 @@ class Jobs:
             return job  # the same idempotency key: that job, sealed or ended
         lease = asyncio.create_task(self._keep_lease(job.id))
         try:
-            total = await _Publication(self, job, route).run(first, texts)
+            total = await _Publication(self, job, route, parameters).run(first, texts)
         except BaseException as exc:
             await asyncio.shield(self._broke_off(job.id, exc))
             if isinstance(exc, Unavailable):  # say what became of the job, not only why
@@ -119,6 +130,21 @@ class Jobs:
         finally:
             lease.cancel()
         return await self.records.seal(job.id, total)
+
+    def _parameters(
+        self, route: Route, sampling: Sampling | None
+    ) -> common_pb2.SamplingParameters | None:
+        """A generation job's parameters, checked as Generate checks them, with max_new_tokens
+        resolved so every stage (and every item) sees the same values; None for other tasks."""
+        if route.task is not TaskName.TEXT_GENERATION:
+            if sampling is not None:
+                raise InvalidInput(
+                    f"parameters apply to text-generation jobs only; model {route.model!r} "
+                    f"does {route.task.value}"
+                )
+            return None
+        config = self.router.repository.get(route.model)
+        return sampling_codec.to_wire(checked(sampling or Sampling(), config, self.stop_limits))
 
     async def _keep_lease(self, job_id: str) -> None:
         """Renew the job's submission lease until cancelled; a failed renewal is logged and
@@ -215,7 +241,13 @@ async def _first_texts(texts: AsyncIterator[list[str]]) -> list[str]:
 class _Publication:
     """One submission's items on their way to the preprocess queue, in chunks."""
 
-    def __init__(self, jobs: Jobs, job: jobs_pb2.Job, route: Route) -> None:
+    def __init__(
+        self,
+        jobs: Jobs,
+        job: jobs_pb2.Job,
+        route: Route,
+        parameters: common_pb2.SamplingParameters | None,
+    ) -> None:
         self.jobs = jobs
         self.settings = jobs.settings
         self.job = job
@@ -228,6 +260,7 @@ class _Publication:
                 truncate=route.truncate,
                 top_k=route.top_k,
                 priority=job.priority,
+                parameters=parameters,
             )
         )
         self.level = level_of(job.priority)

@@ -48,7 +48,10 @@ class Router:
         if task is not None and task is not config.task:
             raise WrongTask(f"model {model!r} does {config.task.value}, not {task.value}")
         if config.task is TaskName.TEXT_GENERATION and task is None:
-            raise WrongTask(f"model {model!r} does text-generation: call Generate (generate())")
+            raise WrongTask(
+                f"model {model!r} does text-generation: call Generate (generate()), or submit "
+                "a job with task text-generation (submit(..., task='generate'))"
+            )
         if top_k < 0:
             raise InvalidInput(f"top_k must be 0 (all labels) or positive, got {top_k}")
         top_k = top_k if config.task is TaskName.TEXT_CLASSIFICATION else 0

@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 
 from fmserve.core.repository import ModelConfig
 from fmserve.errors import InvalidInput
+from services.gateway.settings import GatewaySettings
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,10 @@ class Sampling:
 class StopLimits:
     max_stop_strings: int
     max_stop_chars: int
+
+    @classmethod
+    def of(cls, settings: GatewaySettings) -> StopLimits:
+        return cls(settings.max_stop_strings, settings.max_stop_chars)
 
 
 def check_prompt_size(prompt: Prompt, max_chars: int) -> None:

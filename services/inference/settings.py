@@ -23,6 +23,10 @@ class InferenceSettings(RepositorySettings, PreloadSettings, WorkerSettings):
     """Inter-op threads (parallel operators of one graph); encoders gain nothing from more."""
     omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"
     """OpenMP threads between parallel regions: PASSIVE sleeps, ACTIVE spins (burns a core)."""
+    job_max_sequences: int = Field(8, ge=1)
+    """Most sequences of text-generation jobs this replica generates at once, over all models.
+    The scheduler admits sequences first come, first served, with no priorities: this bound
+    keeps the rest of a model's [generation] max_sequences for streams (Generate)."""
     max_loaded_models: int = Field(8, ge=1)
     """Most model versions loaded at once; loading one more unloads the least recently used
     idle one (RESOURCE_EXHAUSTED when none is idle)."""

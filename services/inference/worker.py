@@ -1,7 +1,8 @@
 """The inference stage of the asynchronous path: runs each queued chunk through the model's
 dynamic batcher (the same one sync traffic uses) at background priority, so job work fills the
 gaps, in batches paced to be short (instance.py), and interactive requests never wait long
-behind it; forwards the outputs to postprocess."""
+behind it; forwards the outputs to postprocess. A text-generation job's chunk runs on the
+model's scheduler instead (job_generations.py), and forwards each item's generated tokens."""
 
 from __future__ import annotations
 
@@ -11,15 +12,21 @@ import numpy as np
 
 from fmserve.core import tensors
 from fmserve.queue.stage_worker import stage_resources
-from fmserve.v1 import jobs_pb2
+from fmserve.v1 import common_pb2, jobs_pb2
+from services.inference.codec import job
 from services.inference.instance import BACKGROUND_PRIORITY, InferRequest
+from services.inference.job_generations import JobGenerations
 from services.inference.ragged import split_ragged
 from services.inference.registry import ModelRegistry
 from services.inference.settings import InferenceSettings
 
 
 def worker_resources(settings: InferenceSettings, registry: ModelRegistry) -> list[Any]:
+    generations = JobGenerations(registry, settings.job_max_sequences)
+
     async def infer(chunk: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
+        if chunk.route.task == common_pb2.TASK_TEXT_GENERATION:
+            return await generate(chunk)
         route = chunk.route
         ids = tensors.to_domain(chunk.input_ids, "input_ids")
         lengths = tensors.to_domain(chunk.lengths, "lengths")
@@ -29,10 +36,23 @@ def worker_resources(settings: InferenceSettings, registry: ModelRegistry) -> li
             route.model, route.version, sequences, layout, priority=BACKGROUND_PRIORITY
         )
         output = await instance.infer(request)
-        out = jobs_pb2.JobChunk()
-        out.CopyFrom(chunk)
-        out.ClearField("input_ids")  # postprocess needs lengths and offsets, not the ids
+        out = _forwarded(chunk)
         out.output.CopyFrom(tensors.to_wire(np.asarray(output.array, dtype=np.float32)))
         return out
 
+    async def generate(chunk: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
+        route = chunk.route
+        done = await generations.run(route.model, route.version, job.requests_to_domain(chunk))
+        out = _forwarded(chunk)
+        out.generations.extend(job.generation_to_wire(g.token_ids, g.finished) for g in done)
+        return out
+
     return stage_resources("inference", settings, infer, None)
+
+
+def _forwarded(chunk: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
+    """The chunk as postprocess gets it: lengths and offsets kept, the ids dropped."""
+    out = jobs_pb2.JobChunk()
+    out.CopyFrom(chunk)
+    out.ClearField("input_ids")
+    return out

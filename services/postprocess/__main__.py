@@ -18,7 +18,11 @@ def build(settings: PostprocessSettings) -> Service:
     repository = ModelRepository(settings.model_repository, settings.converted_cache)
     postprocessor = Postprocessor(repository, settings.offload_min_rows, settings.worker_threads)
     detokenizers = Detokenizers(repository)
-    resources = [postprocessor, detokenizers, *worker_resources(settings, postprocessor)]
+    resources = [
+        postprocessor,
+        detokenizers,
+        *worker_resources(settings, postprocessor, detokenizers),
+    ]
     servicers = [servicer(postprocessor, detokenizers)]
     return Service("postprocess", settings, servicers, resources=resources)
 

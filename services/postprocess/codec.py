@@ -1,6 +1,6 @@
 """The postprocess service's wire ↔ domain conversions, named for their direction as in every
 service: a PostprocessRequest (the servicer) or a queued JobChunk (the worker) to the domain's
-ModelOutputs, and a result to the wire."""
+ModelOutputs, and a result (or a generation job item's text) to the wire."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from fmserve.core import tensors
 from fmserve.core.tasks import TASK_FROM_WIRE, TaskName
 from fmserve.errors import InvalidInput
 from fmserve.v1 import common_pb2, jobs_pb2, postprocess_pb2
+from services.postprocess.generations import Text
 from services.postprocess.postprocessor import ModelOutputs
 from services.postprocess.results import Classification, Embedding, Result
 
@@ -82,3 +83,16 @@ def to_wire(result: Result) -> common_pb2.Result:
         for e in result.entities
     ]
     return common_pb2.Result(entities=common_pb2.Entities(entities=entities))
+
+
+def generation_to_wire(generated: common_pb2.Generation, text: Text) -> common_pb2.Result:
+    """A job item's result: the inference stage's generation with its text; a stop string
+    ends it early, as it ends a stream ("stop", the tokens after it dropped)."""
+    generation = common_pb2.Generation()
+    generation.CopyFrom(generated)
+    generation.text = text.text
+    if text.stopped:
+        del generation.token_ids[text.tokens :]
+        generation.finish_reason = "stop"
+        generation.usage.completion_tokens = text.tokens
+    return common_pb2.Result(generation=generation)

@@ -17,19 +17,23 @@ from fmserve.client import (
     Entity,
     Generation,
     GenerationDelta,
+    GenerationParams,
     Job,
     LabelScore,
     Usage,
 )
 from fmserve.client.wire import (
     generate_request,
+    generation_params,
     infer_request,
+    job_header,
+    job_params,
     to_answer,
     to_generation_event,
     to_model_info,
     to_result,
 )
-from fmserve.v1 import common_pb2, gateway_pb2
+from fmserve.v1 import common_pb2, gateway_pb2, jobs_pb2
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -239,10 +243,10 @@ def test_model_info_conversion() -> None:
 
 
 def test_generate_request_carries_every_parameter() -> None:
+    params = GenerationParams(32, 0.7, 0.9, 40, 11, "\n\n", 1.2, (2,))
     request = generate_request(
-        None, [{"role": "user", "content": "hi"}], "smollm2", "2", 32, 0.7, 0.9, 40, 11,
-        "\n\n", 1.2, (2,), "bypass",
-    )  # fmt: skip
+        None, [{"role": "user", "content": "hi"}], "smollm2", "2", params, "bypass"
+    )
 
     assert (request.model, request.version, request.prompt) == ("smollm2", "2", "")
     assert [(m.role, m.content) for m in request.messages] == [("user", "hi")]
@@ -254,7 +258,7 @@ def test_generate_request_carries_every_parameter() -> None:
 
 
 def test_generate_request_leaves_unset_what_takes_the_default() -> None:
-    request = generate_request("Once upon", None, "smollm2", max_new_tokens=None)
+    request = generate_request("Once upon", None, "smollm2", params=GenerationParams(None))
 
     assert request.prompt == "Once upon" and not request.messages
     assert not request.parameters.HasField("max_new_tokens")
@@ -292,3 +296,50 @@ def test_stream_events_become_deltas_then_the_generation() -> None:
 def test_a_bad_cache_policy_is_refused_before_sending() -> None:
     with pytest.raises(ValueError, match="unknown cache policy"):
         generate_request("x", None, "m", cache="sometimes")
+
+
+def test_sampling_keywords_override_the_params_they_are_given_with() -> None:
+    base = GenerationParams(max_new_tokens=8, seed=3)
+    assert generation_params(base, {"temperature": 0.5}) == GenerationParams(8, 0.5, seed=3)
+    assert generation_params(None, {}) == GenerationParams()
+    with pytest.raises(TypeError, match="temprature"):
+        generation_params(None, {"temprature": 0.5})
+
+
+# --- generation jobs -------------------------------------------------------------------------
+
+
+def test_a_generation_job_header_carries_its_sampling_and_no_label_top_k() -> None:
+    params = job_params("generate", 5, None, {"max_new_tokens": 12, "stop": "."})
+    header = job_header("smollm2", "generate", "", False, 5, "", "normal", 0, 0, params).header
+
+    assert header.task == common_pb2.TASK_TEXT_GENERATION
+    assert header.options.top_k == 0  # top_k is the sampling's in a generation job
+    p = header.parameters
+    assert (p.max_new_tokens, p.top_k, list(p.stop)) == (12, 5, ["."])
+
+
+def test_params_given_whole_keep_their_top_k_when_submit_takes_the_default() -> None:
+    params = job_params("text-generation", 0, GenerationParams(top_k=40), {})
+    assert params == GenerationParams(top_k=40)
+
+
+def test_other_jobs_take_no_sampling_parameters() -> None:
+    assert job_params("embedding", 3, None, {}) is None
+    header = job_header("m", "text-classification", "", False, 3, "", "high", 0, 0).header
+    assert not header.HasField("parameters") and header.options.top_k == 3
+    assert header.priority == jobs_pb2.JOB_PRIORITY_HIGH
+    with pytest.raises(ValueError, match="text-generation jobs"):
+        job_params(None, 0, None, {"temperature": 1.0})
+
+
+def test_a_generation_result_becomes_a_generation() -> None:
+    generation = common_pb2.Generation(
+        text="hi",
+        token_ids=[7, 2],
+        finish_reason="stop",
+        usage=common_pb2.Usage(prompt_tokens=3, completion_tokens=2, cached_tokens=1),
+    )
+    assert to_result(common_pb2.Result(generation=generation)) == Generation(
+        "hi", "stop", Usage(3, 2, 1), [7, 2]
+    )

@@ -6,6 +6,8 @@ connected."""
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from fmserve.errors import (
@@ -18,8 +20,9 @@ from fmserve.errors import (
 )
 from fmserve.queue.broker import Broker
 from fmserve.queue.chunks import singles
+from fmserve.queue.consumer import Delivery
 from fmserve.queue.records import JobRecords, JobStates
-from fmserve.queue.stage_worker import Splitter, StageRun, StageWorker
+from fmserve.queue.stage_worker import Outcome, Splitter, StageRun, StageWorker
 from fmserve.queue.topology import Topology
 from fmserve.v1 import jobs_pb2
 
@@ -87,3 +90,53 @@ async def test_an_unexpected_error_is_never_an_items_answer(texts: tuple[str, ..
 async def test_transient_errors_propagate(error: FmserveError) -> None:
     with pytest.raises(type(error)):
         await worker(failing_on("b", error)).work(chunk("a", "b"))
+
+
+# --- a job that ends while its chunk runs ------------------------------------------------------
+
+
+class EndingStates(JobStates):
+    """An in-memory seam: the job is active for its first `looks`, then it has ended."""
+
+    def __init__(self, looks: int) -> None:
+        super().__init__(JobRecords("127.0.0.1:1"), ttl_s=0.01)
+        self.looks = looks
+
+    async def active(self, job_id: str) -> bool:
+        self.looks -= 1
+        return self.looks >= 0
+
+
+def watched(run: StageRun, states: JobStates) -> StageWorker:
+    broker = Broker("amqp://guest:guest@127.0.0.1:1/", Topology("unit."), name="unit")
+    return StageWorker("inference", run, None, broker, states.records, states)
+
+
+async def test_a_chunk_whose_job_ends_while_it_runs_is_cancelled_and_dropped() -> None:
+    cancelled = asyncio.Event()
+
+    async def run(c: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
+        try:
+            await asyncio.sleep(60)  # a long generation
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return c
+
+    # Returns without publishing or recording anything (neither is connected here).
+    await watched(run, EndingStates(looks=3)).handle(
+        Delivery(chunk("a").SerializeToString(), "q", 1)
+    )
+
+    assert cancelled.is_set()
+
+
+async def test_a_chunk_that_outlasts_several_looks_is_answered() -> None:
+    async def run(c: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
+        await asyncio.sleep(0.1)
+        return c
+
+    w = watched(run, EndingStates(looks=1000))
+    outcome = await w._while_active("j", w.work(chunk("a")))
+
+    assert isinstance(outcome, Outcome) and [c.texts[0] for c in outcome.forward] == ["a"]
