@@ -187,7 +187,9 @@ async def test_concurrent_streams_each_equal_their_own_sequential_result(stub: A
     )
     for i, (one, many) in enumerate(zip(alone, together, strict=True)):
         assert many["a"].tokens == one.tokens, f"stream {i}"
-        assert many["a"].final == one.final
+        # the second time, a prompt of 16 tokens or more reuses its KV but for the last token
+        reused = len(prompts[i]) - 1 if len(prompts[i]) > 16 else 0
+        assert many["a"].final == {**one.final, "cached_tokens": reused}
 
 
 async def test_a_seed_reproduces_a_sampled_generation(stub: Any) -> None:

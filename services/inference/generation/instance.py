@@ -73,6 +73,8 @@ class GenerationInstance:
             executor=executor,
             stats=self.stats,
             working=heap.working,
+            max_prefill_tokens=generation.max_prefill_tokens,
+            prefix_cache_tokens=generation.prefix_cache_tokens,
         )
         self._streams = 0
         self._idle = asyncio.Event()
