@@ -194,3 +194,27 @@ async def test_a_shared_prefix_is_reused_and_the_output_is_unchanged(
     for i, (prompt, (tokens, done)) in enumerate(zip(prompts, results, strict=True)):
         assert tokens == reference(model, prompt, 10), f"prompt {i}"
         assert done.prompt_tokens == len(prompt)
+
+
+async def test_stopping_ends_a_running_sequence_cancelled_with_its_tokens(
+    model: torch.nn.Module,
+) -> None:
+    s = scheduler(model, KvBudget(4096, 8))
+    s.start()
+    events: list[Tokens | Finished] = []
+
+    async def consume() -> None:
+        async for event in s.generate(checked([5, 6, 7], 200)):
+            events.append(event)
+
+    task = asyncio.create_task(consume())
+    while not events:
+        await asyncio.sleep(0.005)
+    await s.stop()
+    await task
+    tokens = [t for e in events if isinstance(e, Tokens) for t in e.ids]
+    last = events[-1]
+    assert isinstance(last, Finished) and last.reason == "cancelled"
+    assert last.completion_tokens == len(tokens) and 0 < len(tokens) < 200
+    assert tokens == reference(model, [5, 6, 7], len(tokens))
+    assert s.active == 0 and s.budget.tokens == 0

@@ -106,7 +106,8 @@ class GenerationInstance:
         )
 
     async def close(self, grace_s: float) -> None:
-        """Let streams in progress finish (up to `grace_s`), then fail the rest UNAVAILABLE."""
+        """Let streams in progress finish (up to `grace_s`), then end the rest: "cancelled"
+        with the tokens they have, UNAVAILABLE for those that have none yet."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
         await self.scheduler.stop()

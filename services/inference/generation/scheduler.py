@@ -37,7 +37,7 @@ from services.inference.generation.engine import Engine, Prefilled, Prompt, Step
 from services.inference.generation.params import Checked
 from services.inference.generation.prefix import PrefixCache
 from services.inference.generation.sampling import generator, next_token
-from services.inference.generation.stopping import finish_reason
+from services.inference.generation.stopping import CANCELLED, finish_reason
 from services.inference.stats import ModelStats
 
 log = logging.getLogger("fmserve.inference.generation")
@@ -53,7 +53,8 @@ class Tokens:
 @dataclass(frozen=True)
 class Finished:
     reason: str
-    """"stop" (EOS or a stop token id) or "length" (max_new_tokens, or the context is full)."""
+    """"stop" (EOS or a stop token id), "length" (max_new_tokens, or the context is full) or
+    "cancelled" (the model was unloaded, or the service stopped, before it ended)."""
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
@@ -146,7 +147,8 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Fail every sequence with UNAVAILABLE (retryable) and end the loop."""
+        """End the loop. A running sequence ends "cancelled" with the tokens it has streamed;
+        one with none yet, like a waiting one, fails UNAVAILABLE (retryable: nothing done)."""
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
@@ -154,7 +156,10 @@ class Scheduler:
                 await self._task
         failure = Unavailable(f"model {self.model!r} was unloaded; retry")
         for sequence in [*self._waiting, *self._running.values()]:
-            self._fail(sequence, failure)
+            if sequence.generated and not sequence.done:
+                self._finish(sequence, CANCELLED, time.perf_counter())
+            else:
+                self._fail(sequence, failure)
         self._waiting.clear()
 
     # --- the loop ----------------------------------------------------------------------------
