@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -84,13 +85,25 @@ class DecodeBatch:
 
     def cache(self) -> DynamicCache:
         """A cache over these tensors for the next forward pass, which appends to it."""
-        return DynamicCache(ddp_cache_data=self.layers)
+        return cache_over(self.layers)
 
     def advanced(self, cache: DynamicCache) -> None:
         """After a decoding step: keep its grown cache, one more real column for every row."""
         self.layers = layers_of(cache)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         self.positions = self.positions + 1
+
+
+def cache_over(layers: Layers) -> DynamicCache:
+    """A cache holding these tensors as they are. (DynamicCache(ddp_cache_data=...) copies
+    them into each layer: the whole batch's KV once more per step.)"""
+    cache = DynamicCache()
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:

@@ -14,7 +14,13 @@ import torch
 from transformers import DynamicCache
 
 from fmserve.errors import Overloaded
-from services.inference.generation.batch import DecodeBatch, Layers, layers_of, left_padded
+from services.inference.generation.batch import (
+    DecodeBatch,
+    Layers,
+    cache_over,
+    layers_of,
+    left_padded,
+)
 from services.inference.loading import Placement
 
 
@@ -95,11 +101,15 @@ class Engine:
             return None
         columns = max(p.cached for p in prompts)
         rows = [p.prefix or self._nothing(prompts) for p in prompts]
-        layers = [
-            tuple(_pad_cat([row[i][kv] for row in rows], columns) for kv in (0, 1))
-            for i in range(len(rows[0]))
-        ]
-        return DynamicCache(ddp_cache_data=layers)
+        return cache_over(
+            [
+                (
+                    _pad_cat([row[i][0] for row in rows], columns),
+                    _pad_cat([row[i][1] for row in rows], columns),
+                )
+                for i in range(len(rows[0]))
+            ]
+        )
 
     @staticmethod
     def _nothing(prompts: list[Prompt]) -> Layers:
