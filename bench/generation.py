@@ -8,21 +8,24 @@ In one run it measures
    threads): tokens/s, per-token time after the first, and the prompt's prefill alone;
 2. the inference service (its own process, 2 torch threads) through ModelStreamInfer with the
    raw gRPC stub, at concurrency 1 and 16: aggregate tokens/s, mean inter-token latency (the
-   gaps between a stream's token responses), and time to first token;
+   gaps between a stream's token responses), and time to first token; then concurrency 1
+   again, alternating one in-process `generate` and one stream prompt by prompt, so that both
+   sides of the inter-token ratio see about the same load;
 3. the same at concurrency 16 with prefill one sequence per turn (`max_prefill_tokens = 1`, no
    prefix reuse: how the service prefilled before batched prefill), for the time to first token;
-4. a long shared system prompt (~250 tokens) before short questions, one stream at a time and 16
+4. a long shared system prompt (~230 tokens) before short questions, one stream at a time and 16
    at once, with prefix reuse and without (`prefix_cache_tokens = 0`): time to first token;
-and prints each figure with its ratio to the baseline of the same run (the machine is shared,
-so absolute numbers drift). The variants are copies of the model's config in a temporary
-repository (same weights), all loaded by one service. Prompts are chat-templated questions of
-about 30 tokens; every request asks for `--new-tokens` tokens (fewer when the model ends its
-answer first: tokens are counted, not assumed)."""
+and prints each figure with its ratio to the baseline of the same run (the machine is shared, so
+absolute numbers drift). The variants are copies of the model's config in a temporary repository
+(same weights), all loaded by one service. Prompts are chat-templated questions of about 40
+tokens (SmolLM2's template adds a default system preamble); every request asks for `--new-tokens`
+tokens (fewer when the model ends its answer first: tokens are counted, not assumed)."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import os
 import statistics
 import subprocess
@@ -31,6 +34,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 # Before torch loads (transformers imports it): spinning OpenMP threads slowed models 6-23x on
 # this shared machine (README, "Performance"); the service sets the same.
@@ -106,15 +110,24 @@ def prompts(count: int, system: str = "") -> list[list[int]]:
     ]
 
 
-def in_process(requests: list[list[int]], new_tokens: int) -> tuple[Run, float]:
-    """`model.generate` one prompt at a time; and the median prefill of a prompt alone (ms)."""
+@functools.cache
+def local_model() -> Any:
+    """The model in this process (2 torch threads, as the service), warmed up."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(2)
     folder = ModelRepository(REPOSITORY).get(MODEL).files()
     model = AutoModelForCausalLM.from_pretrained(folder).eval()
-    model.generate(torch.tensor([requests[0]]), max_new_tokens=4, do_sample=False)  # warm up
+    model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+    return model
+
+
+def in_process(requests: list[list[int]], new_tokens: int) -> tuple[Run, float]:
+    """`model.generate` one prompt at a time; and the median prefill of a prompt alone (ms)."""
+    import torch
+
+    model = local_model()
     run, prefills = Run(), []
     for prompt in requests:
         ids = torch.tensor([prompt])
@@ -184,6 +197,18 @@ async def serve_load(
         return run
 
 
+async def paired(port: int, requests: list[list[int]], new_tokens: int) -> tuple[Run, Run]:
+    """Concurrency 1 again, one in-process `generate` then the same prompt through the service,
+    prompt after prompt: on a shared machine both then see about the same load."""
+    base, served = Run(), Run()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for prompt in requests:
+            base.gaps_ms += in_process([prompt], new_tokens)[0].gaps_ms
+            await one_stream(stub, prompt, new_tokens, served)
+    return base, served
+
+
 def variants(root: Path) -> Path:
     """A repository with the model and its variants (the same source, other [generation])."""
     toml = (REPOSITORY / MODEL / "model.toml").read_text()
@@ -247,6 +272,7 @@ async def main(count: int, new_tokens: int) -> None:
         try:
             await wait_ready(port)
             c1 = await serve_load(port, requests, new_tokens, 1)
+            pair_base, pair_served = await paired(port, requests, new_tokens)
             c16 = await serve_load(port, many, new_tokens, 16)
             serial = await serve_load(port, many, new_tokens, 16, f"{MODEL}-serial")
             reuse = {
@@ -261,6 +287,11 @@ async def main(count: int, new_tokens: int) -> None:
     report("service c=1", c1, base, prefill_ms)
     report("service c=16", c16, base, prefill_ms)
     report("c=16 serial prefill", serial, base, prefill_ms)
+    ratio = pair_served.itl_ms / pair_base.itl_ms
+    print(
+        f"c=1 alternating with in-process generate, prompt by prompt: ITL {pair_served.itl_ms:.1f}"
+        f" ms vs {pair_base.itl_ms:.1f} ms in-process ({ratio:.2f}x)"
+    )
     print(f"TTFT p50 at c=16: batched prefill {c16.ttft_ms:.0f} ms, serial {serial.ttft_ms:.0f} ms")
     print(
         f"shared system prompt: {statistics.fmean(map(len, shared)):.0f} tokens (mean), "
