@@ -65,11 +65,25 @@ class Generation:
     """Most sequences decoded together in one step."""
     max_wait_s: float = 30.0
     """How long a request waits for room in the budget before RESOURCE_EXHAUSTED."""
+    max_prefill_tokens: int = 2048
+    """Most prompt tokens prefilled in one forward pass (rows x the longest uncached prompt):
+    the sequences admitted in one turn are prefilled together, up to this; a longer prompt
+    goes alone. Bounds how long a prefill holds up the running sequences' next token."""
+    prefix_cache_tokens: int = 4096
+    """KV of recent prompts kept for reuse, in tokens (apart from max_batch_tokens): a prompt
+    that starts with 16 or more tokens of one of them prefills only the rest. 0: off."""
 
     def __post_init__(self) -> None:
-        for name in ("max_new_tokens", "default_max_new_tokens", "max_batch_tokens"):
+        for name in (
+            "max_new_tokens",
+            "default_max_new_tokens",
+            "max_batch_tokens",
+            "max_prefill_tokens",
+        ):
             if getattr(self, name) <= 0:
                 raise ValueError(f"[generation] {name} must be > 0")
+        if self.prefix_cache_tokens < 0:
+            raise ValueError("[generation] prefix_cache_tokens must be >= 0")
         if self.max_sequences <= 0 or self.max_wait_s < 0:
             raise ValueError("[generation] max_sequences must be > 0 and max_wait_s >= 0")
         if self.default_max_new_tokens > self.max_new_tokens:

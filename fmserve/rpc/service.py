@@ -10,7 +10,7 @@ import logging
 import signal
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -31,6 +31,14 @@ class Resource(Protocol):
     async def start(self) -> None: ...
 
     async def stop(self) -> None: ...
+
+
+@runtime_checkable
+class Draining(Protocol):
+    """A resource told when the calls start draining: it may end long calls (streams) its own
+    way before the grace is over, rather than have the server cut them."""
+
+    async def drain(self, grace_s: float) -> None: ...
 
 
 @dataclass
@@ -120,7 +128,15 @@ class Service:
         """Health NOT_SERVING first (balancers move away), drain calls, then close resources."""
         if self._server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-            await self._server.stop(self.settings.grace_period_s)
+            grace = self.settings.grace_period_s
+            drains = [
+                asyncio.create_task(r.drain(grace))
+                for r in self.resources
+                if isinstance(r, Draining)
+            ]
+            await self._server.stop(grace)
+            for drain in drains:
+                drain.cancel()
             self._server = None
         for resource in reversed(self.resources):
             await resource.stop()

@@ -90,7 +90,9 @@ class Generator:
         async with aclosing(self._stream(run, input_ids, sampling, deadline)) as deltas:
             async for delta in deltas:
                 yield delta
-        if key and call.cache_policy is not CachePolicy.BYPASS:
+        # a generation cut short by a draining inference service is not the answer to keep
+        complete = run.generation.finish_reason != "cancelled"
+        if key and complete and call.cache_policy is not CachePolicy.BYPASS:
             self.cache.store([(key, common_pb2.Result(generation=run.generation))])
         _annotate(run.generation)
         yield Finished(route, run.generation)

@@ -39,6 +39,9 @@ from services.inference.stats import ModelStats
 log = logging.getLogger("fmserve.inference.registry")
 
 RETRY_FAILED_S = 30.0
+DRAIN_MARGIN_S = 1.0
+"""Time left, at most (half the grace when it is short), for the "cancelled" final messages of
+generation streams to reach their callers before the server cuts the calls."""
 """A version that failed to load is tried again on use after this long (a fixed file, a GPU
 freed); until then its requests fail at once with the reason."""
 
@@ -126,6 +129,16 @@ class ModelRegistry:
         slots, self._slots = list(self._slots.items()), {}
         await asyncio.gather(*(self._close(key, slot, "unloaded", 0.0) for key, slot in slots))
         self._compute.shutdown(wait=False, cancel_futures=True)
+
+    async def drain(self, grace_s: float) -> None:
+        """The service is stopping: generation streams still running shortly before the grace
+        ends are ended "cancelled", with their tokens so far, while their final message can
+        still reach the caller (the server cuts what is left at the end of the grace)."""
+        await asyncio.sleep(max(0.0, grace_s - min(DRAIN_MARGIN_S, grace_s / 2)))
+        instances = [s.instance for s in self._slots.values()]
+        await asyncio.gather(
+            *(i.scheduler.stop() for i in instances if isinstance(i, GenerationInstance))
+        )
 
     def config(self, name: str) -> ModelConfig:
         """A model's config; ModelNotFound for unknown names, ConfigError for broken configs."""

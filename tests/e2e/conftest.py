@@ -69,6 +69,8 @@ def cluster_env(model_repository: Path, key_prefix: str) -> dict[str, str]:
         "FMSERVE_INFERENCE_PRELOAD": "minilm-embed",
         "FMSERVE_PREPROCESS_PRELOAD": "minilm-embed",
         "FMSERVE_INFERENCE_TORCH_THREADS": "1",
+        # a draining inference service ends its streams "cancelled" after this (test_generation)
+        "FMSERVE_INFERENCE_GRACE_PERIOD_S": "3",
         "FMSERVE_GATEWAY_MAX_ITEMS": str(MAX_ITEMS),
         "FMSERVE_GATEWAY_JOB_MAX_ITEMS": str(MAX_JOB_ITEMS),
         "FMSERVE_GATEWAY_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),

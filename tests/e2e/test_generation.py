@@ -307,6 +307,7 @@ def test_smollm2_chat_greedy_equals_model_generate(client, model_repository):
     lm = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
 
+    reused = []
     for question in ("What is the capital of France?", "Write one word: ça, 東京 or 😀?"):
         messages = [{"role": "user", "content": question}]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
@@ -321,6 +322,41 @@ def test_smollm2_chat_greedy_equals_model_generate(client, model_repository):
         assert final.token_ids == expected, question
         assert final.text == tokenizer.decode(expected, skip_special_tokens=True)
         assert "".join(e.text for e in events[:-1]) == final.text
+        reused.append(final.usage.cached_tokens)
+    # the second prompt starts with the chat template's system preamble the first one left in
+    # the engine's prefix cache: that KV is reused, and the tokens are still generate's
+    assert reused[1] >= 16
+
+
+def test_a_draining_inference_service_ends_a_running_stream_cancelled(client, cluster):
+    """SIGTERM: the inference service drains for FMSERVE_INFERENCE_GRACE_PERIOD_S (3 s here),
+    then ends the streams still running "cancelled", with their text so far."""
+    replica = cluster.replicas_of["inference"][0]
+    assert replica.process is not None
+    # smollm2 (the test above put it in the repository) counts on for far more than 3 s
+    stream = client.stream(
+        "1, 2, 3, 4, 5, 6, 7, 8,", model="smollm2", max_new_tokens=1000, cache="bypass"
+    )
+    events = [next(stream)]
+    replica.process.terminate()
+    events += list(stream)
+
+    final = events[-1]
+    assert isinstance(final, Generation) and final.finish_reason == "cancelled"
+    assert 0 < final.usage.completion_tokens == len(final.token_ids) < 1000
+    assert "".join(e.text for e in events[:-1]) == final.text
+    assert replica.process.wait(timeout=30) == 0
+
+    cluster.supervise_once()
+    cluster.wait_healthy(replica, time.monotonic() + 120)
+    deadline = time.monotonic() + 30
+    while True:
+        try:
+            assert client.generate("back", model="tiny-llama", max_new_tokens=4).token_ids
+            break
+        except Unavailable:
+            assert time.monotonic() < deadline, "the gateway did not reach the new inference"
+            time.sleep(0.2)
 
 
 def test_the_cli_prints_text_as_it_arrives_and_json(client, gateway_address, capsys):

@@ -187,7 +187,27 @@ async def test_concurrent_streams_each_equal_their_own_sequential_result(stub: A
     )
     for i, (one, many) in enumerate(zip(alone, together, strict=True)):
         assert many["a"].tokens == one.tokens, f"stream {i}"
-        assert many["a"].final == one.final
+        # the second time, a prompt of 16 tokens or more reuses its KV but for the last token
+        reused = len(prompts[i]) - 1 if len(prompts[i]) > 16 else 0
+        assert many["a"].final == {**one.final, "cached_tokens": reused}
+
+
+@pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])
+async def test_a_reused_prefix_keeps_greedy_equal_to_generate(
+    stub: Any, repository: Path, model: str
+) -> None:
+    system = [(j * 29) % 580 + 11 for j in range(40)]
+    prompts = [[*system, 3, 4, 5], [*system, 6], [*system[:30], 9, 9], [8, 7, 6]]
+    folder = repository / model / "1"
+    expected = [generated(folder, p, 20, do_sample=False) for p in prompts]
+    first = await stream(stub, [request(model, prompts[0], "0", max_new_tokens=20)])
+    # the other three in one call: prefilled together, two with the first prompt's KV
+    rest = await stream(
+        stub, [request(model, p, str(i), max_new_tokens=20) for i, p in enumerate(prompts) if i]
+    )
+    outcomes = {**first, **rest}
+    assert [outcomes[str(i)].tokens for i in range(4)] == expected
+    assert [outcomes[str(i)].final["cached_tokens"] for i in range(4)] == [0, 40, 30, 0]
 
 
 async def test_a_seed_reproduces_a_sampled_generation(stub: Any) -> None:
@@ -324,6 +344,45 @@ async def test_a_deadline_frees_the_sequence(stub: Any) -> None:
             break
         await asyncio.sleep(0.02)
     assert gauge("fmserve_inference_sequences_active", "tiny-gpt2") == 0
+
+
+async def test_a_stopping_service_ends_running_streams_cancelled(repository: Path) -> None:
+    """Past the grace, a stream still running ends with a normal final response, finish reason
+    "cancelled", carrying the tokens it had streamed, not with an error."""
+    settings = InferenceSettings(
+        host="127.0.0.1",
+        port=0,
+        metrics_port=-1,
+        grace_period_s=1.0,
+        model_repository=repository,
+        worker_enabled=False,
+    )
+    service = build(settings)
+    await service.start()
+    stopping: asyncio.Task[None] | None = None
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            # smollm2 takes seconds for 1000 tokens: the drain ends it half a second in
+            story = request("smollm2", [28, 1, 92, 7, 314, 15], "a", max_new_tokens=1000)
+            outcome = Outcome()
+            async for response in stub.ModelStreamInfer(iter([story])):
+                assert not response.error_message
+                reply = response.infer_response
+                if reply.raw_output_contents:
+                    outcome.tokens += np.frombuffer(reply.raw_output_contents[0], "<i8").tolist()
+                if stopping is None:
+                    stopping = asyncio.create_task(service.stop())
+                if reply.parameters["triton_final_response"].bool_param:
+                    outcome.final = {
+                        name: getattr(p, p.WhichOneof("parameter_choice"))
+                        for name, p in reply.parameters.items()
+                    }
+    finally:
+        await (stopping or service.stop())
+    assert outcome.final["finish_reason"] == "cancelled"
+    assert outcome.final["completion_tokens"] == len(outcome.tokens)
+    assert 0 < len(outcome.tokens) < 1000
 
 
 async def test_generation_metrics_are_recorded(stub: Any) -> None:

@@ -23,9 +23,10 @@ from fmserve.core.repository import Generation, ModelConfig
 from fmserve.core.tasks import TaskName
 from fmserve.errors import InputTooLong, InvalidInput, Overloaded
 from services.inference.codec import stream as codec
-from services.inference.generation.batch import DecodeBatch
+from services.inference.generation.batch import DecodeBatch, layers_of
 from services.inference.generation.budget import KvBudget
 from services.inference.generation.params import GenerationRequest, Sampling, check
+from services.inference.generation.prefix import PrefixCache
 from services.inference.generation.sampling import (
     generator,
     keep_top_k,
@@ -175,9 +176,9 @@ def prefilled(length: int, fill: float) -> DynamicCache:
 
 def test_rows_join_left_padded_and_leave_with_the_columns_only_they_used() -> None:
     batch = DecodeBatch(torch.device("cpu"))
-    batch.add(7, prefilled(3, 1.0), 3)
-    batch.add(8, prefilled(5, 2.0), 5)  # longer: the batch is padded to it
-    batch.add(9, prefilled(2, 3.0), 2)
+    batch.add([7], layers_of(prefilled(3, 1.0)), [3])
+    batch.add([8], layers_of(prefilled(5, 2.0)), [5])  # longer: the batch is padded to it
+    batch.add([9], layers_of(prefilled(2, 3.0)), [2])
     assert batch.rows == [7, 8, 9] and batch.columns == 5 and batch.tokens == 10
     assert batch.mask.tolist() == [[0, 0, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 0, 1, 1]]
     keys = batch.layers[0][0]
@@ -190,6 +191,54 @@ def test_rows_join_left_padded_and_leave_with_the_columns_only_they_used() -> No
     assert batch.positions.tolist() == [3, 2]
     batch.remove({7, 9})
     assert len(batch) == 0 and batch.tokens == 0
+
+
+def test_rows_prefilled_together_join_at_once() -> None:
+    batch = DecodeBatch(torch.device("cpu"))
+    batch.add([7], layers_of(prefilled(2, 1.0)), [2])
+    together = prefilled(4, 2.0)
+    batch.add(
+        [8, 9],
+        [(k.expand(2, -1, -1, -1), v.expand(2, -1, -1, -1)) for k, v in layers_of(together)],
+        [4, 3],
+    )
+    assert batch.rows == [7, 8, 9] and batch.positions.tolist() == [2, 4, 3]
+    assert batch.mask.tolist() == [[0, 0, 1, 1], [1, 1, 1, 1], [0, 1, 1, 1]]
+
+
+# --- prefix reuse ------------------------------------------------------------------------------
+
+
+def kv(prompt: tuple[int, ...]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A stand-in KV whose column i holds the token at i: slices can be checked."""
+    keys = torch.tensor(prompt, dtype=torch.float)[None, None, :, None]
+    return [(keys, keys + 0.5)]
+
+
+def test_a_prompt_reuses_the_longest_stored_prefix_leaving_one_token() -> None:
+    cache = PrefixCache(max_tokens=100)
+    system = tuple(range(100, 120))  # 20 shared tokens
+    cache.add((*system, 1, 2, 3), kv((*system, 1, 2, 3)))
+    assert cache.find(tuple(range(100, 110)) + (5,) * 10) is None  # 10 shared: under 16
+    found = cache.find((*system, 1, 9))
+    assert found is not None and found[0][0][0, 0, :, 0].tolist() == [*system, 1]
+    same = cache.find((*system, 1, 2, 3))  # the whole prompt again: its last token is prefilled
+    assert same is not None and same[0][0].shape[2] == 22
+
+
+def test_the_prefix_cache_keeps_within_its_bound_least_recently_used_first() -> None:
+    cache = PrefixCache(max_tokens=50)
+    a, b, c = (tuple(range(i, i + 20)) for i in (0, 100, 200))
+    cache.add(a, kv(a))
+    cache.add(b, kv(b))
+    assert cache.find((*a, 7)) is not None  # a is now the most recently used
+    cache.add(c, kv(c))  # 60 > 50: b goes
+    assert cache.tokens == 40
+    assert cache.find((*b, 7)) is None and cache.find((*a, 7)) is not None
+    cache.add((*a, 1, 2), kv((*a, 1, 2)))  # covers a: a goes
+    assert cache.tokens == 42
+    cache.add(tuple(range(60)), kv(tuple(range(60))))  # over the bound alone: not kept
+    assert cache.tokens == 42
 
 
 # --- the ModelStreamInfer codec ----------------------------------------------------------------

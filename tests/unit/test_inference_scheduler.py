@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from fmserve.errors import FmserveError, Unavailable
 from services.inference.generation.budget import KvBudget
-from services.inference.generation.engine import Engine
+from services.inference.generation.engine import Engine, Prefilled, Prompt
 from services.inference.generation.params import Checked, Sampling
 from services.inference.generation.scheduler import Finished, Scheduler, Sequence, Tokens
 from services.inference.loading import Placement
@@ -38,10 +38,25 @@ class CrashingSampler(Scheduler):
         return super()._sample(sequence, logits)
 
 
+class CountingEngine(Engine):
+    """Records the rows of each prefill pass."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__(module, Placement(torch.device("cpu"), torch.float32))
+        self.prefills: list[int] = []
+
+    def prefill(self, prompts: list[Prompt]) -> Prefilled:
+        self.prefills.append(len(prompts))
+        return super().prefill(prompts)
+
+
 def scheduler(
-    model: torch.nn.Module, budget: KvBudget, cls: type[Scheduler] = Scheduler
+    model: torch.nn.Module,
+    budget: KvBudget,
+    cls: type[Scheduler] = Scheduler,
+    **options: int,
 ) -> Scheduler:
-    engine = Engine(model, Placement(torch.device("cpu"), torch.float32))
+    engine = CountingEngine(model)
     return cls(
         engine,
         "lm",
@@ -51,6 +66,7 @@ def scheduler(
         max_wait_s=5.0,
         executor=ThreadPoolExecutor(1),
         stats=ModelStats(),
+        **options,
     )
 
 
@@ -121,3 +137,84 @@ async def test_a_cancelled_sequence_leaves_the_batch(model: torch.nn.Module) -> 
         await asyncio.sleep(0.005)
     assert s.active == 0 and len(s.engine.batch) == 0 and s.budget.tokens == 0
     await s.stop()
+
+
+async def finished(s: Scheduler, prompt: list[int], new: int) -> tuple[list[int], Finished]:
+    tokens: list[int] = []
+    async for event in s.generate(checked(prompt, new)):
+        if isinstance(event, Tokens):
+            tokens += event.ids
+        else:
+            return tokens, event
+    raise AssertionError("no Finished")
+
+
+PROMPTS = [[(i * 37 + j * 11) % 590 + 3 for j in range(3 + i * 4)] for i in range(8)]
+
+
+async def test_sequences_arriving_together_are_prefilled_in_one_pass(
+    model: torch.nn.Module,
+) -> None:
+    s = scheduler(model, KvBudget(4096, 8))
+    streams = [asyncio.create_task(run(s, p, 12 + i)) for i, p in enumerate(PROMPTS)]
+    await asyncio.sleep(0.05)  # all eight wait before the loop starts
+    s.start()
+    results = await asyncio.gather(*streams)
+    await s.stop()
+    assert isinstance(s.engine, CountingEngine) and s.engine.prefills == [8]
+    for i, (prompt, tokens) in enumerate(zip(PROMPTS, results, strict=True)):
+        assert tokens == reference(model, prompt, 12 + i), f"stream {i}"
+
+
+async def test_the_prefill_budget_splits_a_turn(model: torch.nn.Module) -> None:
+    s = scheduler(model, KvBudget(4096, 8), max_prefill_tokens=60)
+    streams = [asyncio.create_task(run(s, [4 + i] * 20, 5)) for i in range(4)]
+    await asyncio.sleep(0.05)
+    s.start()
+    results = await asyncio.gather(*streams)
+    await s.stop()
+    assert isinstance(s.engine, CountingEngine) and s.engine.prefills == [3, 1]  # 3 x 20 <= 60
+    assert results == [reference(model, [4 + i] * 20, 5) for i in range(4)]
+
+
+async def test_a_shared_prefix_is_reused_and_the_output_is_unchanged(
+    model: torch.nn.Module,
+) -> None:
+    s = scheduler(model, KvBudget(4096, 8), prefix_cache_tokens=1024)
+    s.start()
+    system = [(j * 13) % 500 + 3 for j in range(24)]
+    first, done = await finished(s, [*system, 7, 8, 9], 10)
+    assert done.cached_tokens == 0 and first == reference(model, [*system, 7, 8, 9], 10)
+    # together: two reuse the 24 tokens (one its whole prompt but the last token), one shares
+    # nothing; prefilled in one pass with their prefixes padded to each other
+    prompts = [[*system, 40, 41, 42, 43, 44], [*system, 7, 8], [5, 6, 7, 8]]
+    results = await asyncio.gather(*(finished(s, p, 10) for p in prompts))
+    await s.stop()
+    assert [done.cached_tokens for _, done in results] == [24, 25, 0]
+    for i, (prompt, (tokens, done)) in enumerate(zip(prompts, results, strict=True)):
+        assert tokens == reference(model, prompt, 10), f"prompt {i}"
+        assert done.prompt_tokens == len(prompt)
+
+
+async def test_stopping_ends_a_running_sequence_cancelled_with_its_tokens(
+    model: torch.nn.Module,
+) -> None:
+    s = scheduler(model, KvBudget(4096, 8))
+    s.start()
+    events: list[Tokens | Finished] = []
+
+    async def consume() -> None:
+        async for event in s.generate(checked([5, 6, 7], 200)):
+            events.append(event)
+
+    task = asyncio.create_task(consume())
+    while not events:
+        await asyncio.sleep(0.005)
+    await s.stop()
+    await task
+    tokens = [t for e in events if isinstance(e, Tokens) for t in e.ids]
+    last = events[-1]
+    assert isinstance(last, Finished) and last.reason == "cancelled"
+    assert last.completion_tokens == len(tokens) and 0 < len(tokens) < 200
+    assert tokens == reference(model, [5, 6, 7], len(tokens))
+    assert s.active == 0 and s.budget.tokens == 0

@@ -2,8 +2,8 @@
 
 Rows are left-padded to the longest: every row's newest entry sits in the last column, so one
 decoding step appends one column for all. Padding is masked out (attention_mask 0), and each row
-keeps its own position ids, so a row computes what it would alone. A sequence joins with the
-cache of its own prefill (padded to the batch, or the batch padded to it); one that leaves is
+keeps its own position ids, so a row computes what it would alone. Sequences join with the
+cache of their prefill (padded to the batch, or the batch padded to them); one that leaves is
 cut out at once, and columns that only padding still uses are dropped with it.
 """
 
@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 Layers = list[tuple[torch.Tensor, torch.Tensor]]
 
@@ -48,20 +49,22 @@ class DecodeBatch:
         """Real entries held, padding excluded."""
         return int(self.positions.sum())
 
-    def add(self, sequence_id: int, cache: DynamicCache, length: int) -> None:
-        """A sequence joins with its prefill's cache (`length` entries, one row)."""
-        layers = layers_of(cache)
-        mask = torch.ones(1, length, dtype=torch.long, device=self.device)
+    def add(self, sequence_ids: list[int], layers: Layers, lengths: list[int]) -> None:
+        """Sequences join with their prefill's cache: one row each, left-padded to its columns,
+        `lengths` real entries per row."""
+        width = int(layers[0][0].shape[2])
+        real = torch.tensor(lengths, dtype=torch.long, device=self.device)[:, None]
+        mask = (torch.arange(width, device=self.device) >= width - real).long()
         if self.rows:
-            width = max(self.columns, length)
+            width = max(self.columns, width)
             layers = [
                 (_cat(k0, k, width), _cat(v0, v, width))
                 for (k0, v0), (k, v) in zip(self.layers, layers, strict=True)
             ]
             mask = torch.cat([_left_pad(self.mask, width), _left_pad(mask, width)])
         self.layers, self.mask = layers, mask
-        self.positions = torch.cat([self.positions, self.positions.new_tensor([length])])
-        self.rows.append(sequence_id)
+        self.positions = torch.cat([self.positions, self.positions.new_tensor(lengths)])
+        self.rows.extend(sequence_ids)
 
     def remove(self, sequence_ids: Collection[int]) -> None:
         """Cut out the rows of these sequences; drop the columns nobody uses any more."""
@@ -82,13 +85,25 @@ class DecodeBatch:
 
     def cache(self) -> DynamicCache:
         """A cache over these tensors for the next forward pass, which appends to it."""
-        return DynamicCache(ddp_cache_data=self.layers)
+        return cache_over(self.layers)
 
     def advanced(self, cache: DynamicCache) -> None:
         """After a decoding step: keep its grown cache, one more real column for every row."""
         self.layers = layers_of(cache)
         self.mask = torch.cat([self.mask, self.mask.new_ones(len(self.rows), 1)], dim=1)
         self.positions = self.positions + 1
+
+
+def cache_over(layers: Layers) -> DynamicCache:
+    """A cache holding these tensors as they are. (DynamicCache(ddp_cache_data=...) copies
+    them into each layer: the whole batch's KV once more per step.)"""
+    cache = DynamicCache()
+    for keys, values in layers:
+        layer = DynamicLayer()
+        layer.lazy_initialization(keys, values)
+        layer.keys, layer.values = keys, values
+        cache.layers.append(layer)
+    return cache
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
@@ -100,6 +115,15 @@ def _left_pad(tensor: torch.Tensor, width: int, dim: int = 1) -> torch.Tensor:
     return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)
 
 
-def _cat(batch: torch.Tensor, row: torch.Tensor, width: int) -> torch.Tensor:
-    """[B, H, T, D] and [1, H, L, D] → [B + 1, H, max(T, L), D], each left-padded."""
-    return torch.cat([_left_pad(batch, width, dim=2), _left_pad(row, width, dim=2)])
+def _cat(batch: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """[B, H, T, D] and [N, H, L, D] → [B + N, H, max(T, L), D], each left-padded."""
+    return torch.cat([_left_pad(batch, width, dim=2), _left_pad(rows, width, dim=2)])
+
+
+def left_padded(rows: list[tuple[int, ...]], width: int, device: torch.device) -> torch.Tensor:
+    """Token ids [rows, width], each row right-aligned; -1 where a row has no token."""
+    out = torch.full((len(rows), width), -1, dtype=torch.long)
+    for i, row in enumerate(rows):
+        if row:
+            out[i, width - len(row) :] = torch.tensor(row, dtype=torch.long)
+    return out.to(device)

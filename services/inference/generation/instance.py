@@ -73,6 +73,8 @@ class GenerationInstance:
             executor=executor,
             stats=self.stats,
             working=heap.working,
+            max_prefill_tokens=generation.max_prefill_tokens,
+            prefix_cache_tokens=generation.prefix_cache_tokens,
         )
         self._streams = 0
         self._idle = asyncio.Event()
@@ -104,7 +106,8 @@ class GenerationInstance:
         )
 
     async def close(self, grace_s: float) -> None:
-        """Let streams in progress finish (up to `grace_s`), then fail the rest UNAVAILABLE."""
+        """Let streams in progress finish (up to `grace_s`), then end the rest: "cancelled"
+        with the tokens they have, UNAVAILABLE for those that have none yet."""
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._idle.wait(), grace_s)
         await self.scheduler.stop()

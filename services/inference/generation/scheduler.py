@@ -3,8 +3,10 @@ sequences, the KV budget and the engine's batch, and one task steps them.
 
 Each turn of the loop:
 1. sequences that finished or were cancelled leave the batch (their KV memory is freed);
-2. waiting sequences are admitted, first come first served, while the budget has room; each is
-   prefilled alone and streams its first token at once;
+2. waiting sequences are admitted, first come first served, while the budget has room and the
+   turn's prefill work (rows x padded prompt length, `max_prefill_tokens`) allows; they are
+   prefilled together in one forward pass, reusing the cached KV of a prompt prefix seen
+   before (prefix.py), and each streams its first token at once;
 3. every running sequence decodes one token in one forward pass, and streams it.
 A new request therefore joins at the next turn, and nobody waits for another to finish. A
 sequence waits for admission at most `max_wait_s`, then gets RESOURCE_EXHAUSTED. A sequence whose
@@ -31,10 +33,11 @@ import torch
 from fmserve.errors import FmserveError, Overloaded, Unavailable
 from services.inference import metrics
 from services.inference.generation.budget import KvBudget
-from services.inference.generation.engine import Engine, Step
+from services.inference.generation.engine import Engine, Prefilled, Prompt, Step
 from services.inference.generation.params import Checked
+from services.inference.generation.prefix import PrefixCache
 from services.inference.generation.sampling import generator, next_token
-from services.inference.generation.stopping import finish_reason
+from services.inference.generation.stopping import CANCELLED, finish_reason
 from services.inference.stats import ModelStats
 
 log = logging.getLogger("fmserve.inference.generation")
@@ -50,7 +53,8 @@ class Tokens:
 @dataclass(frozen=True)
 class Finished:
     reason: str
-    """"stop" (EOS or a stop token id) or "length" (max_new_tokens, or the context is full)."""
+    """"stop" (EOS or a stop token id), "length" (max_new_tokens, or the context is full) or
+    "cancelled" (the model was unloaded, or the service stopped, before it ended)."""
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
@@ -68,6 +72,8 @@ class Sequence:
     """Admission deadline (monotonic)."""
     events: asyncio.Queue[Event | FmserveError] = field(default_factory=asyncio.Queue)
     rng: torch.Generator | None = None
+    prompt: Prompt | None = None
+    """Set at admission: the prompt as it is prefilled (with the prefix it reuses)."""
     generated: list[int] = field(default_factory=list)
     arrived: float = field(default_factory=time.perf_counter)
     last_token_at: float = 0.0
@@ -91,6 +97,8 @@ class Scheduler:
         executor: Executor,
         stats: ModelStats,
         working: Callable[[], contextlib.AbstractContextManager[None]] = contextlib.nullcontext,
+        max_prefill_tokens: int = 2048,
+        prefix_cache_tokens: int = 0,
     ) -> None:
         self.engine = engine
         self.model = model
@@ -98,6 +106,8 @@ class Scheduler:
         self.eos_ids = eos_ids
         self.budget = budget
         self.max_wait_s = max_wait_s
+        self.max_prefill_tokens = max_prefill_tokens
+        self.prefixes = PrefixCache(prefix_cache_tokens)
         self.stats = stats
         self._executor = executor
         self._working = working
@@ -137,7 +147,8 @@ class Scheduler:
         self._task = asyncio.get_running_loop().create_task(self._run())
 
     async def stop(self) -> None:
-        """Fail every sequence with UNAVAILABLE (retryable) and end the loop."""
+        """End the loop. A running sequence ends "cancelled" with the tokens it has streamed;
+        one with none yet, like a waiting one, fails UNAVAILABLE (retryable: nothing done)."""
         self._stopped = True
         if self._task is not None:
             self._task.cancel()
@@ -145,7 +156,10 @@ class Scheduler:
                 await self._task
         failure = Unavailable(f"model {self.model!r} was unloaded; retry")
         for sequence in [*self._waiting, *self._running.values()]:
-            self._fail(sequence, failure)
+            if sequence.generated and not sequence.done:
+                self._finish(sequence, CANCELLED, time.perf_counter())
+            else:
+                self._fail(sequence, failure)
         self._waiting.clear()
 
     # --- the loop ----------------------------------------------------------------------------
@@ -187,8 +201,8 @@ class Scheduler:
     async def _turn(self) -> None:
         self._expire_waiting()
         admitted = self._admit()
-        for sequence in admitted:
-            await self._prefill(sequence)
+        if admitted:
+            await self._prefill(admitted)
         if self._running:
             await self._decode()
         elif self._leaving:
@@ -215,26 +229,36 @@ class Scheduler:
         self._gauges()
 
     def _admit(self) -> list[Sequence]:
-        admitted = []
+        """The sequences to prefill this turn: in arrival order, while the KV budget has room
+        and the pass stays within max_prefill_tokens (the first one goes even if alone over)."""
+        admitted: list[Sequence] = []
+        width = 0
         while self._waiting and self.budget.fits(self._waiting[0].request.reserved_tokens):
-            sequence = self._waiting.popleft()
+            sequence = self._waiting[0]
+            ids = sequence.request.prompt_ids
+            prompt = Prompt(ids, self.prefixes.find(ids))
+            rest = max(width, len(ids) - prompt.cached)
+            if admitted and (len(admitted) + 1) * rest > self.max_prefill_tokens:
+                break
+            self._waiting.popleft()
+            width, sequence.prompt = rest, prompt
             self.budget.take(sequence.request.reserved_tokens)
             self._running[sequence.id] = sequence
             admitted.append(sequence)
         self._gauges()
         return admitted
 
-    async def _prefill(self, sequence: Sequence) -> None:
+    async def _prefill(self, sequences: list[Sequence]) -> None:
         leaving = self._take_leaving()
         try:
-            step, token = await self._call(self._prefill_sync, leaving, sequence)
+            step, tokens = await self._call(self._prefill_sync, leaving, sequences)
         except Exception as exc:
-            self._fail(sequence, _as_error(exc, "prefill"))
-            self._leave(sequence)
+            for sequence in sequences:
+                self._fail(sequence, _as_error(exc, "prefill"))
+                self._leave(sequence)
             return
-        self.stats.record_batch(1, 0, int(step.seconds * 1e9), 0)
-        if not sequence.done:  # cancelled while it ran: its row leaves at the next call
-            self._emit(sequence, token)
+        self.stats.record_batch(len(sequences), 0, int(step.seconds * 1e9), 0)
+        self._emit_all(sequences, tokens, "prefill")
 
     async def _decode(self) -> None:
         leaving = self._take_leaving()
@@ -249,11 +273,16 @@ class Scheduler:
             return
         self.stats.record_batch(len(rows), 0, int(step.seconds * 1e9), 0)
         metrics.DECODE_STEP_DURATION.labels(self.model).observe(step.seconds)
+        self._emit_all(sequences, tokens, "sampling")
+
+    def _emit_all(
+        self, sequences: list[Sequence], tokens: list[int | Exception], where: str
+    ) -> None:
         for sequence, token in zip(sequences, tokens, strict=True):
             if isinstance(token, Exception):
-                self._fail(sequence, _as_error(token, "sampling"))
+                self._fail(sequence, _as_error(token, where))
                 self._leave(sequence)
-            elif not sequence.done:  # cancelled while the step ran: its token is dropped
+            elif not sequence.done:  # cancelled while the call ran: its token is dropped
                 self._emit(sequence, token)
 
     async def _call(self, function: Callable[..., T], *args: object) -> T:
@@ -263,26 +292,44 @@ class Scheduler:
 
     # --- in the executor thread ------------------------------------------------------------
 
-    def _prefill_sync(self, leaving: set[int], sequence: Sequence) -> tuple[Step, int]:
+    def _prefill_sync(
+        self, leaving: set[int], sequences: list[Sequence]
+    ) -> tuple[Step, list[int | Exception]]:
         self.engine.batch.remove(leaving)
-        step, cache = self.engine.prefill(sequence.request.prompt_ids)
-        token = self._sample(sequence, step.logits[0])
-        self.engine.batch.add(sequence.id, cache, len(sequence.request.prompt_ids))
-        return step, token
+        prefilled = self.engine.prefill(
+            [s.prompt or Prompt(s.request.prompt_ids) for s in sequences]
+        )
+        self.engine.batch.add([s.id for s in sequences], prefilled.layers, prefilled.lengths)
+        if self.prefixes.max_tokens:
+            self._keep_prefixes(sequences, prefilled)
+        return prefilled.step, self._sample_all(sequences, prefilled.step.logits)
+
+    def _keep_prefixes(self, sequences: list[Sequence], prefilled: Prefilled) -> None:
+        columns = prefilled.layers[0][0].shape[2]
+        for row, (sequence, length) in enumerate(zip(sequences, prefilled.lengths, strict=True)):
+            start = columns - length
+            layers = [
+                (k[row : row + 1, :, start:].clone(), v[row : row + 1, :, start:].clone())
+                for k, v in prefilled.layers
+            ]
+            self.prefixes.add(sequence.request.prompt_ids, layers)
 
     def _decode_sync(
         self, leaving: set[int], sequences: list[Sequence]
     ) -> tuple[Step, list[int | Exception]]:
         self.engine.batch.remove(leaving)
         step = self.engine.decode([s.generated[-1] for s in sequences])
+        return step, self._sample_all(sequences, step.logits)
+
+    def _sample_all(self, sequences: list[Sequence], logits: torch.Tensor) -> list[int | Exception]:
         tokens: list[int | Exception] = []
         for row, sequence in enumerate(sequences):
             try:
-                tokens.append(self._sample(sequence, step.logits[row]))
+                tokens.append(self._sample(sequence, logits[row]))
             except Exception as exc:  # fails this sequence only
                 log.exception("sampling failed for a sequence of model %s", self.model)
                 tokens.append(exc)
-        return step, tokens
+        return tokens
 
     def _sample(self, sequence: Sequence, logits: torch.Tensor) -> int:
         sampling = sequence.request.sampling
@@ -313,10 +360,15 @@ class Scheduler:
             sequence.stop_ids,
         )
         if reason is not None:
-            sequence.events.put_nowait(Finished(reason, prompt, generated))
-            self.stats.record_request(True, int((now - sequence.arrived) * 1e9))
-            sequence.done = True
-            self._leave(sequence)
+            self._finish(sequence, reason, now)
+
+    def _finish(self, sequence: Sequence, reason: str, now: float) -> None:
+        cached = sequence.prompt.cached if sequence.prompt else 0
+        prompt = len(sequence.request.prompt_ids)
+        sequence.events.put_nowait(Finished(reason, prompt, len(sequence.generated), cached))
+        self.stats.record_request(True, int((now - sequence.arrived) * 1e9))
+        sequence.done = True
+        self._leave(sequence)
 
     def _leave(self, sequence: Sequence) -> None:
         """Out of the running set; its rows go at the start of the next model call."""

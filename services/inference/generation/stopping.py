@@ -5,6 +5,8 @@ from __future__ import annotations
 
 STOP = "stop"
 LENGTH = "length"
+CANCELLED = "cancelled"
+"""Not decided here: the scheduler ends the sequences still running when it stops."""
 
 
 def finish_reason(
