@@ -177,7 +177,8 @@ class Generation:
     text: str
     """The generated text, without the prompt and without the stop string that ended it."""
     finish_reason: str
-    """"stop" (EOS, a stop token or string) or "length" (max_new_tokens, the context)."""
+    """"stop" (EOS, a stop token or string), "length" (max_new_tokens, the context) or
+    "cancelled" (the serving replica shut down mid-answer: the text so far)."""
     usage: Usage
     token_ids: list[int]
     cached: bool = False

@@ -18,11 +18,8 @@ from fmserve.errors import Unavailable
 from services.inference.generation.instance import GenerationInstance
 from services.inference.generation.params import GenerationRequest
 from services.inference.generation.scheduler import Finished, Tokens
+from services.inference.generation.stopping import CANCELLED
 from services.inference.registry import ModelRegistry
-
-# The finish reason of a sequence that the scheduler ended before it was done (a stream then
-# gets its text so far); a job's item must not.
-CUT_SHORT = "cancelled"
 
 
 @dataclass(frozen=True)
@@ -64,8 +61,9 @@ class JobGenerations:
                     token_ids.extend(event.ids)
                 else:
                     finished = event
-        if finished is None or finished.reason == CUT_SHORT:
-            # A sequence the scheduler cut short (the model unloading, the service stopping) is
-            # no item's answer: Unavailable is transient, so the chunk is retried.
+        if finished is None or finished.reason == CANCELLED:
+            # A sequence the scheduler cut short (the model unloading, the service stopping)
+            # gives a stream its text so far, but is no job item's answer: Unavailable is
+            # transient, so the chunk is retried.
             raise Unavailable(f"model {instance.config.name!r} stopped before the sequence ended")
         return Generated(token_ids, finished)

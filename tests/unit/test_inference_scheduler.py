@@ -5,6 +5,7 @@ arrival order under the budget, and cancellation freeing the rows."""
 from __future__ import annotations
 
 import asyncio
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -136,6 +137,52 @@ async def test_a_cancelled_sequence_leaves_the_batch(model: torch.nn.Module) -> 
             break
         await asyncio.sleep(0.005)
     assert s.active == 0 and len(s.engine.batch) == 0 and s.budget.tokens == 0
+    await s.stop()
+
+
+class GatedEngine(CountingEngine):
+    """Its prefill pass waits for the test to open the gate, so a cancel lands mid-pass."""
+
+    def __init__(self, module: torch.nn.Module) -> None:
+        super().__init__(module)
+        self.entered, self.gate = threading.Event(), threading.Event()
+
+    def prefill(self, prompts: list[Prompt]) -> Prefilled:
+        self.entered.set()
+        self.gate.wait(10)
+        return super().prefill(prompts)
+
+
+async def test_a_sequence_cancelled_during_its_prefill_leaves_and_the_others_go_on(
+    model: torch.nn.Module,
+) -> None:
+    engine = GatedEngine(model)
+    s = Scheduler(
+        engine,
+        "lm",
+        context=256,
+        eos_ids=frozenset(),
+        budget=KvBudget(4096, 8),
+        max_wait_s=5.0,
+        executor=ThreadPoolExecutor(1),
+        stats=ModelStats(),
+    )
+    gone = asyncio.create_task(run(s, [5, 6, 7], 50))
+    kept = asyncio.create_task(run(s, [8, 9], 20))
+    await asyncio.sleep(0.05)  # both wait: they are admitted and prefilled together
+    s.start()
+    await asyncio.to_thread(engine.entered.wait, 10)
+    gone.cancel()
+    await asyncio.sleep(0.01)
+    engine.gate.set()
+    assert await kept == reference(model, [8, 9], 20)
+    # the row it left behind is cut out; the scheduler serves on
+    assert await run(s, [10, 11, 12], 10) == reference(model, [10, 11, 12], 10)
+    for _ in range(200):
+        if len(engine.batch) == 0:
+            break
+        await asyncio.sleep(0.005)
+    assert s.active == 0 and len(engine.batch) == 0 and s.budget.tokens == 0
     await s.stop()
 
 
