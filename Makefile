@@ -42,7 +42,7 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 
 typecheck: install
-	$(VENV)/bin/mypy fmserve services
+	$(VENV)/bin/mypy fmserve services bench
 
 test: install
 	$(PY) -m pytest -q

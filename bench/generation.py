@@ -99,7 +99,7 @@ class Run:
 def prompts(count: int, system: str = "") -> list[list[int]]:
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(ModelRepository(REPOSITORY).get(MODEL).files())
+    tokenizer: Any = AutoTokenizer.from_pretrained(ModelRepository(REPOSITORY).get(MODEL).files())
     first = [{"role": "system", "content": system}] if system else []
     chats = [
         [*first, {"role": "user", "content": QUESTIONS[i % len(QUESTIONS)]}] for i in range(count)
