@@ -68,6 +68,8 @@ class Verdict:
     bucket: str = ""
     retry_after_ms: int = 0
     items_used: int = 0
+    day: int = 0
+    """The UTC day (Redis's) the claim's items were counted on: where a refund goes."""
 
     @property
     def admitted(self) -> bool:
@@ -78,7 +80,7 @@ class Verdict:
 # per bucket; ARGV: its bucket count, call id, lease (ms), max concurrency, daily items, items,
 # quota key without its day, then per bucket: per minute, burst.
 # Returns per claim {reason, bucket index (1-based, RATE), retry after (ms), items used today
-# (QUOTA)}, flat. Every limit of a claim is checked before any is taken, so a refused claim
+# (QUOTA), day}, flat. Every limit of a claim is checked before any is taken, so a refused claim
 # takes nothing.
 _ADMIT = f"""
 local t = redis.call('TIME')
@@ -91,7 +93,7 @@ local function admit(k, a, buckets)
   if max_slots > 0 then
     redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
     if redis.call('ZCARD', slots) >= max_slots then
-      return {{{Reason.CONCURRENCY}, 0, {SLOT_RETRY_MS}, 0}}
+      return {{{Reason.CONCURRENCY}, 0, {SLOT_RETRY_MS}, 0, day}}
     end
   end
   local levels = {{}}
@@ -104,14 +106,14 @@ local function admit(k, a, buckets)
       tokens = math.min(burst, tonumber(saved[1]) + math.max(0, now - tonumber(saved[2])) * rate)
     end
     if tokens < 1 then
-      return {{{Reason.RATE}, j, math.ceil((1 - tokens) / rate), 0}}
+      return {{{Reason.RATE}, j, math.ceil((1 - tokens) / rate), 0, day}}
     end
     levels[j] = {{tokens - 1, math.ceil(burst / rate)}}
   end
   if quota_limit > 0 then
     local used = tonumber(redis.call('GET', quota) or '0')
     if used + items > quota_limit then
-      return {{{Reason.QUOTA}, 0, (day + 1) * {DAY_MS} - now, used}}
+      return {{{Reason.QUOTA}, 0, (day + 1) * {DAY_MS} - now, used, day}}
     end
     redis.call('INCRBY', quota, items)
     redis.call('PEXPIRE', quota, 2 * {DAY_MS})
@@ -124,7 +126,7 @@ local function admit(k, a, buckets)
     redis.call('ZADD', slots, now + lease, call)
     redis.call('PEXPIRE', slots, lease)
   end
-  return {{{Reason.ADMITTED}, 0, 0, 0}}
+  return {{{Reason.ADMITTED}, 0, 0, 0, day}}
 end
 local verdicts, k, a = {{}}, 1, 1
 while a <= #ARGV do
@@ -133,6 +135,19 @@ while a <= #ARGV do
   k, a = k + 1 + buckets, a + 7 + 2 * buckets
 end
 return verdicts
+"""
+
+# KEYS: quota keys (a day's count each). ARGV: items to give back, one per key. A count never
+# goes below 0, and a day whose count has expired stays gone.
+_REFUND = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    if redis.call('DECRBY', KEYS[i], ARGV[i]) < 0 then
+      redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+    end
+  end
+end
+return 0
 """
 
 # KEYS: slots sets. ARGV: lease (ms), then one call id per key. Extends only slots still held.
@@ -166,13 +181,13 @@ class RateLimitStore:
             keys += [self.slots_key(claim.key_id)]
             keys += [self.bucket_key(claim.key_id, b.name) for b in claim.buckets]
             args += [len(claim.buckets), claim.call_id, claim.lease_ms, claim.max_concurrency]
-            args += [claim.daily_items, claim.items, f"{self.prefix}items:{claim.key_id}:"]
+            args += [claim.daily_items, claim.items, self.quota_prefix(claim.key_id)]
             args += [n for b in claim.buckets for n in (b.per_minute, b.burst)]
         if not claims:
             return []
         with self.redis.translated("limits admit"):
             flat = await self._script(_ADMIT)(keys=keys, args=args)
-        return [_verdict(claim, flat[4 * i : 4 * i + 4]) for i, claim in enumerate(claims)]
+        return [_verdict(claim, flat[5 * i : 5 * i + 5]) for i, claim in enumerate(claims)]
 
     async def admit(self, claim: Admission) -> Verdict:
         return (await self.admit_many([claim]))[0]
@@ -197,6 +212,23 @@ class RateLimitStore:
         with self.redis.translated("limits renew"):
             await self._script(_RENEW)(keys=keys, args=[lease_ms, *(c for _, c in slots)])
 
+    async def refund(self, refunds: Sequence[tuple[str, int, int]]) -> None:
+        """Give back (key id, day, items) counted against a day's quota and not used."""
+        for key_id, _, items in refunds:
+            if not key_id or items < 0:
+                raise InvalidInput(f"a refund of {items} items to key id {key_id!r}; give both")
+        if not refunds:
+            return
+        keys = [self.quota_key(key_id, day) for key_id, day, _ in refunds]
+        with self.redis.translated("limits refund"):
+            await self._script(_REFUND)(keys=keys, args=[items for _, _, items in refunds])
+
+    def quota_key(self, key_id: str, day: int) -> str:
+        return f"{self.quota_prefix(key_id)}{day}"
+
+    def quota_prefix(self, key_id: str) -> str:
+        return f"{self.prefix}items:{key_id}:"
+
     def slots_key(self, key_id: str) -> str:
         return f"{self.prefix}slots:{key_id}"
 
@@ -210,9 +242,9 @@ class RateLimitStore:
 
 
 def _verdict(claim: Admission, values: Sequence[Any]) -> Verdict:
-    reason, index, retry_ms, used = (int(v) for v in values)
+    reason, index, retry_ms, used, day = (int(v) for v in values)
     bucket = claim.buckets[index - 1].name if index > 0 else ""
-    return Verdict(Reason(reason), bucket, retry_ms, used)
+    return Verdict(Reason(reason), bucket, retry_ms, used, day)
 
 
 def check(claim: Admission) -> None:

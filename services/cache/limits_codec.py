@@ -32,4 +32,5 @@ def verdict_to_wire(verdict: Verdict) -> limits_pb2.Verdict:
         bucket=verdict.bucket,
         retry_after_ms=verdict.retry_after_ms,
         items_used=verdict.items_used,
+        day=verdict.day,
     )

@@ -1,11 +1,13 @@
 """What a call claims from its key's limits (services/gateway/limits.py), that a slot is given
-back even when the check itself fails or the caller leaves during it, and how the client
-coalesces claims (limits_client.py). The cache service is an in-memory stand-in here;
+back even when the check itself fails or the caller leaves during it, that a generation gives
+back the tokens it reserved and did not spend, on every path, and how the client coalesces
+claims (limits_client.py). The cache service is an in-memory stand-in here;
 tests/integration/test_key_limits.py runs the real one."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -13,11 +15,14 @@ import pytest
 
 from fmserve.errors import Unavailable
 from fmserve.v1 import limits_pb2
-from services.gateway.limits import MAX_MODEL_CHARS, KeyLimits
+from services.gateway.limits import MAX_MODEL_CHARS, KeyLimits, refusal
 from services.gateway.limits_client import LimitsClient
-from services.gateway.principal import Principal
+from services.gateway.principal import Meter, Principal
 
 pytestmark = pytest.mark.timeout(10)
+
+DAY = 20_423
+"""The UTC day the in-memory cache counts items on."""
 
 
 class FakeLimits:
@@ -26,6 +31,7 @@ class FakeLimits:
     def __init__(self, failure: BaseException | None = None) -> None:
         self.failure = failure
         self.released: list[tuple[str, str]] = []
+        self.refunds: list[tuple[str, int, int]] = []
 
     async def start(self) -> None:
         pass
@@ -36,10 +42,13 @@ class FakeLimits:
     async def admit(self, claim: limits_pb2.Claim) -> limits_pb2.Verdict:
         if self.failure is not None:
             raise self.failure
-        return limits_pb2.Verdict(admitted=True)
+        return limits_pb2.Verdict(admitted=True, day=DAY)
 
     def release(self, key_id: str, call_id: str) -> None:
         self.released.append((key_id, call_id))
+
+    def refund(self, key_id: str, day: int, items: int) -> None:
+        self.refunds.append((key_id, day, items))
 
     async def renew(self, slots: Sequence[tuple[str, str]], lease_ms: int) -> None:
         pass
@@ -93,6 +102,52 @@ async def test_a_slot_is_given_back_when_the_check_fails_or_the_caller_leaves(
     assert [k for k, _ in fake.released] == ["0123456789abcdef"]
 
 
+class Failed(Exception):
+    pass
+
+
+async def generation(gate: KeyLimits, who: Principal, reserve: int, spent: int, end: str) -> None:
+    """A metered call that reserves `reserve` tokens, spends `spent`, then ends as `end` says."""
+    meter = Meter()
+    async with gate.admit(who, "lm", reserve, meter):
+        meter.spent += spent
+        if end == "error":
+            raise Failed
+        if end == "cancel":
+            raise asyncio.CancelledError
+
+
+@pytest.mark.parametrize("end", ["finish", "error", "cancel"])
+async def test_a_generation_gives_back_the_tokens_it_did_not_spend_however_it_ends(
+    end: str,
+) -> None:
+    fake = FakeLimits()
+    with contextlib.suppress(Failed, asyncio.CancelledError):
+        await generation(limits(fake), key(daily_items=1000), 64, 9, end)
+    assert fake.refunds == [("0123456789abcdef", DAY, 55)]
+
+
+async def test_nothing_is_given_back_when_every_token_was_spent_or_there_is_no_quota() -> None:
+    fake = FakeLimits()
+    await generation(limits(fake), key(daily_items=1000), 64, 64, "finish")
+    await generation(limits(fake), key(rpm=60), 64, 3, "finish")  # its claim counts no items
+    assert fake.refunds == []
+
+
+def test_a_generation_over_the_quota_is_told_the_tokens_it_reserved() -> None:
+    who, gate = key(daily_items=100), limits()
+    claim = gate.claim(who, "lm", 40)
+    assert claim is not None
+    verdict = limits_pb2.Verdict(reason=limits_pb2.LIMIT_REASON_QUOTA, items_used=70)
+    reason, error = refusal(who, claim, verdict, metered=True)
+    assert reason == "quota"
+    assert "used 70 of its 100 items today (UTC)" in error.message
+    assert "this generation reserves 40 tokens (max_new_tokens)" in error.message
+    huge = gate.claim(who, "lm", 500)
+    assert huge is not None
+    assert "ask for fewer tokens" in refusal(who, huge, verdict, metered=True)[1].message
+
+
 class SlowCache(LimitsClient):
     """The client over an in-memory cache service whose Admit answers when told to."""
 
@@ -100,14 +155,16 @@ class SlowCache(LimitsClient):
         super().__init__("127.0.0.1:1", 5.0, 1 << 20)
         self.answer = asyncio.Event()
         self.calls: list[str] = []
+        self.sent: list[Any] = []
 
     async def _call(self, method: str, request: Any) -> Any:
         self.calls.append(method)
         if method == "Admit":
             await self.answer.wait()
-            verdicts = [limits_pb2.Verdict(admitted=True) for _ in request.claims]
+            verdicts = [limits_pb2.Verdict(admitted=True, day=DAY) for _ in request.claims]
             return limits_pb2.AdmitResponse(verdicts=verdicts)
-        return limits_pb2.ReleaseResponse()
+        self.sent.append(request)
+        return None
 
 
 async def until_called(cache: SlowCache, method: str) -> None:
@@ -130,6 +187,21 @@ async def test_a_slot_taken_after_its_caller_left_is_given_back_once_the_check_i
     cache.answer.set()
     await until_called(cache, "Release")
     assert cache.calls == ["Admit", "Release"]
+
+
+async def test_items_admitted_after_their_caller_left_are_given_back() -> None:
+    cache = SlowCache()
+    claim = limits_pb2.Claim(key_id="k", daily_items=100, items=30)
+    waiting = asyncio.create_task(cache.admit(claim))
+    await until_called(cache, "Admit")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    cache.answer.set()
+    await until_called(cache, "Refund")
+    assert cache.calls == ["Admit", "Refund"]
+    [request] = cache.sent
+    assert [(r.key_id, r.day, r.items) for r in request.refunds] == [("k", DAY, 30)]
 
 
 async def test_claims_made_during_a_check_go_together_in_the_next() -> None:
