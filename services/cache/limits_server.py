@@ -39,6 +39,10 @@ class RateLimitsServicer(limits_pb2_grpc.RateLimitsServicer):
         self, request: limits_pb2.RefundRequest, context: grpc.aio.ServicerContext
     ) -> limits_pb2.RefundResponse:
         await self.store.refund([(r.key_id, r.day, r.items) for r in request.refunds])
+        returns = [
+            (t.key_id, limits_codec.bucket_to_domain(t.bucket), t.tokens) for t in request.tokens
+        ]
+        await self.store.give_back(returns)
         return limits_pb2.RefundResponse()
 
 

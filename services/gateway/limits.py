@@ -4,7 +4,8 @@ gateway replica); this module decides which ones a call claims, keeps its concur
 as long as it runs, gives the slot back on every path, and turns a refusal into an error.
 
 - Rate: a token bucket per key, `rpm` tokens at most (a burst of a full minute), refilled at
-  rpm / 60 per second; and, with `FMSERVE_GATEWAY_KEY_MODEL_RPM`, one per key and model.
+  rpm / 60 per second; and, with `FMSERVE_GATEWAY_KEY_MODEL_RPM`, one per key and model. A
+  busy key's calls spend tokens this replica leased ahead (leases.py): one check per lease.
 - Concurrency: a slot per running call, `max_concurrency` at once, leased for
   `limits_slot_lease_s` and renewed while the call runs, so a crashed gateway's slots free
   themselves.
@@ -31,6 +32,7 @@ from contextlib import AbstractAsyncContextManager
 
 from fmserve.errors import FmserveError, RateLimited, Unavailable
 from fmserve.v1 import limits_pb2
+from services.gateway.leases import LEASE_S, Leases, lease_size
 from services.gateway.limits_client import LimitsClient
 from services.gateway.metrics import LIMIT_REFUSALS
 from services.gateway.principal import Meter, Principal
@@ -51,26 +53,32 @@ class KeyLimits:
         self.client = client
         self.lease_ms = max(1, int(slot_lease_s * 1000))
         self.key_model_rpm = key_model_rpm
+        self.leases = Leases()
         self._held: dict[str, str] = {}  # call id → key id, renewed until released
-        self._renewer: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
 
     async def start(self) -> None:
         await self.client.start()
-        self._renewer = asyncio.create_task(self._renew_forever())
+        self._tasks = [
+            asyncio.create_task(self._renew_forever()),
+            asyncio.create_task(self._end_leases_forever()),
+        ]
 
     async def stop(self) -> None:
-        if self._renewer is not None:
-            self._renewer.cancel()
-            await asyncio.gather(self._renewer, return_exceptions=True)
-            self._renewer = None
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        for refund in self.leases.ended(everything=True):
+            self.client.give_back(refund)
         await self.client.stop()
 
     def admit(
         self, principal: Principal, model: str, items: int, metered: Meter | None = None
     ) -> AbstractAsyncContextManager[None]:
         claim = self.claim(principal, model, items)
-        if claim is None:
-            return _NOTHING  # no limits: no call to the cache service, nothing per call
+        if claim is None or self.leases.spend(claim):
+            return _NOTHING  # no limits, or a token held: no call to the cache service
         return self._admitted(principal, claim, metered)
 
     @contextlib.asynccontextmanager
@@ -96,8 +104,10 @@ class KeyLimits:
             buckets.append(limits_pb2.Bucket(name=name, per_minute=self.key_model_rpm))
         if not (buckets or principal.max_concurrency or principal.daily_items):
             return None
+        tokens_only = not (principal.max_concurrency or (items and principal.daily_items))
         for bucket in buckets:
             bucket.burst = bucket.per_minute  # a full minute's worth, as documented
+            bucket.take = lease_size(bucket.per_minute) if tokens_only else 1
         return limits_pb2.Claim(
             key_id=principal.key_id,
             buckets=buckets,
@@ -126,12 +136,20 @@ class KeyLimits:
             raise error
         if claim.max_concurrency:
             self._held[claim.call_id] = claim.key_id
+        self.leases.keep(claim, reply)
         return reply
 
     def _release(self, key_id: str, call_id: str) -> None:
         """Give the slot back without holding up the call's answer (its lease is the backstop)."""
         self._held.pop(call_id, None)
         self.client.release(key_id, call_id)
+
+    async def _end_leases_forever(self) -> None:
+        """Give back what ended leases did not spend."""
+        while True:
+            await asyncio.sleep(LEASE_S / 2)
+            for refund in self.leases.ended():
+                self.client.give_back(refund)
 
     async def _renew_forever(self) -> None:
         while True:

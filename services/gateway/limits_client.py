@@ -4,9 +4,10 @@ whose limits cannot be checked is refused (fail closed), never let through.
 
 Claims are coalesced: a claim made while no Admit call is in flight goes out at once (a lone
 call waits for nothing); claims made while one is in flight wait for it and go out together in
-the next, so under load the gateway pays one round trip for many calls, not one each. Slots and
-unused quota are given back the same way, in the background: a call's answer never waits for
-them (a give-back that fails is logged: a slot's lease frees it; unused items stay counted)."""
+the next, so under load the gateway pays one round trip for many calls, not one each. Slots,
+unused quota and unspent leased tokens are given back the same way, in the background: a
+call's answer never waits for them (a give-back that fails is logged: a slot's lease frees
+it; unused items stay counted)."""
 
 from __future__ import annotations
 
@@ -64,6 +65,12 @@ class LimitsClient:
             lambda refunds: limits_pb2.RefundRequest(refunds=refunds),
             "refunds of unused quota items (they stay counted today)",
         )
+        self._tokens = _Outbox(
+            self,
+            "Refund",
+            lambda tokens: limits_pb2.RefundRequest(tokens=tokens),
+            "refunds of unspent leased tokens (their buckets refill anyway)",
+        )
 
     async def start(self) -> None:
         self._channel = open_channel(self.address, self.max_message_bytes, self._identity)
@@ -74,7 +81,7 @@ class LimitsClient:
             self._sender.cancel()
             await asyncio.gather(self._sender, return_exceptions=True)
         # What was already given back goes out (within the timeout).
-        await asyncio.gather(self._slots.drained(), self._refunds.drained())
+        await asyncio.gather(self._slots.drained(), self._refunds.drained(), self._tokens.drained())
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -150,6 +157,10 @@ class LimitsClient:
     def refund(self, key_id: str, day: int, items: int) -> None:
         """Give back items counted against `day`'s quota and not used, in the background."""
         self._refunds.put(limits_pb2.ItemRefund(key_id=key_id, day=day, items=items))
+
+    def give_back(self, refund: limits_pb2.TokenRefund) -> None:
+        """Give back tokens a lease did not spend, in the background."""
+        self._tokens.put(refund)
 
     async def renew(self, slots: Sequence[tuple[str, str]], lease_ms: int) -> None:
         wire = [limits_pb2.Slot(key_id=k, call_id=c) for k, c in slots]

@@ -15,6 +15,7 @@ import pytest
 
 from fmserve.errors import Unavailable
 from fmserve.v1 import limits_pb2
+from services.gateway.leases import LEASE_S, Leases, lease_size
 from services.gateway.limits import MAX_MODEL_CHARS, KeyLimits, refusal
 from services.gateway.limits_client import LimitsClient
 from services.gateway.principal import Meter, Principal
@@ -213,3 +214,61 @@ async def test_claims_made_during_a_check_go_together_in_the_next() -> None:
     cache.answer.set()
     verdicts = await asyncio.gather(first, *more)
     assert all(v.admitted for v in verdicts) and cache.calls == ["Admit", "Admit"]
+
+
+# --- token leases ---------------------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_a_lease_holds_a_tenth_of_a_second_of_refill_and_small_buckets_lease_nothing() -> None:
+    assert [lease_size(rpm) for rpm in (60, 599, 600, 6000, 600_000)] == [1, 1, 1, 10, 1000]
+    claim = limits().claim(key(rpm=6000), "m", 1)
+    assert claim is not None and [b.take for b in claim.buckets] == [10]
+    # A call that needs a slot or quota items goes to the cache service anyway: it takes one.
+    for limited in (key(rpm=6000, max_concurrency=2), key(rpm=6000, daily_items=9)):
+        claim = limits().claim(limited, "m", 1)
+        assert claim is not None and [b.take for b in claim.buckets] == [1]
+
+
+def test_tokens_taken_ahead_admit_the_next_calls_until_spent_or_the_lease_ends() -> None:
+    clock = Clock()
+    leases = Leases(clock)
+    claim = limits(model_rpm=6000).claim(key(rpm=6000), "m", 1)
+    assert claim is not None and not leases.spend(claim)
+    leases.keep(claim, limits_pb2.Verdict(admitted=True, taken=[10, 4]))
+    assert [leases.spend(claim) for _ in range(4)] == [True, True, True, False]  # 3 model tokens
+    other = limits(model_rpm=6000).claim(key(rpm=6000), "n", 1)  # another model's bucket
+    assert other is not None and not leases.spend(other)
+    leases.keep(other, limits_pb2.Verdict(admitted=True, taken=[1, 10]))
+    assert leases.spend(other)  # 6 key tokens and 9 of model n's were left
+    clock.now += LEASE_S
+    assert not leases.spend(other)
+    returned = {(r.bucket.name, r.tokens) for r in leases.ended()}
+    assert returned == {("key", 5), ("model:n", 8)}  # model m's lease was spent: nothing back
+    assert leases.ended(everything=True) == []
+
+
+async def test_a_busy_key_pays_one_check_per_lease() -> None:
+    class Leasing(FakeLimits):
+        def __init__(self) -> None:
+            super().__init__()
+            self.checks = 0
+
+        async def admit(self, claim: limits_pb2.Claim) -> limits_pb2.Verdict:
+            self.checks += 1
+            taken = [b.take for b in claim.buckets]
+            return limits_pb2.Verdict(admitted=True, day=DAY, taken=taken)
+
+    fake = Leasing()
+    gate = limits(fake)
+    for _ in range(25):
+        async with gate.admit(key(rpm=6000), "m", 1):
+            pass
+    assert fake.checks == 3  # 10 calls per lease
