@@ -3,12 +3,13 @@ spends them on the key's next calls without a round trip to the cache service, s
 with a rate limit costs one check per lease, not one per call.
 
 A lease holds at most `LEASE_S` of the bucket's refill (rpm / 600 tokens; under 1,200 rpm a
-call takes only its own token: every call is checked), and lives `LEASE_S` after it was last topped
-up; what is left then goes back to the bucket. Every token spent was taken from the shared
-bucket first, so the replicas together never admit more than the limit; what a lease holds is
-not available to the other replicas meanwhile (at most 100 ms of refill each). Only a call
-that claims nothing but tokens is admitted from a lease: a concurrency slot or quota items
-need the shared state every time.
+call takes only its own token: every call is checked), one lease per bucket at a time (while
+one is being taken, the replica's other calls take their own token only), and ends `LEASE_S`
+after its last use; what is left then goes back to the bucket. Every token spent was taken
+from the shared bucket first, so the replicas together never admit more than the limit; what
+a lease holds is not available to the other replicas meanwhile (at most 100 ms of refill
+each). Only a call that claims nothing but tokens is admitted from a lease: a concurrency slot
+or quota items need the shared state every time.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class Leases:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self.clock = clock
         self._held: dict[tuple[str, str], _Lease] = {}
+        self._asking: set[tuple[str, str]] = set()
 
     def spend(self, claim: limits_pb2.Claim) -> bool:
         """Admit a tokens-only claim from held leases (a token of each bucket), if they have
@@ -53,10 +55,31 @@ class Leases:
             return False
         for lease in leases:
             lease.tokens -= 1  # type: ignore[union-attr]
+            lease.ends = now + LEASE_S  # type: ignore[union-attr]
         return True
 
+    def ask(self, claim: limits_pb2.Claim) -> list[tuple[str, str]]:
+        """Before a claim goes to the cache service: it asks for a lease of each bucket no
+        other call is already asking one for (else it takes its own token only). Returns the
+        buckets it asks for, for `asked` once its answer is in."""
+        asking = []
+        for bucket in claim.buckets:
+            key = (claim.key_id, bucket.name)
+            if bucket.take <= 1:
+                continue
+            if key in self._asking:
+                bucket.take = 1
+            else:
+                self._asking.add(key)
+                asking.append(key)
+        return asking
+
+    def asked(self, asking: list[tuple[str, str]]) -> None:
+        self._asking.difference_update(asking)
+
     def keep(self, claim: limits_pb2.Claim, verdict: limits_pb2.Verdict) -> None:
-        """Hold what an admitted claim took beyond its one token per bucket."""
+        """Hold what an admitted claim took beyond its one token per bucket (topping up a
+        lease its bucket may still have)."""
         ends = self.clock() + LEASE_S
         for bucket, taken in zip(claim.buckets, verdict.taken, strict=False):
             if taken <= 1:

@@ -121,15 +121,18 @@ class KeyLimits:
     async def _enter(
         self, principal: Principal, claim: limits_pb2.Claim, metered: bool
     ) -> limits_pb2.Verdict:
+        asking = self.leases.ask(claim)
         try:
             reply = await self.client.admit(claim)
         except BaseException as exc:
+            self.leases.asked(asking)
             # The slot may have been taken before the answer was lost (or the caller left).
             if claim.max_concurrency:
                 self._release(claim.key_id, claim.call_id)
             if isinstance(exc, Unavailable):
                 LIMIT_REFUSALS.labels(principal.name, "unavailable").inc()
             raise
+        self.leases.asked(asking)
         if not reply.admitted:
             reason, error = refusal(principal, claim, reply, metered)
             LIMIT_REFUSALS.labels(principal.name, reason).inc()

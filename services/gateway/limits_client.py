@@ -144,11 +144,18 @@ class LimitsClient:
         """Its caller left (cancelled, out of time) while the claim was being checked: give
         back a slot it may have taken, now that the check is over (a release sent before the
         check ran would find nothing to release, and the slot would wait for its lease), and
-        the items it was admitted with (`answer`), since the call never ran."""
+        the items and tokens it was admitted with (`answer`), since the call never ran."""
         if claim.max_concurrency:
             self.release(claim.key_id, claim.call_id)
-        if answer is not None and claim.items:
+        if answer is None:
+            return
+        if claim.items:
             self.refund(claim.key_id, answer.day, claim.items)
+        for bucket, taken in zip(claim.buckets, answer.taken, strict=False):
+            if taken:
+                self.give_back(
+                    limits_pb2.TokenRefund(key_id=claim.key_id, bucket=bucket, tokens=taken)
+                )
 
     def release(self, key_id: str, call_id: str) -> None:
         """Give a slot back, in the background."""

@@ -23,6 +23,7 @@ from fmserve.cli.cluster import free_port
 from fmserve.core import context
 from fmserve.errors import DeadlineExceeded, RateLimited, Unavailable
 from services.cache.__main__ import build
+from services.gateway.leases import LEASE_S
 from services.gateway.limits import KeyLimits
 from services.gateway.limits_client import LimitsClient
 from services.gateway.principal import Meter, Principal
@@ -138,6 +139,26 @@ async def test_a_key_may_be_limited_per_model_too(cache_port: int) -> None:
         async with limits.admit(who, "b", 1):
             pass
     assert refusals(who, "model_rate") == 1
+
+
+async def test_a_busy_key_takes_a_lease_of_tokens_and_gives_back_what_it_did_not_spend(
+    limits: KeyLimits, redis: Redis, prefix: str
+) -> None:
+    who = principal(rpm=600_000)  # 10,000 a second: a lease of 1,000 tokens
+    bucket = f"{prefix}limits:rate:{who.key_id}:key"
+    for _ in range(50):
+        async with limits.admit(who, "m", 1):
+            pass
+    # One check took 1,000 tokens; the other 49 calls spent them here, without a check.
+    tokens, taken_ms = await redis.hmget(bucket, ["tokens", "ms"])
+    assert float(tokens) == 599_000
+    await asyncio.sleep(2 * LEASE_S)  # the lease ends and its 951 unspent tokens go back
+    for _ in range(100):
+        if await redis.hget(bucket, "ms") != taken_ms:  # written again: the give-back
+            assert float(await redis.hget(bucket, "tokens") or 0) > 599_000
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the lease's unspent tokens were not given back")
 
 
 async def test_the_daily_quota_counts_a_calls_items(limits: KeyLimits) -> None:

@@ -162,7 +162,10 @@ class SlowCache(LimitsClient):
         self.calls.append(method)
         if method == "Admit":
             await self.answer.wait()
-            verdicts = [limits_pb2.Verdict(admitted=True, day=DAY) for _ in request.claims]
+            verdicts = [
+                limits_pb2.Verdict(admitted=True, day=DAY, taken=[b.take for b in claim.buckets])
+                for claim in request.claims
+            ]
             return limits_pb2.AdmitResponse(verdicts=verdicts)
         self.sent.append(request)
         return None
@@ -253,6 +256,33 @@ def test_tokens_taken_ahead_admit_the_next_calls_until_spent_or_the_lease_ends()
     returned = {(r.bucket.name, r.tokens) for r in leases.ended()}
     assert returned == {("key", 5), ("model:n", 8)}  # model m's lease was spent: nothing back
     assert leases.ended(everything=True) == []
+
+
+def test_one_call_at_a_time_asks_for_a_buckets_lease() -> None:
+    leases = Leases(Clock())
+    first, second = (limits().claim(key(rpm=6000), "m", 1) for _ in range(2))
+    assert first is not None and second is not None
+    asking = leases.ask(first)
+    leases.ask(second)
+    assert [b.take for b in second.buckets] == [1]  # takes its own token only
+    leases.asked(asking)
+    third = limits().claim(key(rpm=6000), "m", 1)
+    assert third is not None and leases.ask(third) == [("0123456789abcdef", "key")]
+    assert [b.take for b in third.buckets] == [10]
+
+
+async def test_tokens_taken_for_a_caller_that_left_go_back() -> None:
+    cache = SlowCache()
+    bucket = limits_pb2.Bucket(name="key", per_minute=6000, burst=6000, take=10)
+    waiting = asyncio.create_task(cache.admit(limits_pb2.Claim(key_id="k", buckets=[bucket])))
+    await until_called(cache, "Admit")
+    waiting.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    cache.answer.set()
+    await until_called(cache, "Refund")
+    [request] = cache.sent
+    assert [(t.key_id, t.bucket.name, t.tokens) for t in request.tokens] == [("k", "key", 10)]
 
 
 async def test_a_busy_key_pays_one_check_per_lease() -> None:
