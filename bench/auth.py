@@ -15,9 +15,12 @@ is shared, so figures drift between minutes), four callers:
 Each sends single-sentence requests (the model's path, cache bypassed; then cache hits, where
 the cost is largest relative to the answer) at concurrency 1 (p50) and 32 (throughput). It
 prints each as the p50 added and the throughput kept relative to auth off, and the CPU time
-the cluster's processes spent per request at concurrency 32: on a machine shared with other
+the cluster's processes spent per request at concurrency 32, and of that the front's (the
+gateways and the cache service, where auth and limits run): on a machine shared with other
 work, wall-clock figures drift with the neighbours' load, CPU per request much less so (and
-on a CPU-bound machine throughput goes as its inverse).
+on a CPU-bound machine throughput goes as its inverse). Last, in this process, the CPU the
+auth interceptor itself spends per call (a cached key, no limits): the gateway's per-call
+Python work, which neither load nor the network distorts.
 Targets: <= 0.5 ms added at p50, >= 95% of the throughput."""
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ import argparse
 import asyncio
 import os
 import tempfile
+import time
 import uuid
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -37,7 +42,11 @@ from bench.embedding import MODEL, SYNC_ONLY, Load, closed_loop
 from fmserve.cli.cluster import SERVICES, Cluster, Replica, free_port
 from fmserve.core import apikeys
 from fmserve.core.settings import ClientSettings
-from fmserve.v1 import gateway_pb2_grpc, keys_pb2
+from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, keys_pb2
+from services.gateway.access import AccessTable
+from services.gateway.auth import AuthInterceptor
+from services.gateway.keyring import KeyRing
+from services.gateway.principal import AdmitAll
 
 ADMIN_KEY = apikeys.generate().api_key
 MODES = ("auth off", "key, no limits", "key + rpm limit", "key + all limits")
@@ -109,46 +118,112 @@ async def measure(
     seconds: float,
     rounds: int,
     paths: list[str],
-    pids: list[int],
-) -> tuple[dict[Key, Load], dict[Key, float]]:
+    pids: dict[str, list[int]],
+) -> tuple[dict[Key, Load], dict[tuple[Key, str], float]]:
     """Every (path, mode, concurrency), interleaved: each round runs each mode once. Returns
-    the loads and the cluster's CPU milliseconds per request for each."""
+    the loads and, per group of processes in `pids`, their CPU milliseconds per request."""
     runs: dict[Key, list[Load]] = defaultdict(list)
-    cpu: dict[Key, float] = defaultdict(float)
+    cpu: dict[tuple[Key, str], float] = defaultdict(float)
     for _ in range(rounds):
         for path in paths:
             for concurrency in (1, 32):
                 for mode, (address, key) in callers.items():
                     metadata = (("authorization", f"Bearer {key}"),) if key else ()
-                    before = cpu_s(pids)
+                    before = {group: cpu_s(p) for group, p in pids.items()}
                     load = await closed_loop(
                         address, concurrency, seconds, repeat=path == "cache hit", metadata=metadata
                     )
-                    cpu[path, mode, concurrency] += cpu_s(pids) - before
+                    for group, p in pids.items():
+                        cpu[(path, mode, concurrency), group] += cpu_s(p) - before[group]
                     runs[path, mode, concurrency].append(load)
     loads = {k: merged(v) for k, v in runs.items()}
-    return loads, {k: 1e3 * cpu[k] / loads[k].requests for k in loads}
+    return loads, {(k, g): 1e3 * cpu[k, g] / loads[k].requests for k in loads for g in pids}
 
 
-def report(loads: dict[Key, Load], cpu_ms: dict[Key, float], paths: list[str]) -> None:
+def report(loads: dict[Key, Load], cpu_ms: dict[tuple[Key, str], float], paths: list[str]) -> None:
+    """Per mode: c=1 p50, c=32 throughput, CPU per request at c=32 of the whole cluster and of
+    its front (the gateways and the cache service, where auth and limits run: the inference
+    service's CPU, which they do not change, dominates the cluster's and its noise)."""
     for path in paths:
         print(f"\n{path}:")
         base1, base32 = loads[path, MODES[0], 1], loads[path, MODES[0], 32]
+        base_cpu, base_front = (
+            cpu_ms[(path, MODES[0], 32), "cluster"],
+            cpu_ms[(path, MODES[0], 32), "front"],
+        )
         for mode in MODES:
-            c1, c32, cpu = loads[path, mode, 1], loads[path, mode, 32], cpu_ms[path, mode, 32]
+            c1, c32 = loads[path, mode, 1], loads[path, mode, 32]
+            cpu, front = cpu_ms[(path, mode, 32), "cluster"], cpu_ms[(path, mode, 32), "front"]
             line = (
                 f"  {mode:<16} c=1 p50 {c1.pct(0.5):6.2f} ms   c=32 {c32.rate:7.1f} req/s"
-                f"   {cpu:5.2f} CPU ms/req"
+                f"   CPU ms/req {cpu:5.2f} (front {front:4.2f})"
             )
             if mode != MODES[0]:
                 added = c1.pct(0.5) - base1.pct(0.5)
                 kept = c32.rate / base32.rate
-                cpu_kept = cpu_ms[path, MODES[0], 32] / cpu
                 line += (
                     f"   p50 {added:+.2f} ms [<= 0.5]   throughput kept {kept:.3f}, "
-                    f"by CPU {cpu_kept:.3f} [>= 0.95]"
+                    f"by CPU {base_cpu / cpu:.3f} [>= 0.95]   front {front - base_front:+.2f} ms"
                 )
             print(line)
+
+
+class _OneKey:
+    """A key store holding one key: the interceptor's per-call work without the cache service
+    (a verified key is cached by the gateway, so a busy key never reaches the store)."""
+
+    def __init__(self, key: apikeys.NewKey) -> None:
+        info = keys_pb2.ApiKeyInfo(key_id=key.key_id, name="bench", scopes=["infer:*"])
+        self.stored = keys_pb2.StoredKey(info=info, salt=key.salt, hash=key.digest)
+
+    async def get(self, key_id: str) -> keys_pb2.StoredKey:
+        return self.stored
+
+
+@dataclass
+class _Details:
+    method: str
+    invocation_metadata: tuple[tuple[str, str], ...] = ()
+
+
+class _Context:
+    def __init__(self, api_key: str) -> None:
+        self.metadata = (("user-agent", "bench"), ("authorization", f"Bearer {api_key}"))
+
+    def invocation_metadata(self) -> tuple[tuple[str, str], ...]:
+        return self.metadata
+
+
+async def interceptor_cpu_us(calls: int = 20_000) -> float:
+    """CPU microseconds the auth interceptor adds to a unary call, in this process."""
+    key = apikeys.generate()
+    table = AccessTable(lambda _: "embedding", lambda _: (0, 0))
+    auth = AuthInterceptor(KeyRing(_OneKey(key), 60.0), table, AdmitAll())  # type: ignore[arg-type]
+
+    async def answer(request: object, context: object) -> object:
+        return request
+
+    handler = grpc.unary_unary_rpc_method_handler(answer)
+
+    async def continuation(_: object) -> grpc.RpcMethodHandler:
+        return handler
+
+    details = _Details("/fmserve.v1.Gateway/Infer")
+    request = gateway_pb2.InferRequest(model=MODEL, texts=["a sentence"])
+    context = _Context(key.api_key)
+
+    async def run(intercepted: bool) -> float:
+        started = time.process_time()
+        for _ in range(calls):
+            if intercepted:
+                wrapped = await auth.intercept_service(continuation, details)  # type: ignore[arg-type]
+            else:
+                wrapped = await continuation(details)
+            await wrapped.unary_unary(request, context)
+        return (time.process_time() - started) / calls * 1e6
+
+    await run(True)  # the key verified and cached, as for a busy key
+    return await run(True) - await run(False)
 
 
 def forget(prefix: str) -> None:
@@ -181,12 +256,21 @@ def main() -> None:
             MODES[2]: (on, rpm),
             MODES[3]: (on, every),
         }
-        pids = [r.process.pid for r in cluster.all() if r.process is not None]
+        pids = {
+            "cluster": [r.process.pid for r in cluster.all() if r.process],
+            "front": [
+                r.process.pid
+                for r in cluster.replicas_of["gateway"] + cluster.replicas_of["cache"]
+                if r.process
+            ],
+        }
         loads, cpu_ms = asyncio.run(measure(callers, args.seconds, args.rounds, paths, pids))
     finally:
         cluster.stop()
         forget(prefix)
     report(loads, cpu_ms, paths)
+    added = asyncio.run(interceptor_cpu_us())
+    print(f"\nauth interceptor, in one process (a cached key, no limits): {added:.1f} CPU us/call")
 
 
 if __name__ == "__main__":

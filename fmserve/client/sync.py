@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
@@ -81,12 +82,13 @@ class Client:
         timeout: float = 30.0,
         tls: bool = False,
         root_certificates: bytes | None = None,
-        api_key: str = "",
+        api_key: str | None = None,
     ) -> None:
         """`tls=True` verifies the gateway against the system's root certificates;
         `root_certificates` (PEM bytes, e.g. the `ca.crt` of `fmserve certs`) against those,
         and implies TLS. `api_key`: sent on every call as `authorization: Bearer <key>` (a
-        cluster with auth on needs one; the CLI takes it from FMSERVE_API_KEY)."""
+        cluster with auth on needs one); when not given, FMSERVE_API_KEY from the environment
+        (unset or empty: no key), as the CLI does."""
         credentials = wire.credentials(tls, root_certificates)
         options = wire.channel_options()
         self._channel = (
@@ -96,6 +98,8 @@ class Client:
         )
         self._stub = gateway_pb2_grpc.GatewayStub(self._channel)
         self.timeout = timeout
+        if api_key is None:
+            api_key = os.environ.get("FMSERVE_API_KEY", "")
         self._metadata = wire.auth_metadata(api_key)
 
     def infer(

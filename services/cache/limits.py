@@ -42,11 +42,14 @@ class Reason(IntEnum):
 
 @dataclass(frozen=True)
 class Bucket:
-    """A token bucket: `burst` tokens at most, refilled at `per_minute` / 60 per second."""
+    """A token bucket: `burst` tokens at most, refilled at `per_minute` / 60 per second. A
+    claim needs one token, and takes up to `take` when the bucket has them (a gateway's
+    lease: it spends the rest on the key's next calls, and gives back what it does not)."""
 
     name: str
     per_minute: int
     burst: int
+    take: int = 1
 
 
 @dataclass(frozen=True)
@@ -68,6 +71,10 @@ class Verdict:
     bucket: str = ""
     retry_after_ms: int = 0
     items_used: int = 0
+    day: int = 0
+    """The UTC day (Redis's) the claim's items were counted on: where a refund goes."""
+    taken: tuple[int, ...] = ()
+    """Tokens taken from each of the claim's buckets (0s when refused)."""
 
     @property
     def admitted(self) -> bool:
@@ -76,42 +83,50 @@ class Verdict:
 
 # Claims one after another, each all or nothing. Per claim, KEYS: its slots set, then one key
 # per bucket; ARGV: its bucket count, call id, lease (ms), max concurrency, daily items, items,
-# quota key without its day, then per bucket: per minute, burst.
+# quota key without its day, then per bucket: per minute, burst, take.
 # Returns per claim {reason, bucket index (1-based, RATE), retry after (ms), items used today
-# (QUOTA)}, flat. Every limit of a claim is checked before any is taken, so a refused claim
-# takes nothing.
+# (QUOTA), day, then per bucket the tokens taken}, flat. Every limit of a claim is checked
+# before any is taken, so a refused claim takes nothing.
 _ADMIT = f"""
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local day = math.floor(now / {DAY_MS})
 local function admit(k, a, buckets)
+  local levels = {{}}
+  local function answer(reason, index, retry, used)
+    local out = {{reason, index, retry, used, day}}
+    for j = 1, buckets do out[5 + j] = levels[j] and levels[j][3] or 0 end
+    return out
+  end
   local slots, call, lease = KEYS[k], ARGV[a], tonumber(ARGV[a + 1])
   local max_slots, quota_limit = tonumber(ARGV[a + 2]), tonumber(ARGV[a + 3])
   local items, quota = tonumber(ARGV[a + 4]), ARGV[a + 5] .. day
   if max_slots > 0 then
     redis.call('ZREMRANGEBYSCORE', slots, '-inf', now)
     if redis.call('ZCARD', slots) >= max_slots then
-      return {{{Reason.CONCURRENCY}, 0, {SLOT_RETRY_MS}, 0}}
+      return answer({Reason.CONCURRENCY}, 0, {SLOT_RETRY_MS}, 0)
     end
   end
-  local levels = {{}}
   for j = 1, buckets do
-    local rate = tonumber(ARGV[a + 4 + 2 * j]) / 60000
-    local burst = tonumber(ARGV[a + 5 + 2 * j])
+    local rate = tonumber(ARGV[a + 3 + 3 * j]) / 60000
+    local burst = tonumber(ARGV[a + 4 + 3 * j])
     local saved = redis.call('HMGET', KEYS[k + j], 'tokens', 'ms')
     local tokens = burst
     if saved[1] then
       tokens = math.min(burst, tonumber(saved[1]) + math.max(0, now - tonumber(saved[2])) * rate)
     end
     if tokens < 1 then
-      return {{{Reason.RATE}, j, math.ceil((1 - tokens) / rate), 0}}
+      levels = {{}}
+      return answer({Reason.RATE}, j, math.ceil((1 - tokens) / rate), 0)
     end
-    levels[j] = {{tokens - 1, math.ceil(burst / rate)}}
+    local take = math.min(math.max(1, tonumber(ARGV[a + 5 + 3 * j])), math.floor(tokens))
+    levels[j] = {{tokens - take, math.ceil(burst / rate), take}}
   end
   if quota_limit > 0 then
     local used = tonumber(redis.call('GET', quota) or '0')
     if used + items > quota_limit then
-      return {{{Reason.QUOTA}, 0, (day + 1) * {DAY_MS} - now, used}}
+      levels = {{}}
+      return answer({Reason.QUOTA}, 0, (day + 1) * {DAY_MS} - now, used)
     end
     redis.call('INCRBY', quota, items)
     redis.call('PEXPIRE', quota, 2 * {DAY_MS})
@@ -124,15 +139,45 @@ local function admit(k, a, buckets)
     redis.call('ZADD', slots, now + lease, call)
     redis.call('PEXPIRE', slots, lease)
   end
-  return {{{Reason.ADMITTED}, 0, 0, 0}}
+  return answer({Reason.ADMITTED}, 0, 0, 0)
 end
 local verdicts, k, a = {{}}, 1, 1
 while a <= #ARGV do
   local buckets = tonumber(ARGV[a])
   for _, value in ipairs(admit(k, a + 1, buckets)) do verdicts[#verdicts + 1] = value end
-  k, a = k + 1 + buckets, a + 7 + 2 * buckets
+  k, a = k + 1 + buckets, a + 7 + 3 * buckets
 end
 return verdicts
+"""
+
+# KEYS: quota keys (a day's count each). ARGV: items to give back, one per key. A count never
+# goes below 0, and a day whose count has expired stays gone.
+_REFUND = """
+for i = 1, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then
+    if redis.call('DECRBY', KEYS[i], ARGV[i]) < 0 then
+      redis.call('SET', KEYS[i], 0, 'KEEPTTL')
+    end
+  end
+end
+return 0
+"""
+
+# KEYS: bucket keys. ARGV per key: per minute, burst, tokens to give back. A bucket gets its
+# refill so far plus the tokens, up to its burst; an absent bucket is full already.
+_GIVE_BACK = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+for i = 1, #KEYS do
+  local rate, burst = tonumber(ARGV[3 * i - 2]) / 60000, tonumber(ARGV[3 * i - 1])
+  local saved = redis.call('HMGET', KEYS[i], 'tokens', 'ms')
+  if saved[1] then
+    local refilled = tonumber(saved[1]) + math.max(0, now - tonumber(saved[2])) * rate
+    local tokens = math.min(burst, refilled + tonumber(ARGV[3 * i]))
+    redis.call('HSET', KEYS[i], 'tokens', tostring(tokens), 'ms', now)
+  end
+end
+return 0
 """
 
 # KEYS: slots sets. ARGV: lease (ms), then one call id per key. Extends only slots still held.
@@ -166,13 +211,18 @@ class RateLimitStore:
             keys += [self.slots_key(claim.key_id)]
             keys += [self.bucket_key(claim.key_id, b.name) for b in claim.buckets]
             args += [len(claim.buckets), claim.call_id, claim.lease_ms, claim.max_concurrency]
-            args += [claim.daily_items, claim.items, f"{self.prefix}items:{claim.key_id}:"]
-            args += [n for b in claim.buckets for n in (b.per_minute, b.burst)]
+            args += [claim.daily_items, claim.items, self.quota_prefix(claim.key_id)]
+            args += [n for b in claim.buckets for n in (b.per_minute, b.burst, b.take)]
         if not claims:
             return []
         with self.redis.translated("limits admit"):
             flat = await self._script(_ADMIT)(keys=keys, args=args)
-        return [_verdict(claim, flat[4 * i : 4 * i + 4]) for i, claim in enumerate(claims)]
+        verdicts, at = [], 0
+        for claim in claims:
+            size = 5 + len(claim.buckets)
+            verdicts.append(_verdict(claim, flat[at : at + size]))
+            at += size
+        return verdicts
 
     async def admit(self, claim: Admission) -> Verdict:
         return (await self.admit_many([claim]))[0]
@@ -197,6 +247,36 @@ class RateLimitStore:
         with self.redis.translated("limits renew"):
             await self._script(_RENEW)(keys=keys, args=[lease_ms, *(c for _, c in slots)])
 
+    async def refund(self, refunds: Sequence[tuple[str, int, int]]) -> None:
+        """Give back (key id, day, items) counted against a day's quota and not used."""
+        for key_id, _, items in refunds:
+            if not key_id or items < 0:
+                raise InvalidInput(f"a refund of {items} items to key id {key_id!r}; give both")
+        if not refunds:
+            return
+        keys = [self.quota_key(key_id, day) for key_id, day, _ in refunds]
+        with self.redis.translated("limits refund"):
+            await self._script(_REFUND)(keys=keys, args=[items for _, _, items in refunds])
+
+    async def give_back(self, returns: Sequence[tuple[str, Bucket, int]]) -> None:
+        """Give back (key id, bucket, tokens) taken ahead and not spent."""
+        for key_id, bucket, tokens in returns:
+            check(Admission(key_id, [bucket]))
+            if tokens < 0:
+                raise InvalidInput(f"a give-back of {tokens} tokens; give 0 or more")
+        if not returns:
+            return
+        keys = [self.bucket_key(key_id, bucket.name) for key_id, bucket, _ in returns]
+        args = [n for _, b, tokens in returns for n in (b.per_minute, b.burst, tokens)]
+        with self.redis.translated("limits give back"):
+            await self._script(_GIVE_BACK)(keys=keys, args=args)
+
+    def quota_key(self, key_id: str, day: int) -> str:
+        return f"{self.quota_prefix(key_id)}{day}"
+
+    def quota_prefix(self, key_id: str) -> str:
+        return f"{self.prefix}items:{key_id}:"
+
     def slots_key(self, key_id: str) -> str:
         return f"{self.prefix}slots:{key_id}"
 
@@ -210,9 +290,9 @@ class RateLimitStore:
 
 
 def _verdict(claim: Admission, values: Sequence[Any]) -> Verdict:
-    reason, index, retry_ms, used = (int(v) for v in values)
+    reason, index, retry_ms, used, day, *taken = (int(v) for v in values)
     bucket = claim.buckets[index - 1].name if index > 0 else ""
-    return Verdict(Reason(reason), bucket, retry_ms, used)
+    return Verdict(Reason(reason), bucket, retry_ms, used, day, tuple(taken))
 
 
 def check(claim: Admission) -> None:

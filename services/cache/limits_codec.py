@@ -16,7 +16,7 @@ _REASON_TO_WIRE = {
 def admission_to_domain(request: limits_pb2.Claim) -> Admission:
     return Admission(
         key_id=request.key_id,
-        buckets=[Bucket(b.name, b.per_minute, b.burst) for b in request.buckets],
+        buckets=[bucket_to_domain(b) for b in request.buckets],
         max_concurrency=request.max_concurrency,
         call_id=request.call_id,
         lease_ms=request.lease_ms,
@@ -32,4 +32,10 @@ def verdict_to_wire(verdict: Verdict) -> limits_pb2.Verdict:
         bucket=verdict.bucket,
         retry_after_ms=verdict.retry_after_ms,
         items_used=verdict.items_used,
+        day=verdict.day,
+        taken=verdict.taken,
     )
+
+
+def bucket_to_domain(bucket: limits_pb2.Bucket) -> Bucket:
+    return Bucket(bucket.name, bucket.per_minute, bucket.burst, max(1, bucket.take))

@@ -35,6 +35,16 @@ class RateLimitsServicer(limits_pb2_grpc.RateLimitsServicer):
         await self.store.renew(slots, request.lease_ms)
         return limits_pb2.RenewSlotsResponse()
 
+    async def Refund(
+        self, request: limits_pb2.RefundRequest, context: grpc.aio.ServicerContext
+    ) -> limits_pb2.RefundResponse:
+        await self.store.refund([(r.key_id, r.day, r.items) for r in request.refunds])
+        returns = [
+            (t.key_id, limits_codec.bucket_to_domain(t.bucket), t.tokens) for t in request.tokens
+        ]
+        await self.store.give_back(returns)
+        return limits_pb2.RefundResponse()
+
 
 def limits_servicer(store: RateLimitStore) -> Servicer:
     """The servicer as `fmserve.rpc.service.Service` registers it."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from fmserve.core.repository import ModelRepository
+from fmserve.core.tasks import TaskName
 from fmserve.errors import FmserveError
 from fmserve.queue.broker import Broker
 from fmserve.queue.records import JobRecords
@@ -75,7 +76,8 @@ def _auth(
     settings: GatewaySettings, keys: KeyStore, router: Router, limits: KeyLimits
 ) -> AuthInterceptor:
     keyring = KeyRing(keys, settings.key_cache_s, settings.admin_key.get_secret_value())
-    return AuthInterceptor(keyring, AccessTable(_task_of(router)), limits)
+    table = AccessTable(_task_of(router), _tokens_of(router))
+    return AuthInterceptor(keyring, table, limits)
 
 
 def _limits(settings: GatewaySettings, identity: Identity | None) -> KeyLimits:
@@ -94,6 +96,19 @@ def _task_of(router: Router) -> Callable[[str], str]:
             return ""
 
     return task_of
+
+
+def _tokens_of(router: Router) -> Callable[[str], tuple[int, int]]:
+    def tokens_of(model: str) -> tuple[int, int]:
+        try:
+            config = router.repository.get(model)
+        except FmserveError:  # unknown or broken: the call will say so, if authorized
+            return 0, 0
+        if config.task is not TaskName.TEXT_GENERATION:
+            return 0, 0
+        return config.generation.default_max_new_tokens, config.generation.max_new_tokens
+
+    return tokens_of
 
 
 def _broker(settings: GatewaySettings) -> Broker:

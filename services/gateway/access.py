@@ -17,6 +17,9 @@ from services.gateway import scopes
 
 TaskOf = Callable[[str], str]
 """A model's own task ('' for a model the gateway does not know)."""
+TokensOf = Callable[[str], tuple[int, int]]
+"""A generation model's (default, cap) of max_new_tokens ((0, 0) for a model the gateway does
+not know, or one that does not generate)."""
 
 
 @dataclass(frozen=True)
@@ -25,11 +28,14 @@ class Access:
     model: str = ""
     items: int = 0
     asked: dict[str, Any] = field(default_factory=dict)
+    metered: bool = False
+    """`items` is a reserve, settled to what the call spends (a generation's tokens)."""
 
 
 class AccessTable:
-    def __init__(self, task_of: TaskOf) -> None:
+    def __init__(self, task_of: TaskOf, tokens_of: TokensOf) -> None:
         self.task_of = task_of
+        self.tokens_of = tokens_of
         self.rules: dict[str, Callable[[Any], Access]] = {
             "Infer": self._infer,
             "Generate": self._generate,
@@ -62,11 +68,20 @@ class AccessTable:
         asked = {"model": request.model, "items": len(request.texts)}
         return Access((needed,), request.model, len(request.texts), asked)
 
+    def generation_tokens(self, model: str, max_new_tokens: int, items: int = 1) -> int:
+        """The tokens `items` generations reserve of their key's daily quota when admitted:
+        max_new_tokens each (0: the model's default), at most the model's cap (a request over
+        it is refused by the generation itself, which gives the reserve back)."""
+        default, cap = self.tokens_of(model)
+        return items * min(max_new_tokens or default, cap)
+
     def _generate(self, request: Any) -> Access:
-        """One item per generation: the tokens it will produce are not known when it is
-        admitted, so daily quotas count generations, not tokens (yet)."""
+        """A generation reserves its max_new_tokens: the completion tokens it will produce are
+        not known when it is admitted, and it gives back what it does not produce."""
         needed = scopes.infer_scope(request.model, TaskName.TEXT_GENERATION.value)
-        return Access((needed,), request.model, 1, {"model": request.model, "items": 1})
+        tokens = self.generation_tokens(request.model, request.parameters.max_new_tokens)
+        asked = {"model": request.model, "tokens": tokens}
+        return Access((needed,), request.model, tokens, asked, metered=True)
 
     def _submit(self, request: Any) -> Access:
         """Checked on the stream's first message, its header."""

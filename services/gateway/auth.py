@@ -23,7 +23,7 @@ from fmserve.errors import FmserveError, PermissionDenied, Unauthenticated
 from services.gateway import audit, scopes
 from services.gateway.access import Access, AccessTable
 from services.gateway.keyring import KeyRing
-from services.gateway.principal import Admission, Principal, current
+from services.gateway.principal import Admission, Meter, Principal, current, meter
 
 _OPEN = ("/grpc.health", "/grpc.reflection")
 _SCHEME = "bearer "
@@ -126,11 +126,15 @@ class _Guard:
         )
         self.token = current.set(self.principal)
         access = self.access
-        self.admitted = self.owner.admission.admit(self.principal, access.model, access.items)
+        metered = Meter() if access.metered else None
+        self.meter_token = meter.set(metered)
+        self.admitted = self.owner.admission.admit(
+            self.principal, access.model, access.items, metered
+        )
         try:
             await self.admitted.__aenter__()
         except BaseException as exc:
-            current.reset(self.token)
+            self._unbind()
             if isinstance(exc, FmserveError):
                 self._audit(exc.code.name)
             raise
@@ -139,9 +143,13 @@ class _Guard:
         try:
             await self.admitted.__aexit__(*exc_info)
         finally:
-            current.reset(self.token)
+            self._unbind()
             if scopes.ADMIN in self.access.scopes:
                 self._audit("OK" if exc_info[1] is None else _code(exc_info[1]))
+
+    def _unbind(self) -> None:
+        meter.reset(self.meter_token)
+        current.reset(self.token)
 
     def _audit(self, outcome: str) -> None:
         p = self.principal

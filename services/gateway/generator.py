@@ -19,6 +19,7 @@ from fmserve.core import context
 from fmserve.core.tasks import TaskName
 from fmserve.errors import DeadlineExceeded
 from fmserve.v1 import common_pb2
+from services.gateway import principal
 from services.gateway.cache_keys import generation_key
 from services.gateway.gateway import CachePolicy
 from services.gateway.metrics import INTER_TOKEN_LATENCY, TIME_TO_FIRST_TOKEN, TOKENS_GENERATED
@@ -107,6 +108,7 @@ class Generator:
         if hit is None or not hit.HasField("generation"):
             return None
         TOKENS_GENERATED.labels(route.model).inc(len(hit.generation.token_ids))
+        principal.spend(len(hit.generation.token_ids))  # its key's quota: tokens delivered
         return hit.generation
 
     async def _stream(
@@ -154,6 +156,7 @@ class _Run:
             for _ in token_ids:
                 INTER_TOKEN_LATENCY.labels(model).observe(gap)
         TOKENS_GENERATED.labels(model).inc(len(token_ids))
+        principal.spend(len(token_ids))  # its key's quota: what is not spent is given back
         self.last_token = now
         self.token_ids.extend(token_ids)
 

@@ -4,15 +4,17 @@ whose limits cannot be checked is refused (fail closed), never let through.
 
 Claims are coalesced: a claim made while no Admit call is in flight goes out at once (a lone
 call waits for nothing); claims made while one is in flight wait for it and go out together in
-the next, so under load the gateway pays one round trip for many calls, not one each. Slots are
-given back the same way, in the background: a call's answer never waits for its release."""
+the next, so under load the gateway pays one round trip for many calls, not one each. Slots,
+unused quota and unspent leased tokens are given back the same way, in the background: a
+call's answer never waits for them (a give-back that fails is logged: a slot's lease frees
+it; unused items stay counted)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextvars
 import logging
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 import grpc
@@ -51,8 +53,24 @@ class LimitsClient:
         self._channel: grpc.aio.Channel | None = None
         self._waiting: list[tuple[limits_pb2.Claim, asyncio.Future[limits_pb2.Verdict]]] = []
         self._sender: asyncio.Task[None] | None = None
-        self._releasing: list[limits_pb2.Slot] = []
-        self._releaser: asyncio.Task[None] | None = None
+        self._slots = _Outbox(
+            self,
+            "Release",
+            lambda slots: limits_pb2.ReleaseRequest(slots=slots),
+            "concurrency slots (their leases free them)",
+        )
+        self._refunds = _Outbox(
+            self,
+            "Refund",
+            lambda refunds: limits_pb2.RefundRequest(refunds=refunds),
+            "refunds of unused quota items (they stay counted today)",
+        )
+        self._tokens = _Outbox(
+            self,
+            "Refund",
+            lambda tokens: limits_pb2.RefundRequest(tokens=tokens),
+            "refunds of unspent leased tokens (their buckets refill anyway)",
+        )
 
     async def start(self) -> None:
         self._channel = open_channel(self.address, self.max_message_bytes, self._identity)
@@ -62,8 +80,8 @@ class LimitsClient:
         if self._sender is not None:
             self._sender.cancel()
             await asyncio.gather(self._sender, return_exceptions=True)
-        if self._releaser is not None:  # slots already given back go out (within the timeout)
-            await asyncio.gather(self._releaser, return_exceptions=True)
+        # What was already given back goes out (within the timeout).
+        await asyncio.gather(self._slots.drained(), self._refunds.drained(), self._tokens.drained())
         if self._channel is not None:
             await self._channel.close()
             self._channel = None
@@ -114,43 +132,42 @@ class LimitsClient:
                 if not verdict.done():  # each waiter its own error, with its own traceback
                     verdict.set_exception(type(exc)(exc.message))
                 else:
-                    self._abandoned(claim)
+                    self._abandoned(claim, None)
             return
         for (claim, verdict), answer in zip(batch, reply.verdicts, strict=True):
             if not verdict.done():
                 verdict.set_result(answer)
             elif answer.admitted:
-                self._abandoned(claim)
+                self._abandoned(claim, answer)
 
-    def _abandoned(self, claim: limits_pb2.Claim) -> None:
+    def _abandoned(self, claim: limits_pb2.Claim, answer: limits_pb2.Verdict | None) -> None:
         """Its caller left (cancelled, out of time) while the claim was being checked: give
         back a slot it may have taken, now that the check is over (a release sent before the
-        check ran would find nothing to release, and the slot would wait for its lease)."""
+        check ran would find nothing to release, and the slot would wait for its lease), and
+        the items and tokens it was admitted with (`answer`), since the call never ran."""
         if claim.max_concurrency:
             self.release(claim.key_id, claim.call_id)
+        if answer is None:
+            return
+        if claim.items:
+            self.refund(claim.key_id, answer.day, claim.items)
+        for bucket, taken in zip(claim.buckets, answer.taken, strict=False):
+            if taken:
+                self.give_back(
+                    limits_pb2.TokenRefund(key_id=claim.key_id, bucket=bucket, tokens=taken)
+                )
 
     def release(self, key_id: str, call_id: str) -> None:
-        """Give a slot back, in the background (a failure is logged: the slot's lease is the
-        backstop)."""
-        self._releasing.append(limits_pb2.Slot(key_id=key_id, call_id=call_id))
-        if self._releaser is None:
-            self._releaser = _background(self._release_all())
+        """Give a slot back, in the background."""
+        self._slots.put(limits_pb2.Slot(key_id=key_id, call_id=call_id))
 
-    async def _release_all(self) -> None:
-        try:
-            while self._releasing:
-                batch = self._releasing[:MAX_CLAIMS]
-                self._releasing = self._releasing[MAX_CLAIMS:]
-                try:
-                    await self._call("Release", limits_pb2.ReleaseRequest(slots=batch))
-                except FmserveError as exc:
-                    log.warning(
-                        "could not give back %d concurrency slots (their leases free them): %s",
-                        len(batch),
-                        exc,
-                    )
-        finally:
-            self._releaser = None
+    def refund(self, key_id: str, day: int, items: int) -> None:
+        """Give back items counted against `day`'s quota and not used, in the background."""
+        self._refunds.put(limits_pb2.ItemRefund(key_id=key_id, day=day, items=items))
+
+    def give_back(self, refund: limits_pb2.TokenRefund) -> None:
+        """Give back tokens a lease did not spend, in the background."""
+        self._tokens.put(refund)
 
     async def renew(self, slots: Sequence[tuple[str, str]], lease_ms: int) -> None:
         wire = [limits_pb2.Slot(key_id=k, call_id=c) for k, c in slots]
@@ -163,6 +180,37 @@ class LimitsClient:
             return await getattr(self._stub, method)(request, timeout=self.timeout_s)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from None
+
+
+class _Outbox:
+    """Messages given back in the background, batched: one call of `method` at a time."""
+
+    def __init__(
+        self, client: LimitsClient, method: str, request: Callable[[list[Any]], Any], what: str
+    ) -> None:
+        self.client, self.method, self.request, self.what = client, method, request, what
+        self._queued: list[Any] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    def put(self, message: Any) -> None:
+        self._queued.append(message)
+        if self._sender is None:
+            self._sender = _background(self._send_all())
+
+    async def drained(self) -> None:
+        if self._sender is not None:
+            await asyncio.gather(self._sender, return_exceptions=True)
+
+    async def _send_all(self) -> None:
+        try:
+            while self._queued:
+                batch, self._queued = self._queued[:MAX_CLAIMS], self._queued[MAX_CLAIMS:]
+                try:
+                    await self.client._call(self.method, self.request(batch))
+                except FmserveError as exc:
+                    log.warning("could not give back %d %s: %s", len(batch), self.what, exc)
+        finally:
+            self._sender = None
 
 
 def _background(work: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

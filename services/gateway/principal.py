@@ -1,6 +1,7 @@
 """Who is calling: the authenticated `Principal`, the contextvar that carries it to the servicer,
-and the `Admission` seam through which per-key limits (rate, concurrency, daily items) decide
-whether an authorized call may run now."""
+the `Admission` seam through which per-key limits (rate, concurrency, daily items) decide
+whether an authorized call may run now, and the `Meter` through which a call that reserved
+more items than it may use (a generation: its max_new_tokens) says what it spent."""
 
 from __future__ import annotations
 
@@ -30,14 +31,33 @@ class Principal:
 current: ContextVar[Principal | None] = ContextVar("fmserve_principal", default=None)
 
 
+class Meter:
+    """What a metered call spent of the items its admission reserved (a generation's tokens)."""
+
+    def __init__(self) -> None:
+        self.spent = 0
+
+
+# The current call's meter; None when the call is not metered (or auth is off).
+meter: ContextVar[Meter | None] = ContextVar("fmserve_meter", default=None)
+
+
+def spend(items: int) -> None:
+    """Count items the current call spent (a generation's tokens, as they are produced)."""
+    if (metered := meter.get()) is not None:
+        metered.spent += items
+
+
 class Admission(Protocol):
     """Decides whether an authorized call may run now; entered around the whole call, so its
     exit runs on every path (success, error, cancel, deadline). `items` is how many texts the
     call brings (a job's declared size, 0 when not declared). Refusal raises an FmserveError
-    (RESOURCE_EXHAUSTED for a limit, UNAVAILABLE when the limit cannot be checked)."""
+    (RESOURCE_EXHAUSTED for a limit, UNAVAILABLE when the limit cannot be checked).
+    With a `metered` meter, `items` is a reserve: the exit gives back what the meter did not
+    count (on every path)."""
 
     def admit(
-        self, principal: Principal, model: str, items: int
+        self, principal: Principal, model: str, items: int, metered: Meter | None = None
     ) -> AbstractAsyncContextManager[None]: ...
 
 
@@ -47,6 +67,6 @@ class AdmitAll:
     _NOTHING: AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
     def admit(
-        self, principal: Principal, model: str, items: int
+        self, principal: Principal, model: str, items: int, metered: Meter | None = None
     ) -> AbstractAsyncContextManager[None]:
         return self._NOTHING

@@ -26,7 +26,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
     ProtoReflectionDescriptorDatabase,
 )
 
-from fmserve import Client
+from fmserve import AsyncClient, Client
 from fmserve.cli.certs import generate
 from fmserve.cli.cluster import SERVICES, Cluster, free_port
 from fmserve.core import apikeys
@@ -187,6 +187,22 @@ def test_a_scoped_key_calls_its_models_only_and_is_told_the_scope_it_lacks(
             client.submit(["a"], "minilm-embed")
     with connect(gateways[1]) as anonymous, pytest.raises(Unauthenticated, match="Bearer"):
         anonymous.embed(["a sentence"])
+
+
+async def test_both_clients_take_their_key_from_fmserve_api_key_unless_given_one(
+    gateways: list[str], admin: Client, ca: bytes, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FMSERVE_API_KEY", new_key(admin, ["infer:minilm-embed:embedding"]))
+    with Client(gateways[0], root_certificates=ca) as client:
+        assert [m.name for m in client.models()] == ["minilm-embed"]
+    async with AsyncClient(gateways[1], root_certificates=ca) as aio:
+        assert [m.name for m in await aio.models()] == ["minilm-embed"]
+    # A key given (even an empty one: none) wins over the environment.
+    with Client(gateways[0], root_certificates=ca, api_key=ADMIN_KEY) as client:
+        assert {"minilm-embed", "minilm-sentiment"} <= {m.name for m in client.models()}
+    async with AsyncClient(gateways[1], root_certificates=ca, api_key="") as aio:
+        with pytest.raises(Unauthenticated, match="Bearer"):
+            await aio.models()
 
 
 def test_a_revoked_key_is_refused_by_every_replica_within_a_second(

@@ -1,11 +1,12 @@
 """Per-key limits through the five services with auth on: a key with rpm=60 sending 120
 requests in 10 s is allowed its burst plus the refill and refused the rest, each refusal with a
 `retry-after-ms` trailer and counted in the gateway's metrics exactly as the client counted it;
-a concurrency limit, its slots given back when a client leaves or its deadline passes; and when
-Redis stops, keys with limits are refused UNAVAILABLE while keys without limits go on.
+a concurrency limit, its slots given back when a client leaves or its deadline passes; a daily
+quota that generations spend in tokens (max_new_tokens reserved, the unspent given back); and
+when Redis stops, keys with limits are refused UNAVAILABLE while keys without limits go on.
 
-It runs on a cluster of its own (this module's): auth on, the cheapest model, and a Redis of its
-own on a free port, which the last test stops. Keys are verified once per 60 s here
+It runs on a cluster of its own (this module's): auth on, the cheapest models, and a Redis of
+its own on a free port, which the last test stops. Keys are verified once per 60 s here
 (FMSERVE_GATEWAY_KEY_CACHE_S), so that with Redis stopped the gateway still knows its callers
 and what fails is the limits check alone."""
 
@@ -26,14 +27,15 @@ from prometheus_client.parser import text_string_to_metric_families
 from fmserve.cli.cluster import SERVICES, Cluster, free_port
 from fmserve.core import apikeys
 from fmserve.queue.topology import delete_queues
-from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, keys_pb2
+from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, keys_pb2
 from tests.conftest import AMQP_URL, require_binary, require_server
 from tests.e2e.conftest import topology
-from tests.models import build_classifier
+from tests.models import GENERATION_TOML, build_causal_lm, build_classifier
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(240)]
 
 MODEL = "tiny-classifier"
+LM = "tiny-llama"
 ADMIN_KEY = apikeys.generate().api_key
 
 
@@ -63,6 +65,8 @@ def cluster(
     models = tmp_path_factory.mktemp("models")
     build_classifier(models / MODEL / "1", seed=1)
     (models / MODEL / "model.toml").write_text('task = "text-classification"\nmax_length = 64\n')
+    build_causal_lm(models / LM / "1", seed=5)
+    (models / LM / "model.toml").write_text(GENERATION_TOML)
     key_prefix = f"fmserve-e2e-limits-{uuid.uuid4().hex[:8]}:"
     env = {
         "FMSERVE_AUTH": "on",
@@ -73,8 +77,8 @@ def cluster(
         "FMSERVE_MODEL_REPOSITORY": str(models),
         "FMSERVE_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
         "FMSERVE_CACHE_KEY_PREFIX": key_prefix,
-        "FMSERVE_INFERENCE_PRELOAD": MODEL,
-        "FMSERVE_PREPROCESS_PRELOAD": MODEL,
+        "FMSERVE_INFERENCE_PRELOAD": f"{MODEL},{LM}",
+        "FMSERVE_PREPROCESS_PRELOAD": f"{MODEL},{LM}",
         "FMSERVE_INFERENCE_TORCH_THREADS": "1",
         "FMSERVE_LOG_LEVEL": "INFO",
     }
@@ -188,6 +192,62 @@ async def test_a_concurrency_limit_holds_until_a_client_leaves_or_its_deadline_p
     both = await asyncio.gather(*[infer(gateway, key) for _ in range(2)])
     assert len(both) == 2
     assert refusals(cluster, name)["concurrency"] >= 1
+
+
+async def generate(
+    gateway: gateway_pb2_grpc.GatewayStub, key: str, max_new_tokens: int, prompt: str = "hello"
+) -> common_pb2.Generation:
+    """A greedy generation (the cache bypassed: every one runs the model)."""
+    request = gateway_pb2.GenerateRequest(
+        model=LM,
+        prompt=prompt,
+        parameters=gateway_pb2.SamplingParameters(max_new_tokens=max_new_tokens),
+        cache_policy=common_pb2.CACHE_POLICY_BYPASS,
+    )
+    replies = [r async for r in gateway.Generate(request, metadata=bearer(key), timeout=60)]
+    return replies[-1].result.generation
+
+
+async def test_generations_spend_a_daily_quota_in_tokens_and_give_back_what_they_did_not_use(
+    cluster: Cluster, gateway: gateway_pb2_grpc.GatewayStub
+) -> None:
+    name, key = await new_key(gateway, daily_items=40)
+    refused = 0
+
+    async def over_quota(max_new_tokens: int, says: str) -> None:
+        nonlocal refused
+        with pytest.raises(grpc.aio.AioRpcError) as over:
+            await generate(gateway, key, max_new_tokens)
+        assert over.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, over.value.details()
+        assert says in (over.value.details() or "")
+        assert int(dict(over.value.trailing_metadata() or ())["retry-after-ms"]) > 0
+        refused += 1
+
+    async def fits(max_new_tokens: int) -> common_pb2.Generation:
+        """Admitted once what earlier generations did not spend is back (just after they end)."""
+        nonlocal refused
+        for _ in range(40):
+            try:
+                return await generate(gateway, key, max_new_tokens)
+            except grpc.aio.AioRpcError as exc:
+                assert exc.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, exc.details()
+                refused += 1
+            await asyncio.sleep(0.05)
+        pytest.fail(f"{max_new_tokens} tokens never fit")
+
+    await over_quota(41, "this generation reserves 41 tokens (max_new_tokens): ask for fewer")
+    # Refused by preprocess after admission (prompt and max_new_tokens over the context): its
+    # 30 reserved tokens all come back.
+    with pytest.raises(grpc.aio.AioRpcError) as too_long:
+        await generate(gateway, key, 30, prompt="hello " * 300)
+    assert too_long.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    first = await fits(12)
+    spent = first.usage.completion_tokens
+    assert 0 < spent <= 12 and spent == len(first.token_ids)
+    second = await fits(40 - spent)  # fits only once the 30 and any unspent came back
+    spent += second.usage.completion_tokens
+    await over_quota(40 - spent + 1, "of its 40 items today")
+    assert refusals(cluster, name) == {"quota": refused}
 
 
 async def until_admitted(gateway: gateway_pb2_grpc.GatewayStub, key: str) -> None:

@@ -23,9 +23,10 @@ from fmserve.cli.cluster import free_port
 from fmserve.core import context
 from fmserve.errors import DeadlineExceeded, RateLimited, Unavailable
 from services.cache.__main__ import build
+from services.gateway.leases import LEASE_S
 from services.gateway.limits import KeyLimits
 from services.gateway.limits_client import LimitsClient
-from services.gateway.principal import Principal
+from services.gateway.principal import Meter, Principal
 from tests.conftest import require_binary
 from tests.integration.conftest import DB, settings_for, with_db
 
@@ -140,6 +141,26 @@ async def test_a_key_may_be_limited_per_model_too(cache_port: int) -> None:
     assert refusals(who, "model_rate") == 1
 
 
+async def test_a_busy_key_takes_a_lease_of_tokens_and_gives_back_what_it_did_not_spend(
+    limits: KeyLimits, redis: Redis, prefix: str
+) -> None:
+    who = principal(rpm=600_000)  # 10,000 a second: a lease of 1,000 tokens
+    bucket = f"{prefix}limits:rate:{who.key_id}:key"
+    for _ in range(50):
+        async with limits.admit(who, "m", 1):
+            pass
+    # One check took 1,000 tokens; the other 49 calls spent them here, without a check.
+    tokens, taken_ms = await redis.hmget(bucket, ["tokens", "ms"])
+    assert float(tokens) == 599_000
+    await asyncio.sleep(2 * LEASE_S)  # the lease ends and its 951 unspent tokens go back
+    for _ in range(100):
+        if await redis.hget(bucket, "ms") != taken_ms:  # written again: the give-back
+            assert float(await redis.hget(bucket, "tokens") or 0) > 599_000
+            return
+        await asyncio.sleep(0.01)
+    pytest.fail("the lease's unspent tokens were not given back")
+
+
 async def test_the_daily_quota_counts_a_calls_items(limits: KeyLimits) -> None:
     who = principal(daily_items=10)
     async with limits.admit(who, "m", 8):
@@ -151,6 +172,38 @@ async def test_the_daily_quota_counts_a_calls_items(limits: KeyLimits) -> None:
         async with limits.admit(who, "m", 11):
             pass
     assert refusals(who, "quota") == 2
+
+
+async def generated(limits: KeyLimits, who: Principal, reserve: int, spent: int) -> int:
+    """A generation that reserves `reserve` tokens and spends `spent`, admitted as soon as the
+    quota allows (what earlier ones did not spend is given back in the background); the
+    refusals before that."""
+    for refused in range(100):
+        with contextlib.suppress(RateLimited):
+            meter = Meter()
+            async with limits.admit(who, "lm", reserve, meter):
+                meter.spent += spent
+            return refused
+        await asyncio.sleep(0.01)
+    pytest.fail(f"{reserve} tokens never fit: what was not spent was not given back")
+
+
+async def test_a_generation_reserves_its_tokens_and_gives_back_what_it_did_not_spend(
+    limits: KeyLimits,
+) -> None:
+    who = principal(daily_items=100)
+    meter = Meter()
+    async with limits.admit(who, "lm", 64, meter):
+        meter.spent += 9  # it stopped early
+        with pytest.raises(RateLimited, match=r"used 64 of its 100 items.*reserves 40 tokens"):
+            async with limits.admit(who, "lm", 40, Meter()):
+                pass
+    waited = await generated(limits, who, 91, 0)  # fits once 55 are back; spends nothing
+    waited += await generated(limits, who, 91, 91)  # fits once those 91 are back
+    with pytest.raises(RateLimited, match="used 100 of its 100"):
+        async with limits.admit(who, "lm", 1, Meter()):
+            pass
+    assert refusals(who, "quota") == 2 + waited
 
 
 async def test_a_slot_is_given_back_after_success_and_after_an_error(

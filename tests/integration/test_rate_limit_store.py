@@ -180,6 +180,48 @@ async def test_the_daily_quota_counts_items_and_resets_at_midnight_utc(
     assert (await store.admit(items(10))).admitted
 
 
+async def test_a_refund_gives_back_items_to_the_day_they_were_counted_on(
+    store: RateLimitStore, redis: Redis
+) -> None:
+    key_id = key()
+
+    def tokens(n: int) -> Admission:
+        return Admission(key_id, daily_items=100, items=n)
+
+    reserved = await store.admit(tokens(64))  # a generation's max_new_tokens
+    assert reserved.admitted and reserved.day == int(time.time() * 1000 // DAY_MS)
+    assert not (await store.admit(tokens(40))).admitted
+    await store.refund([(key_id, reserved.day, 55)])  # it generated 9
+    assert await redis.get(store.quota_key(key_id, reserved.day)) == b"9"
+    ttl = await redis.pttl(store.quota_key(key_id, reserved.day))
+    assert 0 < ttl <= 2 * DAY_MS  # the count keeps its expiry
+    assert (await store.admit(tokens(91))).admitted
+    assert not (await store.admit(tokens(1))).admitted
+    # A count never goes below 0, and a day already gone is not brought back.
+    await store.refund([(key_id, reserved.day, 500), (key_id, reserved.day - 3, 5)])
+    assert await redis.get(store.quota_key(key_id, reserved.day)) == b"0"
+    assert await redis.get(store.quota_key(key_id, reserved.day - 3)) is None
+    with pytest.raises(InvalidInput, match="refund of -1 items"):
+        await store.refund([(key_id, reserved.day, -1)])
+
+
+async def test_a_claim_takes_up_to_its_take_and_unspent_tokens_go_back(
+    store: RateLimitStore, redis: Redis
+) -> None:
+    key_id, bucket = key(), Bucket("key", 60, 25, take=10)  # one token a second
+    verdicts = [await store.admit(Admission(key_id, [bucket])) for _ in range(4)]
+    assert [v.taken for v in verdicts] == [(10,), (10,), (5,), (0,)]  # what was there; then none
+    assert verdicts[3].reason is Reason.RATE
+    await store.give_back([(key_id, bucket, 7)])
+    tokens = float(await redis.hget(store.bucket_key(key_id, "key"), "tokens") or 0)
+    assert 7 <= tokens < 7.5
+    await store.give_back([(key_id, bucket, 100)])  # never over the burst
+    assert float(await redis.hget(store.bucket_key(key_id, "key"), "tokens") or 0) == 25
+    await store.give_back([(key(), bucket, 3)])  # an absent bucket is full: nothing to do
+    with pytest.raises(InvalidInput, match="give-back of -1 tokens"):
+        await store.give_back([(key_id, bucket, -1)])
+
+
 async def test_claims_the_script_cannot_apply_are_refused_before_redis(
     store: RateLimitStore,
 ) -> None:

@@ -110,7 +110,10 @@ def test_invalid_scopes_are_refused_saying_the_grammar(scope: str) -> None:
 
 # --- the access table ---------------------------------------------------------------------------
 
-TABLE = AccessTable(lambda model: {"minilm-embed": "embedding"}.get(model, ""))
+TABLE = AccessTable(
+    lambda model: {"minilm-embed": "embedding"}.get(model, ""),
+    lambda model: {"smollm2": (256, 1024)}.get(model, (0, 0)),
+)
 
 
 def test_every_gateway_method_has_an_access_rule() -> None:
@@ -132,10 +135,27 @@ def test_infer_needs_the_model_and_its_own_task_when_none_is_asked() -> None:
     assert TABLE.access("Infer", request).scopes == ("infer:minilm-embed:text-classification",)
 
 
-def test_generate_needs_the_model_for_text_generation_and_counts_one_item() -> None:
-    access = TABLE.access("Generate", gateway_pb2.GenerateRequest(model="smollm2", prompt="Hi"))
+def generate(model: str, **parameters: int) -> gateway_pb2.GenerateRequest:
+    sampling = gateway_pb2.SamplingParameters(**parameters)
+    return gateway_pb2.GenerateRequest(model=model, prompt="Hi", parameters=sampling)
+
+
+def test_generate_needs_the_model_for_text_generation_and_reserves_its_tokens() -> None:
+    access = TABLE.access("Generate", generate("smollm2", max_new_tokens=40))
     assert access.scopes == ("infer:smollm2:text-generation",)
-    assert (access.model, access.items) == ("smollm2", 1)
+    assert (access.model, access.items, access.metered) == ("smollm2", 40, True)
+    assert access.asked == {"model": "smollm2", "tokens": 40}
+
+
+def test_a_generation_reserves_the_model_default_when_unasked_and_never_over_its_cap() -> None:
+    assert TABLE.access("Generate", generate("smollm2")).items == 256
+    assert TABLE.access("Generate", generate("smollm2", max_new_tokens=5000)).items == 1024
+    assert TABLE.access("Generate", generate("unknown")).items == 0  # refused NOT_FOUND anyway
+
+
+def test_a_generation_job_reserves_max_new_tokens_per_item() -> None:
+    assert TABLE.generation_tokens("smollm2", 32, items=10) == 320
+    assert TABLE.generation_tokens("smollm2", 0, items=10) == 2560
 
 
 def test_submit_job_is_checked_on_its_header() -> None:
