@@ -184,6 +184,7 @@ def _submit(args: argparse.Namespace) -> None:
             priority=args.priority,
             timeout_s=args.timeout_s,
             params=generate.sampling_of(args) if wire.generates(args.task) else None,
+            expected_items=count,
         )
         print(f"submitted job {job.id} ({count} items)", flush=True)
         if args.wait or args.output:

@@ -199,6 +199,7 @@ class AsyncClient:
         retention_s: int = 0,
         timeout_s: int = 0,
         params: GenerationParams | None = None,
+        expected_items: int | None = None,
         **sampling: Any,
     ) -> AsyncJob:
         """Submit a batch job; returns once it is durable (see `Client.submit`). `texts` may
@@ -208,7 +209,9 @@ class AsyncClient:
             model, task, version, truncate, top_k, idempotency_key, priority, retention_s,
             timeout_s, params,
         )  # fmt: skip
-        header.header.expected_items = wire.declared_size(texts)  # lets the gateway refuse at once
+        header.header.expected_items = (
+            wire.declared_size(texts) if expected_items is None else expected_items
+        )
 
         async def requests() -> AsyncIterator[gateway_pb2.SubmitJobRequest]:
             yield header

@@ -206,19 +206,24 @@ class Client:
         retention_s: int = 0,
         timeout_s: int = 0,
         params: GenerationParams | None = None,
+        expected_items: int | None = None,
         **sampling: Any,
     ) -> Job:
         """Submit a batch job; returns once it is durable (RabbitMQ confirmed every item).
         `texts` may be any iterable, read lazily; the same `idempotency_key` gives the same
         job; `priority` is "normal", "high" or "low"; `timeout_s` expires an unfinished job.
         `task="generate"` on a text-generation model: each text is a prompt, each item's
-        result its `Generation`, sampled as `params` or keywords say (as for `stream`)."""
+        result its `Generation`, sampled as `params` or keywords say (as for `stream`).
+        `expected_items`: how many texts an iterator will yield (a list says so itself), so
+        the gateway can refuse a job too large at once, and charge a key's daily quota."""
         params = wire.job_params(task, top_k, params, sampling)
         header = wire.job_header(
             model, task, version, truncate, top_k, idempotency_key, priority, retention_s,
             timeout_s, params,
         )  # fmt: skip
-        header.header.expected_items = wire.declared_size(texts)  # lets the gateway refuse at once
+        header.header.expected_items = (
+            wire.declared_size(texts) if expected_items is None else expected_items
+        )
         requests = itertools.chain([header], wire.text_chunks(texts))
         try:
             job = self._stub.SubmitJob(requests, timeout=None, metadata=self._metadata)

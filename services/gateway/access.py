@@ -30,6 +30,9 @@ class Access:
     asked: dict[str, Any] = field(default_factory=dict)
     metered: bool = False
     """`items` is a reserve, settled to what the call spends (a generation's tokens)."""
+    counted: bool = True
+    """False for a job that does not say how many items it sends: a key with a daily quota
+    may not submit one (its items could not be charged when it is admitted)."""
 
 
 class AccessTable:
@@ -57,11 +60,13 @@ class AccessTable:
             raise PermissionDenied(f"{method} has no access rule, so it is refused to every key")
         return rule(request)
 
-    def _infer_scope(self, request: Any) -> str:
+    def _task(self, request: Any) -> str:
+        """The task a request asks for: its own, or else its model's."""
         task = TASK_FROM_WIRE.get(request.task)
-        return scopes.infer_scope(
-            request.model, task.value if task else self.task_of(request.model)
-        )
+        return task.value if task else self.task_of(request.model)
+
+    def _infer_scope(self, request: Any) -> str:
+        return scopes.infer_scope(request.model, self._task(request))
 
     def _infer(self, request: Any) -> Access:
         needed = self._infer_scope(request)
@@ -88,9 +93,14 @@ class AccessTable:
         header = request.header if request is not None else None
         if header is None or request.WhichOneof("part") != "header":
             return Access((scopes.JOBS_SUBMIT, scopes.infer_scope("", "")))
-        needed = (scopes.JOBS_SUBMIT, self._infer_scope(header))
+        task = self._task(header)
+        needed = (scopes.JOBS_SUBMIT, scopes.infer_scope(header.model, task))
+        items = header.expected_items
+        if task == TaskName.TEXT_GENERATION.value:
+            # each prompt reserves its max_new_tokens; a job is charged once, never settled
+            items = self.generation_tokens(header.model, header.parameters.max_new_tokens, items)
         asked = {"model": header.model, "items": header.expected_items}
-        return Access(needed, header.model, header.expected_items, asked)
+        return Access(needed, header.model, items, asked, counted=header.expected_items > 0)
 
 
 def _job(needed: str) -> Callable[[Any], Access]:

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from fmserve.core import apikeys
-from fmserve.errors import FmserveError, PermissionDenied, Unauthenticated
+from fmserve.errors import FmserveError, InvalidInput, PermissionDenied, Unauthenticated
 from services.gateway import audit, scopes
 from services.gateway.access import Access, AccessTable
 from services.gateway.keyring import KeyRing
@@ -109,6 +109,12 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                     f"the API key {principal.name!r} lacks the scope {needed!r} that {method} "
                     "needs here; ask an admin for a key with it"
                 )
+        if principal.daily_items and not access.counted:
+            audit.record(method, "INVALID_ARGUMENT", principal.key_id, principal.name, access.asked)
+            raise InvalidInput(
+                f"the API key {principal.name!r} has a daily quota, so a job must say how many "
+                "texts it sends (expected_items in its header; the Python client and the CLI do)"
+            )
         return principal, access
 
 

@@ -121,7 +121,8 @@ class Jobs:
             return job  # the same idempotency key: that job, sealed or ended
         lease = asyncio.create_task(self._keep_lease(job.id))
         try:
-            total = await _Publication(self, job, route, parameters).run(first, texts)
+            publication = _Publication(self, job, route, parameters, s.expected_items)
+            total = await publication.run(first, texts)
         except BaseException as exc:
             await asyncio.shield(self._broke_off(job.id, exc))
             if isinstance(exc, Unavailable):  # say what became of the job, not only why
@@ -247,9 +248,13 @@ class _Publication:
         job: jobs_pb2.Job,
         route: Route,
         parameters: common_pb2.SamplingParameters | None,
+        expected_items: int,
     ) -> None:
         self.jobs = jobs
         self.settings = jobs.settings
+        self.expected_items = expected_items
+        """Declared by the client (0: not said): never more, since a key's daily quota was
+        charged for them."""
         self.job = job
         self.chunk = jobs_pb2.JobChunk(
             route=jobs_pb2.JobRoute(
@@ -284,6 +289,11 @@ class _Publication:
     async def _add(self, texts: list[str]) -> None:
         if self.count + len(texts) > self.settings.job_max_items:
             raise TooLarge(_too_many(self.settings.job_max_items))
+        if self.expected_items and self.count + len(texts) > self.expected_items:
+            raise InvalidInput(
+                f"the job sends more texts than the {self.expected_items} its header declared "
+                "(expected_items)"
+            )
         for text in texts:
             self._take(self.count, text)
             self.count += 1

@@ -17,7 +17,7 @@ import subprocess
 import time
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import grpc
@@ -27,7 +27,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from fmserve.cli.cluster import SERVICES, Cluster, free_port
 from fmserve.core import apikeys
 from fmserve.queue.topology import delete_queues
-from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, keys_pb2
+from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
 from tests.conftest import AMQP_URL, require_binary, require_server
 from tests.e2e.conftest import topology
 from tests.models import GENERATION_TOML, build_causal_lm, build_classifier
@@ -201,7 +201,7 @@ async def generate(
     request = gateway_pb2.GenerateRequest(
         model=LM,
         prompt=prompt,
-        parameters=gateway_pb2.SamplingParameters(max_new_tokens=max_new_tokens),
+        parameters=common_pb2.SamplingParameters(max_new_tokens=max_new_tokens),
         cache_policy=common_pb2.CACHE_POLICY_BYPASS,
     )
     replies = [r async for r in gateway.Generate(request, metadata=bearer(key), timeout=60)]
@@ -248,6 +248,63 @@ async def test_generations_spend_a_daily_quota_in_tokens_and_give_back_what_they
     spent += second.usage.completion_tokens
     await over_quota(40 - spent + 1, "of its 40 items today")
     assert refusals(cluster, name) == {"quota": refused}
+
+
+async def submit(
+    gateway: gateway_pb2_grpc.GatewayStub, key: str, header: gateway_pb2.JobHeader, texts: int
+) -> jobs_pb2.Job:
+    async def stream() -> AsyncIterator[gateway_pb2.SubmitJobRequest]:
+        yield gateway_pb2.SubmitJobRequest(header=header)
+        items = gateway_pb2.JobItems(texts=[f"text {i}" for i in range(texts)])
+        yield gateway_pb2.SubmitJobRequest(items=items)
+
+    return await gateway.SubmitJob(stream(), metadata=bearer(key), timeout=30)
+
+
+async def refused(call: Awaitable[object]) -> grpc.aio.AioRpcError:
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await call
+    return caught.value
+
+
+async def test_jobs_spend_a_daily_quota_when_admitted_and_must_declare_their_size(
+    cluster: Cluster, gateway: gateway_pb2_grpc.GatewayStub
+) -> None:
+    name, key = await new_key(gateway, daily_items=10)
+
+    def header(expected: int) -> gateway_pb2.JobHeader:
+        return gateway_pb2.JobHeader(model=MODEL, expected_items=expected)
+
+    # Undeclared, its items could not be charged when it is admitted: refused before any item.
+    undeclared = await refused(submit(gateway, key, header(0), 3))
+    assert undeclared.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "expected_items" in (undeclared.details() or "") and name in undeclared.details()
+    # A job may not send more than it declared (and was charged for).
+    more = await refused(submit(gateway, key, header(2), 3))
+    assert more.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "more texts than the 2 its header declared" in (more.details() or "")
+    assert (await submit(gateway, key, header(4), 4)).id
+    over = await refused(submit(gateway, key, header(5), 5))  # 2 + 4 + 5 > 10
+    assert over.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "of its 10 items today" in (over.details() or "")
+    assert refusals(cluster, name) == {"quota": 1}
+
+
+async def test_a_generation_job_spends_max_new_tokens_per_prompt_of_the_quota(
+    gateway: gateway_pb2_grpc.GatewayStub,
+) -> None:
+    _, key = await new_key(gateway, daily_items=40)
+    sampling = common_pb2.SamplingParameters(max_new_tokens=16)
+
+    def header(prompts: int) -> gateway_pb2.JobHeader:
+        return gateway_pb2.JobHeader(
+            model=LM, task=common_pb2.TASK_TEXT_GENERATION, expected_items=prompts,
+            parameters=sampling,
+        )  # fmt: skip
+
+    assert (await submit(gateway, key, header(2), 2)).id  # 32 of 40 tokens
+    over = await refused(submit(gateway, key, header(1), 1))  # 16 more do not fit
+    assert over.code() is grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 async def until_admitted(gateway: gateway_pb2_grpc.GatewayStub, key: str) -> None:

@@ -136,7 +136,7 @@ def test_infer_needs_the_model_and_its_own_task_when_none_is_asked() -> None:
 
 
 def generate(model: str, **parameters: int) -> gateway_pb2.GenerateRequest:
-    sampling = gateway_pb2.SamplingParameters(**parameters)
+    sampling = common_pb2.SamplingParameters(**parameters)
     return gateway_pb2.GenerateRequest(model=model, prompt="Hi", parameters=sampling)
 
 
@@ -156,13 +156,23 @@ def test_a_generation_reserves_the_model_default_when_unasked_and_never_over_its
 def test_a_generation_job_reserves_max_new_tokens_per_item() -> None:
     assert TABLE.generation_tokens("smollm2", 32, items=10) == 320
     assert TABLE.generation_tokens("smollm2", 0, items=10) == 2560
+    sampling = common_pb2.SamplingParameters(max_new_tokens=32)
+    header = gateway_pb2.JobHeader(
+        model="smollm2", task=common_pb2.TASK_TEXT_GENERATION, expected_items=10,
+        parameters=sampling,
+    )  # fmt: skip
+    access = TABLE.access("SubmitJob", gateway_pb2.SubmitJobRequest(header=header))
+    assert access.scopes == ("jobs:submit", "infer:smollm2:text-generation")
+    assert (access.items, access.metered) == (320, False)  # charged once, never settled
 
 
 def test_submit_job_is_checked_on_its_header() -> None:
     header = gateway_pb2.JobHeader(model="minilm-embed", expected_items=7)
     access = TABLE.access("SubmitJob", gateway_pb2.SubmitJobRequest(header=header))
     assert access.scopes == ("jobs:submit", "infer:minilm-embed:embedding")
-    assert (access.model, access.items) == ("minilm-embed", 7)
+    assert (access.model, access.items, access.counted) == ("minilm-embed", 7, True)
+    undeclared = gateway_pb2.JobHeader(model="minilm-embed")
+    assert not TABLE.access("SubmitJob", gateway_pb2.SubmitJobRequest(header=undeclared)).counted
     items_first = gateway_pb2.SubmitJobRequest(items=gateway_pb2.JobItems(texts=["a"]))
     assert not scopes.allows(
         ["jobs:submit", "infer:minilm-*"], TABLE.access("SubmitJob", items_first).scopes[1]
