@@ -8,12 +8,11 @@ fmserve export --model minilm-embed --format onnx --quantize int8 --sample texts
 from __future__ import annotations
 
 import argparse
-import os
 from pathlib import Path
 from typing import Any
 
 from fmserve.cli.connect import InputError
-from fmserve.core.settings import DEFAULT_REPOSITORY
+from fmserve.core.settings import RepositorySettings
 from fmserve.export import AGREEMENT_GATE, COSINE_GATE
 
 
@@ -28,8 +27,7 @@ def add_command(commands: Any) -> None:
     export.add_argument(
         "--repository",
         type=Path,
-        default=Path(os.environ.get("FMSERVE_MODEL_REPOSITORY", DEFAULT_REPOSITORY)),
-        help="the model repository (default: FMSERVE_MODEL_REPOSITORY, else ./models)",
+        help="the model repository (default: FMSERVE_MODEL_REPOSITORY, as the services read it)",
     )
     export.add_argument("--sample", type=Path, help="texts to measure on, one per line")
     export.add_argument("--min-cosine", type=float, default=COSINE_GATE)
@@ -44,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
 
     request = ExportRequest(
         model=args.model,
-        repository=args.repository,
+        repository=args.repository or RepositorySettings().model_repository,
         quantize=args.quantize,
         version=args.version,
         sample=args.sample,

@@ -95,16 +95,21 @@ def quantize_int8(source: Path, target: Path) -> None:
         if node.op_type == "MatMul" and producers.get(node.input[0]) in _ACTIVATIONS
     ]
     # its advice to run its pre-processing first is a warning on the root logger
-    logging.getLogger().setLevel(logging.ERROR)
-    quantize_dynamic(
-        source,
-        target,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul"],
-        nodes_to_exclude=after_activation,
-        extra_options={"MatMulConstBOnly": True},
-    )
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        quantize_dynamic(
+            source,
+            target,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            op_types_to_quantize=["MatMul"],
+            nodes_to_exclude=after_activation,
+            extra_options={"MatMulConstBOnly": True},
+        )
+    finally:
+        root.setLevel(level)
 
 
 def run(session: Any, ids: np.ndarray, mask: np.ndarray) -> np.ndarray:
