@@ -29,9 +29,21 @@ def add_command(commands: Any) -> None:
         type=Path,
         help="the model repository (default: FMSERVE_MODEL_REPOSITORY, as the services read it)",
     )
-    export.add_argument("--sample", type=Path, help="texts to measure on, one per line")
-    export.add_argument("--min-cosine", type=float, default=COSINE_GATE)
-    export.add_argument("--min-agreement", type=float, default=AGREEMENT_GATE)
+    export.add_argument(
+        "--sample", type=Path, help="texts to measure on, one per line (default: 32 built in)"
+    )
+    export.add_argument(
+        "--min-cosine",
+        type=float,
+        default=COSINE_GATE,
+        help=f"gate for embedding models: mean cosine to torch fp32 (default {COSINE_GATE})",
+    )
+    export.add_argument(
+        "--min-agreement",
+        type=float,
+        default=AGREEMENT_GATE,
+        help=f"gate for classifiers: top-1 agreement with torch fp32 (default {AGREEMENT_GATE})",
+    )
     export.set_defaults(run=run)
 
 
