@@ -11,7 +11,9 @@ mean pooling, normalisation), with torch fp32 and torch int8 (dynamic quantisati
 interleaved: every round runs each variant in turn, so a load that comes and goes on the shared
 machine falls on all of them alike. It prints medians, their ratio to torch fp32 (the baseline
 of the same run) and each variant's cosine to torch fp32 on the batch (the export's gate reads
-the mean)."""
+the mean). With `--cluster-seconds S` it then serves the same repository with the five services
+and sends single-sentence requests (cache bypassed) at concurrency 1 and 32 to each version,
+interleaved, S seconds each."""
 
 from __future__ import annotations
 
@@ -60,6 +62,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--rounds", type=int, default=15, help="interleaved rounds")
     parser.add_argument("--threads", type=int, default=2, help="intra-op threads, both backends")
+    parser.add_argument(
+        "--cluster-seconds", type=float, default=0.0, help="per cluster measurement; 0: none"
+    )
     args = parser.parse_args()
 
     from transformers import AutoTokenizer
@@ -93,6 +98,8 @@ def main() -> None:
                     runner.forward(sequences)
                     times.setdefault((workload, name), []).append(time.perf_counter() - started)
         report(runners, times, batch, reference)
+        if args.cluster_seconds:
+            through_cluster(root, versions, args.cluster_seconds)
 
 
 def report(
@@ -112,6 +119,36 @@ def report(
         vectors = np.stack(runner.forward(batch).outputs)
         cosines = (vectors * reference).sum(axis=1)
         print(f"  {name:<12} {cosines.mean():.6f} / {cosines.min():.6f}")
+
+
+def through_cluster(root: Path, versions: dict[str, str], seconds: float) -> None:
+    """Requests per second through the cluster, per version, with the ratio to torch fp32."""
+    import asyncio
+
+    from bench.embedding import closed_loop, start_cluster
+
+    served = {name: v for name, v in versions.items() if v.isdigit()}  # minilm-embed's versions
+    cluster = start_cluster({"FMSERVE_MODEL_REPOSITORY": str(root)})
+    try:
+        address = cluster.address("gateway")
+        for version in served.values():  # load each version before timing it
+            asyncio.run(closed_loop(address, 1, 0.5, repeat=False, version=version))
+        loads: dict[tuple[int, str], list[float]] = {}
+        for _ in range(2):
+            for concurrency in (1, 32):
+                for name, version in served.items():
+                    load = asyncio.run(
+                        closed_loop(address, concurrency, seconds, repeat=False, version=version)
+                    )
+                    loads.setdefault((concurrency, name), []).append(load.rate)
+    finally:
+        cluster.stop()
+    print(f"\nthrough the cluster, req/s (mean of 2 rounds of {seconds:.0f} s):")
+    for concurrency in (1, 32):
+        base = statistics.mean(loads[(concurrency, "torch fp32")])
+        for name in served:
+            rate = statistics.mean(loads[(concurrency, name)])
+            print(f"  c={concurrency:<3} {name:<12} {rate:8.1f}   {rate / base:.2f}x")
 
 
 if __name__ == "__main__":
