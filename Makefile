@@ -54,6 +54,7 @@ bench: install
 	$(PY) -m bench.embedding
 	$(PY) -m bench.jobs
 	$(PY) -m bench.auth
+	$(PY) -m bench.onnx
 
 up: install
 	$(VENV)/bin/fmserve up

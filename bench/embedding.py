@@ -108,9 +108,10 @@ async def closed_loop(
     *,
     repeat: bool,
     metadata: tuple[tuple[str, str], ...] = (),
+    version: str = "",
 ) -> Load:
     """`concurrency` clients each sending one single-sentence request after another (with
-    `metadata` on each, e.g. an API key)."""
+    `metadata` on each, e.g. an API key) to the model's `version` (default: its default)."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
         policy = common_pb2.CACHE_POLICY_USE if repeat else common_pb2.CACHE_POLICY_BYPASS
@@ -123,14 +124,18 @@ async def closed_loop(
             i = 0
             while time.perf_counter() < stop_at:
                 text = "cached benchmark sentence" if repeat else sentence(i, f"{run}-{w}")
-                request = gateway_pb2.InferRequest(model=MODEL, texts=[text], options=options)
+                request = gateway_pb2.InferRequest(
+                    model=MODEL, version=version, texts=[text], options=options
+                )
                 start = time.perf_counter()
                 await stub.Infer(request, timeout=30, metadata=metadata)
                 latencies.append((time.perf_counter() - start) * 1e3)
                 i += 1
 
         if repeat:  # put the entry in the cache before timing hits
-            warm = gateway_pb2.InferRequest(model=MODEL, texts=["cached benchmark sentence"])
+            warm = gateway_pb2.InferRequest(
+                model=MODEL, version=version, texts=["cached benchmark sentence"]
+            )
             await stub.Infer(warm, timeout=30, metadata=metadata)
         start = time.perf_counter()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))

@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.cli import certs, generate, keys, stores
+from fmserve.cli import certs, export, generate, keys, stores
 from fmserve.cli.cluster import (
     METRICS_PORT_OFFSET,
     PORT_ORDER,
@@ -106,6 +106,7 @@ def _parser() -> argparse.ArgumentParser:
     _job_commands(commands)
     keys.add_commands(commands)
     generate.add_command(commands)
+    export.add_command(commands)
 
     for name, helptext in (
         ("embed", "one vector per text"),

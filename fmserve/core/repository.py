@@ -91,8 +91,14 @@ class Generation:
             object.__setattr__(self, "default_max_new_tokens", self.max_new_tokens)
 
 
+BACKENDS = ("torch", "onnxruntime")
+
+
 @dataclass(frozen=True)
 class Runtime:
+    backend: str = "torch"
+    """What runs the forward pass: "torch" (the version's safetensors) or "onnxruntime" (its
+    model.onnx, written by `fmserve export`; encoder tasks on the CPU)."""
     device: str = "auto"
     """"auto" (CUDA when present), "cpu", "cuda" or "cuda:N"."""
     precision: str = "fp32"
@@ -101,6 +107,18 @@ class Runtime:
     instances: int = 1
     """Forward passes of this model that may run at once, each in its own thread. On the 2-core
     CPU here one instance served more than two (larger batches); more suit GPUs and big CPUs."""
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(
+                f"unknown [runtime] backend {self.backend!r}; use {' or '.join(BACKENDS)}"
+            )
+        if self.backend == "onnxruntime" and self.precision not in ("auto", "fp32"):
+            raise ValueError(
+                f"[runtime] precision {self.precision!r} does not apply to onnxruntime: a "
+                'model.onnx keeps the precision it was exported in; use "auto" (for int8, '
+                "`fmserve export --quantize int8`)"
+            )
 
 
 @dataclass(frozen=True)
@@ -122,6 +140,9 @@ class ModelConfig:
     description: str = ""
     batching: Batching = field(default_factory=Batching)
     runtime: Runtime = field(default_factory=Runtime)
+    version_runtimes: dict[str, Runtime] = field(default_factory=dict)
+    """`[versions.N.runtime]`: a version's own runtime (an exported ONNX version beside the
+    torch ones); its keys override `[runtime]`'s."""
     generation: Generation = field(default_factory=Generation)
     converted_cache: Path = DEFAULT_CACHE
     """Where GGUF versions are converted to Hugging Face folders (shared by every service)."""
@@ -139,6 +160,10 @@ class ModelConfig:
                 f"available: {', '.join(sorted(self.versions, key=version_order))}"
             )
         return version
+
+    def runtime_of(self, version: str = "") -> Runtime:
+        """The runtime of one version ("" means the default)."""
+        return self.version_runtimes.get(self.resolve_version(version), self.runtime)
 
     def files(self, version: str = "") -> Path:
         """The folder of a version's Hugging Face files. A GGUF version is converted on first use
@@ -252,11 +277,26 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         description=raw.get("description", ""),
         batching=Batching(**raw.get("batching", {})),
         runtime=Runtime(**raw.get("runtime", {})),
+        version_runtimes=_version_runtimes(raw, versions),
         generation=Generation(**raw.get("generation", {})),
     )
 
 
 CLASSIFIERS = (TaskName.TEXT_CLASSIFICATION, TaskName.TOKEN_CLASSIFICATION)
+
+
+def _version_runtimes(raw: dict[str, Any], versions: dict[str, Path]) -> dict[str, Runtime]:
+    """`[versions.N.runtime]` tables, each over `[runtime]`; a table for a version that does not
+    exist is a typo, refused rather than silently ignored."""
+    runtimes = {}
+    for version, table in raw.get("versions", {}).items():
+        if version not in versions:
+            raise ValueError(f"[versions.{version}]: there is no version {version!r}")
+        unknown = set(table) - {"runtime"}
+        if unknown:
+            raise ValueError(f"[versions.{version}] takes only runtime, not {sorted(unknown)[0]}")
+        runtimes[version] = Runtime(**(raw.get("runtime", {}) | table.get("runtime", {})))
+    return runtimes
 
 
 def _max_length(raw: dict[str, Any], hf_config: dict[str, Any]) -> int:

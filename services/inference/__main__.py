@@ -14,12 +14,18 @@ def build(settings: InferenceSettings) -> Service:
     # Imported here, not above: these import torch, which must come after main() has set
     # OpenMP's environment.
     from fmserve.core.repository import ModelRepository
+    from services.inference import onnx_backend
     from services.inference.loading import configure_threads
     from services.inference.registry import ModelRegistry
     from services.inference.server import servicer
     from services.inference.worker import worker_resources
 
     configure_threads(settings.torch_threads, settings.torch_interop_threads)
+    onnx_backend.configure_threads(
+        settings.torch_threads,
+        settings.torch_interop_threads,
+        spinning=settings.omp_wait_policy == "ACTIVE",
+    )
     registry = ModelRegistry(
         ModelRepository(settings.model_repository, settings.converted_cache),
         max_loaded_models=settings.max_loaded_models,

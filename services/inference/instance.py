@@ -99,7 +99,7 @@ class ModelInstance:
         self._idle.set()
         self.batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
             self._run_batch,
-            _limits(self.config.batching, self.config.runtime.instances),
+            _limits(self.config.batching, runner.runtime.instances),
             cost=len,
             observer=self._observed,
         )

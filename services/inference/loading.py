@@ -187,8 +187,8 @@ def _translated(what: str, files: Path) -> Iterator[None]:
         yield
     except _LIBRARY_ERRORS as exc:
         log.exception("loading the %s from %s failed", what, files)
-        raise LoadFailed(f"its {what} could not be loaded: {_scrubbed(str(exc), files)}") from exc
+        raise LoadFailed(f"its {what} could not be loaded: {scrubbed(str(exc), files)}") from exc
 
 
-def _scrubbed(message: str, files: Path) -> str:
+def scrubbed(message: str, files: Path) -> str:
     return scrub_paths(message.replace(str(files), "<model folder>"))

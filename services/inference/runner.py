@@ -1,6 +1,6 @@
-"""The torch side of one loaded model version: pads a batch of ragged sequences to its longest,
-runs the forward pass under inference_mode, and returns one numpy array per sequence. Called in
-an executor thread, never on the event loop.
+"""One loaded model version: pads a batch of ragged sequences to its longest, runs its
+backend's forward pass (backend.py: torch or onnxruntime) under inference_mode, and returns one
+numpy array per sequence. Called in an executor thread, never on the event loop.
 
     embedding                    pooled (+ normalised) hidden states   [D] per sequence
     text-classification          the classifier's logits               [C] per sequence
@@ -19,11 +19,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from fmserve.core.repository import ModelConfig
+from fmserve.core.pooling import POOLINGS, embed
+from fmserve.core.repository import ModelConfig, Runtime
 from fmserve.core.tasks import TaskName
 from fmserve.errors import Overloaded
-from services.inference.loading import LoadFailed, Placement, load_module, load_tokenizer, place
-from services.inference.pooling import POOLINGS, embed
+from services.inference.backend import Backend, load_backend
+from services.inference.loading import LoadFailed, load_tokenizer
 from services.inference.ragged import pad
 
 # Cosine similarities lie in [-1, 1]; scaled by 20 a softmax over them is decisive for a clear
@@ -52,13 +53,13 @@ class Forward:
 
 
 class Runner:
-    """Forward passes of one model version on its device, in its precision."""
+    """Forward passes of one model version on its backend."""
 
-    def __init__(self, config: ModelConfig, module: torch.nn.Module, placement: Placement) -> None:
+    def __init__(self, config: ModelConfig, backend: Backend, runtime: Runtime) -> None:
         self.config = config
-        self.module = module
-        self.placement = placement
-        hf_config: Any = module.config
+        self.backend = backend
+        self.runtime = runtime
+        hf_config: Any = backend.hf_config
         self.vocab_size = int(hf_config.vocab_size)
         self.per_token = config.task is TaskName.TOKEN_CLASSIFICATION
         pad_token_id = getattr(hf_config, "pad_token_id", None)
@@ -70,15 +71,13 @@ class Runner:
 
     @classmethod
     def load(cls, config: ModelConfig, version: str, cuda_devices: int | None = None) -> Runner:
-        """Load a version's weights (and prototype centroids); raises LoadFailed with the fix."""
+        """Load a version's backend (and prototype centroids); raises LoadFailed with the fix."""
         if config.pooling not in POOLINGS:
             raise LoadFailed(f"unknown pooling {config.pooling!r}; use {' or '.join(POOLINGS)}")
-        placement = place(config.runtime, cuda_devices)
-        files = config.files(version)
-        module = load_module(files, config.task, placement, encoder_only=bool(config.prototypes))
-        runner = cls(config, module, placement)
+        backend = load_backend(config, version, cuda_devices)
+        runner = cls(config, backend, config.runtime_of(version))
         if config.prototypes:
-            runner._centroids = runner._prototype_centroids(load_tokenizer(files))
+            runner._centroids = runner._prototype_centroids(load_tokenizer(config.files(version)))
         return runner
 
     def forward(self, sequences: list[np.ndarray]) -> Forward:
@@ -90,7 +89,7 @@ class Runner:
                 ids, mask = self._padded(sequences)
                 copied = time.perf_counter_ns()
                 out = self._head(ids, mask)
-                self._sync()
+                self.backend.synchronize()
         except torch.OutOfMemoryError as exc:
             raise Overloaded(
                 f"the model ran out of memory on a batch of {len(sequences)} sequences; "
@@ -105,15 +104,9 @@ class Runner:
         done = time.perf_counter_ns()
         return Forward(outputs, copied - started, computed - copied, done - computed)
 
-    def _sync(self) -> None:
-        """Wait for the device's queued work, so that the model's time is not counted as the
-        output copy's (a CUDA forward returns before it ran)."""
-        if self.placement.device.type == "cuda":
-            torch.cuda.synchronize(self.placement.device)
-
     def _padded(self, sequences: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
         ids, mask = pad(sequences, self._pad_id)
-        device = self.placement.device
+        device = self.backend.device
         return torch.from_numpy(ids).to(device), torch.from_numpy(mask).to(device)
 
     def _pick_head(self) -> Head:
@@ -126,12 +119,12 @@ class Runner:
     def _embed(
         self, ids: torch.Tensor, mask: torch.Tensor, normalize: bool | None = None
     ) -> torch.Tensor:
-        hidden = self.module(input_ids=ids, attention_mask=mask).last_hidden_state
+        hidden = self.backend(ids, mask)
         normalize = self.config.normalize if normalize is None else normalize
         return embed(hidden, mask, self.config.pooling, normalize)
 
     def _logits(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.module(input_ids=ids, attention_mask=mask).logits
+        return self.backend(ids, mask)
 
     def _zero_shot(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         assert self._centroids is not None  # set by load() for every prototype model

@@ -48,15 +48,13 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
         self, request: service_pb2.ModelMetadataRequest, context: Context
     ) -> service_pb2.ModelMetadataResponse:
         config = self.registry.config(request.name)
-        config.resolve_version(request.version)
-        return codec.metadata_to_wire(config)
+        return codec.metadata_to_wire(config, config.resolve_version(request.version))
 
     async def ModelConfig(
         self, request: service_pb2.ModelConfigRequest, context: Context
     ) -> service_pb2.ModelConfigResponse:
         config = self.registry.config(request.name)
-        config.resolve_version(request.version)
-        return codec.config_to_wire(config)
+        return codec.config_to_wire(config, config.resolve_version(request.version))
 
     async def ModelStatistics(
         self, request: service_pb2.ModelStatisticsRequest, context: Context

@@ -113,7 +113,11 @@ def test_padded_rows_need_a_mask_when_they_may_hold_padding(
 ) -> None:
     config = ModelRepository(model_repository).get("tiny-classifier")
     runner = SimpleNamespace(
-        config=config, vocab_size=30522, per_token=False, pad_token_id=pad_token_id
+        config=config,
+        runtime=config.runtime,
+        vocab_size=30522,
+        per_token=False,
+        pad_token_id=pad_token_id,
     )
     instance = ModelInstance(runner, "1", ThreadPoolExecutor(1))  # type: ignore[arg-type]
     sequences, layout = split_padded(np.array(rows, dtype=np.int64))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from services.inference.pooling import embed, pool
+from fmserve.core.pooling import embed, pool
 
 pytestmark = pytest.mark.timeout(10)
 torch.set_num_threads(1)

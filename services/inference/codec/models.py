@@ -17,7 +17,8 @@ from services.inference.stats import Duration, ModelStats
 SERVER_NAME = "fmserve-inference"
 # Triton protocol extensions this server implements (clients probe for them).
 EXTENSIONS = ("model_repository", "model_configuration", "statistics", "parameters")
-PLATFORM = "pytorch"
+# Triton's platform names for what runs a version (its backend)
+PLATFORMS = {"torch": "pytorch", "onnxruntime": "onnxruntime_onnx"}
 _DATA_TYPES = {"INT64": mc.TYPE_INT64, "INT32": mc.TYPE_INT32, "FP32": mc.TYPE_FP32}
 
 
@@ -27,12 +28,13 @@ def server_metadata() -> service_pb2.ServerMetadataResponse:
     )
 
 
-def metadata_to_wire(config: ModelConfig) -> service_pb2.ModelMetadataResponse:
+def metadata_to_wire(config: ModelConfig, version: str) -> service_pb2.ModelMetadataResponse:
+    """A model's metadata; its platform is the named (or default) version's backend."""
     tensor = service_pb2.ModelMetadataResponse.TensorMetadata
     return service_pb2.ModelMetadataResponse(
         name=config.name,
         versions=sorted(config.versions, key=version_order),
-        platform=PLATFORM,
+        platform=PLATFORMS[config.runtime_of(version).backend],
         inputs=[
             tensor(name=s.name, datatype=s.datatype, shape=s.shape)
             for s in signature.inputs(config)
@@ -41,13 +43,14 @@ def metadata_to_wire(config: ModelConfig) -> service_pb2.ModelMetadataResponse:
     )
 
 
-def config_to_wire(config: ModelConfig) -> service_pb2.ModelConfigResponse:
+def config_to_wire(config: ModelConfig, version: str) -> service_pb2.ModelConfigResponse:
     """Triton's model configuration: batch dimension implicit (max_batch_size), two priority
-    levels (1 interactive, the default; 2 background), every version served."""
+    levels (1 interactive, the default; 2 background), every version served; the platform and
+    runtime parameters are the named (or default) version's."""
     batching = config.batching
     model = mc.ModelConfig(
         name=config.name,
-        platform=PLATFORM,
+        platform=PLATFORMS[config.runtime_of(version).backend],
         max_batch_size=batching.max_batch_size,
         input=[_input(spec) for spec in signature.INPUTS],
         output=[_output(spec) for spec in _outputs(config)],
@@ -60,7 +63,7 @@ def config_to_wire(config: ModelConfig) -> service_pb2.ModelConfigResponse:
     )
     if config.task is TaskName.TEXT_GENERATION:
         _as_decoupled(model, config)
-    for key, value in _parameters(config).items():
+    for key, value in _parameters(config, version).items():
         model.parameters[key].string_value = value
     return service_pb2.ModelConfigResponse(config=model)
 
@@ -119,13 +122,15 @@ def _output(spec: TensorSpec, batched: bool = True) -> mc.ModelOutput:
     return mc.ModelOutput(name=spec.name, data_type=_DATA_TYPES[spec.datatype], dims=dims)
 
 
-def _parameters(config: ModelConfig) -> dict[str, str]:
+def _parameters(config: ModelConfig, version: str) -> dict[str, str]:
+    runtime = config.runtime_of(version)
     parameters = {
         "task": str(config.task),
         "max_length": str(config.max_length),
         "max_batch_tokens": str(config.batching.max_batch_tokens),
-        "device": config.runtime.device,
-        "precision": config.runtime.precision,
+        "backend": runtime.backend,
+        "device": runtime.device,
+        "precision": runtime.precision,
     }
     if config.labels:
         parameters["labels"] = ",".join(config.labels)

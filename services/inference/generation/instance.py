@@ -26,7 +26,14 @@ from services.inference.stats import ModelStats
 
 def load_engine(config: ModelConfig, version: str, cuda_devices: int | None = None) -> Engine:
     """The causal LM of a version on its device (slow: run it in a thread)."""
-    placement = place(config.runtime, cuda_devices)
+    runtime = config.runtime_of(version)
+    if runtime.backend != "torch":
+        raise LoadFailed(
+            f"text-generation runs on the torch backend only, not {runtime.backend}; "
+            "onnxruntime serves embedding, text-classification and token-classification "
+            'models: set [runtime] backend = "torch"'
+        )
+    placement = place(runtime, cuda_devices)
     module = load_module(config.files(version), TaskName.TEXT_GENERATION, placement)
     hf_config: Any = module.config
     if any(DynamicCache(config=hf_config).is_sliding):

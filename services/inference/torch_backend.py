@@ -1,0 +1,38 @@
+"""The torch backend: a version's Hugging Face module (safetensors), placed by loading.py."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from fmserve.core.repository import ModelConfig
+from services.inference.backend import encoder_only
+from services.inference.loading import Placement, load_module, place
+
+
+class TorchBackend:
+    def __init__(self, module: torch.nn.Module, placement: Placement, hidden: bool) -> None:
+        self.module = module
+        self.placement = placement
+        self.device = placement.device
+        self.hf_config: Any = module.config
+        self._hidden = hidden
+
+    @classmethod
+    def load(
+        cls, config: ModelConfig, version: str, cuda_devices: int | None = None
+    ) -> TorchBackend:
+        placement = place(config.runtime_of(version), cuda_devices)
+        hidden = encoder_only(config)
+        module = load_module(config.files(version), config.task, placement, encoder_only=hidden)
+        return cls(module, placement, hidden)
+
+    def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        out = self.module(input_ids=ids, attention_mask=mask)
+        return out.last_hidden_state if self._hidden else out.logits
+
+    def synchronize(self) -> None:
+        # a CUDA forward returns before it ran
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
