@@ -21,7 +21,7 @@ from urllib.parse import urlsplit
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection
+from aio_pika.abc import AbstractRobustChannel, AbstractRobustConnection, TimeoutType
 
 from fmserve.core import tracing
 from fmserve.errors import Unavailable
@@ -138,6 +138,7 @@ class Broker:
             self.url,
             reconnect_interval=RECONNECT_INTERVAL_S,
             client_properties={"connection_name": f"fmserve-{self.name}"},
+            connection_class=_ClosedIfRefused,
         )
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -220,3 +221,17 @@ def _message(body: bytes) -> aio_pika.Message:
         content_type="application/x-protobuf",
         headers=_trace_context(),
     )
+
+
+class _ClosedIfRefused(aio_pika.RobustConnection):
+    """connect_robust drops a connection whose first connect failed without closing it; the
+    garbage collector, meeting it later outside an event loop, then creates a close() that
+    nobody awaits (a RuntimeWarning in whatever runs then). Closed at once instead."""
+
+    async def connect(self, timeout: TimeoutType = None) -> None:
+        try:
+            await super().connect(timeout)
+        except BaseException:
+            with contextlib.suppress(Exception):
+                await self.close()
+            raise
