@@ -13,7 +13,7 @@ from fmserve.queue.topology import Topology
 from fmserve.rpc import service, tls
 from fmserve.rpc.service import Resource, Service
 from fmserve.rpc.tls import Identity
-from services.gateway.access import AccessTable
+from services.gateway.access import AccessTable, Remembered
 from services.gateway.admin import FirstAdminKey, KeyAdmin
 from services.gateway.auth import AuthInterceptor
 from services.gateway.gateway import Gateway
@@ -76,7 +76,7 @@ def _auth(
     settings: GatewaySettings, keys: KeyStore, router: Router, limits: KeyLimits
 ) -> AuthInterceptor:
     keyring = KeyRing(keys, settings.key_cache_s, settings.admin_key.get_secret_value())
-    table = AccessTable(_task_of(router), _tokens_of(router))
+    table = AccessTable(Remembered(_task_of(router)), Remembered(_tokens_of(router)))
     return AuthInterceptor(keyring, table, limits)
 
 
