@@ -4,12 +4,13 @@ database, a key prefix per test module, and a cache service settings factory."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import pytest
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from fmserve.queue.records import JobRecords
@@ -36,19 +37,23 @@ def settings_for(url: str, prefix: str, **overrides: Any) -> CacheSettings:
 
 
 @pytest.fixture(scope="module")
-def prefix(request: pytest.FixtureRequest) -> str:
+def prefix(request: pytest.FixtureRequest, redis_url: str) -> Iterator[str]:
+    """The module's key prefix; every key under it is deleted after the module (job records
+    written through a cache service, whose indexes never expire, included)."""
     module = request.module.__name__.rsplit(".", 1)[-1]
-    return f"fmserve-{module}-{uuid.uuid4().hex[:12]}:"
+    prefix = f"fmserve-{module}-{uuid.uuid4().hex[:12]}:"
+    yield prefix
+    with SyncRedis.from_url(with_db(redis_url, DB)) as client:
+        keys = list(client.scan_iter(match=f"{prefix}*"))
+        if keys:
+            client.delete(*keys)
 
 
 @pytest.fixture(scope="module")
 async def redis(redis_url: str, prefix: str) -> AsyncIterator[Redis]:
-    """A client of the tests' database; deletes every key under the module's prefix after."""
+    """A client of the tests' database (the `prefix` fixture deletes the module's keys)."""
     client = Redis.from_url(with_db(redis_url, DB))
     yield client
-    keys = [key async for key in client.scan_iter(match=f"{prefix}*")]
-    if keys:
-        await client.delete(*keys)
     await client.aclose()
 
 
