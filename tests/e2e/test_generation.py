@@ -290,8 +290,20 @@ def test_a_stage_killed_mid_stream_fails_it_unavailable_then_recovers(client, cl
 
 
 def test_a_passed_deadline_ends_the_stream_and_frees_the_sequence(client, cluster):
+    # A fixed prompt the seeded model answers with all 128 tokens (a random one may meet EOS
+    # after a few and finish inside any deadline). The deadline is a quarter of the fastest
+    # warm answer, so it falls mid-decode on a fast machine as on a slow one (the first answer
+    # of a cluster pays for warm-up: 2.8 s against 0.46 s here).
+    took = []
+    for _ in range(3):
+        started = time.monotonic()
+        full = client.generate("slow", model="tiny-llama", max_new_tokens=128, cache="bypass")
+        took.append(time.monotonic() - started)
+        assert full.finish_reason == "length"
     with pytest.raises(DeadlineExceeded):
-        client.generate(unique("slow"), model="tiny-llama", max_new_tokens=128, timeout=0.3)
+        client.generate(
+            "slow", model="tiny-llama", max_new_tokens=128, cache="bypass", timeout=min(took) / 4
+        )
 
     deadline = time.monotonic() + 10
     while metric(cluster, "inference", "fmserve_inference_sequences_active", model="tiny-llama"):
