@@ -26,6 +26,7 @@ import importlib.util
 import json
 import logging
 import re
+import threading
 import tomllib
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -187,18 +188,36 @@ def check_model_name(name: str) -> None:
 
 
 class ModelRepository:
-    """Reads model folders under `root`; configs are re-read when their model.toml changes."""
+    """The model folders under `root`, read into memory by `refresh()`: `get` and `names` never
+    touch the filesystem, so they are cheap enough for every request. A `RepositoryWatcher`
+    (fmserve.core.watch) refreshes every few seconds; the first `get` or `names` reads the folder
+    if nothing has yet.
+
+    A model is re-read only when its fingerprint changes: its model.toml (time and size), or its
+    version folders (added, removed, or given their config.json). A broken model.toml is kept as
+    its ConfigError, so it is parsed and logged once per edit."""
 
     def __init__(self, root: Path, converted_cache: Path = DEFAULT_CACHE) -> None:
         self.root = Path(root)
         self.converted_cache = Path(converted_cache)
-        # Failures are kept too, so a broken file is parsed and logged once per edit.
-        self._cache: dict[str, tuple[tuple[int, int], ModelConfig | ConfigError]] = {}
+        self._seen: dict[str, _Seen] | None = None
+        self._lock = threading.Lock()  # refreshes come from a watcher's thread and first uses
+
+    def refresh(self) -> None:
+        """Read the repository again: new and removed models and versions, edited model.tomls."""
+        with self._lock:
+            previous = self._seen or {}
+            seen = {}
+            for folder in _model_folders(self.root):
+                stamp = _fingerprint(folder)
+                known = previous.get(folder.name)
+                if known is None or known.stamp != stamp:
+                    known = _Seen(stamp, _outcome(folder / CONFIG_FILE, self.converted_cache))
+                seen[folder.name] = known
+            self._seen = seen  # one assignment: readers see the old scan or the new one
 
     def names(self) -> list[str]:
-        if not self.root.is_dir():
-            return []
-        return sorted(p.parent.name for p in self.root.glob(f"*/{CONFIG_FILE}"))
+        return sorted(self._scanned())
 
     def list(self) -> list[ModelConfig]:
         return [self.get(name) for name in self.names()]
@@ -207,20 +226,57 @@ class ModelRepository:
         """The config of a model; ModelNotFound names the models that exist, ConfigError says
         what is wrong with its model.toml."""
         check_model_name(name)
-        path = self.root / name / CONFIG_FILE
-        if not path.is_file():
+        seen = self._scanned().get(name)
+        if seen is None:
             known = ", ".join(self.names()) or "none"
             raise ModelNotFound(f"unknown model {name!r}; this cluster serves: {known}")
-        # Size as well as time: filesystems stamp at a coarse tick, so an edit can keep the time.
-        stat = path.stat()
-        stamp = (stat.st_mtime_ns, stat.st_size)
-        cached = self._cache.get(name)
-        if cached is None or cached[0] != stamp:
-            cached = (stamp, _outcome(path, self.converted_cache))
-            self._cache[name] = cached
-        if isinstance(config := cached[1], ConfigError):
+        if isinstance(config := seen.outcome, ConfigError):
             raise ConfigError(config.message)  # a fresh one: a raise grows its traceback
         return config
+
+    def _scanned(self) -> dict[str, _Seen]:
+        if self._seen is None:
+            self.refresh()
+        assert self._seen is not None
+        return self._seen
+
+
+Stamp = tuple[object, ...]
+
+
+@dataclass(frozen=True)
+class _Seen:
+    stamp: Stamp
+    """What the model's files looked like when `outcome` was read from them."""
+    outcome: ModelConfig | ConfigError
+
+
+def _model_folders(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return [p.parent for p in root.glob(f"*/{CONFIG_FILE}") if MODEL_NAME.fullmatch(p.parent.name)]
+
+
+def _fingerprint(folder: Path) -> Stamp:
+    """model.toml's time and size (filesystems stamp at a coarse tick, so an edit can keep the
+    time), and each version folder with its config.json's time, or None while it has none."""
+    try:
+        stat = (folder / CONFIG_FILE).stat()
+        versions = [p for p in folder.iterdir() if p.name.isdigit() and p.is_dir()]
+    except OSError:  # removed while being scanned: read again next time
+        return (None,)
+    return (
+        stat.st_mtime_ns,
+        stat.st_size,
+        *sorted((p.name, _mtime(p / "config.json")) for p in versions),
+    )
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def _outcome(path: Path, converted_cache: Path) -> ModelConfig | ConfigError:
@@ -306,7 +362,16 @@ def _max_length(raw: dict[str, Any], hf_config: dict[str, Any]) -> int:
 
 
 def _versions(folder: Path, raw: dict[str, Any]) -> dict[str, Path]:
-    versions = {p.name: p for p in folder.iterdir() if p.is_dir() and p.name.isdigit()}
+    """Numbered folders that have their config.json: one still being copied in, without it
+    yet, is left out (logged) rather than breaking the versions already served."""
+    versions = {}
+    for path in folder.iterdir():
+        if not (path.is_dir() and path.name.isdigit()):
+            continue
+        if (path / "config.json").is_file():
+            versions[path.name] = path
+        else:
+            log.warning("%s has no config.json yet: version %s is left out", path, path.name)
     if source := raw.get("source"):
         versions.setdefault(str(raw.get("version", "1")), _source_folder(folder, source))
     if not versions:

@@ -97,6 +97,9 @@ class RepositorySettings(ServiceSettings):
     converted_cache: Path = Field(DEFAULT_CACHE, validation_alias="FMSERVE_CONVERTED_CACHE")
     """Folder where GGUF models are converted, once per machine, to safetensors; every service
     of a machine must agree on it."""
+    repository_poll_s: PositiveFloat = Field(2.0, validation_alias="FMSERVE_REPOSITORY_POLL_S")
+    """How often the model repository is reread: a new model or version folder, a removed one,
+    or an edited model.toml is seen within this long. Requests read the configs from memory."""
 
 
 class ClientSettings(BaseSettings):

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fmserve.core.repository import ModelRepository
 from fmserve.core.tasks import TaskName
+from fmserve.core.watch import RepositoryWatcher
 from fmserve.errors import FmserveError
 from fmserve.queue.broker import Broker
 from fmserve.queue.records import JobRecords
@@ -13,7 +13,7 @@ from fmserve.queue.topology import Topology
 from fmserve.rpc import service, tls
 from fmserve.rpc.service import Resource, Service
 from fmserve.rpc.tls import Identity
-from services.gateway.access import AccessTable, Remembered
+from services.gateway.access import AccessTable
 from services.gateway.admin import FirstAdminKey, KeyAdmin
 from services.gateway.auth import AuthInterceptor
 from services.gateway.gateway import Gateway
@@ -34,15 +34,12 @@ from services.gateway.stages import StageClients
 
 def build(settings: GatewaySettings) -> Service:
     """Wire the gateway. Resources stop in reverse: broker, job records, cache, pipeline,
-    then the stage channels."""
+    the stage channels, then the repository's watcher."""
+    watcher = RepositoryWatcher.of(settings)
     stages = StageClients(settings)
     pipeline = Pipeline(stages, settings)
     cache = ResultCache(stages, settings)
-    router = Router(
-        ModelRepository(settings.model_repository, settings.converted_cache),
-        settings.max_items,
-        settings.max_text_chars,
-    )
+    router = Router(watcher.repository, settings.max_items, settings.max_text_chars)
     gateway = Gateway(router, pipeline, cache, settings.default_timeout_s)
     identity = tls.load(settings)
     records = JobRecords(settings.cache_address, settings.max_message_bytes, identity)
@@ -53,7 +50,8 @@ def build(settings: GatewaySettings) -> Service:
     )
     keys = KeyStore(settings.cache_address, identity)
     admin = KeyAdmin(keys)
-    resources: list[Resource] = [stages, pipeline, cache, records, *([broker] if broker else [])]
+    resources: list[Resource] = [watcher, stages, pipeline, cache, records]
+    resources.extend([broker] if broker else [])
     resources.append(keys)
     interceptors = []
     if settings.auth:
@@ -76,7 +74,7 @@ def _auth(
     settings: GatewaySettings, keys: KeyStore, router: Router, limits: KeyLimits
 ) -> AuthInterceptor:
     keyring = KeyRing(keys, settings.key_cache_s, settings.admin_key.get_secret_value())
-    table = AccessTable(Remembered(_task_of(router)), Remembered(_tokens_of(router)))
+    table = AccessTable(_task_of(router), _tokens_of(router))
     return AuthInterceptor(keyring, table, limits)
 
 

@@ -7,51 +7,19 @@ added unprotected (tests/unit/test_gateway_auth.py checks every Gateway method h
 
 from __future__ import annotations
 
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Any
 
 from fmserve.core.tasks import TASK_FROM_WIRE, TaskName
 from fmserve.errors import PermissionDenied
 from services.gateway import scopes
-
-T = TypeVar("T")
 
 TaskOf = Callable[[str], str]
 """A model's own task ('' for a model the gateway does not know)."""
 TokensOf = Callable[[str], tuple[int, int]]
 """A generation model's (default, cap) of max_new_tokens ((0, 0) for a model the gateway does
 not know, or one that does not generate)."""
-
-
-class Remembered(Generic[T]):
-    """A per-model lookup, remembered for `ttl_s`: auth asks on every call, and the model
-    repository stats model.toml each time it is asked (about half of auth's own CPU on a cache
-    hit). At most `max_models` answers are kept (it starts afresh when full), so the names a
-    client makes up cannot grow it; a model.toml edit reaches auth within `ttl_s`."""
-
-    def __init__(
-        self,
-        lookup: Callable[[str], T],
-        ttl_s: float = 1.0,
-        clock: Callable[[], float] = time.monotonic,
-        max_models: int = 1024,
-    ) -> None:
-        self.lookup, self.ttl_s, self.clock = lookup, ttl_s, clock
-        self.max_models = max_models
-        self._seen: dict[str, tuple[float, T]] = {}
-
-    def __call__(self, model: str) -> T:
-        now = self.clock()
-        seen = self._seen.get(model)
-        if seen is not None and seen[0] > now:
-            return seen[1]
-        value = self.lookup(model)
-        if len(self._seen) >= self.max_models:
-            self._seen.clear()
-        self._seen[model] = (now + self.ttl_s, value)
-        return value
 
 
 @dataclass(frozen=True)

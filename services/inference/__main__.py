@@ -13,7 +13,7 @@ def build(settings: InferenceSettings) -> Service:
     """Wire the inference service; the registry (a Resource) stops every batcher on stop."""
     # Imported here, not above: these import torch, which must come after main() has set
     # OpenMP's environment.
-    from fmserve.core.repository import ModelRepository
+    from fmserve.core.watch import RepositoryWatcher
     from services.inference import onnx_backend
     from services.inference.loading import configure_threads
     from services.inference.registry import ModelRegistry
@@ -26,15 +26,16 @@ def build(settings: InferenceSettings) -> Service:
         settings.torch_interop_threads,
         spinning=settings.omp_wait_policy == "ACTIVE",
     )
+    watcher = RepositoryWatcher.of(settings)
     registry = ModelRegistry(
-        ModelRepository(settings.model_repository, settings.converted_cache),
+        watcher.repository,
         max_loaded_models=settings.max_loaded_models,
         preload=settings.preload_models,
         grace_s=settings.grace_period_s,
         heap_trim_idle_s=settings.heap_trim_idle_s,
     )
     # The queue worker starts after the registry (preloads done) and stops before it.
-    resources = [registry, *worker_resources(settings, registry)]
+    resources = [watcher, registry, *worker_resources(settings, registry)]
     return Service("inference", settings, [servicer(registry)], resources=resources)
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fmserve.core.repository import ModelRepository
+from fmserve.core.watch import RepositoryWatcher
 from fmserve.rpc import service
 from fmserve.rpc.service import Service
 from services.postprocess.detokenizers import Detokenizers
@@ -13,12 +13,14 @@ from services.postprocess.worker import worker_resources
 
 
 def build(settings: PostprocessSettings) -> Service:
-    """The service wired from its settings: model repository → postprocessor → servicer, and
-    the queue workers (stopped first, while the postprocessor still runs)."""
-    repository = ModelRepository(settings.model_repository, settings.converted_cache)
+    """The service wired from its settings: model repository (watched) → postprocessor →
+    servicer, and the queue workers (stopped first, while the postprocessor still runs)."""
+    watcher = RepositoryWatcher.of(settings)
+    repository = watcher.repository
     postprocessor = Postprocessor(repository, settings.offload_min_rows, settings.worker_threads)
     detokenizers = Detokenizers(repository)
     resources = [
+        watcher,
         postprocessor,
         detokenizers,
         *worker_resources(settings, postprocessor, detokenizers),

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from fmserve.core.repository import ModelRepository
+from fmserve.core.watch import RepositoryWatcher
 from fmserve.rpc import service
 from fmserve.rpc.service import Service
 from services.preprocess.server import servicer
@@ -12,11 +12,11 @@ from services.preprocess.worker import worker_resources
 
 
 def build(settings: PreprocessSettings) -> Service:
-    """The service wired from its settings: model repository → tokenizers → servicer, and the
-    queue worker (stopped first, while the tokenizers still run)."""
-    repository = ModelRepository(settings.model_repository, settings.converted_cache)
-    tokenizers = Tokenizers(repository, settings.tokenizer_threads, settings.preload_models)
-    resources = [tokenizers, *worker_resources(settings, tokenizers)]
+    """The service wired from its settings: model repository (watched) → tokenizers →
+    servicer, and the queue worker (stopped first, while the tokenizers still run)."""
+    watcher = RepositoryWatcher.of(settings)
+    tokenizers = Tokenizers(watcher.repository, settings.tokenizer_threads, settings.preload_models)
+    resources = [watcher, tokenizers, *worker_resources(settings, tokenizers)]
     return Service("preprocess", settings, [servicer(tokenizers)], resources=resources)
 
 

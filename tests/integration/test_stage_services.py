@@ -3,8 +3,9 @@ generated stubs: tokens out of one go into the other, as the gateway chains them
 
 from __future__ import annotations
 
+import asyncio
 import shutil
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from itertools import chain
 from pathlib import Path
@@ -29,6 +30,9 @@ from services.postprocess.settings import PostprocessSettings
 from services.preprocess.__main__ import build as build_preprocess
 from services.preprocess.settings import PreprocessSettings
 
+POLL_S = 0.05
+"""How often these services reread the repository: a model added by a test is seen soon."""
+
 TEXTS = ["Wolfgang Mozart lives in Salzburg.", "Hello world"]
 NER_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 
@@ -41,6 +45,7 @@ async def preprocess_channel(model_repository: Path):
         metrics_port=-1,
         grace_period_s=1.0,
         model_repository=model_repository,
+        repository_poll_s=POLL_S,
         tokenizer_threads=1,
         worker_enabled=False,  # the synchronous path only: the job workers have their own tests
     )
@@ -57,6 +62,7 @@ async def postprocess_channel(model_repository: Path):
         metrics_port=-1,
         grace_period_s=1.0,
         model_repository=model_repository,
+        repository_poll_s=POLL_S,
         offload_min_rows=0,
         worker_enabled=False,
     )
@@ -75,12 +81,14 @@ def postprocess(postprocess_channel):
 
 
 @pytest.fixture
-def broken_model(model_repository: Path) -> Iterator[str]:
-    """A model whose model.toml names a task fmserve does not do; removed afterwards, as the
-    session's other tests share the repository."""
+async def broken_model(model_repository: Path) -> AsyncIterator[str]:
+    """A model whose model.toml names a task fmserve does not do, added while the services run
+    (seen within their poll); removed afterwards, as the session's other tests share the
+    repository."""
     folder = model_repository / "broken-toml"
     folder.mkdir()
     (folder / "model.toml").write_text('task = "translation"\n')
+    await asyncio.sleep(POLL_S * 4)
     yield folder.name
     shutil.rmtree(folder)
 

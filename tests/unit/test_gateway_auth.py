@@ -15,7 +15,7 @@ from fmserve.core.logs import JsonFormatter
 from fmserve.errors import InvalidInput, NotFound, PermissionDenied, Unauthenticated
 from fmserve.v1 import common_pb2, gateway_pb2, jobs_pb2, keys_pb2
 from services.gateway import audit, scopes
-from services.gateway.access import AccessTable, Remembered
+from services.gateway.access import AccessTable
 from services.gateway.keyring import KeyRing
 
 # --- keys ---------------------------------------------------------------------------------------
@@ -114,23 +114,6 @@ TABLE = AccessTable(
     lambda model: {"minilm-embed": "embedding"}.get(model, ""),
     lambda model: {"smollm2": (256, 1024)}.get(model, (0, 0)),
 )
-
-
-def test_a_models_task_is_remembered_for_a_second_and_made_up_names_cannot_grow_it() -> None:
-    asked: list[str] = []
-    now = [0.0]
-
-    def lookup(model: str) -> str:
-        asked.append(model)
-        return "embedding" if model == "m" else ""
-
-    task_of = Remembered(lookup, ttl_s=1.0, clock=lambda: now[0], max_models=3)
-    assert [task_of("m"), task_of("m")] == ["embedding", "embedding"] and asked == ["m"]
-    now[0] = 1.5  # past its second: asked again (a model.toml edit shows)
-    assert task_of("m") == "embedding" and asked == ["m", "m"]
-    for name in ("x1", "x2", "x3", "x4"):
-        task_of(name)
-    assert len(task_of._seen) <= 3
 
 
 def test_every_gateway_method_has_an_access_rule() -> None:

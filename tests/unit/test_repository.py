@@ -6,6 +6,7 @@ Every repository is written in tmp_path: a model.toml and a config.json per vers
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -17,6 +18,7 @@ import pytest
 
 from fmserve.core.repository import ModelRepository, load_config
 from fmserve.core.tasks import TaskName
+from fmserve.core.watch import RepositoryWatcher
 from fmserve.errors import ConfigError, InvalidInput, ModelNotFound
 
 pytestmark = pytest.mark.timeout(10)
@@ -182,6 +184,7 @@ def test_a_broken_model_toml_is_logged_once_per_edit_and_served_once_fixed(
             repository.get("m")
     assert len([r for r in caplog.records if r.levelno == logging.ERROR]) == 1
     (folder / "model.toml").write_text('task = "text-classification"\n')
+    repository.refresh()
     assert repository.get("m").task is TaskName.TEXT_CLASSIFICATION
 
 
@@ -249,6 +252,8 @@ def test_config_is_cached_until_model_toml_changes(tmp_path: Path) -> None:
     first = repository.get("m")
     assert repository.get("m") is first
     (folder / "model.toml").write_text('task = "text-classification"\ndescription = "new one"\n')
+    assert repository.get("m").description == "old"  # until the repository is read again
+    repository.refresh()
     assert repository.get("m").description == "new one"
 
 
@@ -261,6 +266,7 @@ def test_an_edit_within_one_timestamp_tick_is_still_seen(tmp_path: Path) -> None
     assert repository.get("m").description == "old"
     toml.write_text('task = "text-classification"\ndescription = "newer"\n')
     os.utime(toml, ns=(stamp, stamp))
+    repository.refresh()
     assert repository.get("m").description == "newer"
 
 
@@ -330,3 +336,86 @@ def test_the_bundled_chat_model_reads() -> None:
     assert smollm2.task is TaskName.TEXT_GENERATION
     assert smollm2.max_length == 8192
     assert smollm2.versions["1"].name == "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+# --- watching -------------------------------------------------------------------------------
+
+
+class CountedStats:
+    """Counts the filesystem calls a repository makes (Path.stat underlies is_file, is_dir and
+    glob's checks; iterdir lists folders)."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.calls = 0
+        for method in ("stat", "iterdir", "glob"):
+            original = getattr(Path, method)
+            monkeypatch.setattr(Path, method, self._counted(original))
+
+    def _counted(self, original: Any) -> Any:
+        def counted(path: Path, *args: Any, **kwargs: Any) -> Any:
+            self.calls += 1
+            return original(path, *args, **kwargs)
+
+        return counted
+
+
+def test_get_and_names_read_memory_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_model(tmp_path, "m", 'task = "text-classification"\n', ("1", "2"))
+    repository = ModelRepository(tmp_path)
+    repository.refresh()
+    counted = CountedStats(monkeypatch)
+    for _ in range(100):
+        assert repository.get("m").default_version == "2"
+        assert repository.names() == ["m"]
+        with pytest.raises(ModelNotFound):
+            repository.get("made-up")
+    assert counted.calls == 0
+
+
+def test_a_new_version_folder_is_seen_without_touching_model_toml(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m", 'task = "text-classification"\n', ("1",))
+    stamp = (folder / "model.toml").stat().st_mtime_ns
+    repository = ModelRepository(tmp_path)
+    assert list(repository.get("m").versions) == ["1"]
+    write_hf(folder / "2", id2label=LABELS)
+    repository.refresh()
+    assert repository.get("m").default_version == "2"
+    assert (folder / "model.toml").stat().st_mtime_ns == stamp
+
+
+def test_a_removed_version_or_model_is_gone_after_a_refresh(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m", 'task = "text-classification"\n', ("1", "2"))
+    write_model(tmp_path, "other", 'task = "text-classification"\n')
+    repository = ModelRepository(tmp_path)
+    assert repository.names() == ["m", "other"]
+    for path in (folder / "2").iterdir():
+        path.unlink()
+    (folder / "2").rmdir()
+    (tmp_path / "other" / "model.toml").unlink()
+    repository.refresh()
+    assert list(repository.get("m").versions) == ["1"] and repository.names() == ["m"]
+
+
+def test_a_version_folder_without_its_config_yet_is_left_out(tmp_path: Path) -> None:
+    # a folder being copied in: the versions already served go on being served
+    folder = write_model(tmp_path, "m", 'task = "text-classification"\n', ("1",))
+    (folder / "2").mkdir()
+    repository = ModelRepository(tmp_path)
+    assert list(repository.get("m").versions) == ["1"]
+    write_hf(folder / "2", id2label=LABELS)
+    repository.refresh()
+    assert repository.get("m").default_version == "2"
+
+
+async def test_the_watcher_sees_changes_within_its_poll(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "m", 'task = "text-classification"\n', ("1",))
+    watcher = RepositoryWatcher(ModelRepository(tmp_path), poll_s=0.05)
+    await watcher.start()
+    try:
+        write_hf(folder / "2", id2label=LABELS)
+        write_model(tmp_path, "new", 'task = "text-classification"\n')
+        await asyncio.sleep(0.3)
+        assert watcher.repository.get("m").default_version == "2"
+        assert watcher.repository.names() == ["m", "new"]
+    finally:
+        await watcher.stop()
