@@ -92,6 +92,33 @@ class Generation:
             object.__setattr__(self, "default_max_new_tokens", self.max_new_tokens)
 
 
+@dataclass(frozen=True)
+class Warmup:
+    """The `[warmup]` table: what a version runs before it is READY."""
+
+    samples: tuple[str, ...] = ()
+    """Texts run through the version (one at a time, then together) besides the generated
+    batches; empty: generated token ids only."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.samples, str) or not all(isinstance(s, str) for s in self.samples):
+            raise ValueError("[warmup] samples must be a list of texts")
+        object.__setattr__(self, "samples", tuple(self.samples))
+
+
+@dataclass(frozen=True)
+class Lifecycle:
+    """The `[lifecycle]` table: how long the inference service keeps this model's versions."""
+
+    idle_unload_s: float | None = None
+    """A version unused this long unloads by itself (a pinned one never); 0: never; unset: the
+    service's FMSERVE_INFERENCE_IDLE_UNLOAD_S."""
+
+    def __post_init__(self) -> None:
+        if self.idle_unload_s is not None and self.idle_unload_s < 0:
+            raise ValueError("[lifecycle] idle_unload_s must be >= 0 (0: never)")
+
+
 BACKENDS = ("torch", "onnxruntime")
 
 
@@ -145,6 +172,8 @@ class ModelConfig:
     """`[versions.N.runtime]`: a version's own runtime (an exported ONNX version beside the
     torch ones); its keys override `[runtime]`'s."""
     generation: Generation = field(default_factory=Generation)
+    warmup: Warmup = field(default_factory=Warmup)
+    lifecycle: Lifecycle = field(default_factory=Lifecycle)
     converted_cache: Path = DEFAULT_CACHE
     """Where GGUF versions are converted to Hugging Face folders (shared by every service)."""
 
@@ -335,6 +364,8 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         runtime=Runtime(**raw.get("runtime", {})),
         version_runtimes=_version_runtimes(raw, versions),
         generation=Generation(**raw.get("generation", {})),
+        warmup=Warmup(**raw.get("warmup", {})),
+        lifecycle=Lifecycle(**raw.get("lifecycle", {})),
     )
 
 

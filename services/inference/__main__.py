@@ -33,6 +33,8 @@ def build(settings: InferenceSettings) -> Service:
         preload=settings.preload_models,
         grace_s=settings.grace_period_s,
         heap_trim_idle_s=settings.heap_trim_idle_s,
+        memory_budget_mb=settings.memory_budget_mb,
+        idle_unload_s=settings.idle_unload_s,
     )
     # The queue worker starts after the registry (preloads done) and stops before it.
     resources = [watcher, registry, *worker_resources(settings, registry)]

@@ -21,6 +21,7 @@ import torch
 
 from fmserve.core.repository import ModelConfig
 from fmserve.core.tasks import TaskName
+from services.inference.memory import Footprint
 
 
 class Backend(Protocol):
@@ -35,6 +36,10 @@ class Backend(Protocol):
 
     def synchronize(self) -> None:
         """Wait for the device's queued work (so that timings are the model's)."""
+        ...
+
+    def footprint(self) -> Footprint:
+        """The memory its weights take (memory.py), measured once loaded."""
         ...
 
 

@@ -24,8 +24,9 @@ import numpy as np
 from fmserve.core.batching import Batcher, BatchLimits
 from fmserve.core.repository import Batching
 from fmserve.errors import FmserveError, InputTooLong, InvalidInput
-from services.inference import metrics, signature
+from services.inference import metrics, signature, warmup
 from services.inference.heap import HeapTrimmer
+from services.inference.memory import Footprint
 from services.inference.ragged import Layout, join
 from services.inference.runner import Runner
 from services.inference.stats import ModelStats
@@ -122,6 +123,20 @@ class ModelInstance:
             self.stats.record_request(ok, time.perf_counter_ns() - started)
             self._leave()
         return InferOutput(self.output.name, join(outputs, request.layout, self.runner.per_token))
+
+    def footprint(self) -> Footprint:
+        """The memory its weights take (memory.py)."""
+        return self.runner.backend.footprint()
+
+    async def warm_up(self) -> None:
+        """Run the warm-up batches (warmup.py) before the version serves; an error is raised."""
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._executor, self._warm_up)
+
+    def _warm_up(self) -> None:
+        samples = warmup.samples(self.config, self.version)
+        for batch in warmup.batches(self.config, self.runner.vocab_size, samples):
+            self.runner.forward(batch)
 
     async def close(self, grace_s: float) -> None:
         """Let requests in progress finish (up to `grace_s`), then stop the batcher."""

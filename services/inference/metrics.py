@@ -37,6 +37,23 @@ MODEL_LOADS = Counter(
     "Model version lifecycle events, by model and event (loaded, failed, unloaded, evicted).",
     ["model", "event"],
 )
+MODEL_STATE = Gauge(
+    "fmserve_inference_model_state",
+    "1 for a model version's current state (LOADING, WARMING, READY, UNLOADING, FAILED, "
+    "UNAVAILABLE), 0 for the others.",
+    ["model", "version", "state"],
+)
+MODEL_MEMORY = Gauge(
+    "fmserve_inference_model_memory_bytes",
+    "Memory a loaded model version's weights take, measured at its load.",
+    ["model", "version"],
+)
+WARMUP_DURATION = Histogram(
+    "fmserve_inference_warmup_duration_seconds",
+    "Time a model version spent in its warm-up before it was READY, by model.",
+    ["model"],
+    buckets=LATENCY_BUCKETS,
+)
 HEAP_TRIMS = Counter(
     "fmserve_inference_heap_trims_total",
     "Times freed heap memory was handed back to the OS after the models went idle.",

@@ -20,6 +20,7 @@ import torch
 
 from fmserve.core.repository import ModelConfig
 from services.inference.loading import LoadFailed, scrubbed
+from services.inference.memory import Footprint
 
 log = logging.getLogger("fmserve.inference.onnx")
 
@@ -61,9 +62,10 @@ def session_options(threads: Threads) -> ort.SessionOptions:
 class OnnxBackend:
     device = torch.device("cpu")
 
-    def __init__(self, session: ort.InferenceSession, hf_config: Any) -> None:
+    def __init__(self, session: ort.InferenceSession, hf_config: Any, weights: int = 0) -> None:
         self.session = session
         self.hf_config = hf_config
+        self._weights = weights
         self._inputs = [i.name for i in session.get_inputs()]
         self._output = session.get_outputs()[0].name
 
@@ -77,7 +79,7 @@ class OnnxBackend:
             )
         files = config.files(version)
         session = open_session(files / MODEL_FILE, _threads)
-        backend = cls(session, _hf_config(files))
+        backend = cls(session, _hf_config(files), (files / MODEL_FILE).stat().st_size)
         backend._check_inputs()
         return backend
 
@@ -90,6 +92,10 @@ class OnnxBackend:
 
     def synchronize(self) -> None:
         """The CPU session returns when its work is done."""
+
+    def footprint(self) -> Footprint:
+        """The session's weights: its model file's size (the initializers dominate it)."""
+        return Footprint(self._weights)
 
     def _check_inputs(self) -> None:
         unknown = [name for name in self._inputs if name not in _INPUTS]

@@ -1,12 +1,18 @@
-"""The registry owns the loaded model versions.
+"""The registry owns the loaded model versions and their lifecycle.
 
 - Lazy: a version loads on its first request; concurrent first requests share one load.
-- Explicit: `load` / `unload` by name (RepositoryModelLoad / RepositoryModelUnload).
+- Explicit: `load` / `unload` one version or a model (RepositoryModelLoad / RepositoryModelUnload);
+  a version loaded with `pin` is never unloaded to make room or for idleness.
 - Per version: each version is its own instance, and loading one never disturbs another.
   Requests that name no version go to the default (highest) version once it is ready, and until
   then to the newest version that is, while the default loads beside it.
-- Budget: at most `max_loaded_models` versions; one more first unloads the least recently used
-  idle version, or is refused with RESOURCE_EXHAUSTED while every loaded version is busy.
+- States (State): LOADING → WARMING (warm-up batches, warmup.py) → READY, or FAILED with the
+  reason; UNLOADING while its requests in progress finish. Only a READY version serves.
+- Room (residency.py): at most `max_loaded_models` versions and, with a memory budget, at most
+  that many bytes of weights (memory.py: estimated from the files before a load, measured
+  after); one more first unloads the least recently used idle versions, or is refused with
+  RESOURCE_EXHAUSTED saying what holds the room. Versions unused for `idle_unload_s` (the
+  model's `[lifecycle]`, else the service's) unload by themselves.
 - A failed load is remembered with its reason (UNAVAILABLE), retried after `RETRY_FAILED_S` on
   use, or at once on an explicit load.
 
@@ -27,34 +33,46 @@ from enum import StrEnum
 
 from fmserve.core.repository import ModelConfig, ModelRepository, version_order
 from fmserve.core.tasks import TaskName
-from fmserve.errors import ConfigError, Overloaded, Unavailable, WrongTask
-from services.inference import metrics
+from fmserve.errors import ConfigError, FmserveError, ModelNotFound, Unavailable, WrongTask
+from services.inference import memory, metrics, residency
 from services.inference.generation.instance import GenerationInstance, load_engine
 from services.inference.heap import HeapTrimmer
 from services.inference.instance import ModelInstance
 from services.inference.loading import LoadFailed
+from services.inference.memory import Footprint
+from services.inference.residency import Key, Limits, Resident
 from services.inference.runner import Runner
 from services.inference.stats import ModelStats
 
 log = logging.getLogger("fmserve.inference.registry")
 
 RETRY_FAILED_S = 30.0
+"""A version that failed to load is tried again on use after this long (a fixed file, a GPU
+freed); until then its requests fail at once with the reason."""
 DRAIN_MARGIN_S = 1.0
 """Time left, at most (half the grace when it is short), for the "cancelled" final messages of
 generation streams to reach their callers before the server cuts the calls."""
-"""A version that failed to load is tried again on use after this long (a fixed file, a GPU
-freed); until then its requests fail at once with the reason."""
+SWEEP_S = 0.25
+"""How often versions are checked for idleness, and for folders removed from the repository."""
 
-Key = tuple[str, str]  # (model name, version)
 Instance = ModelInstance | GenerationInstance
 
 
 class State(StrEnum):
-    """A version's state, in Triton's words."""
+    """A version's state: Triton's words where it has them (tools check "READY")."""
 
     LOADING = "LOADING"
+    """Its weights are loading."""
+    WARMING = "WARMING"
+    """Loaded; running its warm-up batches. It serves no request yet."""
     READY = "READY"
+    """Serving."""
+    UNLOADING = "UNLOADING"
+    """Its requests in progress finish, then it is gone."""
+    FAILED = "FAILED"
+    """Its load or warm-up failed; the reason says why. Tried again on use after a while."""
     UNAVAILABLE = "UNAVAILABLE"
+    """Not loaded: not yet, or unloaded (the reason says why); loads on its next request."""
 
 
 @dataclass(frozen=True)
@@ -65,30 +83,50 @@ class IndexEntry:
     reason: str = ""
 
 
+@dataclass(frozen=True)
+class VersionStats:
+    """A loaded version's statistics and the memory it takes."""
+
+    name: str
+    version: str
+    stats: ModelStats
+    footprint: Footprint | None = None
+
+
+HOLDING = (State.LOADING, State.WARMING, State.READY)
+"""States in which a version takes (or is about to take) its room."""
+
+
 @dataclass
 class _Slot:
     """One model version from the start of its load to its unload."""
 
+    state: State = State.LOADING
     done: asyncio.Event = field(default_factory=asyncio.Event)
     task: asyncio.Task[None] | None = None
     """The load; held so that it is not garbage-collected while it runs."""
     instance: Instance | None = None
+    """Set once READY."""
     reason: str = ""
     """Why the load failed; empty while loading or ready."""
     failed_at: float = 0.0
-
-    @property
-    def state(self) -> State:
-        if self.instance is not None:
-            return State.READY
-        return State.UNAVAILABLE if self.reason else State.LOADING
+    bytes: int = 0
+    """The weights' size: estimated from the files until loaded, then measured."""
+    footprint: Footprint | None = None
+    pinned: bool = False
 
     def fail(self, reason: str) -> None:
-        self.reason, self.failed_at = reason, time.monotonic()
+        self.state, self.reason, self.failed_at = State.FAILED, reason, time.monotonic()
 
     @property
     def stale(self) -> bool:
-        return bool(self.reason) and time.monotonic() - self.failed_at > RETRY_FAILED_S
+        failed_long_ago = time.monotonic() - self.failed_at > RETRY_FAILED_S
+        return self.state is State.FAILED and failed_long_ago
+
+    @property
+    def evictable(self) -> bool:
+        idle = self.instance is not None and self.instance.idle
+        return self.state is State.READY and idle and not self.pinned
 
 
 class ModelRegistry:
@@ -101,16 +139,22 @@ class ModelRegistry:
         preload: Sequence[str] = (),
         grace_s: float = 10.0,
         heap_trim_idle_s: float = 0.0,
+        memory_budget_mb: float = 0.0,
+        idle_unload_s: float = 0.0,
     ) -> None:
         self.repository = repository
-        self.max_loaded_models = max_loaded_models
+        self.limits = Limits(max_loaded_models, int(memory_budget_mb * residency.MB))
+        self.idle_unload_s = idle_unload_s
         self._preload = list(preload)
         self._grace_s = grace_s
         self._slots: dict[Key, _Slot] = {}
-        self._unloaded: set[Key] = set()
+        self._closing: dict[Key, _Slot] = {}
+        self._unloaded: dict[Key, str] = {}
+        """Why a version that was loaded is no longer."""
         # Each instance runs one batch at a time, so one thread per loadable version suffices.
         self._compute = ThreadPoolExecutor(max_loaded_models, thread_name_prefix="inference")
         self._heap = HeapTrimmer(heap_trim_idle_s, self._compute)
+        self._sweeper: asyncio.Task[None] | None = None
         self.ready = False
 
     async def start(self) -> None:
@@ -120,14 +164,19 @@ class ModelRegistry:
                 await self.load(name)
             except Unavailable as exc:
                 log.error("preload failed", extra={"model": name, "reason": exc.message})
+        self._sweeper = asyncio.get_running_loop().create_task(self._sweep())
         self.ready = True
 
     async def stop(self) -> None:
         """Stop every instance's batcher; the servers' calls have drained before this."""
         self.ready = False
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
         self._heap.stop()
-        slots, self._slots = list(self._slots.items()), {}
-        await asyncio.gather(*(self._close(key, slot, "unloaded", 0.0) for key, slot in slots))
+        slots = [(key, self._begin_unload(key, "unloaded")) for key in list(self._slots)]
+        await asyncio.gather(*(self._close(key, slot, 0.0) for key, slot in slots))
         self._compute.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, grace_s: float) -> None:
@@ -161,18 +210,22 @@ class ModelRegistry:
         assert isinstance(instance, GenerationInstance)
         return instance
 
-    async def load(self, name: str) -> None:
-        """Load a model's default version now (again, if it failed before)."""
+    async def load(self, name: str, version: str = "", pin: bool = False) -> None:
+        """Load a version (the default one when none is named) now, again if it failed before,
+        and wait until it is READY. `pin`: never unload it to make room or for idleness."""
         config = self.config(name)
-        await self._ensure(config, config.default_version, retry=True)
+        version = config.resolve_version(version)
+        await self._ensure(config, version, retry=True, pin=pin)
 
-    async def unload(self, name: str) -> None:
-        """Unload every version of a model once its requests in progress are answered."""
-        self.config(name)
-        keys = [key for key in self._slots if key[0] == name]
-        slots = [(key, self._slots.pop(key)) for key in keys]
-        self._unloaded.update(keys)
-        await asyncio.gather(*(self._close(k, s, "unloaded", self._grace_s) for k, s in slots))
+    async def unload(self, name: str, version: str = "") -> None:
+        """Unload one version (unpinning it), or every version of a model, once its requests in
+        progress are answered."""
+        config = self.config(name)
+        if version and (name, version) not in self._slots:
+            config.resolve_version(version)  # NOT_FOUND for a version that does not exist
+        keys = [k for k in self._slots if k[0] == name and (not version or k[1] == version)]
+        slots = [(key, self._begin_unload(key, "unloaded")) for key in keys]
+        await asyncio.gather(*(self._close(k, s, self._grace_s) for k, s in slots))
 
     def is_ready(self, name: str, version: str = "") -> bool:
         """Whether the version (any version, when none is named) can answer without loading."""
@@ -193,32 +246,50 @@ class ModelRegistry:
             entries.extend(self._entry(name, v) for v in sorted(config.versions, key=version_order))
         return entries
 
-    def statistics(self, name: str = "", version: str = "") -> list[tuple[str, str, ModelStats]]:
+    def statistics(self, name: str = "", version: str = "") -> list[VersionStats]:
         """Statistics of the loaded versions (of one model, or one version); a named model that
         is not loaded reports zeros, as load generators ask before their first request."""
         if not name:
-            return [(n, v, instance.stats) for (n, v), instance in self._loaded()]
+            return self._loaded()
         config = self.config(name)
         version = config.resolve_version(version) if version else ""
-        found = [(n, v, instance.stats) for (n, v), instance in self._loaded() if n == name]
-        found = [entry for entry in found if not version or entry[1] == version]
-        return found or [(name, version or config.default_version, ModelStats())]
+        found = [s for s in self._loaded() if s.name == name]
+        found = [s for s in found if not version or s.version == version]
+        return found or [VersionStats(name, version or config.default_version, ModelStats())]
 
-    def _loaded(self) -> list[tuple[Key, Instance]]:
-        loaded = [(k, s.instance) for k, s in self._slots.items() if s.instance is not None]
-        return sorted(loaded, key=lambda entry: entry[0])
+    def _loaded(self) -> list[VersionStats]:
+        loaded = [
+            VersionStats(name, version, slot.instance.stats, slot.footprint)
+            for (name, version), slot in self._slots.items()
+            if slot.instance is not None
+        ]
+        return sorted(loaded, key=lambda s: (s.name, s.version))
 
     def _state(self, name: str, version: str) -> State | None:
         slot = self._slots.get((name, version))
         return slot.state if slot else None
 
     def _entry(self, name: str, version: str) -> IndexEntry:
-        slot = self._slots.get((name, version))
-        if slot is not None:
+        key = (name, version)
+        if (slot := self._slots.get(key)) is not None:
             return IndexEntry(name, version, slot.state, slot.reason)
-        unloaded = (name, version) in self._unloaded
-        reason = "unloaded" if unloaded else "not loaded; loads on first request"
+        if key in self._closing:
+            return IndexEntry(name, version, State.UNLOADING, self._unloaded.get(key, ""))
+        reason = self._unloaded.get(key, "not loaded; loads on first request")
         return IndexEntry(name, version, State.UNAVAILABLE, reason)
+
+    def _publish(self, key: Key) -> None:
+        """The version's state (and memory) as metrics, from what `index` would say."""
+        name, version = key
+        current = self._entry(name, version).state
+        for state in State:
+            metrics.MODEL_STATE.labels(name, version, state).set(int(state is current))
+        slot = self._slots.get(key)
+        if slot is not None and slot.instance is not None and slot.footprint is not None:
+            metrics.MODEL_MEMORY.labels(name, version).set(slot.footprint.bytes)
+        elif key not in self._closing:
+            with contextlib.suppress(KeyError):
+                metrics.MODEL_MEMORY.remove(name, version)
 
     def _serving_version(self, config: ModelConfig) -> str:
         """The default version when it is ready; else the newest ready one while the default
@@ -230,56 +301,71 @@ class ModelRegistry:
         slot = self._slots.get((config.name, default))
         if slot is None or slot.stale:
             # no room for the new version yet (Overloaded): keep serving the old one
-            with contextlib.suppress(Overloaded):
+            with contextlib.suppress(FmserveError):
                 self._start_load(config, default)
         return max(ready, key=version_order)
 
-    async def _ensure(self, config: ModelConfig, version: str, retry: bool = False) -> Instance:
+    async def _ensure(
+        self, config: ModelConfig, version: str, retry: bool = False, pin: bool = False
+    ) -> Instance:
         slot = self._slots.get((config.name, version))
-        if slot is None or slot.stale or (retry and slot.reason):
-            slot = self._start_load(config, version)
+        if slot is None or slot.stale or (retry and slot.state is State.FAILED):
+            slot = self._start_load(config, version, pin or bool(slot and slot.pinned))
+        slot.pinned = slot.pinned or pin
         await slot.done.wait()
         if slot.instance is None:
             raise Unavailable(slot.reason)
         slot.instance.last_used = time.monotonic()
         return slot.instance
 
-    def _start_load(self, config: ModelConfig, version: str) -> _Slot:
+    def _start_load(self, config: ModelConfig, version: str, pinned: bool = False) -> _Slot:
         """Claim the version's slot now (so concurrent requests share it), load in a task."""
         key = (config.name, version)
-        victims = self._make_room(key)
-        slot = _Slot()
+        need = memory.estimate(config, version)
+        victims = self._make_room(key, need, f"model {config.name!r} version {version!r}")
+        slot = _Slot(bytes=need, pinned=pinned)
         self._slots[key] = slot
-        self._unloaded.discard(key)
-        loading = self._load(config, version, slot, victims)
-        slot.task = asyncio.get_running_loop().create_task(loading)
+        self._unloaded.pop(key, None)
+        self._publish(key)
+        slot.task = asyncio.get_running_loop().create_task(
+            self._load(config, version, slot, victims)
+        )
         return slot
 
-    def _make_room(self, key: Key) -> list[tuple[Key, _Slot]]:
-        """Take the least recently used idle versions out, enough to stay within the budget."""
-        held = [(k, s) for k, s in self._slots.items() if k != key and s.state != State.UNAVAILABLE]
-        excess = len(held) + 1 - self.max_loaded_models
-        if excess <= 0:
-            return []
-        idle = sorted((s.instance.last_used, k) for k, s in held if s.instance and s.instance.idle)
-        if len(idle) < excess:
-            raise Overloaded(
-                f"{len(held)} model versions are loaded and all busy; retry shortly "
-                "(or raise FMSERVE_INFERENCE_MAX_LOADED_MODELS)"
-            )
-        victims = [k for _, k in idle[:excess]]
-        self._unloaded.update(victims)
-        return [(k, self._slots.pop(k)) for k in victims]
+    def _make_room(self, key: Key, need: int, what: str) -> list[tuple[Key, _Slot]]:
+        """Take the least recently used idle versions out, enough to stay within the limits."""
+        residents = [
+            Resident(k, s.bytes, s.instance.last_used if s.instance else 0.0, s.evictable)
+            for k, s in self._slots.items()
+            if k != key and s.state in HOLDING
+        ]
+        chosen = residency.victims(residents, need, self.limits, what)
+        reason = f"evicted to make room for {what}"
+        return [(victim, self._begin_unload(victim, reason)) for victim in chosen]
+
+    def _begin_unload(self, key: Key, reason: str) -> _Slot:
+        slot = self._slots.pop(key)
+        self._closing[key] = slot
+        self._unloaded[key] = reason
+        self._publish(key)
+        return slot
 
     async def _load(
         self, config: ModelConfig, version: str, slot: _Slot, victims: list[tuple[Key, _Slot]]
     ) -> None:
+        key = (config.name, version)
         what = f"model {config.name!r} version {version!r}"
         try:
-            for key, victim in victims:
-                await self._close(key, victim, "evicted", self._grace_s)
-            slot.instance = await self._instance(config, version)
+            await asyncio.gather(*(self._close(k, v, self._grace_s) for k, v in victims))
+            instance = await self._instance(config, version)
+            slot.footprint = instance.footprint()
+            slot.bytes = slot.footprint.bytes
+            slot.state = State.WARMING
+            self._publish(key)
+            await self._warm_up(instance, what)
+            slot.instance, slot.state = instance, State.READY
             self._record(config.name, version, "loaded")
+            await self._settle(key, slot, what)
         except LoadFailed as exc:
             slot.fail(f"{what} failed to load: {exc.message}")
             self._record(config.name, version, "failed", slot.reason)
@@ -289,6 +375,37 @@ class ModelRegistry:
             self._record(config.name, version, "failed")
         finally:
             slot.done.set()
+            self._publish(key)
+
+    async def _warm_up(self, instance: Instance, what: str) -> None:
+        """Run the warm-up; one that fails closes the instance: the version never serves."""
+        started = time.perf_counter()
+        try:
+            await instance.warm_up()
+        except Exception as exc:
+            await instance.close(0.0)
+            log.exception("the warm-up of %s failed", what)
+            cause = exc.message if isinstance(exc, FmserveError) else type(exc).__name__
+            raise LoadFailed(f"its warm-up failed ({cause}); it serves no traffic") from exc
+        metrics.WARMUP_DURATION.labels(instance.config.name).observe(time.perf_counter() - started)
+
+    async def _settle(self, key: Key, slot: _Slot, what: str) -> None:
+        """A version measured larger than its files said: unload idle ones to stay within the
+        budget; past it when none can go (logged), rather than fail a version that loaded."""
+        if self._slots.get(key) is not slot:
+            return  # unloaded while it loaded
+        others = [
+            Resident(k, s.bytes, s.instance.last_used if s.instance else 0.0, s.evictable)
+            for k, s in self._slots.items()
+            if k != key and s.state in HOLDING
+        ]
+        try:
+            chosen = residency.victims(others, slot.bytes, self.limits, what)
+        except FmserveError as exc:
+            log.warning("over the memory budget: %s", exc.message)
+            return
+        victims = [(k, self._begin_unload(k, f"evicted to make room for {what}")) for k in chosen]
+        await asyncio.gather(*(self._close(k, v, self._grace_s) for k, v in victims))
 
     async def _instance(self, config: ModelConfig, version: str) -> Instance:
         """Load the weights in a thread; the instance (its batcher or scheduler) on the loop."""
@@ -298,11 +415,48 @@ class ModelRegistry:
         runner = await asyncio.to_thread(Runner.load, config, version)
         return ModelInstance(runner, version, self._compute, self._heap)
 
-    async def _close(self, key: Key, slot: _Slot, event: str, grace_s: float) -> None:
-        await slot.done.wait()  # unloading a version that is still loading waits for the load
-        if slot.instance is not None:
-            await slot.instance.close(grace_s)
-            self._record(*key, event)
+    async def _close(self, key: Key, slot: _Slot, grace_s: float) -> None:
+        try:
+            await slot.done.wait()  # unloading a version that is still loading waits for the load
+            if slot.instance is not None:
+                await slot.instance.close(grace_s)
+                evicted = "evicted" in self._unloaded.get(key, "")
+                self._record(*key, "evicted" if evicted else "unloaded")
+        finally:
+            if self._closing.get(key) is slot:
+                del self._closing[key]
+            self._publish(key)
+
+    async def _sweep(self) -> None:
+        """Unload versions idle past their idle_unload_s, and those whose folder is gone."""
+        while True:
+            await asyncio.sleep(SWEEP_S)
+            try:
+                now = time.monotonic()
+                due = [(k, why) for k, s in self._slots.items() if (why := self._due(k, s, now))]
+                slots = [(key, self._begin_unload(key, why)) for key, why in due]
+                await asyncio.gather(*(self._close(k, s, self._grace_s) for k, s in slots))
+            except Exception:  # one bad sweep must not end the sweeping
+                log.exception("unloading idle versions failed; trying again")
+
+    def _due(self, key: Key, slot: _Slot, now: float) -> str:
+        """Why the version should unload now ("" if it should not)."""
+        if not slot.evictable:
+            return ""
+        try:
+            config = self.repository.get(key[0])
+        except ModelNotFound:
+            return "its model was removed from the repository"
+        except ConfigError:
+            return ""  # a model.toml being edited: keep what serves
+        if key[1] not in config.versions:
+            return "its version folder was removed from the repository"
+        idle_s = config.lifecycle.idle_unload_s
+        idle_s = self.idle_unload_s if idle_s is None else idle_s
+        assert slot.instance is not None  # evictable
+        if idle_s and now - slot.instance.last_used >= idle_s:
+            return f"unloaded after {idle_s:g} s unused"
+        return ""
 
     def _record(self, name: str, version: str, event: str, reason: str = "") -> None:
         metrics.MODEL_LOADS.labels(name, event).inc()

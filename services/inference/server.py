@@ -10,7 +10,6 @@ from typing import TypeAlias
 import grpc
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
-from fmserve.errors import InvalidInput
 from fmserve.rpc.service import Servicer
 from services.inference import codec
 from services.inference.registry import ModelRegistry
@@ -83,20 +82,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):
     async def RepositoryModelLoad(
         self, request: service_pb2.RepositoryModelLoadRequest, context: Context
     ) -> service_pb2.RepositoryModelLoadResponse:
-        if request.parameters:
-            # Triton lets a client send a config or files here: models come from the repository
-            # only, so no client can make this server load code or weights it supplies.
-            raise InvalidInput(
-                "load parameters (config, file:...) are not accepted; models load from the "
-                "model repository only"
-            )
-        await self.registry.load(request.model_name)
+        load = codec.load_to_domain(request)
+        await self.registry.load(request.model_name, load.version, pin=load.pin)
         return service_pb2.RepositoryModelLoadResponse()
 
     async def RepositoryModelUnload(
         self, request: service_pb2.RepositoryModelUnloadRequest, context: Context
     ) -> service_pb2.RepositoryModelUnloadResponse:
-        await self.registry.unload(request.model_name)
+        version = codec.unload_to_domain(request)
+        await self.registry.unload(request.model_name, version)
         return service_pb2.RepositoryModelUnloadResponse()
 
 

@@ -33,6 +33,13 @@ class InferenceSettings(RepositorySettings, PreloadSettings, WorkerSettings):
     max_loaded_models: int = Field(8, ge=1)
     """Most model versions loaded at once; loading one more unloads the least recently used
     idle one (RESOURCE_EXHAUSTED when none is idle)."""
+    memory_budget_mb: float = Field(0.0, ge=0)
+    """Most memory the loaded versions' weights may take together, in MB (each measured at its
+    load). Loading one more first unloads the least recently used idle versions that are not
+    pinned; when none can go, the load is refused with RESOURCE_EXHAUSTED. 0: no budget."""
+    idle_unload_s: float = Field(0.0, ge=0)
+    """A version unused this long unloads by itself (a pinned one never); a model's model.toml
+    `[lifecycle] idle_unload_s` overrides it. 0: never."""
     heap_trim_idle_s: float = Field(1.0, ge=0)
     """Once no model has run a batch for this long, hand the memory that the work freed back to
     the OS (glibc's malloc_trim, about 20 ms off the event loop). Without it every overload

@@ -9,6 +9,7 @@ import torch
 from fmserve.core.repository import ModelConfig
 from services.inference.backend import encoder_only
 from services.inference.loading import Placement, load_module, place
+from services.inference.memory import Footprint, module_footprint
 
 
 class TorchBackend:
@@ -31,6 +32,9 @@ class TorchBackend:
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         out = self.module(input_ids=ids, attention_mask=mask)
         return out.last_hidden_state if self._hidden else out.logits
+
+    def footprint(self) -> Footprint:
+        return module_footprint(self.module, self.device)
 
     def synchronize(self) -> None:
         # a CUDA forward returns before it ran

@@ -145,7 +145,7 @@ def test_a_corrupt_model_onnx_fails_its_model_only(client: Client, onnx_cluster:
     assert str(onnx_cluster.env["FMSERVE_MODEL_REPOSITORY"]) not in str(caught.value)
     index = triton_client.get_model_repository_index(as_json=True)["models"]
     broken = next(m for m in index if m["name"] == "broken-onnx")
-    assert broken["state"] == "UNAVAILABLE" and "model.onnx" in broken["reason"]
+    assert broken["state"] == "FAILED" and "model.onnx" in broken["reason"]
     triton_client.close()
     # the service lives on: other models (ONNX ones too) still answer
     assert client.classify(["still here"], model="tiny-classifier", version="2", cache="bypass")

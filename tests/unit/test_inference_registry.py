@@ -97,13 +97,13 @@ async def test_budget_unloads_the_least_recently_used(model_repository: Path) ->
         await registry.instance("tiny-classifier", "1")  # version 2 is now the least recent
         await registry.instance("tiny-ner")
         assert states(registry, "tiny-classifier") == {"1": State.READY, "2": State.UNAVAILABLE}
+        [evicted] = [e for e in registry.index() if (e.name, e.version) == ("tiny-classifier", "2")]
+        assert evicted.reason == "evicted to make room for model 'tiny-ner' version '1'"
         assert registry.is_ready("tiny-ner")
     assert loads("tiny-classifier", "evicted") == before + 1
 
 
-async def test_failed_load_is_unavailable_with_reason(
-    model_repository: Path, tmp_path: Path
-) -> None:
+async def test_failed_load_is_failed_with_reason(model_repository: Path, tmp_path: Path) -> None:
     add_pickled_model(model_repository / "tiny-classifier" / "1", tmp_path)
     before = loads("pickled", "failed")
     async with registry_of(tmp_path) as registry:
@@ -112,7 +112,7 @@ async def test_failed_load_is_unavailable_with_reason(
                 await registry.instance("pickled")
             assert str(tmp_path) not in caught.value.message
         [entry] = registry.index()
-        assert entry.state is State.UNAVAILABLE and "safetensors" in entry.reason
+        assert entry.state is State.FAILED and "safetensors" in entry.reason
     assert loads("pickled", "failed") == before + 1
 
 

@@ -7,6 +7,7 @@ unrelated halves, each long enough to read on its own:
                 → per-sequence ids; an output array → a response
     models.py   describing the server and its models: ServerMetadata, ModelMetadata,
                 ModelConfig, ModelStatistics and RepositoryIndex, from configs and records
+    repository.py  the parameters of RepositoryModelLoad / RepositoryModelUnload
 """
 
 from services.inference.codec.infer import to_domain, to_wire
@@ -17,13 +18,16 @@ from services.inference.codec.models import (
     server_metadata,
     statistics_to_wire,
 )
+from services.inference.codec.repository import load_to_domain, unload_to_domain
 
 __all__ = [
     "config_to_wire",
     "index_to_wire",
+    "load_to_domain",
     "metadata_to_wire",
     "server_metadata",
     "statistics_to_wire",
     "to_domain",
     "to_wire",
+    "unload_to_domain",
 ]

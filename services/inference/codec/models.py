@@ -10,9 +10,10 @@ import fmserve
 from fmserve.core.repository import ModelConfig, version_order
 from fmserve.core.tasks import TaskName
 from services.inference import signature
-from services.inference.registry import IndexEntry, State
+from services.inference.memory import Footprint
+from services.inference.registry import IndexEntry, State, VersionStats
 from services.inference.signature import TensorSpec
-from services.inference.stats import Duration, ModelStats
+from services.inference.stats import Duration
 
 SERVER_NAME = "fmserve-inference"
 # Triton protocol extensions this server implements (clients probe for them).
@@ -80,12 +81,8 @@ def _as_decoupled(model: mc.ModelConfig, config: ModelConfig) -> None:
     model.model_transaction_policy.decoupled = True
 
 
-def statistics_to_wire(
-    records: list[tuple[str, str, ModelStats]],
-) -> service_pb2.ModelStatisticsResponse:
-    return service_pb2.ModelStatisticsResponse(
-        model_stats=[_model_stats(name, version, stats) for name, version, stats in records]
-    )
+def statistics_to_wire(records: list[VersionStats]) -> service_pb2.ModelStatisticsResponse:
+    return service_pb2.ModelStatisticsResponse(model_stats=[_model_stats(r) for r in records])
 
 
 def index_to_wire(
@@ -147,10 +144,11 @@ def _parameters(config: ModelConfig, version: str) -> dict[str, str]:
     return parameters
 
 
-def _model_stats(name: str, version: str, stats: ModelStats) -> service_pb2.ModelStatistics:
+def _model_stats(record: VersionStats) -> service_pb2.ModelStatistics:
+    stats = record.stats
     return service_pb2.ModelStatistics(
-        name=name,
-        version=version,
+        name=record.name,
+        version=record.version,
         last_inference=stats.last_inference_ms,
         inference_count=stats.inference_count,
         execution_count=stats.execution_count,
@@ -171,7 +169,19 @@ def _model_stats(name: str, version: str, stats: ModelStats) -> service_pb2.Mode
             )
             for size, batch in sorted(stats.batches.items())
         ],
+        memory_usage=_memory_usage(record.footprint),
     )
+
+
+def _memory_usage(footprint: Footprint | None) -> list[service_pb2.MemoryUsage]:
+    """Triton's memory usage of a loaded version: its weights, on their device."""
+    if footprint is None:
+        return []
+    return [
+        service_pb2.MemoryUsage(
+            type=footprint.kind, id=footprint.device_id, byte_size=footprint.bytes
+        )
+    ]
 
 
 def _duration(duration: Duration) -> service_pb2.StatisticDuration:

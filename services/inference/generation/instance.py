@@ -15,13 +15,18 @@ from transformers import DynamicCache
 from fmserve.core.repository import ModelConfig
 from fmserve.core.tasks import TaskName
 from fmserve.errors import InvalidInput
+from services.inference import warmup
 from services.inference.generation.budget import KvBudget
-from services.inference.generation.engine import Engine
+from services.inference.generation.engine import Engine, Prompt
 from services.inference.generation.params import GenerationRequest, check
 from services.inference.generation.scheduler import Event, Scheduler
 from services.inference.heap import HeapTrimmer
 from services.inference.loading import LoadFailed, load_module, place
+from services.inference.memory import Footprint, module_footprint
 from services.inference.stats import ModelStats
+
+WARMUP_ROW = -1
+"""The decode batch's row id of the warm-up sequence (the scheduler numbers its own from 0)."""
 
 
 def load_engine(config: ModelConfig, version: str, cuda_devices: int | None = None) -> Engine:
@@ -68,6 +73,7 @@ class GenerationInstance:
         self.version = version
         self.stats = ModelStats()
         self.last_used = time.monotonic()
+        self._executor = executor
         generation = config.generation
         heap = heap or HeapTrimmer(0, executor)
         self.scheduler = Scheduler(
@@ -111,6 +117,27 @@ class GenerationInstance:
             f"model {self.config.name!r} generates text: call ModelStreamInfer, which streams "
             "its tokens, not ModelInfer"
         )
+
+    def footprint(self) -> Footprint:
+        """The memory its weights take (memory.py); the KV cache is bounded apart."""
+        return module_footprint(self.engine.module, self.engine.placement.device)
+
+    async def warm_up(self) -> None:
+        """Prefill a short prompt and decode a few steps before the version serves (no request
+        reaches it before it is READY, so the decode batch is free)."""
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up)
+
+    def _warm_up(self) -> None:
+        ids = warmup.prompt(self.config, self.engine.vocab_size)
+        prefilled = self.engine.prefill([Prompt(tuple(ids))])
+        batch = self.engine.batch
+        batch.add([WARMUP_ROW], prefilled.layers, prefilled.lengths)
+        try:
+            token = ids[-1]
+            for _ in range(warmup.DECODE_STEPS):
+                token = int(self.engine.decode([token]).logits[0].argmax())
+        finally:
+            batch.remove([WARMUP_ROW])
 
     async def close(self, grace_s: float) -> None:
         """Let streams in progress finish (up to `grace_s`), then end the rest: "cancelled"
