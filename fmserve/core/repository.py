@@ -15,6 +15,9 @@ know a model; the inference service alone loads weights.
 A version may be one GGUF file: its config is read from the file's metadata, and `files()`
 converts it once into a safetensors folder in the shared cache (`fmserve.core.gguf`).
 
+The folder is read into memory and reread every few seconds by a watcher (fmserve.core.watch),
+so requests never touch the filesystem and new versions are seen without editing model.toml.
+
 See README "Model repository" for every key. A model.toml that cannot be used raises
 `fmserve.errors.ConfigError` (UNAVAILABLE) here, the one place it is translated: every service
 that reads the repository answers the same, and the operator's log names the file once per edit.

@@ -150,3 +150,50 @@ async def test_a_requests_sequences_share_one_forward_pass(model_repository: Pat
         output = await instance.infer(InferRequest("tiny-ner", "", sequences))
         assert output.name == "logits" and output.array.shape == (11, 5)
         assert (instance.stats.execution_count, instance.stats.inference_count) == (1, 3)
+
+
+async def test_a_version_whose_warm_up_fails_is_failed_and_never_serves(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    # tiny-overreach claims 256 tokens but has 128 positions: a long warm-up sample crashes it
+    shutil.copytree(model_repository / "tiny-overreach", tmp_path / "tiny-overreach")
+    toml = tmp_path / "tiny-overreach" / "model.toml"
+    toml.write_text(toml.read_text() + '[warmup]\nsamples = ["' + "word " * 200 + '"]\n')
+    async with registry_of(tmp_path) as registry:
+        with pytest.raises(Unavailable, match="its warm-up failed") as caught:
+            await registry.instance("tiny-overreach")
+        [entry] = registry.index()
+        assert entry.state is State.FAILED and entry.reason == caught.value.message
+        assert "it serves no traffic" in entry.reason
+        assert not registry.is_ready("tiny-overreach") and registry.statistics() == []
+
+
+async def test_a_loaded_version_whose_folder_is_removed_unloads(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    root = classifier_repository(model_repository, tmp_path, ("1", "2"))
+    async with registry_of(root) as registry:
+        await registry.instance("tiny-classifier", "1")
+        shutil.rmtree(root / "tiny-classifier" / "1")
+        registry.repository.refresh()
+        await asyncio.sleep(0.6)  # the registry's sweep runs every 0.25 s
+        assert registry.statistics() == []
+        assert [e.version for e in registry.index()] == ["2"]
+
+
+async def test_a_pinned_version_stays_when_idle(model_repository: Path, tmp_path: Path) -> None:
+    root = classifier_repository(model_repository, tmp_path, ("1", "2"))
+    registry = ModelRegistry(ModelRepository(root), grace_s=1.0, idle_unload_s=0.2)
+    await registry.start()
+    try:
+        await registry.load("tiny-classifier", "1", pin=True)
+        await registry.instance("tiny-classifier", "2")
+        await asyncio.sleep(0.7)
+        assert states(registry, "tiny-classifier") == {"1": State.READY, "2": State.UNAVAILABLE}
+        await registry.unload("tiny-classifier", "1")  # unpinned and gone; 2 stays unloaded
+        assert states(registry, "tiny-classifier") == {
+            "1": State.UNAVAILABLE,
+            "2": State.UNAVAILABLE,
+        }
+    finally:
+        await registry.stop()
