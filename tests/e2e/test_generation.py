@@ -24,6 +24,7 @@ from fmserve.errors import DeadlineExceeded, InputTooLong, InvalidInput, Unavail
 
 pytestmark = pytest.mark.timeout(300)
 
+REPOSITORY_POLL_S = 2.0  # FMSERVE_REPOSITORY_POLL_S's default
 PROMPTS = [
     "def generate(prompt: str) -> str:",
     "numbers 0123",
@@ -311,6 +312,16 @@ def test_a_passed_deadline_ends_the_stream_and_frees_the_sequence(client, cluste
         time.sleep(0.1)
 
 
+def seen_by_every_service(client: Client, model: str) -> None:
+    """Wait until a model added to the running cluster's repository is listed by the gateway,
+    then one more poll: every service rereads the repository every 2 s, on its own clock."""
+    deadline = time.monotonic() + 10
+    while model not in {m.name for m in client.models()}:
+        assert time.monotonic() < deadline, f"{model} is not listed"
+        time.sleep(0.1)
+    time.sleep(REPOSITORY_POLL_S)
+
+
 def test_smollm2_chat_greedy_equals_model_generate(client, model_repository):
     bundled = Path(__file__).resolve().parents[2] / "models" / "smollm2" / "model.toml"
     (model_repository / "smollm2").mkdir(exist_ok=True)
@@ -318,6 +329,7 @@ def test_smollm2_chat_greedy_equals_model_generate(client, model_repository):
     folder = ModelRepository(model_repository).get("smollm2").files()
     lm = AutoModelForCausalLM.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
+    seen_by_every_service(client, "smollm2")
 
     reused = []
     for question in ("What is the capital of France?", "Write one word: ça, 東京 or 😀?"):
