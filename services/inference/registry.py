@@ -356,7 +356,7 @@ class ModelRegistry:
         key = (config.name, version)
         what = f"model {config.name!r} version {version!r}"
         try:
-            await asyncio.gather(*(self._close(k, v, self._grace_s) for k, v in victims))
+            await asyncio.gather(*(self._close(k, v, self._grace_s, "evicted") for k, v in victims))
             instance = await self._instance(config, version)
             slot.footprint = instance.footprint()
             slot.bytes = slot.footprint.bytes
@@ -405,7 +405,7 @@ class ModelRegistry:
             log.warning("over the memory budget: %s", exc.message)
             return
         victims = [(k, self._begin_unload(k, f"evicted to make room for {what}")) for k in chosen]
-        await asyncio.gather(*(self._close(k, v, self._grace_s) for k, v in victims))
+        await asyncio.gather(*(self._close(k, v, self._grace_s, "evicted") for k, v in victims))
 
     async def _instance(self, config: ModelConfig, version: str) -> Instance:
         """Load the weights in a thread; the instance (its batcher or scheduler) on the loop."""
@@ -415,13 +415,12 @@ class ModelRegistry:
         runner = await asyncio.to_thread(Runner.load, config, version)
         return ModelInstance(runner, version, self._compute, self._heap)
 
-    async def _close(self, key: Key, slot: _Slot, grace_s: float) -> None:
+    async def _close(self, key: Key, slot: _Slot, grace_s: float, event: str = "unloaded") -> None:
         try:
             await slot.done.wait()  # unloading a version that is still loading waits for the load
             if slot.instance is not None:
                 await slot.instance.close(grace_s)
-                evicted = "evicted" in self._unloaded.get(key, "")
-                self._record(*key, "evicted" if evicted else "unloaded")
+                self._record(*key, event)
         finally:
             if self._closing.get(key) is slot:
                 del self._closing[key]
