@@ -36,6 +36,7 @@ class GenerateCall:
     version: str = ""
     sampling: Sampling = field(default_factory=Sampling)
     cache_policy: CachePolicy = CachePolicy.USE
+    routing_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -75,7 +76,9 @@ class Generator:
         """Deltas as text becomes final, then the finished generation."""
         started = time.monotonic()
         deadline = started + context.remaining_s(self.timeout_s)
-        route = self.router.route(call.model, call.version, TaskName.TEXT_GENERATION, False, 0)
+        route = self.router.route(
+            call.model, call.version, TaskName.TEXT_GENERATION, False, 0, call.routing_key
+        )
         sampling = checked(call.sampling, self.router.repository.get(route.model), self.limits)
         check_prompt_size(call.prompt, self.router.max_text_chars)
         key = generation_key(route, call.prompt, sampling) if sampling.deterministic else None
