@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from tritonclient.grpc import service_pb2
 
-from fmserve.errors import FmserveError
+from fmserve.errors import FmserveError, NotFound
 from services.gateway.stage_errors import translated
 from services.gateway.stages import StageClients
 
@@ -33,24 +33,32 @@ class InferenceAdmin:
         self.poll_s = poll_s
 
     async def load_ready(self, model: str, version: str, timeout_s: float) -> str:
-        """Load and pin the version, then wait for READY: '' once it is, else why not."""
-        refused = ""
-        try:
-            await self._load(model, version, timeout_s)
-        except FmserveError as error:
-            refused = error.message
+        """Load and pin the version, then wait for READY: '' once it is, else why not. A model
+        or version the inference service has not seen yet (its repository is polled) is asked
+        again until `timeout_s`."""
         deadline = time.monotonic() + timeout_s
+        refused = await self._try_load(model, version, timeout_s)
         while True:
             found = (await self.index()).get((model, version), VersionState("UNKNOWN"))
             if found.state == "READY":
                 return ""
             if found.state == "FAILED" or (refused and found.state in FAILED):
-                return found.reason or refused
-            if refused and found.state != "LOADING":
-                return refused
+                return found.reason or refused.message if refused else found.reason
             if time.monotonic() > deadline:
-                return f"not READY within {timeout_s:g} s (state {found.state})"
+                why = f"not READY within {timeout_s:g} s (state {found.state})"
+                return refused.message if refused else why
+            if refused and found.state != "LOADING":
+                if not isinstance(refused, NotFound):
+                    return refused.message
+                refused = await self._try_load(model, version, deadline - time.monotonic())
             await asyncio.sleep(self.poll_s)
+
+    async def _try_load(self, model: str, version: str, timeout_s: float) -> FmserveError | None:
+        try:
+            await self._load(model, version, timeout_s)
+        except FmserveError as error:
+            return error
+        return None
 
     async def unload(self, model: str, version: str) -> None:
         """Unpin the version and unload it once its requests in flight are answered."""
