@@ -71,9 +71,10 @@ def route_cpu_us(repository: Path, calls: int = 200_000) -> dict[str, float]:
 
 def measure(address: str, seconds: float, rounds: int) -> dict[str, list[Load]]:
     loads: dict[str, list[Load]] = {}
-    for _ in range(rounds):
+    for round_ in range(rounds):
         for concurrency in (1, 32):
-            for name in (PLAIN, MODEL):
+            # each goes first in every other round: a neighbour's load drifts within a round too
+            for name in (PLAIN, MODEL) if round_ % 2 == 0 else (MODEL, PLAIN):
                 load = asyncio.run(
                     closed_loop(address, concurrency, seconds, repeat=False, model=name)
                 )
@@ -88,8 +89,9 @@ def report(loads: dict[str, list[Load]], cpu_us: dict[str, float]) -> None:
     def rate(key: str) -> float:
         return statistics.mean(load.rate for load in loads[key])
 
-    for key in loads:
-        print(f"{key:<22} {rate(key):8.1f} req/s   p50 {p50(key):7.2f} ms")
+    for key in sorted(loads):
+        rounds = " ".join(f"{load.rate:.0f}/{load.pct(0.5):.1f}" for load in loads[key])
+        print(f"{key:<20} {rate(key):7.1f} req/s   p50 {p50(key):7.2f} ms   (rounds: {rounds})")
     c1 = p50(f"{MODEL} c=1") / p50(f"{PLAIN} c=1")
     c32 = rate(f"{MODEL} c=32") / rate(f"{PLAIN} c=32")
     print(f"\npolicy/none: c=1 p50 {c1:.3f}   c=32 throughput {c32:.3f}   [within 0.98-1.02]")
@@ -102,7 +104,7 @@ def report(loads: dict[str, list[Load]], cpu_us: dict[str, float]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=10.0, help="per measurement")
-    parser.add_argument("--rounds", type=int, default=2, help="interleaved rounds")
+    parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds")
     args = parser.parse_args()
     repository = two_version_repository()
     cluster = start_cluster(

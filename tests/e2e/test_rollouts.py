@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from fmserve.cli import commands
 from fmserve.cli.cluster import Cluster
 from fmserve.client import Client, Guard, TrafficPolicy
 from fmserve.errors import Conflict, FmserveError
@@ -228,3 +229,29 @@ def test_a_job_submitted_during_a_rollout_is_answered_by_one_version(client: Cli
         assert results == reference[status.version]
         versions.add(status.version)
     assert versions == {"1", "2"}  # 12 jobs all drawing one version: a chance in 2048
+
+
+def test_the_cli_rolls_out_shows_versions_promotes_and_rolls_back(
+    client: Client, gateway_address: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fmserve(*argv: str) -> str:
+        assert commands.main(["--address", gateway_address, *argv]) == 0
+        return capsys.readouterr().out
+
+    client.set_traffic_policy(policy())
+    out = fmserve("rollout", MODEL, "--version", "2", "--canary", "20", "--sticky")
+    assert "canary 2 at 20% (sticky by routing key)" in out and "SERVING" in out
+    lines = fmserve("models", "--versions").splitlines()
+    mine = {line.split()[1]: line for line in lines if line.startswith(MODEL)}
+    assert set(mine) == {"1", "2", "3", "4"}
+    assert "READY" in mine["1"] and "80%" in mine["1"] and "20%" in mine["2"]
+    assert "FAILED" in mine["3"]
+    assert fmserve("rollout", MODEL, "--promote").startswith(f"{MODEL}: stable 2")
+    assert fmserve("rollback", MODEL).startswith(f"{MODEL}: stable 1")
+    assert (
+        commands.main(
+            ["--address", gateway_address, "rollout", MODEL, "--version", "3", "--canary", "5"]
+        )
+        == 1
+    )
+    assert "FAILED" in capsys.readouterr().err
