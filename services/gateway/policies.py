@@ -49,7 +49,8 @@ class PolicyBook:
         return self._policies.get(model)
 
     def apply(self, policy: policy_pb2.TrafficPolicy) -> None:
-        """A policy this replica just wrote (unless a newer one was read meanwhile)."""
+        """A policy read or just written, unless a newer one is known: a read that began
+        before this replica's own write may end after it."""
         known = self._policies.get(policy.model)
         if known is None or known.revision < policy.revision:
             self._set(policy)
@@ -57,10 +58,12 @@ class PolicyBook:
     async def refresh(self) -> None:
         """Read every policy now."""
         listing = await self.store.all()
-        for model in set(self._policies) - {p.model for p in listing.policies}:
-            self._forget(model)
+        listed = {p.model for p in listing.policies}
+        for model, known in list(self._policies.items()):
+            if model not in listed and known.revision <= listing.revision:
+                self._forget(model)  # gone from the store (not written after this read)
         for policy in listing.policies:
-            self._set(policy)
+            self.apply(policy)
         self.revision = listing.revision
 
     async def _poll(self) -> None:

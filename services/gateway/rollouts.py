@@ -45,6 +45,7 @@ class Rollouts:
 
     async def set(self, asked: policy_pb2.TrafficPolicy) -> policy_pb2.TrafficPolicy:
         policy = self._checked(asked)
+        await self.book.refresh()  # another replica may have written within the last poll
         current = self.book.policy(policy.model)
         trial = policy.canary_version or policy.shadow_version
         for version in dict.fromkeys(
@@ -59,6 +60,8 @@ class Rollouts:
         return await self._put(policy, current)
 
     async def get(self, model: str) -> policy_pb2.TrafficPolicy:
+        """The model's policy as the store holds it now (not as of the last poll)."""
+        await self.book.refresh()
         policy = self.book.policy(model)
         if policy is None:
             self.router.repository.get(model)  # NOT_FOUND for an unknown model

@@ -181,3 +181,28 @@ def test_the_shadow_route_is_the_same_request_for_the_shadow_version(router: Rou
     assert shadow is not None and shadow.version == "3" and shadow.task is route.task
     pinned_to_shadow = router.route("tiny", "3", TaskName.TEXT_CLASSIFICATION, False, 0)
     assert router.shadow(pinned_to_shadow) is None
+
+
+class SlowStore(PolicyStore):
+    """A store whose listing was read before a write that lands while it travels."""
+
+    def __init__(self, listing: policy_pb2.ListPoliciesResponse) -> None:
+        super().__init__("127.0.0.1:1")
+        self.listing = listing
+
+    async def all(self) -> policy_pb2.ListPoliciesResponse:
+        return self.listing
+
+
+async def test_a_read_older_than_a_local_write_does_not_undo_it() -> None:
+    old = policy_pb2.ListPoliciesResponse(policies=[_policy(4)], revision=4)
+    book = PolicyBook(SlowStore(old), poll_s=1.0)
+    book.apply(_policy(5, canary_version="2", canary_percent=10))  # written after the read
+    book.apply(policy_pb2.TrafficPolicy(model="new", stable_version="1", revision=6))
+    await book.refresh()
+    tiny, new = book.split("tiny"), book.split("new")
+    assert tiny is not None and tiny.revision == 5 and new is not None
+    book.store = SlowStore(policy_pb2.ListPoliciesResponse(policies=[_policy(7)], revision=7))
+    await book.refresh()
+    assert book.split("new") is None  # gone from the store since
+    assert (book.split("tiny") or Split("", "")).revision == 7
