@@ -63,7 +63,7 @@ def build(settings: GatewaySettings) -> Service:
     broker = _broker(settings) if settings.jobs_enabled else None
     jobs = Jobs(router, broker, records, settings)
     generator = Generator(
-        router, stages, cache, StopLimits.of(settings), settings.generate_timeout_s
+        router, stages, cache, StopLimits.of(settings), settings.generate_timeout_s, outcomes
     )
     keys = KeyStore(settings.cache_address, identity)
     admin = KeyAdmin(keys)

@@ -17,12 +17,13 @@ from opentelemetry import trace
 
 from fmserve.core import context
 from fmserve.core.tasks import TaskName
-from fmserve.errors import DeadlineExceeded
+from fmserve.errors import DeadlineExceeded, InvalidInput
 from fmserve.v1 import common_pb2
 from services.gateway import principal
 from services.gateway.cache_keys import generation_key
 from services.gateway.gateway import CachePolicy
 from services.gateway.metrics import INTER_TOKEN_LATENCY, TIME_TO_FIRST_TOKEN, TOKENS_GENERATED
+from services.gateway.outcomes import Outcomes
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Route, Router
 from services.gateway.sampling import Prompt, Sampling, StopLimits, check_prompt_size, checked
@@ -65,20 +66,37 @@ class Generator:
         cache: ResultCache,
         limits: StopLimits,
         timeout_s: float,
+        outcomes: Outcomes,
     ) -> None:
         self.router = router
         self.stages = stages
         self.cache = cache
         self.limits = limits
         self.timeout_s = timeout_s
+        self.outcomes = outcomes
 
     async def generate(self, call: GenerateCall) -> AsyncGenerator[Event, None]:
-        """Deltas as text becomes final, then the finished generation."""
+        """Deltas as text becomes final, then the finished generation; the stream's outcome
+        is counted for the version that answered (outcomes.py: metrics, guards)."""
         started = time.monotonic()
-        deadline = started + context.remaining_s(self.timeout_s)
         route = self.router.route(
             call.model, call.version, TaskName.TEXT_GENERATION, False, 0, call.routing_key
         )
+        async with aclosing(self._generate(call, route, started)) as events:
+            try:
+                async for event in events:
+                    yield event
+            except InvalidInput:
+                raise  # the caller's mistake, not the version's
+            except Exception:
+                self.outcomes.record(route.model, route.version, False, time.monotonic() - started)
+                raise
+        self.outcomes.record(route.model, route.version, True, time.monotonic() - started)
+
+    async def _generate(
+        self, call: GenerateCall, route: Route, started: float
+    ) -> AsyncGenerator[Event, None]:
+        deadline = started + context.remaining_s(self.timeout_s)
         sampling = checked(call.sampling, self.router.repository.get(route.model), self.limits)
         check_prompt_size(call.prompt, self.router.max_text_chars)
         key = generation_key(route, call.prompt, sampling) if sampling.deterministic else None

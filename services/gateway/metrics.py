@@ -49,13 +49,13 @@ TOKENS_GENERATED = Counter(
 # is counted), so they stay as few as the versions kept.
 VERSION_REQUESTS = Counter(
     "fmserve_gateway_version_requests_total",
-    "Infer calls answered per model version, by outcome (ok, error); the caller's own mistakes "
-    "(INVALID_ARGUMENT) are not counted against a version.",
+    "Infer and Generate calls answered per model version, by outcome (ok, error); the caller's "
+    "own mistakes (INVALID_ARGUMENT) are not counted against a version.",
     ["model", "version", "outcome"],
 )
 VERSION_LATENCY = Histogram(
     "fmserve_gateway_version_request_duration_seconds",
-    "Time to answer an Infer call, per model version.",
+    "Time to answer an Infer call (a whole Generate stream), per model version.",
     ["model", "version"],
     buckets=LATENCY_BUCKETS,
 )

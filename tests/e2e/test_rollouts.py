@@ -255,3 +255,15 @@ def test_the_cli_rolls_out_shows_versions_promotes_and_rolls_back(
         == 1
     )
     assert "FAILED" in capsys.readouterr().err
+
+
+def test_generate_streams_are_counted_for_the_version_that_answered(
+    client: Client, cluster: Cluster
+) -> None:
+    counted = dict(model="tiny-llama", version="1", outcome="ok")
+    before = metric(cluster, "fmserve_gateway_version_requests_total", **counted)
+    generation = client.generate(
+        "count me", model="tiny-llama", max_new_tokens=4, routing_key="user-1", cache="bypass"
+    )
+    assert generation.version == "1"
+    assert metric(cluster, "fmserve_gateway_version_requests_total", **counted) == before + 1
