@@ -16,9 +16,6 @@ from services.gateway.stage_errors import translated
 from services.gateway.stages import StageClients
 
 CALL_TIMEOUT_S = 10.0
-FAILED = ("FAILED", "UNAVAILABLE")
-"""States that say a load failed (UNAVAILABLE with a reason, from inference services that
-have no FAILED state), when the load call itself failed too."""
 
 
 @dataclass(frozen=True)
@@ -42,14 +39,14 @@ class InferenceAdmin:
             found = (await self.index()).get((model, version), VersionState("UNKNOWN"))
             if found.state == "READY":
                 return ""
-            if found.state == "FAILED" or (refused and found.state in FAILED):
-                return found.reason or refused.message if refused else found.reason
+            if found.state == "FAILED":
+                return found.reason or "it failed to load"
+            if refused is not None and not isinstance(refused, NotFound):
+                return refused.message
             if time.monotonic() > deadline:
                 why = f"not READY within {timeout_s:g} s (state {found.state})"
                 return refused.message if refused else why
-            if refused and found.state != "LOADING":
-                if not isinstance(refused, NotFound):
-                    return refused.message
+            if refused is not None:  # not seen yet: ask again
                 refused = await self._try_load(model, version, deadline - time.monotonic())
             await asyncio.sleep(self.poll_s)
 
