@@ -85,13 +85,14 @@ class Generator:
         async with aclosing(self._generate(call, route, started)) as events:
             try:
                 async for event in events:
+                    if isinstance(event, Finished):  # before it leaves: the caller may go
+                        self.outcomes.record(route.model, route.version, True, _since(started))
                     yield event
             except InvalidInput:
                 raise  # the caller's mistake, not the version's
             except Exception:
-                self.outcomes.record(route.model, route.version, False, time.monotonic() - started)
+                self.outcomes.record(route.model, route.version, False, _since(started))
                 raise
-        self.outcomes.record(route.model, route.version, True, time.monotonic() - started)
 
     async def _generate(
         self, call: GenerateCall, route: Route, started: float
@@ -205,3 +206,7 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise DeadlineExceeded("the deadline expired before the generation finished")
     return left
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started

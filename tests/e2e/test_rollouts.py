@@ -40,9 +40,18 @@ def client(gateway_address: str, model_repository: Path) -> Iterator[Client]:
         'task = "text-classification"\nmax_length = 256\n[batching]\nmax_batch_size = 8\n'
     )
     with Client(gateway_address, timeout=60) as client:
-        wait_until(lambda: MODEL in {m.name for m in client.models()}, timeout_s=30)
+        # every service rereads the repository on its own poll: wait until all have seen it
+        wait_until(lambda: answers(client), timeout_s=30)
         yield client
     shutil.rmtree(folder)
+
+
+def answers(client: Client) -> bool:
+    try:
+        client.infer(SHORT, MODEL, version="1")
+    except FmserveError:
+        return False
+    return True
 
 
 def wait_until(done: Callable[[], bool], timeout_s: float) -> None:
