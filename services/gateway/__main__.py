@@ -79,21 +79,12 @@ def build(settings: GatewaySettings) -> Service:
         interceptors.append(_auth(settings, keys, router, limits))
         if not settings.admin_key.get_secret_value():
             resources.append(FirstAdminKey(admin))
+    versions = ModelVersions(router, inference, book, outcomes)
+    public = GatewayServicer(gateway, jobs, admin, generator, rollouts, versions)
     return Service(
         "gateway",
         settings,
-        [
-            servicer(
-                GatewayServicer(
-                    gateway,
-                    jobs,
-                    admin,
-                    generator,
-                    rollouts,
-                    ModelVersions(router, inference, book, outcomes),
-                )
-            )
-        ],
+        [servicer(public)],
         resources=resources,
         interceptors=interceptors,
         public=True,
