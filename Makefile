@@ -54,6 +54,7 @@ bench: install
 	$(PY) -m bench.embedding
 	$(PY) -m bench.jobs
 	$(PY) -m bench.auth
+	$(PY) -m bench.routing
 	$(PY) -m bench.onnx
 
 up: install

@@ -109,6 +109,7 @@ async def closed_loop(
     repeat: bool,
     metadata: tuple[tuple[str, str], ...] = (),
     version: str = "",
+    model: str = MODEL,
 ) -> Load:
     """`concurrency` clients each sending one single-sentence request after another (with
     `metadata` on each, e.g. an API key) to the model's `version` (default: its default)."""
@@ -125,7 +126,7 @@ async def closed_loop(
             while time.perf_counter() < stop_at:
                 text = "cached benchmark sentence" if repeat else sentence(i, f"{run}-{w}")
                 request = gateway_pb2.InferRequest(
-                    model=MODEL, version=version, texts=[text], options=options
+                    model=model, version=version, texts=[text], options=options
                 )
                 start = time.perf_counter()
                 await stub.Infer(request, timeout=30, metadata=metadata)
@@ -134,7 +135,7 @@ async def closed_loop(
 
         if repeat:  # put the entry in the cache before timing hits
             warm = gateway_pb2.InferRequest(
-                model=MODEL, version=version, texts=["cached benchmark sentence"]
+                model=model, version=version, texts=["cached benchmark sentence"]
             )
             await stub.Infer(warm, timeout=30, metadata=metadata)
         start = time.perf_counter()

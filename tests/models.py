@@ -33,14 +33,14 @@ SENTIMENT_LABELS = ("negative", "neutral", "positive")
 NER_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 
 
-def _tiny_config(labels: tuple[str, ...]) -> BertConfig:
+def _tiny_config(labels: tuple[str, ...], positions: int = 128) -> BertConfig:
     return BertConfig(
         vocab_size=30522,
         hidden_size=32,
         num_hidden_layers=2,
         num_attention_heads=2,
         intermediate_size=64,
-        max_position_embeddings=128,
+        max_position_embeddings=positions,
         id2label=dict(enumerate(labels)),
         label2id={label: i for i, label in enumerate(labels)},
     )
@@ -54,9 +54,10 @@ def _save(model: torch.nn.Module, folder: Path) -> Path:
     return folder
 
 
-def build_classifier(folder: Path, seed: int = 0) -> Path:
+def build_classifier(folder: Path, seed: int = 0, positions: int = 128) -> Path:
+    """`positions`: the longest input in tokens its forward pass takes (longer ones crash it)."""
     torch.manual_seed(seed)
-    config = _tiny_config(SENTIMENT_LABELS)
+    config = _tiny_config(SENTIMENT_LABELS, positions)
     return _save(AutoModelForSequenceClassification.from_config(config).eval(), folder)
 
 

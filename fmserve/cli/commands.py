@@ -12,6 +12,8 @@
     fmserve results JOB_ID                        a finished job's results, one JSON line each
     fmserve job ID / fmserve jobs / fmserve cancel ID
     fmserve keys create|list|revoke|generate    API keys (FMSERVE_API_KEY: the key sent)
+    fmserve rollout MODEL --version 2 --canary 10 / --promote; fmserve rollback MODEL
+    fmserve models --versions                   every version: state, memory, traffic, errors
 
 Add --json to any call for machine-readable output."""
 
@@ -28,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from fmserve.cli import certs, export, generate, keys, stores
+from fmserve.cli import certs, export, generate, keys, rollout, stores
 from fmserve.cli.cluster import (
     METRICS_PORT_OFFSET,
     PORT_ORDER,
@@ -99,6 +101,9 @@ def _parser() -> argparse.ArgumentParser:
 
     models = commands.add_parser("models", help="list the models served")
     models.add_argument("--json", action="store_true")
+    models.add_argument(
+        "--versions", action="store_true", help="every version: state, memory, traffic (admin)"
+    )
     models.set_defaults(run=_models)
 
     config = commands.add_parser("config", help="every environment variable, with its default")
@@ -106,6 +111,7 @@ def _parser() -> argparse.ArgumentParser:
 
     _job_commands(commands)
     keys.add_commands(commands)
+    rollout.add_commands(commands)
     generate.add_command(commands)
     export.add_command(commands)
 
@@ -118,6 +124,7 @@ def _parser() -> argparse.ArgumentParser:
         call.add_argument("texts", nargs="+", metavar="TEXT")
         call.add_argument("--model", required=name != "embed", default="minilm-embed")
         call.add_argument("--version", default="")
+        call.add_argument("--routing-key", default="", help="sticky policies route by it")
         call.add_argument(
             "--truncate", action="store_true", help="cut texts over the model's limit"
         )
@@ -289,6 +296,7 @@ def _call(args: argparse.Namespace) -> None:
             truncate=args.truncate,
             top_k=args.top_k,
             cache=args.cache,
+            routing_key=args.routing_key,
         )
     if args.json:
         payload = {**asdict(answer), "results": [_jsonable(r) for r in answer.results]}
@@ -326,6 +334,9 @@ def _readable(result: Any) -> str:
 
 
 def _models(args: argparse.Namespace) -> None:
+    if args.versions:
+        rollout.print_versions(args)
+        return
     with gateway_client(args) as client:
         models = client.models()
     if args.json:

@@ -22,6 +22,7 @@ def add_command(commands: Any) -> None:
     generate.add_argument("prompt", metavar="PROMPT")
     generate.add_argument("--model", required=True)
     generate.add_argument("--version", default="")
+    generate.add_argument("--routing-key", default="", help="sticky policies route by it")
     generate.add_argument(
         "--chat", action="store_true", help="send PROMPT as a user message (chat template)"
     )
@@ -65,6 +66,7 @@ def run(args: argparse.Namespace) -> None:
             messages=messages,
             model=args.model,
             version=args.version,
+            routing_key=args.routing_key,
             params=sampling_of(args),
             cache=args.cache,
             timeout=args.timeout,

@@ -36,12 +36,15 @@ from fmserve.client.types import (
     Generation,
     GenerationDelta,
     GenerationParams,
+    Guard,
     JobItem,
     JobStatus,
     LabelScore,
     ModelInfo,
     NewApiKey,
+    TrafficPolicy,
     Usage,
+    VersionInfo,
 )
 
 __all__ = [
@@ -54,11 +57,14 @@ __all__ = [
     "Generation",
     "GenerationDelta",
     "GenerationParams",
+    "Guard",
     "Job",
     "JobItem",
     "JobStatus",
     "LabelScore",
     "ModelInfo",
     "NewApiKey",
+    "TrafficPolicy",
     "Usage",
+    "VersionInfo",
 ]

@@ -22,9 +22,11 @@ from fmserve.client.types import (
     LabelScore,
     ModelInfo,
     NewApiKey,
+    TrafficPolicy,
+    VersionInfo,
 )
 from fmserve.errors import Unavailable, from_rpc_error
-from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
+from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2, policy_pb2
 
 
 class AsyncJob:
@@ -108,9 +110,14 @@ class AsyncClient:
         truncate: bool = False,
         top_k: int = 0,
         cache: str = "use",
+        routing_key: str = "",
     ) -> Answer:
-        """Run `model` on `texts`; `cache` is "use", "bypass" or "refresh"."""
-        request = wire.infer_request(texts, model, task, version, truncate, top_k, cache)
+        """Run `model` on `texts`; `cache` is "use", "bypass" or "refresh". `version` pins the
+        call to that version; without it the model's traffic policy chooses, and a sticky
+        policy sends the same `routing_key` (a user id, say) to the same version."""
+        request = wire.infer_request(
+            texts, model, task, version, truncate, top_k, cache, routing_key
+        )
         try:
             return wire.to_answer(
                 await self._stub.Infer(request, timeout=self.timeout, metadata=self._metadata)
@@ -160,11 +167,14 @@ class AsyncClient:
         params: GenerationParams | None = None,
         cache: str = "use",
         timeout: float | None = None,
+        routing_key: str = "",
         **sampling: Any,
     ) -> AsyncIterator[GenerationDelta | Generation]:
         """`Client.stream`'s twin: `async for` the deltas, then the `Generation`."""
         params = wire.generation_params(params, sampling)
-        request = wire.generate_request(prompt, messages, model, version, params, cache)
+        request = wire.generate_request(
+            prompt, messages, model, version, params, cache, routing_key
+        )
         call = self._stub.Generate(
             request, timeout=timeout or self.timeout, metadata=self._metadata
         )
@@ -260,10 +270,42 @@ class AsyncClient:
             await self._call("RevokeApiKey", keys_pb2.RevokeApiKeyRequest(name=name))
         )
 
-    async def _call(self, method: str, request: Any) -> Any:
+    async def set_traffic_policy(
+        self, policy: TrafficPolicy, *, timeout: float | None = None
+    ) -> TrafficPolicy:
+        """Admin: put a model's traffic policy in force once its canary and shadow versions
+        are loaded and READY (`timeout`: seconds to wait, default the client's). A version
+        that fails to load raises Conflict with the reason, and gets no traffic."""
+        request = wire.policy_request(policy)
+        return wire.to_traffic_policy(await self._call("SetTrafficPolicy", request, timeout))
+
+    async def traffic_policy(self, model: str) -> TrafficPolicy:
+        """Admin: a model's traffic policy (NotFound when it has none)."""
+        request = policy_pb2.GetTrafficPolicyRequest(model=model)
+        return wire.to_traffic_policy(await self._call("GetTrafficPolicy", request))
+
+    async def promote(self, model: str) -> TrafficPolicy:
+        """Admin: the canary becomes the stable version."""
+        request = policy_pb2.PromoteRequest(model=model)
+        return wire.to_traffic_policy(await self._call("Promote", request))
+
+    async def rollback(self, model: str) -> TrafficPolicy:
+        """Admin: every request back to the stable version (or, with no canary, to the
+        version before the last promote) at once."""
+        request = policy_pb2.RollbackRequest(model=model)
+        return wire.to_traffic_policy(await self._call("Rollback", request))
+
+    async def model_versions(self, model: str = "") -> list[VersionInfo]:
+        """Admin: every version of `model` ('' all models): state, memory, traffic share,
+        recent requests and errors."""
+        request = policy_pb2.ListModelVersionsRequest(model=model)
+        reply = await self._call("ListModelVersions", request)
+        return [wire.to_version_info(row) for row in reply.versions]
+
+    async def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
             return await getattr(self._stub, method)(
-                request, timeout=self.timeout, metadata=self._metadata
+                request, timeout=timeout or self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None

@@ -23,9 +23,11 @@ from fmserve.client.types import (
     LabelScore,
     ModelInfo,
     NewApiKey,
+    TrafficPolicy,
+    VersionInfo,
 )
 from fmserve.errors import Unavailable, from_rpc_error
-from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
+from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2, policy_pb2
 
 
 class Job:
@@ -112,9 +114,14 @@ class Client:
         truncate: bool = False,
         top_k: int = 0,
         cache: str = "use",
+        routing_key: str = "",
     ) -> Answer:
-        """Run `model` on `texts`; `cache` is "use", "bypass" or "refresh"."""
-        request = wire.infer_request(texts, model, task, version, truncate, top_k, cache)
+        """Run `model` on `texts`; `cache` is "use", "bypass" or "refresh". `version` pins the
+        call to that version; without it the model's traffic policy chooses, and a sticky
+        policy sends the same `routing_key` (a user id, say) to the same version."""
+        request = wire.infer_request(
+            texts, model, task, version, truncate, top_k, cache, routing_key
+        )
         try:
             return wire.to_answer(
                 self._stub.Infer(request, timeout=self.timeout, metadata=self._metadata)
@@ -164,6 +171,7 @@ class Client:
         params: GenerationParams | None = None,
         cache: str = "use",
         timeout: float | None = None,
+        routing_key: str = "",
         **sampling: Any,
     ) -> Iterator[GenerationDelta | Generation]:
         """Deltas as the text is produced, then the finished `Generation`. Leaving the loop
@@ -171,7 +179,9 @@ class Client:
         keywords (`max_new_tokens=32, temperature=0.7, seed=1, stop=["."]`, ...: see
         `GenerationParams`); `timeout`: seconds for the whole stream (default: the client's)."""
         params = wire.generation_params(params, sampling)
-        request = wire.generate_request(prompt, messages, model, version, params, cache)
+        request = wire.generate_request(
+            prompt, messages, model, version, params, cache, routing_key
+        )
         call = self._stub.Generate(
             request, timeout=timeout or self.timeout, metadata=self._metadata
         )
@@ -265,10 +275,42 @@ class Client:
         """Admin: revoke the key of that name (every gateway refuses it within a second)."""
         return wire.to_api_key(self._call("RevokeApiKey", keys_pb2.RevokeApiKeyRequest(name=name)))
 
-    def _call(self, method: str, request: Any) -> Any:
+    def set_traffic_policy(
+        self, policy: TrafficPolicy, *, timeout: float | None = None
+    ) -> TrafficPolicy:
+        """Admin: put a model's traffic policy in force once its canary and shadow versions
+        are loaded and READY (`timeout`: seconds to wait, default the client's). A version
+        that fails to load raises Conflict with the reason, and gets no traffic."""
+        request = wire.policy_request(policy)
+        return wire.to_traffic_policy(self._call("SetTrafficPolicy", request, timeout))
+
+    def traffic_policy(self, model: str) -> TrafficPolicy:
+        """Admin: a model's traffic policy (NotFound when it has none)."""
+        request = policy_pb2.GetTrafficPolicyRequest(model=model)
+        return wire.to_traffic_policy(self._call("GetTrafficPolicy", request))
+
+    def promote(self, model: str) -> TrafficPolicy:
+        """Admin: the canary becomes the stable version."""
+        request = policy_pb2.PromoteRequest(model=model)
+        return wire.to_traffic_policy(self._call("Promote", request))
+
+    def rollback(self, model: str) -> TrafficPolicy:
+        """Admin: every request back to the stable version (or, with no canary, to the
+        version before the last promote) at once."""
+        request = policy_pb2.RollbackRequest(model=model)
+        return wire.to_traffic_policy(self._call("Rollback", request))
+
+    def model_versions(self, model: str = "") -> list[VersionInfo]:
+        """Admin: every version of `model` ('' all models): state, memory, traffic share,
+        recent requests and errors."""
+        request = policy_pb2.ListModelVersionsRequest(model=model)
+        reply = self._call("ListModelVersions", request)
+        return [wire.to_version_info(row) for row in reply.versions]
+
+    def _call(self, method: str, request: Any, timeout: float | None = None) -> Any:
         try:
             return getattr(self._stub, method)(
-                request, timeout=self.timeout, metadata=self._metadata
+                request, timeout=timeout or self.timeout, metadata=self._metadata
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None

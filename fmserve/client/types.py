@@ -186,3 +186,59 @@ class Generation:
     model: str = ""
     version: str = ""
     trace_id: str = ""
+
+
+@dataclass(frozen=True)
+class Guard:
+    """When a canary is rolled back on its own: an error ratio (0-1) or a p99 latency (ms)
+    over a window of seconds, judged once it holds `min_requests`. 0 turns a limit off (and a
+    window or minimum of 0 means the gateway's default: 60 s, 20 requests)."""
+
+    max_error_ratio: float = 0.0
+    max_p99_ms: float = 0.0
+    window_s: int = 0
+    min_requests: int = 0
+
+
+@dataclass(frozen=True)
+class TrafficPolicy:
+    """How a model's requests that name no version are split between its versions."""
+
+    model: str
+    stable: str
+    canary: str = ""
+    canary_percent: int = 0
+    sticky: bool = False
+    """Route by the request's routing_key: the same key always reaches the same version."""
+    shadow: str = ""
+    """Gets a copy of every request; its answers are counted, never returned."""
+    guard: Guard = Guard()
+    previous: str = ""
+    """The stable version before the last promote (where a rollback without canary goes)."""
+    state: str = ""
+    """The last rollout's state: serving, failed, promoted or rolled_back ('' none)."""
+    state_version: str = ""
+    reason: str = ""
+    revision: int = 0
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    """One model version as `fmserve models --versions` shows it."""
+
+    model: str
+    version: str
+    state: str
+    """LOADING, WARMING, READY, UNLOADING, FAILED, ... (the inference service's)."""
+    reason: str
+    memory_bytes: int
+    traffic_percent: float
+    shadow: bool
+    requests: int
+    """Requests the answering gateway sent this version over the last `window_s` seconds."""
+    errors: int
+    window_s: int
+
+    @property
+    def error_ratio(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0

@@ -18,17 +18,20 @@ from fmserve.client.types import (
     Generation,
     GenerationDelta,
     GenerationParams,
+    Guard,
     JobItem,
     JobStatus,
     LabelScore,
     ModelInfo,
     NewApiKey,
+    TrafficPolicy,
     Usage,
+    VersionInfo,
 )
 from fmserve.core.jobs import state_from_wire
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
 from fmserve.rpc.options import grpc_options
-from fmserve.v1 import common_pb2, gateway_pb2, jobs_pb2, keys_pb2
+from fmserve.v1 import common_pb2, gateway_pb2, jobs_pb2, keys_pb2, policy_pb2
 
 TASKS = {task.value: wire for task, wire in TASK_TO_WIRE.items()}
 TASK_NAMES = {wire: name for name, wire in TASKS.items()}
@@ -66,6 +69,7 @@ def infer_request(
     truncate: bool,
     top_k: int,
     cache: str,
+    routing_key: str = "",
 ) -> gateway_pb2.InferRequest:
     if isinstance(texts, str):
         texts = [texts]
@@ -80,6 +84,7 @@ def infer_request(
         task=task_to_wire(task),
         texts=list(texts),
         options=options,
+        routing_key=routing_key,
     )
 
 
@@ -112,6 +117,7 @@ def generate_request(
     version: str = "",
     params: GenerationParams | None = None,
     cache: str = "use",
+    routing_key: str = "",
 ) -> gateway_pb2.GenerateRequest:
     if cache not in CACHE_POLICIES:
         raise ValueError(f"unknown cache policy {cache!r}; use one of {sorted(CACHE_POLICIES)}")
@@ -123,6 +129,7 @@ def generate_request(
         messages=chat,
         parameters=sampling_parameters(params or GenerationParams()),
         cache_policy=CACHE_POLICIES[cache],
+        routing_key=routing_key,
     )
 
 
@@ -355,3 +362,57 @@ async def async_text_chunks(
             chunk = []
     if chunk:
         yield gateway_pb2.SubmitJobRequest(items=gateway_pb2.JobItems(texts=chunk))
+
+
+def policy_request(policy: TrafficPolicy) -> policy_pb2.SetTrafficPolicyRequest:
+    g = policy.guard
+    return policy_pb2.SetTrafficPolicyRequest(
+        policy=policy_pb2.TrafficPolicy(
+            model=policy.model,
+            stable_version=policy.stable,
+            canary_version=policy.canary,
+            canary_percent=policy.canary_percent,
+            sticky=policy.sticky,
+            shadow_version=policy.shadow,
+            guard=policy_pb2.Guard(
+                max_error_ratio=g.max_error_ratio,
+                max_p99_ms=g.max_p99_ms,
+                window_s=g.window_s,
+                min_requests=g.min_requests,
+            ),
+        )
+    )
+
+
+def to_traffic_policy(policy: policy_pb2.TrafficPolicy) -> TrafficPolicy:
+    g = policy.guard
+    state = policy_pb2.RolloutState.Name(policy.status.state).removeprefix("ROLLOUT_STATE_")
+    return TrafficPolicy(
+        model=policy.model,
+        stable=policy.stable_version,
+        canary=policy.canary_version,
+        canary_percent=policy.canary_percent,
+        sticky=policy.sticky,
+        shadow=policy.shadow_version,
+        guard=Guard(g.max_error_ratio, g.max_p99_ms, g.window_s, g.min_requests),
+        previous=policy.previous_version,
+        state="" if state == "UNSPECIFIED" else state.lower(),
+        state_version=policy.status.version,
+        reason=policy.status.reason,
+        revision=policy.revision,
+    )
+
+
+def to_version_info(row: policy_pb2.ModelVersion) -> VersionInfo:
+    return VersionInfo(
+        model=row.model,
+        version=row.version,
+        state=row.state,
+        reason=row.reason,
+        memory_bytes=row.memory_bytes,
+        traffic_percent=row.traffic_percent,
+        shadow=row.shadow,
+        requests=row.requests,
+        errors=row.errors,
+        window_s=row.window_s,
+    )

@@ -18,41 +18,61 @@ from services.gateway.admin import FirstAdminKey, KeyAdmin
 from services.gateway.auth import AuthInterceptor
 from services.gateway.gateway import Gateway
 from services.gateway.generator import Generator
+from services.gateway.guardian import Guardian
+from services.gateway.inference_admin import InferenceAdmin
 from services.gateway.jobs import Jobs
 from services.gateway.keyring import KeyRing
 from services.gateway.keystore import KeyStore
 from services.gateway.limits import KeyLimits
 from services.gateway.limits_client import LimitsClient
+from services.gateway.model_versions import ModelVersions
+from services.gateway.outcomes import Outcomes
 from services.gateway.pipeline import Pipeline
+from services.gateway.policies import PolicyBook
+from services.gateway.policy_store import PolicyStore
 from services.gateway.result_cache import ResultCache
+from services.gateway.rollouts import Rollouts
 from services.gateway.routes import Router
 from services.gateway.sampling import StopLimits
-from services.gateway.server import servicer
+from services.gateway.server import GatewayServicer, servicer
 from services.gateway.settings import GatewaySettings
+from services.gateway.shadow import Shadow
 from services.gateway.stages import StageClients
 
 
 def build(settings: GatewaySettings) -> Service:
-    """Wire the gateway. Resources stop in reverse: broker, job records, cache, pipeline,
-    the stage channels, then the repository's watcher."""
+    """Wire the gateway. Resources stop in reverse: the guardian, rollouts and shadow copies,
+    key records, broker, job records, cache, pipeline, the policy book and its store, then the
+    stage channels, then the repository's watcher."""
     watcher = RepositoryWatcher.of(settings)
+    identity = tls.load(settings)
     stages = StageClients(settings)
     pipeline = Pipeline(stages, settings)
     cache = ResultCache(stages, settings)
-    router = Router(watcher.repository, settings.max_items, settings.max_text_chars)
-    gateway = Gateway(router, pipeline, cache, settings.default_timeout_s)
-    identity = tls.load(settings)
+    policy_store = PolicyStore(settings.cache_address, identity)
+    book = PolicyBook(policy_store, settings.policy_poll_s)
+    router = Router(
+        watcher.repository,
+        settings.max_items,
+        settings.max_text_chars,
+        book,
+    )
+    outcomes = Outcomes(book)
+    shadow = Shadow(pipeline, outcomes, settings.shadow_max_in_flight, settings.default_timeout_s)
+    gateway = Gateway(router, pipeline, cache, settings.default_timeout_s, outcomes, shadow)
     records = JobRecords(settings.cache_address, settings.max_message_bytes, identity)
     broker = _broker(settings) if settings.jobs_enabled else None
     jobs = Jobs(router, broker, records, settings)
     generator = Generator(
-        router, stages, cache, StopLimits.of(settings), settings.generate_timeout_s
+        router, stages, cache, StopLimits.of(settings), settings.generate_timeout_s, outcomes
     )
     keys = KeyStore(settings.cache_address, identity)
     admin = KeyAdmin(keys)
-    resources: list[Resource] = [watcher, stages, pipeline, cache, records]
-    resources.extend([broker] if broker else [])
-    resources.append(keys)
+    inference = InferenceAdmin(stages)
+    rollouts = Rollouts(book, policy_store, inference, router, settings.rollout_ready_timeout_s)
+    guardian = Guardian(book, outcomes, rollouts, settings.guard_interval_s)
+    resources: list[Resource] = [watcher, stages, policy_store, book, pipeline, cache, records]
+    resources += [*([broker] if broker else []), keys, shadow, rollouts, guardian]
     interceptors = []
     if settings.auth:
         limits = _limits(settings, identity)
@@ -60,10 +80,12 @@ def build(settings: GatewaySettings) -> Service:
         interceptors.append(_auth(settings, keys, router, limits))
         if not settings.admin_key.get_secret_value():
             resources.append(FirstAdminKey(admin))
+    versions = ModelVersions(router, inference, book, outcomes)
+    public = GatewayServicer(gateway, jobs, admin, generator, rollouts, versions)
     return Service(
         "gateway",
         settings,
-        [servicer(gateway, jobs, admin, generator)],
+        [servicer(public)],
         resources=resources,
         interceptors=interceptors,
         public=True,

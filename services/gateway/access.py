@@ -52,6 +52,11 @@ class AccessTable:
             "CreateApiKey": _admin,
             "ListApiKeys": _admin,
             "RevokeApiKey": _admin,
+            "SetTrafficPolicy": _admin_of_model,
+            "GetTrafficPolicy": _admin_of_model,
+            "Promote": _admin_of_model,
+            "Rollback": _admin_of_model,
+            "ListModelVersions": _admin_of_model,
         }
 
     def access(self, method: str, request: Any) -> Access:
@@ -105,6 +110,12 @@ class AccessTable:
 
 def _job(needed: str) -> Callable[[Any], Access]:
     return lambda request: Access((needed,), asked={"job_id": request.job_id})
+
+
+def _admin_of_model(request: Any) -> Access:
+    """Traffic policies and model versions: admin, audited with the model (and the policy)."""
+    model = request.policy.model if hasattr(request, "policy") else request.model
+    return Access((scopes.ADMIN,), asked={"model": model})
 
 
 def _admin(request: Any) -> Access:

@@ -34,6 +34,7 @@ def to_domain(request: gateway_pb2.InferRequest) -> InferCall:
         truncate=options.truncate,
         top_k=options.top_k,
         cache_policy=_POLICIES.get(options.cache_policy, CachePolicy.USE),
+        routing_key=request.routing_key,
     )
 
 
@@ -56,6 +57,7 @@ def generate_to_domain(request: gateway_pb2.GenerateRequest) -> GenerateCall:
         prompt=Prompt(request.prompt, tuple((m.role, m.content) for m in request.messages)),
         sampling=sampling_codec.to_domain(request.parameters),
         cache_policy=_POLICIES.get(request.cache_policy, CachePolicy.USE),
+        routing_key=request.routing_key,
     )
 
 

@@ -9,11 +9,14 @@ from enum import Enum
 
 from fmserve.core import context
 from fmserve.core.tasks import TaskName
+from fmserve.errors import InvalidInput
 from fmserve.v1 import common_pb2
 from services.gateway.cache_keys import cache_key
+from services.gateway.outcomes import Outcomes
 from services.gateway.pipeline import Pipeline
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Route, Router
+from services.gateway.shadow import Shadow
 
 
 class CachePolicy(Enum):
@@ -31,6 +34,7 @@ class InferCall:
     truncate: bool = False
     top_k: int = 0
     cache_policy: CachePolicy = CachePolicy.USE
+    routing_key: str = ""
 
 
 @dataclass
@@ -44,15 +48,41 @@ class Answer:
 
 
 class Gateway:
-    def __init__(self, router: Router, pipeline: Pipeline, cache: ResultCache, timeout_s: float):
+    def __init__(
+        self,
+        router: Router,
+        pipeline: Pipeline,
+        cache: ResultCache,
+        timeout_s: float,
+        outcomes: Outcomes,
+        shadow: Shadow,
+    ):
         self.router = router
         self.pipeline = pipeline
         self.cache = cache
         self.timeout_s = timeout_s
+        self.outcomes = outcomes
+        self.shadow = shadow
 
     async def infer(self, call: InferCall) -> Answer:
-        route = self.router.route(call.model, call.version, call.task, call.truncate, call.top_k)
+        route = self.router.route(
+            call.model, call.version, call.task, call.truncate, call.top_k, call.routing_key
+        )
         self.router.check_texts(call.texts)
+        if not call.version and (copy := self.router.shadow(route)):
+            self.shadow.mirror(copy, call.texts)
+        started = time.monotonic()
+        try:
+            answer = await self._answer(route, call)
+        except InvalidInput:
+            raise  # the caller's mistake, not the version's
+        except Exception:
+            self.outcomes.record(route.model, route.version, False, time.monotonic() - started)
+            raise
+        self.outcomes.record(route.model, route.version, True, time.monotonic() - started)
+        return answer
+
+    async def _answer(self, route: Route, call: InferCall) -> Answer:
         keys = [cache_key(route, text) for text in call.texts]
         results: list[common_pb2.Result | None] = [None] * len(keys)
         if call.cache_policy is CachePolicy.USE:

@@ -17,12 +17,13 @@ from opentelemetry import trace
 
 from fmserve.core import context
 from fmserve.core.tasks import TaskName
-from fmserve.errors import DeadlineExceeded
+from fmserve.errors import DeadlineExceeded, InvalidInput
 from fmserve.v1 import common_pb2
 from services.gateway import principal
 from services.gateway.cache_keys import generation_key
 from services.gateway.gateway import CachePolicy
 from services.gateway.metrics import INTER_TOKEN_LATENCY, TIME_TO_FIRST_TOKEN, TOKENS_GENERATED
+from services.gateway.outcomes import Outcomes
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Route, Router
 from services.gateway.sampling import Prompt, Sampling, StopLimits, check_prompt_size, checked
@@ -36,6 +37,7 @@ class GenerateCall:
     version: str = ""
     sampling: Sampling = field(default_factory=Sampling)
     cache_policy: CachePolicy = CachePolicy.USE
+    routing_key: str = ""
 
 
 @dataclass(frozen=True)
@@ -64,18 +66,38 @@ class Generator:
         cache: ResultCache,
         limits: StopLimits,
         timeout_s: float,
+        outcomes: Outcomes,
     ) -> None:
         self.router = router
         self.stages = stages
         self.cache = cache
         self.limits = limits
         self.timeout_s = timeout_s
+        self.outcomes = outcomes
 
     async def generate(self, call: GenerateCall) -> AsyncGenerator[Event, None]:
-        """Deltas as text becomes final, then the finished generation."""
+        """Deltas as text becomes final, then the finished generation; the stream's outcome
+        is counted for the version that answered (outcomes.py: metrics, guards)."""
         started = time.monotonic()
+        route = self.router.route(
+            call.model, call.version, TaskName.TEXT_GENERATION, False, 0, call.routing_key
+        )
+        async with aclosing(self._generate(call, route, started)) as events:
+            try:
+                async for event in events:
+                    if isinstance(event, Finished):  # before it leaves: the caller may go
+                        self.outcomes.record(route.model, route.version, True, _since(started))
+                    yield event
+            except InvalidInput:
+                raise  # the caller's mistake, not the version's
+            except Exception:
+                self.outcomes.record(route.model, route.version, False, _since(started))
+                raise
+
+    async def _generate(
+        self, call: GenerateCall, route: Route, started: float
+    ) -> AsyncGenerator[Event, None]:
         deadline = started + context.remaining_s(self.timeout_s)
-        route = self.router.route(call.model, call.version, TaskName.TEXT_GENERATION, False, 0)
         sampling = checked(call.sampling, self.router.repository.get(route.model), self.limits)
         check_prompt_size(call.prompt, self.router.max_text_chars)
         key = generation_key(route, call.prompt, sampling) if sampling.deterministic else None
@@ -184,3 +206,7 @@ def _left(deadline: float) -> float:
     if left <= 0:
         raise DeadlineExceeded("the deadline expired before the generation finished")
     return left
+
+
+def _since(started: float) -> float:
+    return time.monotonic() - started

@@ -3,7 +3,7 @@ fmserve.core.metrics). Created once at import: Prometheus refuses to register a 
 
 from __future__ import annotations
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Counter, Gauge, Histogram
 
 from fmserve.core.metrics import LATENCY_BUCKETS, SIZE_BUCKETS
 
@@ -43,4 +43,36 @@ TOKENS_GENERATED = Counter(
     "fmserve_gateway_generated_tokens_total",
     "Tokens streamed to Generate callers (cache hits included).",
     ["model"],
+)
+
+# Per version: labels are versions the repository has (a request's version is checked before it
+# is counted), so they stay as few as the versions kept.
+VERSION_REQUESTS = Counter(
+    "fmserve_gateway_version_requests_total",
+    "Infer and Generate calls answered per model version, by outcome (ok, error); the caller's "
+    "own mistakes (INVALID_ARGUMENT) are not counted against a version.",
+    ["model", "version", "outcome"],
+)
+VERSION_LATENCY = Histogram(
+    "fmserve_gateway_version_request_duration_seconds",
+    "Time to answer an Infer call (a whole Generate stream), per model version.",
+    ["model", "version"],
+    buckets=LATENCY_BUCKETS,
+)
+TRAFFIC_SHARE = Gauge(
+    "fmserve_gateway_traffic_share_percent",
+    "Percent of a model's unpinned requests its traffic policy sends each version.",
+    ["model", "version"],
+)
+SHADOW_REQUESTS = Counter(
+    "fmserve_gateway_shadow_requests_total",
+    "Copies of requests sent to a shadow version, by outcome (ok, error, dropped: too many "
+    "copies in flight); their answers are never returned.",
+    ["model", "version", "outcome"],
+)
+ROLLBACKS = Counter(
+    "fmserve_gateway_rollbacks_total",
+    "Traffic policies rolled back, by reason: requested (an admin), error_ratio or p99_latency "
+    "(a guard broke). Counted once per rollback, by the replica that made it.",
+    ["model", "reason"],
 )

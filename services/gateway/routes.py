@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.core.tasks import TaskName
 from fmserve.errors import ConfigError, InvalidInput, TooLarge, WrongTask
+from services.gateway.policies import PolicyBook
 
 
 @dataclass(frozen=True)
@@ -32,15 +33,30 @@ class Route:
 
 
 class Router:
-    """Resolves requests against the model repository and refuses what no model can answer."""
+    """Resolves requests against the model repository and refuses what no model can answer.
+    The version is decided here, once: the one a request names (pinned), else the one its
+    model's traffic policy chooses (`policies`), else the model's default."""
 
-    def __init__(self, repository: ModelRepository, max_items: int, max_text_chars: int) -> None:
+    def __init__(
+        self,
+        repository: ModelRepository,
+        max_items: int,
+        max_text_chars: int,
+        policies: PolicyBook | None = None,
+    ) -> None:
         self.repository = repository
         self.max_items = max_items
         self.max_text_chars = max_text_chars
+        self.policies = policies
 
     def route(
-        self, model: str, version: str, task: TaskName | None, truncate: bool, top_k: int
+        self,
+        model: str,
+        version: str,
+        task: TaskName | None,
+        truncate: bool,
+        top_k: int,
+        routing_key: str = "",
     ) -> Route:
         if not model:
             raise InvalidInput("model is required; `fmserve models` lists the models served")
@@ -55,7 +71,20 @@ class Router:
         if top_k < 0:
             raise InvalidInput(f"top_k must be 0 (all labels) or positive, got {top_k}")
         top_k = top_k if config.task is TaskName.TEXT_CLASSIFICATION else 0
+        version = version or self._chosen(model, routing_key)
         return Route(model, config.resolve_version(version), config.task, truncate, top_k)
+
+    def _chosen(self, model: str, routing_key: str) -> str:
+        """The policy's choice for a request that names no version ('' without a policy)."""
+        split = self.policies.split(model) if self.policies else None
+        return split.choose(routing_key) if split else ""
+
+    def shadow(self, route: Route) -> Route | None:
+        """The route of a request's copy for its model's shadow version, if it has one."""
+        split = self.policies.split(route.model) if self.policies else None
+        if split is None or not split.shadow or split.shadow == route.version:
+            return None
+        return replace(route, version=split.shadow)
 
     def check_texts(self, texts: list[str]) -> None:
         if not texts:

@@ -8,20 +8,32 @@ from collections.abc import AsyncIterator
 import grpc
 
 from fmserve.rpc.service import Servicer
-from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2
+from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2, policy_pb2
 from services.gateway import codec, principal, scopes
 from services.gateway.admin import KeyAdmin
 from services.gateway.gateway import Gateway
 from services.gateway.generator import Generator
 from services.gateway.jobs import Jobs
+from services.gateway.model_versions import ModelVersions
+from services.gateway.rollouts import Rollouts
 
 
 class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
-    def __init__(self, gateway: Gateway, jobs: Jobs, keys: KeyAdmin, generator: Generator) -> None:
+    def __init__(
+        self,
+        gateway: Gateway,
+        jobs: Jobs,
+        keys: KeyAdmin,
+        generator: Generator,
+        rollouts: Rollouts,
+        versions: ModelVersions,
+    ) -> None:
         self.gateway = gateway
         self.jobs = jobs
         self.keys = keys
         self.generator = generator
+        self.rollouts = rollouts
+        self.versions = versions
 
     async def Infer(
         self, request: gateway_pb2.InferRequest, context: grpc.aio.ServicerContext
@@ -96,6 +108,33 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> keys_pb2.ApiKeyInfo:
         return await self.keys.revoke(request.name)
 
+    async def SetTrafficPolicy(
+        self, request: policy_pb2.SetTrafficPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> policy_pb2.TrafficPolicy:
+        return await self.rollouts.set(request.policy)
+
+    async def GetTrafficPolicy(
+        self, request: policy_pb2.GetTrafficPolicyRequest, context: grpc.aio.ServicerContext
+    ) -> policy_pb2.TrafficPolicy:
+        return await self.rollouts.get(request.model)
+
+    async def Promote(
+        self, request: policy_pb2.PromoteRequest, context: grpc.aio.ServicerContext
+    ) -> policy_pb2.TrafficPolicy:
+        return await self.rollouts.promote(request.model)
+
+    async def Rollback(
+        self, request: policy_pb2.RollbackRequest, context: grpc.aio.ServicerContext
+    ) -> policy_pb2.TrafficPolicy:
+        return await self.rollouts.rollback(request.model)
+
+    async def ListModelVersions(
+        self, request: policy_pb2.ListModelVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> policy_pb2.ListModelVersionsResponse:
+        return policy_pb2.ListModelVersionsResponse(
+            versions=await self.versions.list(request.model)
+        )
+
 
 def _may_call(model: str, task: str) -> bool:
     """Whether the caller's key may call the model (every model when auth is off): a key is
@@ -104,11 +143,7 @@ def _may_call(model: str, task: str) -> bool:
     return caller is None or scopes.allows(caller.scopes, scopes.infer_scope(model, task))
 
 
-def servicer(gateway: Gateway, jobs: Jobs, keys: KeyAdmin, generator: Generator) -> Servicer:
+def servicer(servicer: GatewayServicer) -> Servicer:
     """The servicer as `fmserve.rpc.service.Service` registers it."""
     name = gateway_pb2.DESCRIPTOR.services_by_name["Gateway"].full_name
-    return Servicer(
-        gateway_pb2_grpc.add_GatewayServicer_to_server,
-        GatewayServicer(gateway, jobs, keys, generator),
-        name,
-    )
+    return Servicer(gateway_pb2_grpc.add_GatewayServicer_to_server, servicer, name)

@@ -82,6 +82,18 @@ class GatewaySettings(RepositorySettings, AmqpSettings, AuthSettings):
     """Most stop strings in one Generate request."""
     max_stop_chars: int = 256
     """Longest stop string, in characters."""
+    policy_poll_s: float = 0.25
+    """How often the gateway asks the cache service whether a traffic policy changed (one small
+    call; the policies are read again only when one did): a change made on any replica is in
+    force on every replica within this plus a round trip."""
+    rollout_ready_timeout_s: float = 300.0
+    """Longest a SetTrafficPolicy (`fmserve rollout`) waits for its versions to load and warm
+    up on the inference service before it reports the rollout FAILED."""
+    guard_interval_s: float = 0.5
+    """How often each guarded canary's recent requests are judged against its guard."""
+    shadow_max_in_flight: int = 64
+    """Copies of requests for a shadow version running at once; more are dropped (and
+    counted), so a slow shadow version never holds up the others."""
     generate_timeout_s: float = 300.0
     """Deadline for a Generate stream whose client sent none (generation takes longer than
     an Infer call)."""

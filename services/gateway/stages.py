@@ -74,6 +74,11 @@ class StageClients:
         self._channels.append(channel)
         return channel
 
+    @property
+    def inference_control(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
+        """The inference service's KServe stub, for its repository RPCs (inference_admin.py)."""
+        return self._streams
+
     async def stop(self) -> None:
         for channel in self._channels:
             await channel.close()

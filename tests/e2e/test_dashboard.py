@@ -12,13 +12,14 @@ import re
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import pytest
 
 from fmserve import Client
 from fmserve.cli.cluster import SERVICES, Cluster
+from fmserve.client import TrafficPolicy
 from fmserve.errors import InvalidInput, ModelNotFound, NotFound, TooLarge, WrongTask
 from tests.conftest import require_binary, require_server
 from tests.deployment import all_panels, dashboards
@@ -126,6 +127,17 @@ def send_traffic(client: Client) -> None:
             call()
     job = client.submit([f"a job item ({tag}, {i})" for i in range(5)], "minilm-embed")
     assert job.wait(timeout=60).state == "succeeded"
+    send_rollout_traffic(client, tag)
+
+
+def send_rollout_traffic(client: Client, tag: str) -> None:
+    """A canary and a shadow of tiny-classifier, then a rollback: the Rollouts row's series.
+    Its stable version is the default one, so the model serves as before once rolled back."""
+    policy = TrafficPolicy("tiny-classifier", stable="2", canary="1", canary_percent=50)
+    client.set_traffic_policy(replace(policy, shadow="1"))
+    for i in range(10):
+        client.classify(f"a canary text ({tag}, {i})", model="tiny-classifier")
+    assert client.rollback("tiny-classifier").state == "rolled_back"
 
 
 @pytest.mark.parametrize("query", QUERIES, ids=[q.where for q in QUERIES])

@@ -20,9 +20,13 @@ from fmserve.core.repository import ModelRepository
 from fmserve.errors import Overloaded, Unavailable
 from fmserve.v1 import cache_pb2, common_pb2
 from services.gateway.gateway import CachePolicy, Gateway, InferCall
+from services.gateway.outcomes import Outcomes
 from services.gateway.pipeline import Pipeline
+from services.gateway.policies import PolicyBook
+from services.gateway.policy_store import PolicyStore
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Router
+from services.gateway.shadow import Shadow
 from services.gateway.stages import StageClients
 from tests.conftest import AsyncioReports
 from tests.integration.stage_fakes import Fakes, closed_port_address, expected, fake_stages
@@ -82,7 +86,10 @@ async def make_side(repository: ModelRepository) -> AsyncIterator[Callable[..., 
             pipeline, cache = Pipeline(stages, settings), ResultCache(stages, settings)
             resources.extend([stages, pipeline, cache])
             router = Router(repository, settings.max_items, settings.max_text_chars)
-            return Side(fakes, cache, Gateway(router, pipeline, cache, timeout_s=5.0))
+            outcomes = Outcomes(PolicyBook(PolicyStore(settings.cache_address), 1.0))
+            shadow = Shadow(pipeline, outcomes, max_in_flight=1, timeout_s=5.0)
+            gateway = Gateway(router, pipeline, cache, 5.0, outcomes, shadow)
+            return Side(fakes, cache, gateway)
 
         yield make
         for resource in reversed(resources):
