@@ -67,7 +67,7 @@ def featurize(
     """The model's inputs for these clips, in order; the first bad clip raises."""
     features = audio_features(config.task, config.files(version))
     clips = [
-        _clip(item, f"media[{index}]", features.sampling_rate, limits, config)
+        load_clip(item, f"media[{index}]", features.sampling_rate, limits, config)
         for index, item in enumerate(media)
     ]
     return padded(clips, features)
@@ -88,9 +88,10 @@ def normalized(clip: np.ndarray) -> np.ndarray:
     return ((clip64 - clip64.mean()) / np.sqrt(clip64.var() + 1e-7)).astype(np.float32)
 
 
-def _clip(
+def load_clip(
     item: Media, name: str, rate: int, limits: AudioLimits, config: ModelConfig
 ) -> np.ndarray:
+    """One clip decoded, mono, at `rate`: float32 [samples], at most the model's max_length."""
     samples, source_rate = decode(item, name, limits)
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     clip = mono if source_rate == rate else soxr.resample(mono, source_rate, rate)
