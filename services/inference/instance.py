@@ -58,7 +58,8 @@ class InferOutput:
     name: str
     array: np.ndarray
     frames: np.ndarray | None = None
-    """A per-frame output's frames per clip, INT32 [B]; `array`'s rows are padded to the most."""
+    """A per-frame output's frames per clip, INT32 [B, 1]; `array`'s rows are padded to the
+    most."""
 
 
 class Pace:

@@ -102,8 +102,8 @@ def split_clips(values: np.ndarray, lengths: np.ndarray | None) -> list[np.ndarr
 
 def join_frames(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
     """Per-frame outputs ([frames] or [frames, C] per clip) as one array zero-padded to the
-    longest clip's frames, and each clip's frame count, INT32 [B]."""
-    frames = np.array([len(output) for output in outputs], dtype=np.int32)
+    longest clip's frames, and each clip's frame count, INT32 [B, 1]."""
+    frames = np.array([[len(output)] for output in outputs], dtype=np.int32)
     joined = np.zeros((len(outputs), int(frames.max()), *outputs[0].shape[1:]), dtype=np.float32)
     for row, output in enumerate(outputs):
         joined[row, : len(output)] = output

@@ -32,8 +32,9 @@ INPUTS = (INPUT_IDS, ATTENTION_MASK, LENGTHS)
 # (all of every row when absent).
 INPUT_VALUES = TensorSpec("input_values", "FP32", (-1, -1))
 AUDIO_INPUTS = (INPUT_VALUES, LENGTHS)
-FRAMES = TensorSpec("frames", "INT32", (-1,))
-"""Per-frame outputs (speech recognition, voice activity): each clip's frames; the output's
+FRAMES = TensorSpec("frames", "INT32", (-1, 1))
+"""Per-frame outputs (speech recognition, voice activity): each clip's frames, [B, 1] as
+`lengths` is declared (one count per batch item, a shape perf_analyzer can read); the output's
 rows are zero-padded to the longest clip's."""
 
 # Text generation (ModelStreamInfer): one prompt per request, no batch dimension.

@@ -98,10 +98,12 @@ def check_frames(
     clips, frames = output.shape[:2]
     if lengths is None:
         return np.full(clips, frames)
+    if lengths.shape == (clips, 1):
+        lengths = lengths[:, 0]  # as the inference service's `frames` output comes
     if not _integers(lengths) or lengths.shape != (clips,):
         raise InvalidInput(
-            f"lengths has shape {_shape(lengths)}; expected INT32 [{clips}]: each clip's frames "
-            "(the inference service's `frames` output)"
+            f"lengths has shape {_shape(lengths)}; expected INT32 [{clips}] or [{clips}, 1]: "
+            "each clip's frames (the inference service's `frames` output)"
         )
     if (lengths < 0).any() or (lengths > frames).any():
         raise InvalidInput(f"lengths: each clip's frames must lie in [0, {frames}]")

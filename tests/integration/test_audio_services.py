@@ -148,8 +148,9 @@ async def test_ctc_logits_equal_the_model_and_decode_to_its_tokenizers_text(
     results = await postprocessed(postprocess, "tiny-wav2vec2-ctc", outputs)
 
     logits, frames = outputs["logits"], outputs["frames"]
-    assert logits.shape == (2, 799, len(tokenizer)) and frames.tolist() == [799, 449]
-    for row, clip, count, result in zip(logits, clips(features), frames, results, strict=True):
+    assert logits.shape == (2, 799, len(tokenizer)) and frames.tolist() == [[799], [449]]
+    counts = frames[:, 0]
+    for row, clip, count, result in zip(logits, clips(features), counts, results, strict=True):
         with torch.inference_mode():
             alone = model(input_values=torch.from_numpy(clip)[None]).logits[0].numpy()
         assert alone.shape[0] == count
@@ -171,7 +172,10 @@ async def test_ctc_model_metadata_describes_the_audio_tensors(inference) -> None
         ("input_values", "FP32", [-1, -1]),
         ("lengths", "INT32", [-1, 1]),
     ]
-    assert [o.name for o in metadata.outputs] == ["logits", "frames"]
+    assert [(o.name, list(o.shape)) for o in metadata.outputs] == [
+        ("logits", [-1, -1, -1]),
+        ("frames", [-1, 1]),
+    ]
 
 
 async def test_only_the_named_output_comes_back(inference, repository) -> None:
@@ -235,7 +239,7 @@ async def test_vad_flags_espeak_speech_and_not_silence(
     outputs = await infer(inference, "silero-vad", features)
     speech, quiet, noisy = await postprocessed(postprocess, "silero-vad", outputs)
 
-    assert outputs["frames"].tolist() == [-(-n // 512) for n in features["lengths"]]
+    assert outputs["frames"][:, 0].tolist() == [-(-n // 512) for n in features["lengths"]]
     voiced = speech_frames(clips(features)[0])
     probabilities = np.array(speech.voice_activity.frame_probabilities)
     assert voiced.mean() > 0.5  # the clip is mostly speech, with pauses between words
@@ -260,7 +264,7 @@ async def test_a_clip_batched_with_others_gets_what_it_gets_alone(
         inference, "silero-vad", features_of(config, [pcm(np.zeros(5000, np.float32)), speech])
     )
 
-    count = int(alone["frames"][0])
+    count = int(alone["frames"][0, 0])
     np.testing.assert_array_equal(together["probabilities"][1, :count], alone["probabilities"][0])
 
 

@@ -53,7 +53,7 @@ def test_per_frame_outputs_are_padded_with_their_frame_counts() -> None:
     joined, frames = join_frames([np.ones((3, 2)), np.ones((1, 2))])
 
     assert joined.shape == (2, 3, 2) and frames.dtype == np.int32
-    assert frames.tolist() == [3, 1]
+    assert frames.tolist() == [[3], [1]]
     assert joined[1, 1:].sum() == 0
 
 
@@ -82,13 +82,13 @@ def test_input_values_do_not_mix_with_token_inputs() -> None:
 
 def test_a_per_frame_output_goes_out_with_its_frames() -> None:
     request = service_pb2.ModelInferRequest(model_name="m", id="7")
-    output = InferOutput("logits", np.zeros((2, 3, 4)), np.array([3, 1]))
+    output = InferOutput("logits", np.zeros((2, 3, 4)), np.array([[3], [1]]))
 
     response = codec.to_wire(request, "1", output)
 
     assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == [
         ("logits", "FP32", [2, 3, 4]),
-        ("frames", "INT32", [2]),
+        ("frames", "INT32", [2, 1]),
     ]
     assert np.frombuffer(response.raw_output_contents[1], "<i4").tolist() == [3, 1]
 
@@ -120,9 +120,9 @@ def test_vad_frames_carry_the_previous_frames_last_64_samples() -> None:
 @pytest.mark.parametrize(
     ("model", "outputs"),
     [
-        ("tiny-wav2vec2-ctc", [("logits", "FP32", [-1, -1, -1]), ("frames", "INT32", [-1])]),
+        ("tiny-wav2vec2-ctc", [("logits", "FP32", [-1, -1, -1]), ("frames", "INT32", [-1, 1])]),
         ("tiny-audio-classifier", [("logits", "FP32", [-1, 4])]),
-        ("silero-vad", [("probabilities", "FP32", [-1, -1]), ("frames", "INT32", [-1])]),
+        ("silero-vad", [("probabilities", "FP32", [-1, -1]), ("frames", "INT32", [-1, 1])]),
     ],
 )
 def test_audio_models_describe_their_tensors(model_repository: Path, model, outputs) -> None:
