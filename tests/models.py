@@ -159,10 +159,10 @@ AUDIO_LABELS = ("speech", "music", "noise", "silence")
 AUDIO_RATE = 16_000
 
 
-def _wav2vec2_config(**extra: object) -> Wav2Vec2Config:
-    # Layer-norm feature encoder, as the large wav2vec2 models: it takes an attention mask, so
-    # clips of different lengths batch exactly. Two conv layers (strides 5 and 4): 20 samples
-    # per frame.
+def _wav2vec2_config(layer_norm: bool = True, **extra: object) -> Wav2Vec2Config:
+    # Two conv layers (strides 5 and 4): 20 samples per frame. The layer-norm feature encoder
+    # (as the large wav2vec2 models) takes an attention mask, so clips of different lengths
+    # batch exactly; the group-norm one (as wav2vec2-base) takes none.
     return Wav2Vec2Config(
         hidden_size=32,
         num_hidden_layers=2,
@@ -173,25 +173,26 @@ def _wav2vec2_config(**extra: object) -> Wav2Vec2Config:
         conv_kernel=(10, 4),
         num_conv_pos_embeddings=16,
         num_conv_pos_embedding_groups=4,
-        feat_extract_norm="layer",
-        do_stable_layer_norm=True,
+        feat_extract_norm="layer" if layer_norm else "group",
+        do_stable_layer_norm=layer_norm,
         mask_time_prob=0.0,
         **extra,
     )
 
 
-def _save_feature_extractor(folder: Path) -> None:
+def _save_feature_extractor(folder: Path, attention_mask: bool = True) -> None:
     Wav2Vec2FeatureExtractor(
         feature_size=1,
         sampling_rate=AUDIO_RATE,
         padding_value=0.0,
         do_normalize=True,
-        return_attention_mask=True,
+        return_attention_mask=attention_mask,
     ).save_pretrained(folder)
 
 
-def build_ctc(folder: Path, seed: int = 0) -> Path:
-    """A tiny Wav2Vec2ForCTC with a character tokenizer and its feature extractor's config."""
+def build_ctc(folder: Path, seed: int = 0, layer_norm: bool = True) -> Path:
+    """A tiny Wav2Vec2ForCTC with a character tokenizer and its feature extractor's config;
+    `layer_norm=False`: the group-norm kind, which takes no attention mask."""
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
     vocab = folder / "vocab.json"
@@ -199,9 +200,11 @@ def build_ctc(folder: Path, seed: int = 0) -> Path:
     tokenizer = Wav2Vec2CTCTokenizer(str(vocab), word_delimiter_token="|")
     tokenizer.save_pretrained(folder)
     # A wide init: with the default, a random CTC head predicts the blank nearly everywhere.
-    config = _wav2vec2_config(vocab_size=len(CTC_VOCAB), pad_token_id=0, initializer_range=0.5)
+    config = _wav2vec2_config(
+        layer_norm, vocab_size=len(CTC_VOCAB), pad_token_id=0, initializer_range=0.5
+    )
     Wav2Vec2ForCTC(config).eval().save_pretrained(folder, safe_serialization=True)
-    _save_feature_extractor(folder)
+    _save_feature_extractor(folder, attention_mask=layer_norm)
     return folder
 
 

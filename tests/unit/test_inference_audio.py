@@ -19,6 +19,7 @@ from services.inference.audio_runner import AudioRunner
 from services.inference.instance import InferOutput
 from services.inference.ragged import join_frames, split_clips
 from services.inference.vad_backend import framed
+from tests.models import build_ctc
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -103,6 +104,26 @@ def test_ctc_frames_per_clip_are_transformers_own(model_repository: Path) -> Non
 
     assert ours == model._get_feat_extract_output_lengths(torch.tensor(samples)).tolist()
     assert runner.cost(np.zeros(16_000, np.float32)) == 800  # 20 samples per frame
+
+
+def test_a_model_without_attention_mask_runs_each_clip_unpadded(tmp_path: Path) -> None:
+    build_ctc(tmp_path / "asr" / "1", seed=8, layer_norm=False)
+    (tmp_path / "asr" / "model.toml").write_text('task = "speech-recognition"\n')
+    config = ModelRepository(tmp_path).get("asr")
+    runner = AudioRunner.load(config, "1")
+    model = Wav2Vec2ForCTC.from_pretrained(config.files("1")).eval()
+    rng = np.random.default_rng(1)
+    clips = [rng.normal(0, 1, n).astype(np.float32) for n in (4000, 1500)]
+
+    outputs = runner.forward(clips).outputs
+
+    with torch.inference_mode():
+        alone = [model(input_values=torch.from_numpy(c)[None]).logits[0].numpy() for c in clips]
+        padded_short = model(input_values=torch.from_numpy(np.pad(clips[1], (0, 2500)))[None])
+    for ours, theirs in zip(outputs, alone, strict=True):
+        np.testing.assert_allclose(ours, theirs, atol=1e-5)
+    # what batching with padding would have given: another answer
+    assert not np.allclose(padded_short.logits[0, : len(alone[1])].numpy(), alone[1], atol=1e-3)
 
 
 def test_vad_frames_carry_the_previous_frames_last_64_samples() -> None:

@@ -77,6 +77,18 @@ def test_wav_and_flac_decode_to_their_samples(fmt, subtype, mime, tolerance) -> 
     np.testing.assert_allclose(decoded[:, 0], samples, atol=tolerance)
 
 
+def test_a_streamed_wav_with_a_placeholder_size_is_read_whole() -> None:
+    # as espeak-ng --stdout writes it: the sizes are unknown when the header goes out
+    samples = sine(440, 16_000, 0.25)
+    data = bytearray(encoded(samples, 16_000, "WAV", "PCM_16"))
+    data[4:8] = (0x7FFF_F024).to_bytes(4, "little")
+    data[40:44] = (0x7FFF_F000).to_bytes(4, "little")
+
+    decoded, _ = decode(Media(mime_type="audio/wav", data=bytes(data)), "media[0]", LIMITS)
+
+    np.testing.assert_allclose(decoded[:, 0], samples, atol=1 / 32768)
+
+
 def test_pcm_decodes_s16le_and_f32le_with_their_channels() -> None:
     left, right = sine(440, 8000, 0.25), sine(880, 8000, 0.25)
     stereo = np.stack([left, right], axis=1)
