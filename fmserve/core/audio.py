@@ -4,6 +4,7 @@ Wav2Vec2FeatureExtractor saves it), how many samples one output frame spans, and
 voice activity detector's fixed framing.
 
     preprocess    resamples to `sampling_rate`, normalises when `do_normalize`, pads
+    preprocess    the shortest clip a model takes (its convolutions' receptive field)
     inference     frames per clip (a CTC model's logits, the VAD's probabilities)
     postprocess   seconds per frame, for word timings and speech segments
 
@@ -63,18 +64,50 @@ def _features(files: Path) -> AudioFeatures:
     )
 
 
-def samples_per_frame(task: TaskName, files: Path) -> int:
-    """Input samples per output frame: a wav2vec2 model's convolution strides multiplied
-    (320 for the common 5,2,2,2,2,2,2), or the VAD's frame."""
+@dataclass(frozen=True)
+class Framing:
+    """How a model's output frames tile a clip's samples."""
+
+    frame_samples: int
+    """Input samples per output frame: a wav2vec2 model's convolution strides multiplied (320
+    for the common 5,2,2,2,2,2,2), or the VAD's frame."""
+    convolutions: tuple[tuple[int, int], ...] = ()
+    """(kernel, stride) of each convolution of a wav2vec2-style feature encoder, which pads
+    nothing; none for the VAD, whose last frame is zero-padded."""
+
+    def frames(self, samples: int) -> int:
+        """Output frames of a clip of `samples` (as transformers counts them)."""
+        if not self.convolutions:
+            return -(-samples // self.frame_samples)
+        for kernel, stride in self.convolutions:
+            samples = (samples - kernel) // stride + 1
+        return max(samples, 0)
+
+    @property
+    def min_samples(self) -> int:
+        """The shortest clip that gives a frame: the convolutions' receptive field (400
+        samples, 25 ms, for wav2vec2's); a shorter clip would crash the model."""
+        samples = 1
+        for kernel, stride in reversed(self.convolutions):
+            samples = (samples - 1) * stride + kernel
+        return samples
+
+
+def framing(task: TaskName, files: Path) -> Framing:
+    """A model's framing, from its config.json (the VAD's is fixed)."""
     if task is TaskName.VOICE_ACTIVITY:
-        return SILERO_FRAME_SAMPLES
-    strides = _json(files / "config.json").get("conv_stride", [1])
-    return math.prod(int(s) for s in strides)
+        return Framing(SILERO_FRAME_SAMPLES)
+    config = _json(files / "config.json")
+    kernels = [int(k) for k in config.get("conv_kernel", [])]
+    strides = [int(s) for s in config.get("conv_stride", [])]
+    if len(kernels) != len(strides):
+        raise ValueError("config.json's conv_kernel and conv_stride differ in length")
+    return Framing(math.prod(strides), tuple(zip(kernels, strides, strict=True)))
 
 
 def seconds_per_frame(task: TaskName, files: Path) -> float:
     """How long one output frame lasts, in seconds of the clip."""
-    return samples_per_frame(task, files) / audio_features(task, files).sampling_rate
+    return framing(task, files).frame_samples / audio_features(task, files).sampling_rate
 
 
 def _json(path: Path) -> dict[str, Any]:

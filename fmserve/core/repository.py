@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from fmserve.core.audio import audio_features, samples_per_frame
+from fmserve.core.audio import audio_features, framing
 from fmserve.core.gguf import DEFAULT_CACHE, converted_folder, is_gguf
 from fmserve.core.tasks import TaskName
 from fmserve.errors import ConfigError, InvalidInput, ModelNotFound, scrub_paths
@@ -333,7 +333,7 @@ def _max_length(raw: dict[str, Any], hf_config: dict[str, Any], task: TaskName, 
     An audio model's counts samples at its rate: DEFAULT_MAX_AUDIO_S of them, rounded up to
     whole frames (reading its framing here also checks that its files have it)."""
     if task.takes_audio:
-        frame = samples_per_frame(task, files)
+        frame = framing(task, files).frame_samples
         rate = audio_features(task, files).sampling_rate
         return int(raw.get("max_length") or -(-DEFAULT_MAX_AUDIO_S * rate // frame) * frame)
     context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 512

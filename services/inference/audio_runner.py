@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from fmserve.core.audio import audio_features, samples_per_frame
+from fmserve.core.audio import audio_features, framing
 from fmserve.core.repository import ModelConfig, Runtime
 from fmserve.core.tasks import TaskName
 from fmserve.errors import Overloaded
@@ -39,9 +39,8 @@ class AudioRunner:
         self.backend = backend
         self.runtime = runtime
         self.features = audio_features(config.task, files)
-        self.samples_per_frame = samples_per_frame(config.task, files)
-        self._conv = _conv_layers(backend.hf_config)
-        self._batched = self.features.return_attention_mask or not self._conv
+        self.framing = framing(config.task, files)
+        self._batched = self.features.return_attention_mask or not self.framing.convolutions
 
     @classmethod
     def load(
@@ -52,16 +51,7 @@ class AudioRunner:
 
     def cost(self, clip: np.ndarray) -> int:
         """A clip's share of a batch's max_batch_tokens: its output frames."""
-        return max(1, clip.size // self.samples_per_frame)
-
-    def frames(self, samples: int) -> int:
-        """Output frames of a clip: a CTC model's after its convolutions (no padding, as
-        transformers computes them), or the VAD's frames, the last one partly padded."""
-        if not self._conv:
-            return -(-samples // self.samples_per_frame)
-        for kernel, stride in self._conv:
-            samples = (samples - kernel) // stride + 1
-        return max(samples, 0)
+        return max(1, clip.size // self.framing.frame_samples)
 
     def forward(self, clips: list[np.ndarray]) -> Forward:
         """One output per clip, in order, and how long each phase took."""
@@ -98,11 +88,4 @@ class AudioRunner:
     def _cut(self, array: np.ndarray, clip: np.ndarray) -> np.ndarray:
         if self.config.task is TaskName.AUDIO_CLASSIFICATION:
             return array
-        return array[: self.frames(clip.size)]
-
-
-def _conv_layers(hf_config: object) -> list[tuple[int, int]]:
-    """(kernel, stride) of a wav2vec2-style feature encoder's convolutions; none for the VAD."""
-    kernels = getattr(hf_config, "conv_kernel", None) or []
-    strides = getattr(hf_config, "conv_stride", None) or []
-    return list(zip(kernels, strides, strict=True))
+        return array[: self.framing.frames(clip.size)]

@@ -150,11 +150,12 @@ class ModelInstance:
                 f"it answers {' and '.join(repr(name) for name in names)}"
             )
         if isinstance(self.runner, AudioRunner):
-            self._check_clips(request.sequences, self.runner.features.sampling_rate)
+            self._check_clips(request.sequences, self.runner)
             return
         self._check_tokens(request, self.runner)
 
-    def _check_clips(self, clips: list[np.ndarray], rate: int) -> None:
+    def _check_clips(self, clips: list[np.ndarray], runner: AudioRunner) -> None:
+        rate = runner.features.sampling_rate
         if clips[0].dtype != np.float32:
             raise InvalidInput(
                 f"model {self.config.name!r} takes audio: send input_values (FP32 samples at "
@@ -165,6 +166,12 @@ class ModelInstance:
             raise InputTooLong(
                 f"a clip has {longest} samples ({longest / rate:.1f} s at {rate} Hz); model "
                 f"{self.config.name!r} takes at most {self.config.max_length}: cut it shorter"
+            )
+        shortest, least = min(clip.size for clip in clips), runner.framing.min_samples
+        if shortest < least:
+            raise InvalidInput(
+                f"a clip has {shortest} samples; model {self.config.name!r} needs at least "
+                f"{least} ({least / rate * 1000:g} ms at {rate} Hz)"
             )
         if not all(np.isfinite(clip).all() for clip in clips):
             raise InvalidInput("input_values holds NaN or infinite samples")

@@ -28,7 +28,7 @@ import numpy as np
 import soundfile
 import soxr
 
-from fmserve.core.audio import AudioFeatures, audio_features
+from fmserve.core.audio import AudioFeatures, audio_features, framing
 from fmserve.core.repository import ModelConfig
 from fmserve.errors import InputTooLong, InvalidInput
 
@@ -65,11 +65,19 @@ def featurize(
     config: ModelConfig, version: str, media: list[Media], limits: AudioLimits
 ) -> dict[str, np.ndarray]:
     """The model's inputs for these clips, in order; the first bad clip raises."""
-    features = audio_features(config.task, config.files(version))
+    files = config.files(version)
+    features = audio_features(config.task, files)
     clips = [
         load_clip(item, f"media[{index}]", features.sampling_rate, limits, config)
         for index, item in enumerate(media)
     ]
+    least = framing(config.task, files).min_samples
+    for index, clip in enumerate(clips):
+        if clip.size < least:
+            raise InvalidInput(
+                f"media[{index}]: {clip.size / features.sampling_rate * 1000:g} ms of audio; "
+                f"model {config.name!r} needs at least {least / features.sampling_rate * 1000:g} ms"
+            )
     return padded(clips, features)
 
 

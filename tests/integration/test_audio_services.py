@@ -304,9 +304,14 @@ async def test_bad_samples_are_invalid_argument(inference, repository) -> None:
 
     not_finite = await _refused(inference.infer("silero-vad", [values_input(nan)]))
     over = await _refused(inference.infer("silero-vad", [values_input(too_long)]))
+    # shorter than the convolutions' receptive field: the model itself would crash on it
+    short = await _refused(
+        inference.infer("tiny-wav2vec2-ctc", [values_input(np.ones((1, 24), np.float32))])
+    )
 
     assert "NaN or infinite" in not_finite.message()
     assert "takes at most 480256" in over.message()
+    assert "a clip has 24 samples; model 'tiny-wav2vec2-ctc' needs at least 25" in short.message()
 
 
 async def test_ctc_postprocess_refuses_logits_of_another_vocabulary(postprocess) -> None:

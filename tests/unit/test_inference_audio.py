@@ -100,10 +100,12 @@ def test_ctc_frames_per_clip_are_transformers_own(model_repository: Path) -> Non
     model = Wav2Vec2ForCTC.from_pretrained(config.files("1"))
     samples = [20, 29, 30, 400, 16_000, 16_019]
 
-    ours = [runner.frames(n) for n in samples]
+    ours = [runner.framing.frames(n) for n in samples]
 
     assert ours == model._get_feat_extract_output_lengths(torch.tensor(samples)).tolist()
     assert runner.cost(np.zeros(16_000, np.float32)) == 800  # 20 samples per frame
+    assert runner.framing.min_samples == 25
+    assert (runner.framing.frames(25), runner.framing.frames(24)) == (1, 0)
 
 
 def test_a_model_without_attention_mask_runs_each_clip_unpadded(tmp_path: Path) -> None:

@@ -260,6 +260,14 @@ def test_each_bad_clip_is_invalid_input_naming_it(ctc: ModelConfig, case: str) -
     assert fragment in caught.value.message
 
 
+def test_a_clip_shorter_than_the_models_receptive_field_is_refused(ctc: ModelConfig) -> None:
+    # the tiny model's convolutions (kernels 10 and 4, strides 5 and 4) need 25 samples
+    media = [wav(sine(440, 16_000, 0.1)), pcm_s16(np.zeros(24, np.float32), 16_000)]
+
+    with pytest.raises(InvalidInput, match=r"media\[1\]: 1\.5 ms of audio; .* at least 1\.5625 ms"):
+        featurize(ctc, "1", media, LIMITS)
+
+
 def test_a_clip_over_the_models_max_length_is_too_long(ctc: ModelConfig) -> None:
     short = replace(ctc, max_length=16_000)
 

@@ -98,7 +98,7 @@ def test_the_bundled_vad_is_an_onnx_file_of_its_package() -> None:
 
 def test_an_audio_models_max_length_counts_samples_at_its_rate(tmp_path: Path) -> None:
     folder = write_model(tmp_path, "asr", 'task = "speech-recognition"\n')
-    write_hf(folder / "1", conv_stride=[5, 2])
+    write_hf(folder / "1", conv_stride=[5, 2], conv_kernel=[10, 3])
     (folder / "1" / "preprocessor_config.json").write_text('{"sampling_rate": 8000}')
     assert ModelRepository(tmp_path).get("asr").max_length == 30 * 8000
     (folder / "model.toml").write_text('task = "speech-recognition"\nmax_length = 1000\n')
