@@ -66,18 +66,13 @@ def featurize(
 ) -> dict[str, np.ndarray]:
     """The model's inputs for these clips, in order; the first bad clip raises."""
     files = config.files(version)
-    features = audio_features(config.task, files)
-    clips = [
-        load_clip(item, f"media[{index}]", features.sampling_rate, limits, config)
-        for index, item in enumerate(media)
-    ]
-    least = framing(config.task, files).min_samples
-    for index, clip in enumerate(clips):
-        if clip.size < least:
-            raise InvalidInput(
-                f"media[{index}]: {clip.size / features.sampling_rate * 1000:g} ms of audio; "
-                f"model {config.name!r} needs at least {least / features.sampling_rate * 1000:g} ms"
-            )
+    features, least = audio_features(config.task, files), framing(config.task, files).min_samples
+    clips = []
+    for index, item in enumerate(media):
+        name = f"media[{index}]"
+        clip = load_clip(item, name, features.sampling_rate, limits)
+        _check_duration(clip, name, features.sampling_rate, least, config)
+        clips.append(clip)
     return padded(clips, features)
 
 
@@ -96,19 +91,29 @@ def normalized(clip: np.ndarray) -> np.ndarray:
     return ((clip64 - clip64.mean()) / np.sqrt(clip64.var() + 1e-7)).astype(np.float32)
 
 
-def load_clip(
-    item: Media, name: str, rate: int, limits: AudioLimits, config: ModelConfig
-) -> np.ndarray:
-    """One clip decoded, mono, at `rate`: float32 [samples], at most the model's max_length."""
+def load_clip(item: Media, name: str, rate: int, limits: AudioLimits) -> np.ndarray:
+    """One clip decoded, mono, at `rate`: float32 [samples]."""
     samples, source_rate = decode(item, name, limits)
     mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
     clip = mono if source_rate == rate else soxr.resample(mono, source_rate, rate)
+    return np.ascontiguousarray(clip, dtype=np.float32)
+
+
+def _check_duration(
+    clip: np.ndarray, name: str, rate: int, least: int, config: ModelConfig
+) -> None:
+    """At most the model's max_length; at least one frame's worth (a shorter clip would crash
+    the model's convolutions)."""
     if clip.size > config.max_length:
         raise InputTooLong(
             f"{name}: {clip.size / rate:.1f} s of audio; model {config.name!r} takes at most "
             f"{config.max_length / rate:.1f} s per clip: cut it into shorter clips"
         )
-    return np.ascontiguousarray(clip, dtype=np.float32)
+    if clip.size < least:
+        raise InvalidInput(
+            f"{name}: {clip.size / rate * 1000:g} ms of audio; model {config.name!r} needs at "
+            f"least {least / rate * 1000:g} ms"
+        )
 
 
 def decode(item: Media, name: str, limits: AudioLimits) -> tuple[np.ndarray, int]:

@@ -108,18 +108,18 @@ def test_pcm_decodes_s16le_and_f32le_with_their_channels() -> None:
     np.testing.assert_array_equal(f32, stereo)
 
 
-def test_stereo_is_averaged_to_mono(ctc: ModelConfig) -> None:
+def test_stereo_is_averaged_to_mono() -> None:
     left, right = sine(440, 16_000, 0.25), sine(880, 16_000, 0.25)
 
-    clip = load_clip(wav(np.stack([left, right], axis=1)), "media[0]", 16_000, LIMITS, ctc)
+    clip = load_clip(wav(np.stack([left, right], axis=1)), "media[0]", 16_000, LIMITS)
 
     np.testing.assert_allclose(clip, (left + right) / 2, atol=1e-6)
 
 
-def test_resampling_keeps_the_frequency_and_the_duration(ctc: ModelConfig) -> None:
+def test_resampling_keeps_the_frequency_and_the_duration() -> None:
     tone = sine(1000, 44_100, 1.0)
 
-    clip = load_clip(wav(tone, 44_100), "media[0]", 16_000, LIMITS, ctc)
+    clip = load_clip(wav(tone, 44_100), "media[0]", 16_000, LIMITS)
 
     assert clip.dtype == np.float32
     assert clip.size == 16_000
@@ -128,10 +128,10 @@ def test_resampling_keeps_the_frequency_and_the_duration(ctc: ModelConfig) -> No
     assert np.sqrt(np.mean(clip[1000:-1000] ** 2)) == pytest.approx(0.5 / np.sqrt(2), rel=1e-3)
 
 
-def test_a_clip_at_the_model_rate_is_not_resampled(ctc: ModelConfig) -> None:
+def test_a_clip_at_the_model_rate_is_not_resampled() -> None:
     tone = sine(300, 16_000, 0.3)
 
-    clip = load_clip(wav(tone), "media[0]", 16_000, LIMITS, ctc)
+    clip = load_clip(wav(tone), "media[0]", 16_000, LIMITS)
 
     np.testing.assert_array_equal(clip, tone)
 
