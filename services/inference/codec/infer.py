@@ -21,7 +21,7 @@ _NUMPY: dict[str, np.dtype] = {
     "FP32": np.dtype("<f4"),
 }
 _CONTENTS = {"INT64": "int64_contents", "INT32": "int_contents", "FP32": "fp32_contents"}
-FRAMES = signature.FRAMES.name
+_FRAMES = signature.FRAMES.name
 _ACCEPTED = (
     "input_ids with lengths (ragged form), input_ids with an optional attention_mask, or an "
     "audio model's input_values with optional lengths"
@@ -75,8 +75,8 @@ def to_wire(
     )
     _add(response, output.name, "FP32", np.ascontiguousarray(output.array, dtype="<f4"))
     named = {o.name for o in request.outputs}
-    if output.frames is not None and (not named or FRAMES in named):
-        _add(response, FRAMES, "INT32", np.ascontiguousarray(output.frames, dtype="<i4"))
+    if output.frames is not None and (not named or _FRAMES in named):
+        _add(response, _FRAMES, "INT32", np.ascontiguousarray(output.frames, dtype="<i4"))
     return response
 
 
