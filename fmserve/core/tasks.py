@@ -15,6 +15,9 @@ class TaskName(StrEnum):
     TEXT_CLASSIFICATION = "text-classification"
     TOKEN_CLASSIFICATION = "token-classification"
     TEXT_GENERATION = "text-generation"
+    AUDIO_CLASSIFICATION = "audio-classification"
+    SPEECH_RECOGNITION = "speech-recognition"
+    VOICE_ACTIVITY = "voice-activity"
 
     @property
     def postprocess_needs_tokens(self) -> bool:
@@ -29,11 +32,32 @@ class TaskName(StrEnum):
         will need them, as computing and shipping them costs time on every request."""
         return self.postprocess_needs_tokens
 
+    @property
+    def takes_audio(self) -> bool:
+        """Whether the model's input is audio clips (input_values [clips, samples] at the
+        model's rate), not token ids."""
+        return self in AUDIO_TASKS
+
+    @property
+    def per_frame(self) -> bool:
+        """Whether the model answers one row per audio frame (speech recognition's logits,
+        voice activity's probabilities) rather than one per clip; such outputs come with
+        each clip's frame count."""
+        return self in (TaskName.SPEECH_RECOGNITION, TaskName.VOICE_ACTIVITY)
+
+
+AUDIO_TASKS = frozenset(
+    {TaskName.AUDIO_CLASSIFICATION, TaskName.SPEECH_RECOGNITION, TaskName.VOICE_ACTIVITY}
+)
+
 
 TASK_TO_WIRE: dict[TaskName, common_pb2.Task] = {
     TaskName.EMBEDDING: common_pb2.TASK_EMBEDDING,
     TaskName.TEXT_CLASSIFICATION: common_pb2.TASK_TEXT_CLASSIFICATION,
     TaskName.TOKEN_CLASSIFICATION: common_pb2.TASK_TOKEN_CLASSIFICATION,
     TaskName.TEXT_GENERATION: common_pb2.TASK_TEXT_GENERATION,
+    TaskName.AUDIO_CLASSIFICATION: common_pb2.TASK_AUDIO_CLASSIFICATION,
+    TaskName.SPEECH_RECOGNITION: common_pb2.TASK_SPEECH_RECOGNITION,
+    TaskName.VOICE_ACTIVITY: common_pb2.TASK_VOICE_ACTIVITY,
 }
 TASK_FROM_WIRE: dict[common_pb2.Task, TaskName] = {w: t for t, w in TASK_TO_WIRE.items()}

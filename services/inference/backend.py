@@ -5,9 +5,13 @@ model's one output, as a torch tensor on the CPU or its device:
     encoder (embedding, zero-shot prototypes)    hidden states   [B, T, H]
     text-classification                          logits          [B, C]
     token-classification                         logits          [B, T, C]
+    audio-classification (from samples [B, S])   logits          [B, C]
+    speech-recognition (from samples [B, S])     logits          [B, frames, V]
+    voice-activity (from 16 kHz samples [B, S])  probabilities   [B, frames]
 
     torch        the version's safetensors, on its device and in its precision (loading.py)
-    onnxruntime  the version's model.onnx (written by `fmserve export`), on the CPU
+    onnxruntime  the version's model.onnx (written by `fmserve export`), on the CPU; the Silero
+                 VAD's streaming graph (vad_backend.py)
 
 A version's `[runtime] backend` picks one. Other tasks and media models plug in here the same
 way: a backend only has to answer a padded batch with the output the runner's head expects.
@@ -31,7 +35,8 @@ class Backend(Protocol):
     """The model's Hugging Face config (vocab_size, pad_token_id)."""
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """The model's output for a padded batch (see the module's table)."""
+        """The model's output for a padded batch of token ids, or of an audio model's samples
+        (see the module's table)."""
         ...
 
     def synchronize(self) -> None:
@@ -52,7 +57,12 @@ def encoder_only(config: ModelConfig) -> bool:
 def load_backend(config: ModelConfig, version: str, cuda_devices: int | None = None) -> Backend:
     """The backend of a version, loaded (slow: run it in a thread); LoadFailed says the fix."""
     # Imported here: a process serves one backend's models without loading the other library.
-    if config.runtime_of(version).backend == "onnxruntime":
+    onnx = config.runtime_of(version).backend == "onnxruntime"
+    if config.task is TaskName.VOICE_ACTIVITY:
+        from services.inference.vad_backend import SileroBackend
+
+        return SileroBackend.load(config, version, onnx)
+    if onnx:
         from services.inference.onnx_backend import OnnxBackend
 
         return OnnxBackend.load(config, version)

@@ -25,9 +25,10 @@ from fmserve.core.batching import Batcher, BatchLimits
 from fmserve.core.repository import Batching
 from fmserve.errors import FmserveError, InputTooLong, InvalidInput
 from services.inference import metrics, signature, warmup
+from services.inference.audio_runner import AudioRunner
 from services.inference.heap import HeapTrimmer
 from services.inference.memory import Footprint
-from services.inference.ragged import Layout, join
+from services.inference.ragged import Layout, join, join_frames
 from services.inference.runner import Runner
 from services.inference.stats import ModelStats
 
@@ -57,6 +58,9 @@ class InferRequest:
 class InferOutput:
     name: str
     array: np.ndarray
+    frames: np.ndarray | None = None
+    """A per-frame output's frames per clip, INT32 [B, 1]; `array`'s rows are padded to the
+    most."""
 
 
 class Pace:
@@ -84,7 +88,11 @@ class ModelInstance:
     """Serves one model version; the registry creates, tracks and closes it."""
 
     def __init__(
-        self, runner: Runner, version: str, executor: Executor, heap: HeapTrimmer | None = None
+        self,
+        runner: Runner | AudioRunner,
+        version: str,
+        executor: Executor,
+        heap: HeapTrimmer | None = None,
     ) -> None:
         self.runner = runner
         self.config = runner.config
@@ -101,7 +109,7 @@ class ModelInstance:
         self.batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
             self._run_batch,
             _limits(self.config.batching, runner.runtime.instances),
-            cost=len,
+            cost=runner.cost,
             observer=self._observed,
         )
         metrics.QUEUED_SEQUENCES.watch(self.batcher, self.config.name)
@@ -122,6 +130,8 @@ class ModelInstance:
         finally:
             self.stats.record_request(ok, time.perf_counter_ns() - started)
             self._leave()
+        if self.config.task.per_frame:
+            return InferOutput(self.output.name, *join_frames(outputs))
         return InferOutput(self.output.name, join(outputs, request.layout, self.runner.per_token))
 
     def footprint(self) -> Footprint:
@@ -134,6 +144,10 @@ class ModelInstance:
         await loop.run_in_executor(self._executor, self._warm_up)
 
     def _warm_up(self) -> None:
+        if isinstance(self.runner, AudioRunner):
+            for clips in warmup.audio_batches(self.config, self.version):
+                self.runner.forward(clips)
+            return
         samples = warmup.samples(self.config, self.version)
         for batch in warmup.batches(self.config, self.runner.vocab_size, samples):
             self.runner.forward(batch)
@@ -147,11 +161,44 @@ class ModelInstance:
         metrics.QUEUED_SEQUENCES.forget(self.batcher)
 
     def _check(self, request: InferRequest) -> None:
-        unknown = set(request.outputs) - {self.output.name}
+        names = [spec.name for spec in signature.outputs(self.config)]
+        unknown = set(request.outputs) - set(names)
         if unknown:
             raise InvalidInput(
                 f"model {self.config.name!r} has no output {sorted(unknown)[0]!r}; "
-                f"it answers {self.output.name!r}"
+                f"it answers {' and '.join(repr(name) for name in names)}"
+            )
+        if isinstance(self.runner, AudioRunner):
+            self._check_clips(request.sequences, self.runner)
+            return
+        self._check_tokens(request, self.runner)
+
+    def _check_clips(self, clips: list[np.ndarray], runner: AudioRunner) -> None:
+        rate = runner.features.sampling_rate
+        if clips[0].dtype != np.float32:
+            raise InvalidInput(
+                f"model {self.config.name!r} takes audio: send input_values (FP32 samples at "
+                f"{rate} Hz) and lengths, not token ids"
+            )
+        longest = max(clip.size for clip in clips)
+        if longest > self.config.max_length:
+            raise InputTooLong(
+                f"a clip has {longest} samples ({longest / rate:.1f} s at {rate} Hz); model "
+                f"{self.config.name!r} takes at most {self.config.max_length}: cut it shorter"
+            )
+        shortest, least = min(clip.size for clip in clips), runner.framing.min_samples
+        if shortest < least:
+            raise InvalidInput(
+                f"a clip has {shortest} samples; model {self.config.name!r} needs at least "
+                f"{least} ({least / rate * 1000:g} ms at {rate} Hz)"
+            )
+        if not all(np.isfinite(clip).all() for clip in clips):
+            raise InvalidInput("input_values holds NaN or infinite samples")
+
+    def _check_tokens(self, request: InferRequest, runner: Runner) -> None:
+        if request.sequences[0].dtype == np.float32:
+            raise InvalidInput(
+                f"model {self.config.name!r} takes text: send input_ids, not input_values"
             )
         longest = max(len(s) for s in request.sequences)
         if longest > self.config.max_length:
@@ -160,19 +207,18 @@ class ModelInstance:
                 f"{self.config.max_length}; truncate the text or split it"
             )
         for sequence in request.sequences:
-            if sequence.min() < 0 or sequence.max() >= self.runner.vocab_size:
+            if sequence.min() < 0 or sequence.max() >= runner.vocab_size:
                 raise InvalidInput(
-                    f"token ids must lie in [0, {self.runner.vocab_size}) for model "
+                    f"token ids must lie in [0, {runner.vocab_size}) for model "
                     f"{self.config.name!r}; tokenize with the model's own tokenizer"
                 )
         if request.layout.mask_assumed:
-            self._check_unpadded(request.sequences)
+            self._check_unpadded(request.sequences, runner.pad_token_id)
 
-    def _check_unpadded(self, sequences: list[np.ndarray]) -> None:
+    def _check_unpadded(self, sequences: list[np.ndarray], pad: int | None) -> None:
         """Padded input_ids without attention_mask: refused when a row holds the pad token
         (its padding would be embedded as text), or, for a model without one, when there are
         several rows (padding cannot be told from text)."""
-        pad = self.runner.pad_token_id
         fix = "send attention_mask [B, T] (1 for tokens, 0 for padding) or the ragged form"
         if pad is None and len(sequences) > 1:
             raise InvalidInput(
@@ -222,7 +268,7 @@ class ModelInstance:
             len(sequences), forward.input_ns, forward.infer_ns, forward.output_ns
         )
         seconds = forward.total_ns / 1e9
-        self._pace_background(sum(len(s) for s in sequences), seconds)
+        self._pace_background(sum(self.runner.cost(s) for s in sequences), seconds)
         metrics.COMPUTE_DURATION.labels(self.config.name).observe(seconds)
         return forward.outputs
 

@@ -17,7 +17,9 @@ import torch
 from safetensors import SafetensorError
 from transformers import (
     AutoModel,
+    AutoModelForAudioClassification,
     AutoModelForCausalLM,
+    AutoModelForCTC,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -43,6 +45,8 @@ _AUTO_CLASSES = {
     TaskName.TEXT_CLASSIFICATION: AutoModelForSequenceClassification,
     TaskName.TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
     TaskName.TEXT_GENERATION: AutoModelForCausalLM,
+    TaskName.AUDIO_CLASSIFICATION: AutoModelForAudioClassification,
+    TaskName.SPEECH_RECOGNITION: AutoModelForCTC,
 }
 # What transformers raises for a folder it cannot use: missing, truncated or mismatched files.
 _LIBRARY_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)

@@ -46,6 +46,11 @@ def configure_threads(intra_op: int, inter_op: int, spinning: bool) -> None:
     _threads = Threads(intra_op, inter_op, spinning)
 
 
+def configured_threads() -> Threads:
+    """The threads set by `configure_threads`, for every session this process opens."""
+    return _threads
+
+
 def session_options(threads: Threads) -> ort.SessionOptions:
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads.intra_op
@@ -78,7 +83,7 @@ class OnnxBackend:
                 '(its CPU package is installed); use "auto" or "cpu", or backend = "torch"'
             )
         files = config.files(version)
-        session = open_session(files / MODEL_FILE, _threads)
+        session = open_session(files / MODEL_FILE, configured_threads())
         backend = cls(session, _hf_config(files), (files / MODEL_FILE).stat().st_size)
         backend._check_inputs()
         return backend

@@ -4,7 +4,13 @@
     padded   input_ids INT64 [B, T] + attention_mask INT64 [B, T]           (standard v2 tooling)
 
 A request becomes one 1-D array of token ids per sequence; each batch is padded to its own
-longest sequence (`pad`); answers go back in the request's form (`join`).
+longest sequence (`pad`); answers go back in the request's form (`join`). An audio model's
+request is one form only:
+
+    clips    input_values FP32 [B, samples] zero-padded + lengths INT32 [B] or [B, 1] (optional)
+
+its clips are 1-D sample arrays, and per-frame answers go back padded with each clip's frame
+count (`join_frames`).
 """
 
 from __future__ import annotations
@@ -70,6 +76,38 @@ def split_padded(
     if not mask.any(axis=1).all():
         raise InvalidInput("attention_mask: every sequence needs at least one token")
     return [row[keep] for row, keep in zip(ids, mask, strict=True)], Layout(mask)
+
+
+def split_clips(values: np.ndarray, lengths: np.ndarray | None) -> list[np.ndarray]:
+    """The clips of an audio request: each row of input_values cut to its length (the whole
+    row when lengths is absent)."""
+    if values.ndim != 2:
+        raise InvalidInput(f"input_values: send shape [clips, samples]; got {list(values.shape)}")
+    _require_sequences(values.shape[0])
+    if lengths is None:
+        lengths = np.full(values.shape[0], values.shape[1])
+    if lengths.ndim == 2 and lengths.shape[1] == 1:
+        lengths = lengths[:, 0]
+    if lengths.shape != (values.shape[0],):
+        raise InvalidInput(
+            f"lengths has shape {list(lengths.shape)}; send one sample count per clip: "
+            f"[{values.shape[0]}]"
+        )
+    if (lengths <= 0).any() or (lengths > values.shape[1]).any():
+        raise InvalidInput(
+            f"lengths: every clip needs 1 to {values.shape[1]} samples (input_values' width)"
+        )
+    return [row[:length] for row, length in zip(values, lengths.tolist(), strict=True)]
+
+
+def join_frames(outputs: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per-frame outputs ([frames] or [frames, C] per clip) as one array zero-padded to the
+    longest clip's frames, and each clip's frame count, INT32 [B, 1]."""
+    frames = np.array([[len(output)] for output in outputs], dtype=np.int32)
+    joined = np.zeros((len(outputs), int(frames.max()), *outputs[0].shape[1:]), dtype=np.float32)
+    for row, output in enumerate(outputs):
+        joined[row, : len(output)] = output
+    return joined, frames
 
 
 def pad(sequences: list[np.ndarray], pad_id: int) -> tuple[np.ndarray, np.ndarray]:

@@ -33,8 +33,15 @@ from enum import StrEnum
 
 from fmserve.core.repository import ModelConfig, ModelRepository, version_order
 from fmserve.core.tasks import TaskName
-from fmserve.errors import ConfigError, FmserveError, ModelNotFound, Unavailable, WrongTask
+from fmserve.errors import (
+    ConfigError,
+    FmserveError,
+    ModelNotFound,
+    Unavailable,
+    WrongTask,
+)
 from services.inference import memory, metrics, residency
+from services.inference.audio_runner import AudioRunner
 from services.inference.generation.instance import GenerationInstance, load_engine
 from services.inference.heap import HeapTrimmer
 from services.inference.instance import ModelInstance
@@ -412,7 +419,11 @@ class ModelRegistry:
         if config.task is TaskName.TEXT_GENERATION:
             engine = await asyncio.to_thread(load_engine, config, version)
             return GenerationInstance(engine, config, version, self._compute, self._heap)
-        runner = await asyncio.to_thread(Runner.load, config, version)
+        runner: Runner | AudioRunner
+        if config.task.takes_audio:
+            runner = await asyncio.to_thread(AudioRunner.load, config, version)
+        else:
+            runner = await asyncio.to_thread(Runner.load, config, version)
         return ModelInstance(runner, version, self._compute, self._heap)
 
     async def _close(self, key: Key, slot: _Slot, grace_s: float, event: str = "unloaded") -> None:

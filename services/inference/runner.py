@@ -80,6 +80,10 @@ class Runner:
             runner._centroids = runner._prototype_centroids(load_tokenizer(config.files(version)))
         return runner
 
+    def cost(self, sequence: np.ndarray) -> int:
+        """A sequence's share of a batch's max_batch_tokens: its tokens."""
+        return len(sequence)
+
     def forward(self, sequences: list[np.ndarray]) -> Forward:
         """One output per sequence, in order, and how long each phase took; runs on the
         caller's thread."""

@@ -28,6 +28,15 @@ per batch item, so tools that build inputs from ModelConfig (perf_analyzer) can 
 is accepted too (what fmserve's gateway sends)."""
 INPUTS = (INPUT_IDS, ATTENTION_MASK, LENGTHS)
 
+# Audio models: clips at the model's rate, zero-padded to the longest, with each clip's samples
+# (all of every row when absent).
+INPUT_VALUES = TensorSpec("input_values", "FP32", (-1, -1))
+AUDIO_INPUTS = (INPUT_VALUES, LENGTHS)
+FRAMES = TensorSpec("frames", "INT32", (-1, 1))
+"""Per-frame outputs (speech recognition, voice activity): each clip's frames, [B, 1] as
+`lengths` is declared (one count per batch item, a shape perf_analyzer can read); the output's
+rows are zero-padded to the longest clip's."""
+
 # Text generation (ModelStreamInfer): one prompt per request, no batch dimension.
 PROMPT_IDS = TensorSpec("input_ids", "INT64", (1, -1))
 STOP_TOKEN_IDS = TensorSpec("stop_token_ids", "INT64", (-1,), optional=True)
@@ -38,12 +47,26 @@ TOKEN_IDS = TensorSpec("token_ids", "INT64", (1, -1))
 def inputs(config: ModelConfig) -> tuple[TensorSpec, ...]:
     if config.task is TaskName.TEXT_GENERATION:
         return (PROMPT_IDS, STOP_TOKEN_IDS)
+    if config.task.takes_audio:
+        return AUDIO_INPUTS
     return INPUTS
 
 
+def outputs(config: ModelConfig) -> tuple[TensorSpec, ...]:
+    """Every output of a model: its main one, and `frames` after a per-frame one."""
+    if config.task.per_frame:
+        return (output(config), FRAMES)
+    return (output(config),)
+
+
 def output(config: ModelConfig) -> TensorSpec:
-    """The one output of a model: `embeddings` [B, D], `logits` [B, C] / [B, T, C], or a
-    generation's streamed `token_ids` [1, k]."""
+    """The main output of a model: `embeddings` [B, D], `logits` [B, C] / [B, T, C] (a CTC
+    model's [clips, frames, vocab]), a voice-activity model's `probabilities` [clips, frames],
+    or a generation's streamed `token_ids` [1, k]."""
+    if config.task is TaskName.VOICE_ACTIVITY:
+        return TensorSpec("probabilities", "FP32", (-1, -1))
+    if config.task is TaskName.SPEECH_RECOGNITION:
+        return TensorSpec("logits", "FP32", (-1, -1, -1))
     if config.task is TaskName.TEXT_GENERATION:
         return TOKEN_IDS
     if config.task is TaskName.EMBEDDING:

@@ -19,6 +19,8 @@ class TorchBackend:
         self.device = placement.device
         self.hf_config: Any = module.config
         self._hidden = hidden
+        # audio models take float samples (in the model's precision), text models token ids
+        self._audio = module.main_input_name == "input_values"
 
     @classmethod
     def load(
@@ -30,6 +32,9 @@ class TorchBackend:
         return cls(module, placement, hidden)
 
     def __call__(self, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self._audio:
+            values = ids.to(self.placement.dtype)
+            return self.module(input_values=values, attention_mask=mask).logits
         out = self.module(input_ids=ids, attention_mask=mask)
         return out.last_hidden_state if self._hidden else out.logits
 

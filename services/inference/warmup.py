@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from fmserve.core.audio import audio_features
 from fmserve.core.repository import ModelConfig
 from services.inference.loading import load_tokenizer
 
@@ -34,6 +35,14 @@ def batches(
     if samples:
         warm += [[sample] for sample in samples] + [samples]
     return warm
+
+
+def audio_batches(config: ModelConfig, version: str) -> list[list[np.ndarray]]:
+    """The batches an audio model warms up on: a second of faint noise at the model's rate,
+    alone and as a full batch."""
+    rate = audio_features(config.task, config.files(version)).sampling_rate
+    clip = np.random.default_rng(0).normal(0, 0.01, rate).astype(np.float32)
+    return [[clip], [clip] * max(1, min(config.batching.max_batch_size, 4))]
 
 
 def samples(config: ModelConfig, version: str) -> list[np.ndarray]:

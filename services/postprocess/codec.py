@@ -12,7 +12,14 @@ from fmserve.errors import InvalidInput
 from fmserve.v1 import common_pb2, jobs_pb2, postprocess_pb2
 from services.postprocess.generations import Text
 from services.postprocess.postprocessor import ModelOutputs
-from services.postprocess.results import Classification, Embedding, Result
+from services.postprocess.results import (
+    Classification,
+    Embedding,
+    Entities,
+    Result,
+    Transcription,
+    VoiceActivity,
+)
 
 # TASK_UNSPECIFIED is accepted: the model's own task applies.
 _TASKS: dict[common_pb2.Task, TaskName | None] = {
@@ -78,11 +85,35 @@ def to_wire(result: Result) -> common_pb2.Result:
     if isinstance(result, Classification):
         labels = [common_pb2.LabelScore(label=s.label, score=s.score) for s in result.labels]
         return common_pb2.Result(classification=common_pb2.Classification(labels=labels))
+    if isinstance(result, Transcription):
+        return common_pb2.Result(transcription=transcription_to_wire(result))
+    if isinstance(result, VoiceActivity):
+        return common_pb2.Result(voice_activity=voice_activity_to_wire(result))
+    return common_pb2.Result(entities=entities_to_wire(result))
+
+
+def entities_to_wire(result: Entities) -> common_pb2.Entities:
     entities = [
         common_pb2.Entity(label=e.label, score=e.score, start=e.start, end=e.end, text=e.text)
         for e in result.entities
     ]
-    return common_pb2.Result(entities=common_pb2.Entities(entities=entities))
+    return common_pb2.Entities(entities=entities)
+
+
+def transcription_to_wire(result: Transcription) -> common_pb2.Transcription:
+    words = [
+        common_pb2.WordTiming(word=w.word, start_s=w.start_s, end_s=w.end_s) for w in result.words
+    ]
+    return common_pb2.Transcription(text=result.text, words=words)
+
+
+def voice_activity_to_wire(result: VoiceActivity) -> common_pb2.VoiceActivity:
+    segments = [common_pb2.SpeechSegment(start_s=s.start_s, end_s=s.end_s) for s in result.segments]
+    return common_pb2.VoiceActivity(
+        frame_probabilities=result.frame_probabilities.tolist(),
+        frame_s=result.frame_s,
+        segments=segments,
+    )
 
 
 def generation_to_wire(generated: common_pb2.Generation, text: Text) -> common_pb2.Result:

@@ -1,5 +1,6 @@
 """The postprocess service's one domain entry: checks a batch of model outputs against its
-model's config and runs its task's postprocessing, in a worker thread when the batch is big."""
+model's config and runs its task's postprocessing, in a worker thread when the batch is big (or
+when it decodes speech: its tokenizer loads there on first use)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from functools import partial
 
 import numpy as np
 
+from fmserve.core.audio import seconds_per_frame
 from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.core.tasks import TaskName
 from fmserve.errors import InvalidInput, WrongTask
@@ -18,6 +20,8 @@ from services.postprocess import validation
 from services.postprocess.classification import classify
 from services.postprocess.entities import find_entities
 from services.postprocess.results import Embedding, Entities, Result
+from services.postprocess.transcription import CtcDecoders
+from services.postprocess.voice_activity import voice_activity
 
 
 @dataclass(frozen=True)
@@ -26,12 +30,14 @@ class ModelOutputs:
 
     model: str
     output: np.ndarray
-    """"embeddings" [texts, dim], or "logits" [texts, labels] / [total_tokens, labels]."""
+    """"embeddings" [texts, dim], "logits" [texts, labels] / [total_tokens, labels], a CTC
+    model's "logits" [clips, frames, vocab] or a VAD's "probabilities" [clips, frames]."""
     version: str = ""
     task: TaskName | None = None
     """None: the model's own task."""
     texts: Sequence[str] = field(default_factory=list)
     lengths: np.ndarray | None = None
+    """Token classification: tokens per text; per-frame outputs: frames per clip."""
     offsets: np.ndarray | None = None
     top_k: int = 0
 
@@ -45,6 +51,11 @@ class Postprocessor:
         self.repository = repository
         self.offload_min_rows = offload_min_rows
         self._executor = ThreadPoolExecutor(threads, thread_name_prefix="postprocess")
+        self.ctc_decoders = CtcDecoders()
+        self._tasks: dict[TaskName, Task] = {
+            **_TASKS,
+            TaskName.SPEECH_RECOGNITION: partial(transcriptions, self.ctc_decoders),
+        }
 
     async def start(self) -> None:
         """Nothing to prepare: labels are read from the repository per request."""
@@ -52,13 +63,16 @@ class Postprocessor:
     async def stop(self) -> None:
         """Called once calls have drained: drop queued work; a running one ends in its thread."""
         self._executor.shutdown(wait=False, cancel_futures=True)
+        self.ctc_decoders.clear()
 
     async def run(self, outputs: ModelOutputs) -> list[Result]:
-        """One result per text, in order."""
+        """One result per text or clip, in order."""
         config = self.repository.get(outputs.model)
         config.resolve_version(outputs.version)
-        work = partial(_TASKS[task_of(config, outputs.task)], outputs, config)
-        if _rows(outputs.output) < self.offload_min_rows:
+        task = task_of(config, outputs.task)
+        work = partial(self._tasks[task], outputs, config)
+        inline = task is not TaskName.SPEECH_RECOGNITION
+        if inline and _rows(outputs.output) < self.offload_min_rows:
             return work()
         return await asyncio.get_running_loop().run_in_executor(self._executor, work)
 
@@ -101,8 +115,37 @@ def entities(outputs: ModelOutputs, config: ModelConfig) -> list[Result]:
     return [Entities(spans) for spans in found]
 
 
-_TASKS: dict[TaskName, Callable[[ModelOutputs, ModelConfig], list[Result]]] = {
+def transcriptions(
+    decoders: CtcDecoders, outputs: ModelOutputs, config: ModelConfig
+) -> list[Result]:
+    """A CTC model's logits [clips, frames, vocab] and frames per clip → text and words."""
+    logits = outputs.output
+    frames = validation.check_frames(logits, "logits", outputs.lengths, ndim=3)
+    decoder = decoders.get(config, config.resolve_version(outputs.version))
+    if logits.shape[2] != decoder.vocab_size:
+        raise InvalidInput(
+            f"output (logits) has {logits.shape[2]} columns but model {config.name!r} has "
+            f"{decoder.vocab_size} tokens; send the logits of this model and version"
+        )
+    return [decoder.decode(row[:n]) for row, n in zip(logits, frames.tolist(), strict=True)]
+
+
+def voice_activities(outputs: ModelOutputs, config: ModelConfig) -> list[Result]:
+    """A VAD's speech probabilities [clips, frames] and frames per clip → segments."""
+    probabilities = outputs.output
+    frames = validation.check_frames(probabilities, "probabilities", outputs.lengths, ndim=2)
+    frame_s = seconds_per_frame(config.task, config.files(outputs.version))
+    return [
+        voice_activity(row[:n], frame_s, config.vad)
+        for row, n in zip(probabilities, frames.tolist(), strict=True)
+    ]
+
+
+Task = Callable[[ModelOutputs, ModelConfig], list[Result]]
+_TASKS: dict[TaskName, Task] = {
     TaskName.EMBEDDING: embeddings,
     TaskName.TEXT_CLASSIFICATION: classifications,
     TaskName.TOKEN_CLASSIFICATION: entities,
+    TaskName.AUDIO_CLASSIFICATION: classifications,
+    TaskName.VOICE_ACTIVITY: voice_activities,
 }

@@ -1,4 +1,5 @@
-"""What postprocessing produces, one result per text: the domain twins of common.proto's Result."""
+"""What postprocessing produces, one result per text or clip: the domain twins of common.proto's
+Result."""
 
 from __future__ import annotations
 
@@ -42,4 +43,32 @@ class Entities:
     entities: list[Entity]
 
 
-Result = Embedding | Classification | Entities
+@dataclass(frozen=True)
+class WordTiming:
+    word: str
+    start_s: float
+    end_s: float
+    """Seconds from the start of the clip."""
+
+
+@dataclass(frozen=True)
+class Transcription:
+    text: str
+    words: list[WordTiming]
+
+
+@dataclass(frozen=True)
+class Segment:
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class VoiceActivity:
+    frame_probabilities: np.ndarray
+    """FP32 [frames]: the probability of speech in each frame."""
+    frame_s: float
+    segments: list[Segment]
+
+
+Result = Embedding | Classification | Entities | Transcription | VoiceActivity

@@ -82,6 +82,34 @@ def check_offsets(offsets: np.ndarray, lengths: np.ndarray, texts: Sequence[str]
         )
 
 
+def check_frames(
+    output: np.ndarray, name: str, lengths: np.ndarray | None, ndim: int
+) -> np.ndarray:
+    """A per-frame output: finite FP32 with `ndim` dimensions, [clips, frames, ...] padded to
+    the longest clip, and each clip's frames (all of them when lengths is absent). Returns the
+    frames per clip."""
+    if output.dtype != np.float32:
+        raise InvalidInput(f"output ({name}) must be FP32, got {output.dtype.name}")
+    layout = "[clips, frames, vocabulary]" if ndim == 3 else "[clips, frames]"
+    if output.ndim != ndim:
+        raise InvalidInput(f"output ({name}) must be {layout}, got shape {_shape(output)}")
+    if not np.isfinite(output).all():
+        raise InvalidInput(f"output ({name}) holds NaN or infinite values; the model misbehaved")
+    clips, frames = output.shape[:2]
+    if lengths is None:
+        return np.full(clips, frames)
+    if lengths.shape == (clips, 1):
+        lengths = lengths[:, 0]  # as the inference service's `frames` output comes
+    if not _integers(lengths) or lengths.shape != (clips,):
+        raise InvalidInput(
+            f"lengths has shape {_shape(lengths)}; expected INT32 [{clips}] or [{clips}, 1]: "
+            "each clip's frames (the inference service's `frames` output)"
+        )
+    if (lengths < 0).any() or (lengths > frames).any():
+        raise InvalidInput(f"lengths: each clip's frames must lie in [0, {frames}]")
+    return lengths
+
+
 def _integers(array: np.ndarray) -> bool:
     return np.issubdtype(array.dtype, np.integer)
 

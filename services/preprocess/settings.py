@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pydantic import PositiveInt
+from pydantic import PositiveFloat, PositiveInt
 from pydantic_settings import SettingsConfigDict
 
 from fmserve.core.settings import PreloadSettings, RepositorySettings, WorkerSettings
@@ -19,3 +19,9 @@ class PreprocessSettings(RepositorySettings, PreloadSettings, WorkerSettings):
     tokenizer_threads: PositiveInt = 2
     """Worker threads that load tokenizers and tokenize, so the event loop never waits on them.
     Each batch is also split across cores inside the Rust tokenizer, so a few suffice."""
+    max_audio_bytes: PositiveInt = 16 * 1024 * 1024
+    """Most bytes in one audio clip as sent (WAV, FLAC or raw PCM); larger ones are refused
+    before decoding. 16 MiB holds about 8 minutes of 16-bit mono at 16 kHz."""
+    max_audio_s: PositiveFloat = 600.0
+    """Most seconds in one audio clip, read from its header before decoding; a model's own
+    max_length (samples at its rate) may refuse shorter ones."""

@@ -249,7 +249,7 @@ async def test_embeddings_round_trip(postprocess):
     [
         ({"output": tensors.to_wire(np.zeros((2, 4), dtype=np.float32))}, "4 columns"),
         ({"texts": ["just one"]}, "2 rows but 1 texts"),
-        ({"task": 9}, "unknown task 9"),
+        ({"task": 99}, "unknown task 99"),
         ({"task": common_pb2.TASK_EMBEDDING}, "does text-classification, not embedding"),
         ({"output": common_pb2.Tensor(dtype="FP32", shape=[2, 3], data=b"\0")}, "needs 24 bytes"),
     ],

@@ -117,6 +117,7 @@ def test_padded_rows_need_a_mask_when_they_may_hold_padding(
         runtime=config.runtime,
         vocab_size=30522,
         per_token=False,
+        cost=len,
         pad_token_id=pad_token_id,
     )
     instance = ModelInstance(runner, "1", ThreadPoolExecutor(1))  # type: ignore[arg-type]

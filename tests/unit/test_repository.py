@@ -89,6 +89,24 @@ def test_the_bundled_models_read() -> None:
     assert repository.get("minilm-embed").max_length == 256
 
 
+def test_the_bundled_vad_is_an_onnx_file_of_its_package() -> None:
+    vad = ModelRepository(Path(__file__).resolve().parents[2] / "models").get("silero-vad")
+    files = vad.files()
+    assert files.parts[-3:] == ("silero_vad", "data", "silero_vad.onnx") and files.is_file()
+    assert vad.task is TaskName.VOICE_ACTIVITY and vad.runtime.backend == "onnxruntime"
+    assert (vad.vad.threshold, vad.vad.min_silence_s) == (0.5, 0.1)
+    assert vad.max_length == 938 * 512  # 30 s at 16 kHz, in whole 512-sample frames
+
+
+def test_an_audio_models_max_length_counts_samples_at_its_rate(tmp_path: Path) -> None:
+    folder = write_model(tmp_path, "asr", 'task = "speech-recognition"\n')
+    write_hf(folder / "1", conv_stride=[5, 2], conv_kernel=[10, 3])
+    (folder / "1" / "preprocessor_config.json").write_text('{"sampling_rate": 8000}')
+    assert ModelRepository(tmp_path).get("asr").max_length == 30 * 8000
+    (folder / "model.toml").write_text('task = "speech-recognition"\nmax_length = 1000\n')
+    assert ModelRepository(tmp_path).get("asr").max_length == 1000
+
+
 # --- resolve_version -------------------------------------------------------------------------
 
 
@@ -158,6 +176,15 @@ BAD_CONFIGS = {
     "unknown batching key": ('task = "embedding"\n[batching]\nmax_batch = 3\n', ("1",)),
     "missing source folder": ('task = "embedding"\nsource = "nowhere"\n', ()),
     "package not installed": ('task = "embedding"\nsource = "package:no_such_pkg/x"\n', ()),
+    "audio model without preprocessor_config.json": ('task = "speech-recognition"\n', ("1",)),
+    "vad threshold out of range": (
+        'task = "voice-activity"\n[vad]\nthreshold = 1.5\n',
+        ("1",),
+    ),
+    "vad negative min silence": (
+        'task = "voice-activity"\n[vad]\nmin_silence_s = -1\n',
+        ("1",),
+    ),
 }
 
 

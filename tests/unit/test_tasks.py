@@ -24,3 +24,14 @@ def test_only_token_classification_needs_the_tokens_at_postprocess() -> None:
 @pytest.mark.parametrize("task", list(TaskName), ids=str)
 def test_offsets_are_asked_for_exactly_when_postprocess_needs_them(task: TaskName) -> None:
     assert task.needs_offsets is task.postprocess_needs_tokens
+
+
+def test_the_audio_tasks_take_audio_and_two_answer_per_frame() -> None:
+    audio = {task for task in TaskName if task.takes_audio}
+    assert audio == {
+        TaskName.AUDIO_CLASSIFICATION,
+        TaskName.SPEECH_RECOGNITION,
+        TaskName.VOICE_ACTIVITY,
+    }
+    per_frame = {task for task in TaskName if task.per_frame}
+    assert per_frame == {TaskName.SPEECH_RECOGNITION, TaskName.VOICE_ACTIVITY}

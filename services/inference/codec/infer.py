@@ -1,5 +1,6 @@
 """ModelInfer on the wire ↔ the domain: Triton's request tensors (raw bytes or typed contents)
-become per-sequence id arrays; an output array becomes a response with raw_output_contents."""
+become per-sequence arrays (token ids, or an audio clip's samples); the outputs become a response
+with raw_output_contents."""
 
 from __future__ import annotations
 
@@ -11,26 +12,31 @@ from tritonclient.grpc import service_pb2
 from fmserve.errors import InvalidInput
 from services.inference import signature
 from services.inference.instance import InferOutput, InferRequest
-from services.inference.ragged import split_padded, split_ragged
+from services.inference.ragged import Layout, split_clips, split_padded, split_ragged
 
-_SPECS = {spec.name: spec for spec in signature.INPUTS}
-_NUMPY: dict[str, np.dtype] = {"INT64": np.dtype("<i8"), "INT32": np.dtype("<i4")}
-_CONTENTS = {"INT64": "int64_contents", "INT32": "int_contents"}
-_ACCEPTED = "input_ids with lengths (ragged form), or input_ids with an optional attention_mask"
+_SPECS = {spec.name: spec for spec in (*signature.INPUTS, signature.INPUT_VALUES)}
+_NUMPY: dict[str, np.dtype] = {
+    "INT64": np.dtype("<i8"),
+    "INT32": np.dtype("<i4"),
+    "FP32": np.dtype("<f4"),
+}
+_CONTENTS = {"INT64": "int64_contents", "INT32": "int_contents", "FP32": "fp32_contents"}
+_FRAMES = signature.FRAMES.name
+_ACCEPTED = (
+    "input_ids with lengths (ragged form), input_ids with an optional attention_mask, or an "
+    "audio model's input_values with optional lengths"
+)
 
 
 def to_domain(request: service_pb2.ModelInferRequest) -> InferRequest:
     """The sequences of a request, in its layout, with its priority and requested outputs."""
     tensors = _tensors(request)
-    if "input_ids" not in tensors:
-        raise InvalidInput(f"input_ids is missing; send {_ACCEPTED}")
-    ids, lengths, mask = tensors["input_ids"], tensors.get("lengths"), tensors.get("attention_mask")
-    if lengths is not None and mask is not None:
-        raise InvalidInput("send lengths (ragged form) or attention_mask (padded form), not both")
-    if lengths is not None:
-        sequences, layout = split_ragged(ids, lengths)
+    if "input_values" in tensors:
+        sequences, layout = _clips(tensors)
+    elif "input_ids" in tensors:
+        sequences, layout = _token_sequences(tensors)
     else:
-        sequences, layout = split_padded(ids, mask)
+        raise InvalidInput(f"input_ids is missing; send {_ACCEPTED}")
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
@@ -41,17 +47,44 @@ def to_domain(request: service_pb2.ModelInferRequest) -> InferRequest:
     )
 
 
+def _token_sequences(tensors: dict[str, np.ndarray]) -> tuple[list[np.ndarray], Layout]:
+    ids, lengths, mask = tensors["input_ids"], tensors.get("lengths"), tensors.get("attention_mask")
+    if lengths is not None and mask is not None:
+        raise InvalidInput("send lengths (ragged form) or attention_mask (padded form), not both")
+    if lengths is not None:
+        return split_ragged(ids, lengths)
+    return split_padded(ids, mask)
+
+
+def _clips(tensors: dict[str, np.ndarray]) -> tuple[list[np.ndarray], Layout]:
+    extra = set(tensors) - {"input_values", "lengths"}
+    if extra:
+        raise InvalidInput(
+            f"input_values (audio) goes with lengths only, not {sorted(extra)[0]}; send {_ACCEPTED}"
+        )
+    return split_clips(tensors["input_values"], tensors.get("lengths")), Layout()
+
+
 def to_wire(
     request: service_pb2.ModelInferRequest, version: str, output: InferOutput
 ) -> service_pb2.ModelInferResponse:
-    """A response carrying the output as little-endian FP32 raw contents."""
-    array = np.ascontiguousarray(output.array, dtype="<f4")
+    """A response carrying the output as little-endian FP32 raw contents, then each clip's
+    frame count (INT32) after a per-frame output, unless the request named only the first."""
     response = service_pb2.ModelInferResponse(
         model_name=request.model_name, model_version=version, id=request.id
     )
-    response.outputs.add(name=output.name, datatype="FP32", shape=array.shape)
-    response.raw_output_contents.append(array.tobytes())
+    _add(response, output.name, "FP32", np.ascontiguousarray(output.array, dtype="<f4"))
+    named = {o.name for o in request.outputs}
+    if output.frames is not None and (not named or _FRAMES in named):
+        _add(response, _FRAMES, "INT32", np.ascontiguousarray(output.frames, dtype="<i4"))
     return response
+
+
+def _add(
+    response: service_pb2.ModelInferResponse, name: str, datatype: str, array: np.ndarray
+) -> None:
+    response.outputs.add(name=name, datatype=datatype, shape=array.shape)
+    response.raw_output_contents.append(array.tobytes())
 
 
 def _tensors(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:

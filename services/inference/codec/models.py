@@ -40,7 +40,10 @@ def metadata_to_wire(config: ModelConfig, version: str) -> service_pb2.ModelMeta
             tensor(name=s.name, datatype=s.datatype, shape=s.shape)
             for s in signature.inputs(config)
         ],
-        outputs=[tensor(name=s.name, datatype=s.datatype, shape=s.shape) for s in _outputs(config)],
+        outputs=[
+            tensor(name=s.name, datatype=s.datatype, shape=s.shape)
+            for s in signature.outputs(config)
+        ],
     )
 
 
@@ -53,8 +56,8 @@ def config_to_wire(config: ModelConfig, version: str) -> service_pb2.ModelConfig
         name=config.name,
         platform=PLATFORMS[config.runtime_of(version).backend],
         max_batch_size=batching.max_batch_size,
-        input=[_input(spec) for spec in signature.INPUTS],
-        output=[_output(spec) for spec in _outputs(config)],
+        input=[_input(spec) for spec in signature.inputs(config)],
+        output=[_output(spec) for spec in signature.outputs(config)],
         version_policy=mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()),
         dynamic_batching=mc.ModelDynamicBatching(
             max_queue_delay_microseconds=int(batching.max_queue_delay_ms * 1000),
@@ -96,10 +99,6 @@ def index_to_wire(
             if not ready_only or e.state is State.READY
         ]
     )
-
-
-def _outputs(config: ModelConfig) -> list[TensorSpec]:
-    return [signature.output(config)]
 
 
 def _input(spec: TensorSpec, batched: bool = True) -> mc.ModelInput:
