@@ -57,6 +57,8 @@ ONLY_ON_FAILURE = {
     "fmserve_cache_redis_errors_total",
     "fmserve_gateway_retried_requests_total",
     "fmserve_gateway_limit_refusals_total",  # an API key over its limits (test_key_limits.py)
+    # and only under a traffic policy with a shadow version (counted in test_rollouts.py)
+    "fmserve_gateway_shadow_requests_total",
 }
 # Dashboard metrics that no fmserve service exports: RabbitMQ's (per-object endpoint, names from
 # the rabbitmq_prometheus plugin) and Prometheus's own `up`.

@@ -16,7 +16,7 @@ from fmserve.queue.records import JobRecords
 from fmserve.rpc.service import Service
 from fmserve.v1 import common_pb2, gateway_pb2_grpc, jobs_pb2
 from services.gateway.jobs import Jobs
-from services.gateway.server import servicer
+from services.gateway.server import GatewayServicer, servicer
 from services.gateway.settings import GatewaySettings
 from tests.integration.conftest import job_records
 
@@ -60,7 +60,8 @@ async def stub(counted: CountingRecords) -> AsyncIterator[gateway_pb2_grpc.Gatew
         max_watchers_per_connection=0,
     )
     jobs = Jobs(None, None, counted, settings)  # type: ignore[arg-type]  # watching needs neither
-    service = Service("gateway", settings, [servicer(None, jobs, None, None)])  # type: ignore[arg-type]
+    public = GatewayServicer(None, jobs, None, None, None, None)  # type: ignore[arg-type]
+    service = Service("gateway", settings, [servicer(public)])
     await service.start()
     async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
         yield gateway_pb2_grpc.GatewayStub(channel)
