@@ -15,6 +15,18 @@ class TaskName(StrEnum):
     TEXT_CLASSIFICATION = "text-classification"
     TOKEN_CLASSIFICATION = "token-classification"
     TEXT_GENERATION = "text-generation"
+    IMAGE_CLASSIFICATION = "image-classification"
+    IMAGE_EMBEDDING = "image-embedding"
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether the task's model takes images (preprocess's Featurize, not Tokenize)."""
+        return self in (TaskName.IMAGE_CLASSIFICATION, TaskName.IMAGE_EMBEDDING)
+
+    @property
+    def takes_texts(self) -> bool:
+        """Whether the task's model takes texts: every text task, and CLIP's text tower."""
+        return not self.takes_images or self is TaskName.IMAGE_EMBEDDING
 
     @property
     def postprocess_needs_tokens(self) -> bool:
@@ -35,5 +47,7 @@ TASK_TO_WIRE: dict[TaskName, common_pb2.Task] = {
     TaskName.TEXT_CLASSIFICATION: common_pb2.TASK_TEXT_CLASSIFICATION,
     TaskName.TOKEN_CLASSIFICATION: common_pb2.TASK_TOKEN_CLASSIFICATION,
     TaskName.TEXT_GENERATION: common_pb2.TASK_TEXT_GENERATION,
+    TaskName.IMAGE_CLASSIFICATION: common_pb2.TASK_IMAGE_CLASSIFICATION,
+    TaskName.IMAGE_EMBEDDING: common_pb2.TASK_IMAGE_EMBEDDING,
 }
 TASK_FROM_WIRE: dict[common_pb2.Task, TaskName] = {w: t for t, w in TASK_TO_WIRE.items()}
