@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.core.tasks import TaskName
 from fmserve.errors import ConfigError, InvalidInput, TooLarge, WrongTask
+from services.gateway.media import Media, media_problem
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,12 @@ class Route:
     top_k: int = 0
     """Labels to keep per text (classification); 0 keeps all. It only cuts each text's answer,
     so texts asking different values still share a batch (see `lane`)."""
+    media: bool = False
+    """The inputs are media (images) for Featurize, not texts for Tokenize: CLIP takes both,
+    in separate batches."""
+    item_bytes: int = 0
+    """Media routes: the bytes of one item once featurized (an image's FP32 pixel_values), which
+    size the batches so that each hop's message fits."""
 
     @property
     def lane(self) -> Route:
@@ -29,6 +36,22 @@ class Route:
         lane, so however many values clients choose for such options, the batchers stay as
         few as the models served."""
         return replace(self, top_k=0)
+
+
+FP32_BYTES = 4
+LABELLED = (TaskName.TEXT_CLASSIFICATION, TaskName.IMAGE_CLASSIFICATION)
+"""Tasks whose answers are labels that top_k cuts (zero-shot labels are cut after the cache)."""
+
+
+def _check_input_kind(config: ModelConfig, media: bool) -> None:
+    task = config.task
+    if media and not task.takes_images:
+        raise InvalidInput(f"model {config.name!r} does {task.value} and takes texts, not media")
+    if not media and not task.takes_texts:
+        raise InvalidInput(
+            f"model {config.name!r} does {task.value} and takes images: send them as media "
+            "(classify_images(), or `fmserve classify --model NAME photo.jpg`)"
+        )
 
 
 class Router:
@@ -40,7 +63,13 @@ class Router:
         self.max_text_chars = max_text_chars
 
     def route(
-        self, model: str, version: str, task: TaskName | None, truncate: bool, top_k: int
+        self,
+        model: str,
+        version: str,
+        task: TaskName | None,
+        truncate: bool,
+        top_k: int,
+        media: bool = False,
     ) -> Route:
         if not model:
             raise InvalidInput("model is required; `fmserve models` lists the models served")
@@ -54,8 +83,21 @@ class Router:
             )
         if top_k < 0:
             raise InvalidInput(f"top_k must be 0 (all labels) or positive, got {top_k}")
-        top_k = top_k if config.task is TaskName.TEXT_CLASSIFICATION else 0
-        return Route(model, config.resolve_version(version), config.task, truncate, top_k)
+        _check_input_kind(config, media)
+        top_k = top_k if config.task in LABELLED else 0
+        version = config.resolve_version(version)
+        item_bytes = 3 * config.image_size**2 * FP32_BYTES if media else 0
+        return Route(model, version, config.task, truncate, top_k, media, item_bytes)
+
+    def check_media(self, media: list[Media]) -> None:
+        if len(media) > self.max_items:
+            raise TooLarge(
+                f"{len(media)} media items in one request; the limit is {self.max_items}: "
+                "split the request"
+            )
+        for i, item in enumerate(media):
+            if problem := media_problem(item):
+                raise InvalidInput(f"media[{i}] {problem}")
 
     def check_texts(self, texts: list[str]) -> None:
         if not texts:

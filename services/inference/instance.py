@@ -100,7 +100,7 @@ class ModelInstance:
         self.batcher: Batcher[np.ndarray, np.ndarray] = Batcher(
             self._run_batch,
             _limits(self.config.batching, runner.runtime.instances),
-            cost=len,
+            cost=cost,
             observer=self._observed,
         )
         metrics.QUEUED_SEQUENCES.watch(self.batcher, self.config.name)
@@ -137,6 +137,30 @@ class ModelInstance:
             raise InvalidInput(
                 f"model {self.config.name!r} has no output {sorted(unknown)[0]!r}; "
                 f"it answers {self.output.name!r}"
+            )
+        if request.sequences[0].ndim == 3:
+            self._check_images(request.sequences[0].shape)
+        else:
+            self._check_ids(request)
+
+    def _check_images(self, shape: tuple[int, ...]) -> None:
+        task, size = self.config.task, self.config.image_size
+        if not task.takes_images:
+            raise InvalidInput(
+                f"model {self.config.name!r} does {task.value} and takes input_ids, not "
+                "pixel_values"
+            )
+        if shape != (3, size, size):
+            raise InvalidInput(
+                f"pixel_values: images of shape {list(shape)}; model {self.config.name!r} takes "
+                f"[3, {size}, {size}] (its processor's output: preprocess Featurize makes it)"
+            )
+
+    def _check_ids(self, request: InferRequest) -> None:
+        if not self.config.task.takes_texts:
+            raise InvalidInput(
+                f"model {self.config.name!r} does {self.config.task.value} and takes "
+                "pixel_values [B, 3, H, W], not input_ids"
             )
         longest = max(len(s) for s in request.sequences)
         if longest > self.config.max_length:
@@ -207,7 +231,7 @@ class ModelInstance:
             len(sequences), forward.input_ns, forward.infer_ns, forward.output_ns
         )
         seconds = forward.total_ns / 1e9
-        self._pace_background(sum(len(s) for s in sequences), seconds)
+        self._pace_background(sum(map(cost, sequences)), seconds)
         metrics.COMPUTE_DURATION.labels(self.config.name).observe(seconds)
         return forward.outputs
 
@@ -221,6 +245,12 @@ class ModelInstance:
         for seconds in delays_s:
             delay.observe(seconds)
         self.stats.record_queued(delays_s)
+
+
+def cost(item: np.ndarray) -> int:
+    """What an item weighs against max_batch_tokens: a sequence its tokens; an image ([3, H,
+    W]) counts as one, so max_batch_size alone bounds a batch of images."""
+    return len(item) if item.ndim == 1 else 1
 
 
 def _limits(batching: Batching, instances: int) -> BatchLimits:

@@ -18,6 +18,7 @@ from safetensors import SafetensorError
 from transformers import (
     AutoModel,
     AutoModelForCausalLM,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -43,6 +44,8 @@ _AUTO_CLASSES = {
     TaskName.TEXT_CLASSIFICATION: AutoModelForSequenceClassification,
     TaskName.TOKEN_CLASSIFICATION: AutoModelForTokenClassification,
     TaskName.TEXT_GENERATION: AutoModelForCausalLM,
+    TaskName.IMAGE_CLASSIFICATION: AutoModelForImageClassification,
+    TaskName.IMAGE_EMBEDDING: AutoModel,  # CLIPModel: both towers and their projections
 }
 # What transformers raises for a folder it cannot use: missing, truncated or mismatched files.
 _LIBRARY_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)

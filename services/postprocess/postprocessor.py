@@ -26,7 +26,8 @@ class ModelOutputs:
 
     model: str
     output: np.ndarray
-    """"embeddings" [texts, dim], or "logits" [texts, labels] / [total_tokens, labels]."""
+    """"embeddings" [items, dim], or "logits" [items, labels] / [total_tokens, labels]; an item
+    is a text or an image."""
     version: str = ""
     task: TaskName | None = None
     """None: the model's own task."""
@@ -105,4 +106,6 @@ _TASKS: dict[TaskName, Callable[[ModelOutputs, ModelConfig], list[Result]]] = {
     TaskName.EMBEDDING: embeddings,
     TaskName.TEXT_CLASSIFICATION: classifications,
     TaskName.TOKEN_CLASSIFICATION: entities,
+    TaskName.IMAGE_CLASSIFICATION: classifications,
+    TaskName.IMAGE_EMBEDDING: embeddings,  # CLIP's image or text embeddings, as they are
 }

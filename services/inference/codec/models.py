@@ -52,7 +52,7 @@ def config_to_wire(config: ModelConfig, version: str) -> service_pb2.ModelConfig
         name=config.name,
         platform=PLATFORMS[config.runtime_of(version).backend],
         max_batch_size=batching.max_batch_size,
-        input=[_input(spec) for spec in signature.INPUTS],
+        input=[_input(spec) for spec in signature.inputs(config)],
         output=[_output(spec) for spec in _outputs(config)],
         version_policy=mc.ModelVersionPolicy(all=mc.ModelVersionPolicy.All()),
         dynamic_batching=mc.ModelDynamicBatching(
@@ -134,6 +134,8 @@ def _parameters(config: ModelConfig, version: str) -> dict[str, str]:
     }
     if config.labels:
         parameters["labels"] = ",".join(config.labels)
+    if config.image_size:
+        parameters["image_size"] = str(config.image_size)
     if config.task is TaskName.EMBEDDING:
         parameters |= {"pooling": config.pooling, "normalize": str(config.normalize).lower()}
     if config.task is TaskName.TEXT_GENERATION:
