@@ -5,6 +5,7 @@
     fmserve models                              what the cluster serves
     fmserve embed --model minilm-embed "text"   vectors
     fmserve classify --model minilm-sentiment "I love it"
+    fmserve classify --model vit-demo photo.jpg  labels per image (image files: media)
     fmserve entities --model my-ner "Ada lives in London"
     fmserve generate --model smollm2 "Once upon a time"   text, printed as it arrives
     fmserve submit --model minilm-embed --input items.jsonl --output results.jsonl --wait
@@ -38,7 +39,7 @@ from fmserve.cli.cluster import (
     check_ports,
 )
 from fmserve.cli.connect import InputError, gateway_client
-from fmserve.client import Generation, JobItem, JobStatus, wire
+from fmserve.client import Answer, Client, Generation, JobItem, JobStatus, media, wire
 from fmserve.core.settings import (
     DEFAULT_REPOSITORY,
     AuthSettings,
@@ -114,7 +115,9 @@ def _parser() -> argparse.ArgumentParser:
         ("entities", "labelled spans per text"),
     ):
         call = commands.add_parser(name, help=helptext)
-        call.add_argument("texts", nargs="+", metavar="TEXT")
+        call.add_argument(
+            "texts", nargs="+", metavar="TEXT", help="texts, or image files (.jpg .png .webp)"
+        )
         call.add_argument("--model", required=name != "embed", default="minilm-embed")
         call.add_argument("--version", default="")
         call.add_argument(
@@ -123,6 +126,10 @@ def _parser() -> argparse.ArgumentParser:
         call.add_argument("--cache", choices=["use", "bypass", "refresh"], default="use")
         call.add_argument("--top-k", type=int, default=0)
         call.add_argument("--json", action="store_true")
+        if name == "classify":
+            call.add_argument(
+                "--labels", default="", help="zero-shot labels for an image-embedding model: a,b,c"
+            )
         call.set_defaults(run=_call, task=name)
     return parser
 
@@ -273,22 +280,17 @@ def _cancel(args: argparse.Namespace) -> None:
         print(_status_line(client.job(args.id).cancel()))
 
 
+TEXT_TASKS = {
+    "embed": "embedding",
+    "classify": "text-classification",
+    "entities": "token-classification",
+}
+IMAGE_TASKS = {"embed": "image-embedding", "classify": "image-classification"}
+
+
 def _call(args: argparse.Namespace) -> None:
-    task = {
-        "embed": "embedding",
-        "classify": "text-classification",
-        "entities": "token-classification",
-    }
     with gateway_client(args) as client:
-        answer = client.infer(
-            args.texts,
-            args.model,
-            task=task[args.task],
-            version=args.version,
-            truncate=args.truncate,
-            top_k=args.top_k,
-            cache=args.cache,
-        )
+        answer = _infer_images(client, args) if _are_images(args) else _infer_texts(client, args)
     if args.json:
         payload = {**asdict(answer), "results": [_jsonable(r) for r in answer.results]}
         print(json.dumps(payload))
@@ -299,6 +301,41 @@ def _call(args: argparse.Namespace) -> None:
     for text, result in zip(args.texts, answer.results, strict=True):
         print(f"\n{text!r}")
         print(_readable(result))
+
+
+def _are_images(args: argparse.Namespace) -> bool:
+    """Whether the arguments are image files (all of them) rather than texts."""
+    images = [media.is_image_path(argument) for argument in args.texts]
+    if any(images) and not all(images):
+        raise SystemExit("send image files or texts, not both, in one call")
+    if all(images) and args.task not in IMAGE_TASKS:
+        raise SystemExit(f"`fmserve {args.task}` takes texts; images go to classify or embed")
+    return all(images)
+
+
+def _infer_texts(client: Client, args: argparse.Namespace) -> Answer:
+    return client.infer(
+        args.texts,
+        args.model,
+        task=TEXT_TASKS[args.task],
+        version=args.version,
+        truncate=args.truncate,
+        top_k=args.top_k,
+        cache=args.cache,
+    )
+
+
+def _infer_images(client: Client, args: argparse.Namespace) -> Answer:
+    labels = [label.strip() for label in getattr(args, "labels", "").split(",") if label.strip()]
+    return client.infer_images(
+        args.texts,
+        args.model,
+        task=IMAGE_TASKS[args.task],
+        version=args.version,
+        top_k=args.top_k,
+        cache=args.cache,
+        labels=labels,
+    )
 
 
 def _jsonable(result: Any) -> Any:

@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fmserve.client import wire
+from fmserve.client import media, wire
 from fmserve.client.types import (
     Answer,
     ApiKey,
@@ -121,6 +121,42 @@ class Client:
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    def infer_images(
+        self,
+        images: media.Image | Sequence[media.Image],
+        model: str,
+        *,
+        task: str | None = None,
+        version: str = "",
+        top_k: int = 0,
+        cache: str = "use",
+        labels: Sequence[str] = (),
+    ) -> Answer:
+        """Run `model` on images (paths, encoded bytes or PIL images); `labels`: zero-shot
+        candidate labels for an image-embedding model (CLIP)."""
+        request = wire.images_request(images, model, task, version, top_k, cache, labels)
+        try:
+            return wire.to_answer(
+                self._stub.Infer(request, timeout=self.timeout, metadata=self._metadata)
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def classify_images(
+        self, images: media.Image | Sequence[media.Image], model: str, **options: Any
+    ) -> list[list[LabelScore]]:
+        """Per image, its labels with scores, best first (`top_k=` keeps the best k). On an
+        image-embedding model (CLIP), zero-shot against `labels=[...]` or its model.toml's."""
+        return self.infer_images(images, model, task="image-classification", **options).results
+
+    def embed_images(
+        self, images: media.Image | Sequence[media.Image], model: str, **options: Any
+    ) -> np.ndarray:
+        """One L2-normalised vector per image (CLIP): a float32 array [N, dimensions]; the
+        same model's `embed(texts, model)` gives its text vectors in the same space."""
+        answer = self.infer_images(images, model, task="image-embedding", **options)
+        return np.stack(answer.results)
 
     def embed(
         self, texts: str | Sequence[str], model: str = "minilm-embed", **options: Any

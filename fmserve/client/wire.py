@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fmserve.client import media
 from fmserve.client.types import (
     Answer,
     ApiKey,
@@ -81,6 +82,22 @@ def infer_request(
         texts=list(texts),
         options=options,
     )
+
+
+def images_request(
+    images: media.Image | Sequence[media.Image],
+    model: str,
+    task: str | None,
+    version: str,
+    top_k: int,
+    cache: str,
+    labels: Sequence[str],
+) -> gateway_pb2.InferRequest:
+    """`labels`: zero-shot candidate labels (image-embedding models)."""
+    request = infer_request([], model, task, version, False, top_k, cache)
+    request.media.extend(media.images_to_wire(images))
+    request.options.candidate_labels.extend(labels)
+    return request
 
 
 def generation_params(params: GenerationParams | None, given: dict[str, Any]) -> GenerationParams:

@@ -26,8 +26,8 @@ class Media:
 def media_problem(item: Media) -> str | None:
     """Why no model can take this item ("is empty: …"), or None; preprocess checks the rest
     (the MIME type against the model, the bytes themselves)."""
-    if not item.mime_type:
-        return "has no mime_type: say what the bytes are (image/jpeg, image/png, image/webp, …)"
     if not item.data:
         return "is empty: send the encoded bytes"
+    if not item.mime_type:
+        return "has no mime_type: say what the bytes are (image/jpeg, image/png, image/webp, …)"
     return None

@@ -80,12 +80,18 @@ class Pipeline:
             # cancelled the call at its deadline), cancels the gather and never retrieves its
             # outcome, which asyncio logs as an ERROR. Awaited here, the outcome is retrieved.
             async with asyncio.timeout(deadline - time.monotonic()):
-                return list(await asyncio.gather(*(asyncio.shield(f.future) for f in flights)))
+                outcomes = await asyncio.gather(
+                    *(asyncio.shield(f.future) for f in flights), return_exceptions=True
+                )
         except TimeoutError:
             raise DeadlineExceeded("the deadline expired before the model answered") from None
         finally:
             for flight in flights:
                 self._leave(flight)
+        for index, outcome in enumerate(outcomes):
+            if isinstance(outcome, BaseException):
+                raise _named(outcome, index)
+        return [o for o in outcomes if not isinstance(o, BaseException)]
 
     def _join(self, route: Route, inputs: Sequence[Input], deadline: float) -> list[_Flight]:
         """The flight computing each input for `route`: the one already under way, whose
@@ -196,6 +202,17 @@ class Pipeline:
     async def stop(self) -> None:
         for batcher in self._batchers.values():
             await batcher.stop()
+
+
+def _named(error: BaseException, index: int) -> BaseException:
+    """An input's error naming it as its request does: preprocess named it in the batch it ran
+    in, alone after a refusal ("media[0] is not a readable …"), which `index` corrects."""
+    if not isinstance(error, InvalidInput):
+        return error
+    for kind in ("texts", "media"):
+        if error.message.startswith(f"{kind}[0] "):
+            return type(error)(f"{kind}[{index}] " + error.message.removeprefix(f"{kind}[0] "))
+    return error
 
 
 def _identity(input_: Input) -> str:

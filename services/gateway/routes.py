@@ -39,6 +39,9 @@ class Route:
 
 
 FP32_BYTES = 4
+ALIKE = {(TaskName.EMBEDDING, TaskName.IMAGE_EMBEDDING)}
+"""(asked, served): tasks a model serves under another's name: CLIP embeds texts too, so
+`embed(texts, model="clip")` is its text embeddings."""
 LABELLED = (TaskName.TEXT_CLASSIFICATION, TaskName.IMAGE_CLASSIFICATION)
 """Tasks whose answers are labels that top_k cuts (zero-shot labels are cut after the cache)."""
 
@@ -74,7 +77,7 @@ class Router:
         if not model:
             raise InvalidInput("model is required; `fmserve models` lists the models served")
         config = self.repository.get(model)
-        if task is not None and task is not config.task:
+        if task is not None and task is not config.task and (task, config.task) not in ALIKE:
             raise WrongTask(f"model {model!r} does {config.task.value}, not {task.value}")
         if config.task is TaskName.TEXT_GENERATION and task is None:
             raise WrongTask(
