@@ -5,6 +5,8 @@ It needs grpcio, protobuf and numpy only (a test keeps it so); `rich` for progre
     with Client("localhost:50051") as c:
         vectors = c.embed(["a sentence"], model="minilm-embed")     # numpy [N, 384]
         labels = c.classify(["I love it"], model="minilm-sentiment")  # best first
+        labels = c.classify_images(["photo.jpg"], model="vit-demo")     # paths, bytes, PIL images
+        vectors = c.embed_images([image], model="clip")                # CLIP; zero-shot: labels=
 
 Batch jobs: submit any iterable of texts (streamed to the gateway in chunks), then wait, read:
 
