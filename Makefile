@@ -55,6 +55,7 @@ bench: install
 	$(PY) -m bench.jobs
 	$(PY) -m bench.auth
 	$(PY) -m bench.onnx
+	$(PY) -m bench.images
 
 up: install
 	$(VENV)/bin/fmserve up
