@@ -17,7 +17,7 @@ from services.gateway.media import Media
 from services.gateway.pipeline import Input, Pipeline
 from services.gateway.result_cache import ResultCache
 from services.gateway.routes import Route, Router
-from services.gateway.zero_shot import ZeroShot
+from services.gateway.zero_shot import ZeroShot, check_labels
 
 
 class CachePolicy(Enum):
@@ -61,10 +61,11 @@ class Gateway:
 
     async def infer(self, call: InferCall) -> Answer:
         route = self._route(call)
+        labels = self._zero_shot_labels(route, call)  # checked before any work is done
         inputs: Sequence[Input] = call.media or call.texts
         deadline = time.monotonic() + context.remaining_s(self.timeout_s)
         results = await self._results(route, inputs, call.cache_policy, deadline)
-        if labels := self._zero_shot_labels(route, call):
+        if labels:
             config = self.router.repository.get(route.model)
             timeout = max(0.0, deadline - time.monotonic())
             results = await self.zero_shot.classify(
@@ -110,6 +111,7 @@ class Gateway:
             raise InvalidInput(
                 f"model {route.model!r} has no labels in its model.toml: send candidate_labels"
             )
+        check_labels(labels)
         return labels
 
     async def _results(

@@ -53,8 +53,8 @@ class ZeroShot:
         top_k: int,
         timeout: float,
     ) -> list[common_pb2.Result]:
-        """One classification per image embedding, best label first, cut to `top_k` (0: all)."""
-        check_labels(labels)
+        """One classification per image embedding, best label first, cut to `top_k` (0: all);
+        the labels as `check_labels` passed them."""
         texts = await self._label_embeddings(route, config, tuple(labels), timeout)
         scale = await self._scale(config, route.version)
         vectors = np.asarray([list(r.embedding.values) for r in images], dtype=np.float64)
@@ -89,6 +89,7 @@ class ZeroShot:
 
 
 def check_labels(labels: Sequence[str]) -> None:
+    """Candidate labels a classification can be made of: a bounded number, each named once."""
     if len(labels) > MAX_LABELS:
         raise InvalidInput(f"{len(labels)} candidate labels; the limit is {MAX_LABELS}")
     for index, label in enumerate(labels):

@@ -113,6 +113,7 @@ class Runner:
         return self._padded([items[row] for row in rows])
 
     def _run(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Images come prepared as (pixel_values,), token ids as (ids, mask)."""
         if len(inputs) == 1:
             return self._image_head(inputs[0])
         return self._head(*inputs)

@@ -165,6 +165,8 @@ def test_wrong_kinds_of_input_are_refused_clearly(client: Client, gateway_addres
         client.classify_images([IMAGES[2]] * 65, "tiny-vit")
     with pytest.raises(InvalidInput, match="candidate_labels"):
         client.infer_images(IMAGES[:1], "tiny-vit", labels=["x"])
+    with pytest.raises(InvalidInput, match="holds a label twice"):
+        client.classify_images(IMAGES[:1], "tiny-clip", labels=["cat", "dog", "cat"])
     with pytest.raises(Unimplemented, match="jobs take texts"):
         client.submit(["a cat"], model="tiny-clip")
 

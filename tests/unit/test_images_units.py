@@ -22,7 +22,7 @@ from fmserve.v1 import common_pb2
 from services.gateway.cache_keys import cache_key, media_key
 from services.gateway.media import Media
 from services.gateway.routes import Route, Router
-from services.gateway.zero_shot import ZeroShot, logit_scale
+from services.gateway.zero_shot import ZeroShot, check_labels, logit_scale
 from services.inference.codec import to_domain
 from services.preprocess.featurizers import Featurizers
 from services.preprocess.media import MediaItem
@@ -168,7 +168,9 @@ async def test_zero_shot_scores_with_the_logit_scale_and_embeds_each_label_set_o
     (cut,) = await zero_shot.classify(route, config, ["a", "b"], [image], 1, 5.0)
     assert len(cut.classification.labels) == 1
     with pytest.raises(InvalidInput, match="twice"):
-        await zero_shot.classify(route, config, ["a", "a"], [image], 0, 5.0)
+        check_labels(["a", "b", "a"])
+    with pytest.raises(InvalidInput, match=r"candidate_labels\[1\] is empty"):
+        check_labels(["a", " "])
 
 
 def test_a_model_without_a_logit_scale_cannot_do_zero_shot(tmp_path: Path) -> None:
