@@ -24,9 +24,15 @@ class TaskName(StrEnum):
         return self in (TaskName.IMAGE_CLASSIFICATION, TaskName.IMAGE_EMBEDDING)
 
     @property
+    def takes_media(self) -> bool:
+        """Whether the task's model takes media (images, audio) as encoded bytes: the gateway
+        routes them to preprocess's Featurize. The audio tasks join here."""
+        return self.takes_images
+
+    @property
     def takes_texts(self) -> bool:
         """Whether the task's model takes texts: every text task, and CLIP's text tower."""
-        return not self.takes_images or self is TaskName.IMAGE_EMBEDDING
+        return not self.takes_media or self is TaskName.IMAGE_EMBEDDING
 
     @property
     def postprocess_needs_tokens(self) -> bool:

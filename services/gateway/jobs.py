@@ -116,7 +116,7 @@ class Jobs:
             raise Unavailable(JOBS_OFF)
         s = submission
         route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k)
-        if route.task.takes_images:
+        if route.task.takes_media:
             raise Unimplemented(
                 f"model {route.model!r} does {route.task.value}: jobs take texts for text "
                 "models only for now; send its images to Infer (classify_images, embed_images)"

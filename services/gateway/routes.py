@@ -48,7 +48,7 @@ LABELLED = (TaskName.TEXT_CLASSIFICATION, TaskName.IMAGE_CLASSIFICATION)
 
 def _check_input_kind(config: ModelConfig, media: bool) -> None:
     task = config.task
-    if media and not task.takes_images:
+    if media and not task.takes_media:
         raise InvalidInput(f"model {config.name!r} does {task.value} and takes texts, not media")
     if not media and not task.takes_texts:
         raise InvalidInput(

@@ -69,7 +69,7 @@ class ZeroShot:
     ) -> np.ndarray:
         key = (route, labels)
         future = self._labels.get(key)
-        if future is None or (future.done() and future.exception() is not None):
+        if future is None or (future.done() and (future.cancelled() or future.exception())):
             prompts = [config.label_prompt.format(label) for label in labels]
             future = asyncio.ensure_future(self.embed_texts(route, prompts, timeout))
             future.add_done_callback(lambda f: f.cancelled() or f.exception())
