@@ -21,7 +21,10 @@ from fmserve.errors import ConfigError, InvalidInput, TooLarge, WrongTask
 from fmserve.v1 import common_pb2
 from services.gateway.cache_keys import cache_key, media_key
 from services.gateway.media import Media
+from services.gateway.pipeline import Pipeline
 from services.gateway.routes import Route, Router
+from services.gateway.settings import GatewaySettings
+from services.gateway.stages import StageClients
 from services.gateway.zero_shot import ZeroShot, check_labels, logit_scale
 from services.inference.codec import to_domain
 from services.preprocess.featurizers import Featurizers
@@ -254,3 +257,21 @@ async def test_featurizers_dispatch_by_task_and_say_what_is_missing(
             await featurizers.featurize("vit", "", [png, MediaItem("image/png", b"junk")])
     finally:
         await featurizers.stop()
+
+
+# --- media batches fit the stages' messages ----------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("image_size", "batch"),
+    [(224, 20), (384, 7), (1024, 1), (32, 64)],
+    ids=["224: 602 KB each", "384: 1.7 MB each", "one alone however big", "text's limit"],
+)
+async def test_a_media_batch_holds_what_fits_max_media_batch_bytes(
+    image_size: int, batch: int
+) -> None:
+    settings = GatewaySettings(max_batch_size=64, max_media_batch_bytes=12 * 1024 * 1024)
+    pipeline = Pipeline(StageClients(settings), settings)
+    route = replace(ROUTE, item_bytes=3 * image_size**2 * 4)
+    assert pipeline._limits(route).max_batch_size == batch
+    assert pipeline._limits(replace(route, media=False)).max_batch_size == 64
