@@ -59,6 +59,8 @@ ONLY_ON_FAILURE = {
     "fmserve_gateway_limit_refusals_total",  # an API key over its limits (test_key_limits.py)
     # and only under a traffic policy with a shadow version (counted in test_rollouts.py)
     "fmserve_gateway_shadow_requests_total",
+    # and only when a policy is rolled back, by hand or by a broken guard (test_rollouts.py)
+    "fmserve_gateway_rollbacks_total",
 }
 # Dashboard metrics that no fmserve service exports: RabbitMQ's (per-object endpoint, names from
 # the rabbitmq_prometheus plugin) and Prometheus's own `up`.
