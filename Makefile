@@ -58,6 +58,7 @@ bench: install
 	$(PY) -m bench.auth
 	$(PY) -m bench.routing
 	$(PY) -m bench.onnx
+	$(PY) -m bench.images
 
 up: install
 	$(VENV)/bin/fmserve up

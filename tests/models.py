@@ -17,10 +17,14 @@ from transformers import (
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     BertConfig,
+    CLIPConfig,
+    CLIPModel,
     GPT2Config,
     LlamaConfig,
     PretrainedConfig,
     PreTrainedTokenizerFast,
+    ViTConfig,
+    ViTForImageClassification,
     Wav2Vec2Config,
     Wav2Vec2CTCTokenizer,
     Wav2Vec2FeatureExtractor,
@@ -144,6 +148,84 @@ def build_causal_lm(folder: Path, family: str = "llama", seed: int = 0) -> Path:
     return folder
 
 
+IMAGE_SIZE = 32
+IMAGE_LABELS = ("cat", "dog", "bird", "fish")
+# The processors' configs as Hugging Face writes them (ViTImageProcessor, CLIPImageProcessor),
+# at the tiny models' size: ViT resizes to a square, CLIP resizes the shortest edge then crops.
+VIT_PROCESSOR = {
+    "image_processor_type": "ViTImageProcessor",
+    "do_resize": True,
+    "size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    "resample": 2,
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.5, 0.5, 0.5],
+    "image_std": [0.5, 0.5, 0.5],
+}
+CLIP_PROCESSOR = {
+    "image_processor_type": "CLIPImageProcessor",
+    "do_convert_rgb": True,
+    "do_resize": True,
+    "size": {"shortest_edge": IMAGE_SIZE},
+    "resample": 3,
+    "do_center_crop": True,
+    "crop_size": {"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    "do_rescale": True,
+    "rescale_factor": 1 / 255,
+    "do_normalize": True,
+    "image_mean": [0.48145466, 0.4578275, 0.40821073],
+    "image_std": [0.26862954, 0.26130258, 0.27577711],
+}
+CLIP_TOML = """task = "image-embedding"
+labels = ["cat", "dog", "bird"]
+label_prompt = "a photo of a {}"
+"""
+
+
+def _vision(hidden: int = 32, layers: int = 2) -> dict[str, int]:
+    return {
+        "hidden_size": hidden,
+        "intermediate_size": hidden * 2,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 2,
+        "image_size": IMAGE_SIZE,
+        "patch_size": 8,
+    }
+
+
+def build_vit(folder: Path, seed: int = 0) -> Path:
+    """A tiny ViT image classifier (32x32 images, four labels) with its processor config."""
+    torch.manual_seed(seed)
+    labels = dict(enumerate(IMAGE_LABELS))
+    config = ViTConfig(**_vision(), id2label=labels, label2id={v: k for k, v in labels.items()})
+    folder.mkdir(parents=True, exist_ok=True)
+    ViTForImageClassification(config).eval().save_pretrained(folder, safe_serialization=True)
+    (folder / "preprocessor_config.json").write_text(json.dumps(VIT_PROCESSOR))
+    return folder
+
+
+def build_clip(folder: Path, seed: int = 0) -> Path:
+    """A tiny CLIP (32x32 images, 16-dimensional embeddings) with the MiniLM tokenizer: its
+    text tower pools at [SEP], the tokenizer's end of text."""
+    torch.manual_seed(seed)
+    text = {
+        "vocab_size": 30522,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "max_position_embeddings": 64,
+        "bos_token_id": 101,
+        "eos_token_id": 102,
+        "pad_token_id": 0,
+    }
+    config = CLIPConfig(text_config=text, vision_config=_vision(), projection_dim=16)
+    _save(CLIPModel(config).eval(), folder)
+    (folder / "preprocessor_config.json").write_text(json.dumps(CLIP_PROCESSOR))
+    return folder
+
+
 GENERATION_TOML = """task = "text-generation"
 [generation]
 max_new_tokens = 128
@@ -234,6 +316,8 @@ def build_repository(root: Path) -> Path:
     tiny-wav2vec2-ctc      speech-recognition, a 2-layer Wav2Vec2ForCTC with a character vocab
     tiny-audio-classifier  audio-classification, a 2-layer Wav2Vec2ForSequenceClassification
     silero-vad             voice-activity, the bundled Silero VAD (ONNX, from its package)
+    tiny-vit         image-classification, a ViT on 32x32 images, four labels
+    tiny-clip        image-embedding, a CLIP on 32x32 images, zero-shot labels in model.toml
     """
     root.mkdir(parents=True, exist_ok=True)
     bundled = Path(__file__).resolve().parent.parent / "models"
@@ -261,6 +345,10 @@ def build_repository(root: Path) -> Path:
     (root / "tiny-wav2vec2-ctc" / "model.toml").write_text('task = "speech-recognition"\n')
     build_audio_classifier(root / "tiny-audio-classifier" / "1", seed=7)
     (root / "tiny-audio-classifier" / "model.toml").write_text('task = "audio-classification"\n')
+    build_vit(root / "tiny-vit" / "1", seed=6)
+    (root / "tiny-vit" / "model.toml").write_text('task = "image-classification"\n')
+    build_clip(root / "tiny-clip" / "1", seed=7)
+    (root / "tiny-clip" / "model.toml").write_text(CLIP_TOML)
     return root
 
 

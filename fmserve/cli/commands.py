@@ -5,6 +5,7 @@
     fmserve models                              what the cluster serves
     fmserve embed --model minilm-embed "text"   vectors
     fmserve classify --model minilm-sentiment "I love it"
+    fmserve classify --model vit-demo photo.jpg  labels per image (image files: media)
     fmserve entities --model my-ner "Ada lives in London"
     fmserve generate --model smollm2 "Once upon a time"   text, printed as it arrives
     fmserve submit --model minilm-embed --input items.jsonl --output results.jsonl --wait
@@ -40,7 +41,17 @@ from fmserve.cli.cluster import (
     check_ports,
 )
 from fmserve.cli.connect import InputError, gateway_client
-from fmserve.client import Generation, JobItem, JobStatus, wire
+from fmserve.client import (
+    Answer,
+    Client,
+    Generation,
+    JobItem,
+    JobStatus,
+    Transcription,
+    VoiceActivity,
+    media,
+    wire,
+)
 from fmserve.core.settings import (
     DEFAULT_REPOSITORY,
     AuthSettings,
@@ -115,14 +126,22 @@ def _parser() -> argparse.ArgumentParser:
     generate.add_command(commands)
     export.add_command(commands)
 
-    for name, helptext in (
-        ("embed", "one vector per text"),
-        ("classify", "labels with scores per text"),
-        ("entities", "labelled spans per text"),
+    for name, helptext, inputs in (
+        ("embed", "one vector per text or image", "texts, or image files (.jpg .png .webp)"),
+        (
+            "classify",
+            "labels with scores per text, image or audio clip",
+            "texts, or image files (.jpg .png .webp), or audio files (.wav .flac)",
+        ),
+        ("entities", "labelled spans per text", "texts"),
+        ("transcribe", "the words spoken in each audio file, timed", "audio files (.wav .flac)"),
+        ("vad", "where someone speaks in each audio file", "audio files (.wav .flac)"),
     ):
         call = commands.add_parser(name, help=helptext)
-        call.add_argument("texts", nargs="+", metavar="TEXT")
-        call.add_argument("--model", required=name != "embed", default="minilm-embed")
+        call.add_argument("texts", nargs="+", metavar="INPUT", help=inputs)
+        call.add_argument(
+            "--model", required=name not in DEFAULT_MODELS, default=DEFAULT_MODELS.get(name)
+        )
         call.add_argument("--version", default="")
         call.add_argument("--routing-key", default="", help="sticky policies route by it")
         call.add_argument(
@@ -131,6 +150,10 @@ def _parser() -> argparse.ArgumentParser:
         call.add_argument("--cache", choices=["use", "bypass", "refresh"], default="use")
         call.add_argument("--top-k", type=int, default=0)
         call.add_argument("--json", action="store_true")
+        if name == "classify":
+            call.add_argument(
+                "--labels", default="", help="zero-shot labels for an image-embedding model: a,b,c"
+            )
         call.set_defaults(run=_call, task=name)
     return parser
 
@@ -281,23 +304,25 @@ def _cancel(args: argparse.Namespace) -> None:
         print(_status_line(client.job(args.id).cancel()))
 
 
+DEFAULT_MODELS = {"embed": "minilm-embed", "vad": "silero-vad"}
+TEXT_TASKS = {
+    "embed": "embedding",
+    "classify": "text-classification",
+    "entities": "token-classification",
+}
+MEDIA_TASKS = {
+    ("embed", "image"): "image-embedding",
+    ("classify", "image"): "image-classification",
+    ("classify", "audio"): "audio-classification",
+    ("transcribe", "audio"): "speech-recognition",
+    ("vad", "audio"): "voice-activity",
+}
+
+
 def _call(args: argparse.Namespace) -> None:
-    task = {
-        "embed": "embedding",
-        "classify": "text-classification",
-        "entities": "token-classification",
-    }
+    kind = _input_kind(args)
     with gateway_client(args) as client:
-        answer = client.infer(
-            args.texts,
-            args.model,
-            task=task[args.task],
-            version=args.version,
-            truncate=args.truncate,
-            top_k=args.top_k,
-            cache=args.cache,
-            routing_key=args.routing_key,
-        )
+        answer = _infer_media(client, args, kind) if kind else _infer_texts(client, args)
     if args.json:
         payload = {**asdict(answer), "results": [_jsonable(r) for r in answer.results]}
         print(json.dumps(payload))
@@ -310,12 +335,55 @@ def _call(args: argparse.Namespace) -> None:
         print(_readable(result))
 
 
+def _input_kind(args: argparse.Namespace) -> str:
+    """ "image" or "audio" when the arguments are such files (all of them, of one kind), ""
+    when they are texts."""
+    kinds = {media.kind_of_path(argument) for argument in args.texts}
+    if len(kinds) > 1:
+        raise SystemExit("send texts, image files or audio files, one kind per call")
+    kind = kinds.pop()
+    if kind and (args.task, kind) not in MEDIA_TASKS:
+        raise SystemExit(f"`fmserve {args.task}` does not take {kind} files")
+    if not kind and args.task not in TEXT_TASKS:
+        raise SystemExit(f"`fmserve {args.task}` takes audio files (.wav .flac) that exist")
+    return kind
+
+
+def _infer_texts(client: Client, args: argparse.Namespace) -> Answer:
+    return client.infer(
+        args.texts,
+        args.model,
+        task=TEXT_TASKS[args.task],
+        version=args.version,
+        truncate=args.truncate,
+        top_k=args.top_k,
+        cache=args.cache,
+        routing_key=args.routing_key,
+    )
+
+
+def _infer_media(client: Client, args: argparse.Namespace, kind: str) -> Answer:
+    labels = [label.strip() for label in getattr(args, "labels", "").split(",") if label.strip()]
+    return client.infer_media(
+        args.texts,
+        args.model,
+        task=MEDIA_TASKS[args.task, kind],
+        version=args.version,
+        top_k=args.top_k,
+        cache=args.cache,
+        labels=labels,
+        routing_key=args.routing_key,
+    )
+
+
 def _jsonable(result: Any) -> Any:
     if result is None:
         return None
     if isinstance(result, np.ndarray):
         return result.tolist()
-    if isinstance(result, Generation):
+    if isinstance(result, VoiceActivity):
+        return {**asdict(result), "frame_probabilities": result.frame_probabilities.tolist()}
+    if isinstance(result, (Generation, Transcription)):
         return asdict(result)
     return [asdict(item) for item in result]
 
@@ -324,6 +392,12 @@ def _readable(result: Any) -> str:
     if isinstance(result, np.ndarray):
         head = ", ".join(f"{v:+.4f}" for v in result[:6])
         return f"  [{head}, …]  ({result.shape[0]} dimensions, norm {np.linalg.norm(result):.3f})"
+    if isinstance(result, Transcription):
+        words = " ".join(f"{w.word}@{w.start_s:.2f}-{w.end_s:.2f}s" for w in result.words)
+        return f"  {result.text!r}\n  {words}" if words else "  (no speech recognised)"
+    if isinstance(result, VoiceActivity):
+        spans = ", ".join(f"{s.start_s:.2f}-{s.end_s:.2f} s" for s in result.segments)
+        return f"  speech: {spans or 'none'}  ({len(result.frame_probabilities)} frames)"
     if not result:
         return "  (nothing found)"
     if hasattr(result[0], "start"):

@@ -5,6 +5,10 @@ It needs grpcio, protobuf and numpy only (a test keeps it so); `rich` for progre
     with Client("localhost:50051") as c:
         vectors = c.embed(["a sentence"], model="minilm-embed")     # numpy [N, 384]
         labels = c.classify(["I love it"], model="minilm-sentiment")  # best first
+        labels = c.classify_images(["photo.jpg"], model="vit-demo")     # paths, bytes, PIL images
+        vectors = c.embed_images([image], model="clip")                # CLIP; zero-shot: labels=
+        [t] = c.transcribe("clip.wav", model="asr-demo")  # t.text, t.words; also waveforms
+        [v] = c.detect_voice(waveform, sample_rate=16_000)  # v.segments (silero-vad)
 
 Batch jobs: submit any iterable of texts (streamed to the gateway in chunks), then wait, read:
 
@@ -42,9 +46,13 @@ from fmserve.client.types import (
     LabelScore,
     ModelInfo,
     NewApiKey,
+    SpeechSegment,
     TrafficPolicy,
+    Transcription,
     Usage,
     VersionInfo,
+    VoiceActivity,
+    WordTiming,
 )
 
 __all__ = [
@@ -64,7 +72,11 @@ __all__ = [
     "LabelScore",
     "ModelInfo",
     "NewApiKey",
+    "SpeechSegment",
     "TrafficPolicy",
+    "Transcription",
     "Usage",
     "VersionInfo",
+    "VoiceActivity",
+    "WordTiming",
 ]

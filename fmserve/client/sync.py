@@ -10,7 +10,7 @@ from typing import Any
 import grpc
 import numpy as np
 
-from fmserve.client import wire
+from fmserve.client import media, wire
 from fmserve.client.types import (
     Answer,
     ApiKey,
@@ -24,7 +24,9 @@ from fmserve.client.types import (
     ModelInfo,
     NewApiKey,
     TrafficPolicy,
+    Transcription,
     VersionInfo,
+    VoiceActivity,
 )
 from fmserve.errors import Unavailable, from_rpc_error
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc, jobs_pb2, keys_pb2, policy_pb2
@@ -128,6 +130,70 @@ class Client:
             )
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+    def infer_media(
+        self,
+        items: media.Item | Sequence[media.Item],
+        model: str,
+        *,
+        task: str | None = None,
+        version: str = "",
+        top_k: int = 0,
+        cache: str = "use",
+        labels: Sequence[str] = (),
+        sample_rate: int = 0,
+        routing_key: str = "",
+    ) -> Answer:
+        """Run `model` on images or audio clips: paths, encoded bytes, PIL images, or numpy
+        waveforms at `sample_rate`. `labels`: zero-shot candidate labels for an
+        image-embedding model (CLIP)."""
+        request = wire.media_request(
+            items, model, task, version, top_k, cache, labels, sample_rate, routing_key
+        )
+        try:
+            return wire.to_answer(
+                self._stub.Infer(request, timeout=self.timeout, metadata=self._metadata)
+            )
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc) from None
+
+    def classify_images(
+        self, images: media.Item | Sequence[media.Item], model: str, **options: Any
+    ) -> list[list[LabelScore]]:
+        """Per image, its labels with scores, best first (`top_k=` keeps the best k). On an
+        image-embedding model (CLIP), zero-shot against `labels=[...]` or its model.toml's."""
+        answer = self.infer_media(images, model, task="image-classification", **options)
+        return answer.results
+
+    def embed_images(
+        self, images: media.Item | Sequence[media.Item], model: str, **options: Any
+    ) -> np.ndarray:
+        """One L2-normalised vector per image (CLIP): a float32 array [N, dimensions]; the
+        same model's `embed(texts, model)` gives its text vectors in the same space."""
+        answer = self.infer_media(images, model, task="image-embedding", **options)
+        return np.stack(answer.results)
+
+    def classify_audio(
+        self, clips: media.Item | Sequence[media.Item], model: str, **options: Any
+    ) -> list[list[LabelScore]]:
+        """Per clip (a path, WAV/FLAC bytes, or a waveform with `sample_rate=`), its labels
+        with scores, best first."""
+        answer = self.infer_media(clips, model, task="audio-classification", **options)
+        return answer.results
+
+    def transcribe(
+        self, clips: media.Item | Sequence[media.Item], model: str, **options: Any
+    ) -> list[Transcription]:
+        """Per clip, the text spoken and each word's start and end in seconds (a CTC model)."""
+        answer = self.infer_media(clips, model, task="speech-recognition", **options)
+        return answer.results
+
+    def detect_voice(
+        self, clips: media.Item | Sequence[media.Item], model: str = "silero-vad", **options: Any
+    ) -> list[VoiceActivity]:
+        """Per clip, the probability of speech per frame and the speech segments."""
+        answer = self.infer_media(clips, model, task="voice-activity", **options)
+        return answer.results
 
     def embed(
         self, texts: str | Sequence[str], model: str = "minilm-embed", **options: Any

@@ -6,6 +6,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from fmserve.core.jobs import TERMINAL, JobState
 
 # JobStatus.state spells a state in lower case, as users type it ("succeeded").
@@ -28,6 +30,39 @@ class Entity:
 
 
 @dataclass(frozen=True)
+class WordTiming:
+    word: str
+    start_s: float
+    """Seconds from the start of the clip."""
+    end_s: float
+
+
+@dataclass(frozen=True)
+class Transcription:
+    """The text spoken in one clip, and when each word was spoken."""
+
+    text: str
+    words: list[WordTiming]
+
+
+@dataclass(frozen=True)
+class SpeechSegment:
+    start_s: float
+    end_s: float
+
+
+@dataclass(frozen=True)
+class VoiceActivity:
+    """Where someone speaks in one clip: per frame, the probability of speech; and the frames
+    at or over the model's threshold, merged into segments."""
+
+    frame_probabilities: np.ndarray
+    frame_s: float
+    """Seconds per frame."""
+    segments: list[SpeechSegment]
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     name: str
     task: str
@@ -46,7 +81,8 @@ class Answer:
     version: str
     task: str
     results: list[Any] = field(default_factory=list)
-    """Per text: a numpy vector, a list of LabelScore, or a list of Entity."""
+    """Per input (text, image or clip): a numpy vector, a list of LabelScore, a list of
+    Entity, a Transcription or a VoiceActivity."""
     cached: list[bool] = field(default_factory=list)
     trace_id: str = ""
     """The request's distributed trace, when the cluster exports traces."""

@@ -11,6 +11,7 @@ from typing import Any
 import grpc
 import numpy as np
 
+from fmserve.client import media
 from fmserve.client.types import (
     Answer,
     ApiKey,
@@ -24,9 +25,13 @@ from fmserve.client.types import (
     LabelScore,
     ModelInfo,
     NewApiKey,
+    SpeechSegment,
     TrafficPolicy,
+    Transcription,
     Usage,
     VersionInfo,
+    VoiceActivity,
+    WordTiming,
 )
 from fmserve.core.jobs import state_from_wire
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
@@ -86,6 +91,25 @@ def infer_request(
         options=options,
         routing_key=routing_key,
     )
+
+
+def media_request(
+    items: media.Item | Sequence[media.Item],
+    model: str,
+    task: str | None,
+    version: str,
+    top_k: int,
+    cache: str,
+    labels: Sequence[str],
+    sample_rate: int,
+    routing_key: str,
+) -> gateway_pb2.InferRequest:
+    """`labels`: zero-shot candidate labels (image-embedding models); `sample_rate`: that of
+    numpy waveforms."""
+    request = infer_request([], model, task, version, False, top_k, cache, routing_key)
+    request.media.extend(media.items_to_wire(items, sample_rate))
+    request.options.candidate_labels.extend(labels)
+    return request
 
 
 def generation_params(params: GenerationParams | None, given: dict[str, Any]) -> GenerationParams:
@@ -166,6 +190,18 @@ def to_result(result: common_pb2.Result) -> Any:
         return [LabelScore(s.label, s.score) for s in result.classification.labels]
     if kind == "generation":  # a text-generation job's item
         return to_generation(result.generation, cached=result.cached)
+    if kind == "transcription":
+        words = result.transcription.words
+        return Transcription(
+            result.transcription.text, [WordTiming(w.word, w.start_s, w.end_s) for w in words]
+        )
+    if kind == "voice_activity":
+        activity = result.voice_activity
+        return VoiceActivity(
+            np.asarray(activity.frame_probabilities, dtype=np.float32),
+            activity.frame_s,
+            [SpeechSegment(s.start_s, s.end_s) for s in activity.segments],
+        )
     return [Entity(e.label, e.score, e.start, e.end, e.text) for e in result.entities.entities]
 
 

@@ -186,7 +186,12 @@ class ModelConfig:
     prototypes: dict[str, tuple[str, ...]] = field(default_factory=dict)
     """Zero-shot classification on an embedding encoder: label → sentences describing it."""
     dimensions: int = 0
-    """Width of the encoder's hidden states: an embedding model's vector size."""
+    """Width of the encoder's hidden states: an embedding model's vector size (CLIP's
+    projection_dim)."""
+    image_size: int = 0
+    """Height and width of the images an image model takes (its pixel_values); 0: no images."""
+    label_prompt: str = "{}"
+    """Image-embedding models: the text each zero-shot label is embedded as, `{}` the label."""
     pooling: str = "mean"
     normalize: bool = True
     description: str = ""
@@ -370,6 +375,8 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
     hf_config = _hf_config(newest)
     prototypes = {k: tuple(v) for k, v in raw.get("prototypes", {}).items()}
     labels = tuple(prototypes) or _labels(hf_config)
+    if task is TaskName.IMAGE_EMBEDDING:
+        labels = tuple(raw.get("labels", ()))
     if task in CLASSIFIERS and not labels:
         raise ValueError(
             "a classification model needs labels: id2label in config.json or [prototypes]"
@@ -381,7 +388,9 @@ def _build(folder: Path, raw: dict[str, Any]) -> ModelConfig:
         max_length=_max_length(raw, hf_config, task, newest),
         labels=labels,
         prototypes=prototypes,
-        dimensions=int(hf_config.get("hidden_size", 0)),
+        dimensions=int(hf_config.get("projection_dim") or hf_config.get("hidden_size", 0)),
+        image_size=_image_size(task, hf_config),
+        label_prompt=_label_prompt(raw),
         pooling=raw.get("pooling", "mean"),
         normalize=bool(raw.get("normalize", True)),
         description=raw.get("description", ""),
@@ -399,9 +408,28 @@ CLASSIFIERS = (
     TaskName.TEXT_CLASSIFICATION,
     TaskName.TOKEN_CLASSIFICATION,
     TaskName.AUDIO_CLASSIFICATION,
+    TaskName.IMAGE_CLASSIFICATION,
 )
 # An audio model takes clips of up to this long unless its model.toml says otherwise.
 DEFAULT_MAX_AUDIO_S = 30
+
+
+def _image_size(task: TaskName, hf_config: dict[str, Any]) -> int:
+    """An image model's input size: ViT's `image_size`, or CLIP's vision tower's."""
+    if not task.takes_images:
+        return 0
+    vision = hf_config.get("vision_config") or hf_config
+    size = vision.get("image_size")
+    if not isinstance(size, int) or size <= 0:
+        raise ValueError("an image model's config.json needs image_size (or vision_config's)")
+    return size
+
+
+def _label_prompt(raw: dict[str, Any]) -> str:
+    prompt = raw.get("label_prompt", "{}")
+    if not isinstance(prompt, str) or prompt.count("{}") != 1:
+        raise ValueError('label_prompt must hold "{}" once, where the label goes')
+    return prompt
 
 
 def _version_runtimes(raw: dict[str, Any], versions: dict[str, Path]) -> dict[str, Runtime]:
@@ -419,14 +447,16 @@ def _version_runtimes(raw: dict[str, Any], versions: dict[str, Path]) -> dict[st
 
 
 def _max_length(raw: dict[str, Any], hf_config: dict[str, Any], task: TaskName, files: Path) -> int:
-    """model.toml's max_length, else the model's context (GPT-2 configs call it n_positions).
-    An audio model's counts samples at its rate: DEFAULT_MAX_AUDIO_S of them, rounded up to
-    whole frames (reading its framing here also checks that its files have it)."""
+    """model.toml's max_length, else the model's context (GPT-2 configs call it n_positions;
+    CLIP's is its text tower's). An audio model's counts samples at its rate:
+    DEFAULT_MAX_AUDIO_S of them, rounded up to whole frames (reading its framing here also
+    checks that its files have it)."""
     if task.takes_audio:
         frame = framing(task, files).frame_samples
         rate = audio_features(task, files).sampling_rate
         return int(raw.get("max_length") or -(-DEFAULT_MAX_AUDIO_S * rate // frame) * frame)
-    context = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 512
+    text = hf_config.get("text_config") or hf_config
+    context = text.get("max_position_embeddings") or hf_config.get("n_positions") or 512
     return int(raw.get("max_length") or context)
 
 

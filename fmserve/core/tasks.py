@@ -18,6 +18,24 @@ class TaskName(StrEnum):
     AUDIO_CLASSIFICATION = "audio-classification"
     SPEECH_RECOGNITION = "speech-recognition"
     VOICE_ACTIVITY = "voice-activity"
+    IMAGE_CLASSIFICATION = "image-classification"
+    IMAGE_EMBEDDING = "image-embedding"
+
+    @property
+    def takes_images(self) -> bool:
+        """Whether the task's model takes images (preprocess's Featurize, not Tokenize)."""
+        return self in (TaskName.IMAGE_CLASSIFICATION, TaskName.IMAGE_EMBEDDING)
+
+    @property
+    def takes_media(self) -> bool:
+        """Whether the task's model takes media (images, audio) as encoded bytes: the gateway
+        routes them to preprocess's Featurize."""
+        return self.takes_images or self.takes_audio
+
+    @property
+    def takes_texts(self) -> bool:
+        """Whether the task's model takes texts: every text task, and CLIP's text tower."""
+        return not self.takes_media or self is TaskName.IMAGE_EMBEDDING
 
     @property
     def postprocess_needs_tokens(self) -> bool:
@@ -59,5 +77,7 @@ TASK_TO_WIRE: dict[TaskName, common_pb2.Task] = {
     TaskName.AUDIO_CLASSIFICATION: common_pb2.TASK_AUDIO_CLASSIFICATION,
     TaskName.SPEECH_RECOGNITION: common_pb2.TASK_SPEECH_RECOGNITION,
     TaskName.VOICE_ACTIVITY: common_pb2.TASK_VOICE_ACTIVITY,
+    TaskName.IMAGE_CLASSIFICATION: common_pb2.TASK_IMAGE_CLASSIFICATION,
+    TaskName.IMAGE_EMBEDDING: common_pb2.TASK_IMAGE_EMBEDDING,
 }
 TASK_FROM_WIRE: dict[common_pb2.Task, TaskName] = {w: t for t, w in TASK_TO_WIRE.items()}

@@ -46,8 +46,10 @@ def export_version(request: ExportRequest, say: Callable[[str], None]) -> str:
     """Export, measure and write the new version; its name. ExportRefused when it cannot be
     exported or falls below the gate (nothing is written then)."""
     config = ModelRepository(request.repository).get(request.model)
-    if config.task is TaskName.TEXT_GENERATION:
-        raise ExportRefused("text-generation models are not exported: onnxruntime serves encoders")
+    if config.task is TaskName.TEXT_GENERATION or config.task.takes_images:
+        raise ExportRefused(
+            f"{config.task.value} models are not exported: onnxruntime serves text encoders"
+        )
     source = _source_version(config)
     target = _target_version(config, request.version)
     folder = request.repository / request.model

@@ -75,8 +75,9 @@ class AccessTable:
 
     def _infer(self, request: Any) -> Access:
         needed = self._infer_scope(request)
-        asked = {"model": request.model, "items": len(request.texts)}
-        return Access((needed,), request.model, len(request.texts), asked)
+        items = len(request.texts) + len(request.media)  # an image counts as a text does
+        asked = {"model": request.model, "items": items}
+        return Access((needed,), request.model, items, asked)
 
     def generation_tokens(self, model: str, max_new_tokens: int, items: int = 1) -> int:
         """The tokens `items` generations reserve of their key's daily quota when admitted:

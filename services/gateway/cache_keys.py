@@ -1,6 +1,7 @@
 """Result cache keys. A key names everything that changes an answer: model, version, task,
-truncation, top-k and the text itself, or for a generation its prompt and every sampling
-parameter (hashed, so keys stay short and texts stay private)."""
+truncation, top-k and the text itself (or a media item's bytes and how to read them), or for a
+generation its prompt and every sampling parameter (hashed, so keys stay short and inputs stay
+private). Preprocessing settings are the model version's own files, named by its version."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import hashlib
 import json
 from dataclasses import fields
 
+from services.gateway.media import Media
 from services.gateway.routes import Route
 from services.gateway.sampling import Prompt, Sampling
 
@@ -16,6 +18,14 @@ def cache_key(route: Route, text: str) -> str:
     digest = hashlib.sha256(
         f"{route.task}\x00{int(route.truncate)}\x00{route.top_k}\x00{text}".encode()
     ).hexdigest()[:40]
+    return f"result:{route.model}:{route.version}:{digest}"
+
+
+def media_key(route: Route, media: Media) -> str:
+    """A media item's key: its digest (bytes, MIME type, sample format) with the route's
+    options; "media" keeps it apart from a text that happened to equal the digest."""
+    parts = f"{route.task}\x00media\x00{route.top_k}\x00{media.digest}"
+    digest = hashlib.sha256(parts.encode()).hexdigest()[:40]
     return f"result:{route.model}:{route.version}:{digest}"
 
 

@@ -15,6 +15,7 @@ from services.gateway import sampling_codec
 from services.gateway.gateway import Answer, CachePolicy, InferCall
 from services.gateway.generator import Delta, Event, GenerateCall
 from services.gateway.jobs import Submission
+from services.gateway.media import Media
 from services.gateway.sampling import Prompt
 
 _POLICIES = {
@@ -35,6 +36,18 @@ def to_domain(request: gateway_pb2.InferRequest) -> InferCall:
         top_k=options.top_k,
         cache_policy=_POLICIES.get(options.cache_policy, CachePolicy.USE),
         routing_key=request.routing_key,
+        media=[media_to_domain(m) for m in request.media],
+        candidate_labels=list(options.candidate_labels),
+    )
+
+
+def media_to_domain(media: common_pb2.Media) -> Media:
+    return Media(
+        mime_type=media.mime_type,
+        data=media.data,
+        sample_rate=media.sample_rate,
+        channels=media.channels,
+        sample_format=media.sample_format,
     )
 
 

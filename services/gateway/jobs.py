@@ -40,7 +40,14 @@ from dataclasses import dataclass
 from fmserve.core import tracing
 from fmserve.core.jobs import JobState
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
-from fmserve.errors import FmserveError, InvalidInput, JobNotFound, TooLarge, Unavailable
+from fmserve.errors import (
+    FmserveError,
+    InvalidInput,
+    JobNotFound,
+    TooLarge,
+    Unavailable,
+    Unimplemented,
+)
 from fmserve.queue.broker import Broker
 from fmserve.queue.chunks import failure
 from fmserve.queue.records import JobRecords
@@ -109,6 +116,11 @@ class Jobs:
             raise Unavailable(JOBS_OFF)
         s = submission
         route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k)
+        if route.task.takes_media:
+            raise Unimplemented(
+                f"model {route.model!r} does {route.task.value}: jobs take texts for text "
+                "models only for now; send its images to Infer (classify_images, embed_images)"
+            )
         parameters = self._parameters(route, s.sampling)
         if s.priority not in jobs_pb2.JobPriority.values():
             raise InvalidInput(f"unknown priority {s.priority}; use NORMAL, HIGH or LOW")

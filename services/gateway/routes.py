@@ -7,6 +7,7 @@ from dataclasses import dataclass, replace
 from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.core.tasks import TaskName
 from fmserve.errors import ConfigError, InvalidInput, TooLarge, WrongTask
+from services.gateway.media import Media, media_problem
 from services.gateway.policies import PolicyBook
 
 
@@ -22,6 +23,12 @@ class Route:
     top_k: int = 0
     """Labels to keep per text (classification); 0 keeps all. It only cuts each text's answer,
     so texts asking different values still share a batch (see `lane`)."""
+    media: bool = False
+    """The inputs are media (images, audio clips) for Featurize, not texts for Tokenize: CLIP
+    takes both, in separate batches."""
+    item_bytes: int = 0
+    """Media routes: the bytes of one item once featurized (an image's FP32 pixel_values, an
+    audio clip's longest FP32 samples), which size the batches so that each hop's message fits."""
 
     @property
     def lane(self) -> Route:
@@ -30,6 +37,48 @@ class Route:
         lane, so however many values clients choose for such options, the batchers stay as
         few as the models served."""
         return replace(self, top_k=0)
+
+
+FP32_BYTES = 4
+ALIKE = {(TaskName.EMBEDDING, TaskName.IMAGE_EMBEDDING)}
+"""(asked, served): tasks a model serves under another's name: CLIP embeds texts too, so
+`embed(texts, model="clip")` is its text embeddings."""
+LABELLED = (TaskName.TEXT_CLASSIFICATION, TaskName.IMAGE_CLASSIFICATION)
+"""Tasks whose answers are labels that top_k cuts (zero-shot labels are cut after the cache)."""
+
+
+def _item_bytes(config: ModelConfig, media: bool) -> int:
+    """One media item's bytes once featurized: an image's FP32 pixels, or an audio clip's FP32
+    samples at the model's longest (its max_length, 30 s unless model.toml says otherwise)."""
+    if not media:
+        return 0
+    if config.task.takes_audio:
+        return config.max_length * FP32_BYTES
+    return 3 * config.image_size**2 * FP32_BYTES
+
+
+def _check_input_kind(config: ModelConfig, media: bool) -> None:
+    task = config.task
+    if media and not task.takes_media:
+        raise InvalidInput(f"model {config.name!r} does {task.value} and takes texts, not media")
+    if not media and not task.takes_texts:
+        raise InvalidInput(
+            f"model {config.name!r} does {task.value} and takes {_media_kind(task)}: send them "
+            f"as media ({_media_call(task)})"
+        )
+
+
+def _media_kind(task: TaskName) -> str:
+    return "audio clips" if task.takes_audio else "images"
+
+
+def _media_call(task: TaskName) -> str:
+    calls = {
+        TaskName.SPEECH_RECOGNITION: "transcribe(), or `fmserve transcribe --model NAME clip.wav`",
+        TaskName.VOICE_ACTIVITY: "detect_voice(), or `fmserve vad --model NAME clip.wav`",
+        TaskName.AUDIO_CLASSIFICATION: "classify_audio(), or `fmserve classify --model NAME a.wav`",
+    }
+    return calls.get(task, "classify_images(), or `fmserve classify --model NAME photo.jpg`")
 
 
 class Router:
@@ -57,11 +106,12 @@ class Router:
         truncate: bool,
         top_k: int,
         routing_key: str = "",
+        media: bool = False,
     ) -> Route:
         if not model:
             raise InvalidInput("model is required; `fmserve models` lists the models served")
         config = self.repository.get(model)
-        if task is not None and task is not config.task:
+        if task is not None and task is not config.task and (task, config.task) not in ALIKE:
             raise WrongTask(f"model {model!r} does {config.task.value}, not {task.value}")
         if config.task is TaskName.TEXT_GENERATION and task is None:
             raise WrongTask(
@@ -70,9 +120,22 @@ class Router:
             )
         if top_k < 0:
             raise InvalidInput(f"top_k must be 0 (all labels) or positive, got {top_k}")
-        top_k = top_k if config.task is TaskName.TEXT_CLASSIFICATION else 0
-        version = version or self._chosen(model, routing_key)
-        return Route(model, config.resolve_version(version), config.task, truncate, top_k)
+        _check_input_kind(config, media)
+        top_k = top_k if config.task in LABELLED else 0
+        version = config.resolve_version(version or self._chosen(model, routing_key))
+        return Route(
+            model, version, config.task, truncate, top_k, media, _item_bytes(config, media)
+        )
+
+    def check_media(self, media: list[Media]) -> None:
+        if len(media) > self.max_items:
+            raise TooLarge(
+                f"{len(media)} media items in one request; the limit is {self.max_items}: "
+                "split the request"
+            )
+        for i, item in enumerate(media):
+            if problem := media_problem(item):
+                raise InvalidInput(f"media[{i}] {problem}")
 
     def _chosen(self, model: str, routing_key: str) -> str:
         """The policy's choice for a request that names no version ('' without a policy)."""

@@ -8,9 +8,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Sequence
 
 from services.gateway.outcomes import Outcomes
-from services.gateway.pipeline import Pipeline
+from services.gateway.pipeline import Input, Pipeline
 from services.gateway.routes import Route
 
 log = logging.getLogger("fmserve.gateway.shadow")
@@ -36,18 +37,19 @@ class Shadow:
             task.cancel()
         await asyncio.gather(*self._copies, return_exceptions=True)
 
-    def mirror(self, route: Route, texts: list[str]) -> None:
-        """Send a copy of the texts to `route` (the shadow version's), without waiting."""
+    def mirror(self, route: Route, inputs: Sequence[Input]) -> None:
+        """Send a copy of the inputs (texts or media) to `route` (the shadow version's),
+        without waiting."""
         if len(self._copies) >= self.max_in_flight:
             self.outcomes.record_shadow(route.model, route.version, "dropped")
             return
-        task = asyncio.create_task(self._run(route, texts))
+        task = asyncio.create_task(self._run(route, inputs))
         self._copies.add(task)
         task.add_done_callback(self._copies.discard)
 
-    async def _run(self, route: Route, texts: list[str]) -> None:
+    async def _run(self, route: Route, inputs: Sequence[Input]) -> None:
         try:
-            await self.pipeline.run(route, texts, time.monotonic() + self.timeout_s)
+            await self.pipeline.run(route, inputs, time.monotonic() + self.timeout_s)
         except Exception as exc:  # any failure is the shadow version's outcome, never the caller's
             log.debug("a shadow copy failed: %s", exc, extra={"version": route.version})
             self.outcomes.record_shadow(route.model, route.version, "error")

@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 import grpc
+import numpy as np
 import tritonclient.grpc.aio as triton
-from tritonclient.grpc import service_pb2_grpc
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from fmserve.core import tensors
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
@@ -29,6 +31,7 @@ from fmserve.v1 import (
     preprocess_pb2,
     preprocess_pb2_grpc,
 )
+from services.gateway.media import Media
 from services.gateway.routes import Route
 from services.gateway.sampling import Prompt, Sampling
 from services.gateway.settings import GatewaySettings
@@ -37,7 +40,24 @@ from services.gateway.streams import DetokenizeStream, InferenceStream, infer_re
 
 log = logging.getLogger("fmserve.gateway.stages")
 
-OUTPUT_NAME = {TaskName.EMBEDDING: "embeddings"}  # every other task answers "logits"
+# every other task answers "logits"
+OUTPUT_NAME = {
+    TaskName.EMBEDDING: "embeddings",
+    TaskName.IMAGE_EMBEDDING: "embeddings",
+    TaskName.VOICE_ACTIVITY: "probabilities",
+}
+FRAMES = "frames"
+
+
+@dataclass(frozen=True)
+class ModelOutputs:
+    """What the inference service answered for a batch."""
+
+    main: common_pb2.Tensor
+    """The model's output (embeddings, logits, probabilities)."""
+    frames: common_pb2.Tensor | None = None
+    """Per-frame tasks (speech recognition, voice activity): each clip's frames, INT32 [B, 1],
+    which postprocess takes as its lengths."""
 
 
 class StageClients:
@@ -98,43 +118,68 @@ class StageClients:
         async with translated("preprocess"):
             return await self._preprocess.Tokenize(request, timeout=timeout)
 
+    async def featurize(
+        self, route: Route, media: list[Media], timeout: float
+    ) -> dict[str, common_pb2.Tensor]:
+        """The media as the model's input tensors (pixel_values for images)."""
+        request = preprocess_pb2.FeaturizeRequest(
+            model=route.model, version=route.version, media=[_media_to_wire(m) for m in media]
+        )
+        async with translated("preprocess"):
+            reply = await self._preprocess.Featurize(request, timeout=timeout)
+        return dict(reply.inputs)
+
     async def infer(
         self, route: Route, tokens: preprocess_pb2.TokenizeResponse, timeout: float, priority: int
     ) -> common_pb2.Tensor:
-        inputs = [
-            _triton_input("input_ids", tokens.input_ids),
-            _triton_input("lengths", tokens.lengths),
-        ]
-        output = OUTPUT_NAME.get(route.task, "logits")
+        inputs = {"input_ids": tokens.input_ids, "lengths": tokens.lengths}
+        return (await self.infer_inputs(route, inputs, timeout, priority)).main
+
+    async def embed_texts(self, route: Route, texts: list[str], timeout: float) -> np.ndarray:
+        """An embedding model's raw vectors [texts, D] for texts of the gateway's own (CLIP's
+        zero-shot label prompts), truncated to the model's length."""
+        text_route = replace(route, truncate=True, media=False, item_bytes=0)
+        tokens = await self.tokenize(text_route, texts, timeout)
+        output = await self.infer(text_route, tokens, timeout, priority=0)
+        return tensors.to_domain(output, "embeddings")
+
+    async def infer_inputs(
+        self, route: Route, named: dict[str, common_pb2.Tensor], timeout: float, priority: int
+    ) -> ModelOutputs:
+        """The model's output for its inputs by name, with each clip's frames for a per-frame
+        task."""
+        inputs = [_triton_input(name, tensor) for name, tensor in named.items()]
+        names = [OUTPUT_NAME.get(route.task, "logits")]
+        if route.task.per_frame:
+            names.append(FRAMES)
         async with translated("inference"):
             result = await self._inference.infer(
                 route.model,
                 inputs,
                 model_version=route.version,
-                outputs=[triton.InferRequestedOutput(output)],
+                outputs=[triton.InferRequestedOutput(name) for name in names],
                 priority=priority,
                 client_timeout=timeout,
                 # tritonclient opens its own channel: the request id and trace travel as headers.
                 headers=outgoing_metadata(),
             )
-        response = result.get_response()
-        index = [o.name for o in response.outputs].index(output)
-        shape = response.outputs[index].shape
-        return common_pb2.Tensor(
-            dtype="FP32", shape=shape, data=response.raw_output_contents[index]
-        )
+        tensors_by_name = _outputs(result.get_response())
+        frames = tensors_by_name[FRAMES] if route.task.per_frame else None
+        return ModelOutputs(tensors_by_name[names[0]], frames)
 
     async def postprocess(
         self,
         route: Route,
         texts: list[str],
-        tokens: preprocess_pb2.TokenizeResponse,
+        tokens: preprocess_pb2.TokenizeResponse | None,
         output: common_pb2.Tensor,
         timeout: float,
         top_k: Sequence[int] | None = None,
+        frames: common_pb2.Tensor | None = None,
     ) -> list[common_pb2.Result]:
-        """One result per text. `top_k` is per text (texts of one batch may come from requests
-        asking different values); None: the route's for every text."""
+        """One result per item (text or media). `top_k` is per item (items of one batch may
+        come from requests asking different values); None: the route's for every item. Media
+        send no texts nor tokens; per-frame audio outputs send each clip's `frames`."""
         top_ks = list(top_k) if top_k is not None else [route.top_k] * len(texts)
         request = postprocess_pb2.PostprocessRequest(
             model=route.model,
@@ -143,10 +188,12 @@ class StageClients:
             output=output,
             top_k=_widest(top_ks),
         )
-        if route.task.postprocess_needs_tokens:
+        if route.task.postprocess_needs_tokens and tokens is not None:
             request.texts.extend(texts)
             request.lengths.CopyFrom(tokens.lengths)
             request.offsets.CopyFrom(tokens.offsets)
+        if frames is not None:
+            request.lengths.CopyFrom(frames)
         async with translated("postprocess"):
             reply = await self._postprocess.Postprocess(request, timeout=timeout)
         results = list(reply.results)
@@ -208,6 +255,23 @@ def _widest(top_ks: list[int]) -> int:
     (ties keep label order), so the first k of a longer answer are what k would have given.
     One call per batch; grouping the texts by value would pay a call per distinct value."""
     return 0 if 0 in top_ks else max(top_ks, default=0)
+
+
+def _media_to_wire(media: Media) -> common_pb2.Media:
+    return common_pb2.Media(
+        mime_type=media.mime_type,
+        data=media.data,
+        sample_rate=media.sample_rate,
+        channels=media.channels,
+        sample_format=media.sample_format,
+    )
+
+
+def _outputs(response: service_pb2.ModelInferResponse) -> dict[str, common_pb2.Tensor]:
+    return {
+        output.name: common_pb2.Tensor(dtype=output.datatype, shape=output.shape, data=raw)
+        for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
+    }
 
 
 def _triton_input(name: str, tensor: common_pb2.Tensor) -> triton.InferInput:

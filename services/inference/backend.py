@@ -8,6 +8,10 @@ model's one output, as a torch tensor on the CPU or its device:
     audio-classification (from samples [B, S])   logits          [B, C]
     speech-recognition (from samples [B, S])     logits          [B, frames, V]
     voice-activity (from 16 kHz samples [B, S])  probabilities   [B, frames]
+    image-embedding (CLIP), texts                projected text features   [B, D]
+
+and an image model (`ImageBackend`, torch only) turns a batch of pixel_values [B, 3, H, W]
+into a classifier's logits [B, C] or CLIP's projected image features [B, D].
 
     torch        the version's safetensors, on its device and in its precision (loading.py)
     onnxruntime  the version's model.onnx (written by `fmserve export`), on the CPU; the Silero
@@ -25,6 +29,7 @@ import torch
 
 from fmserve.core.repository import ModelConfig
 from fmserve.core.tasks import TaskName
+from services.inference.loading import LoadFailed
 from services.inference.memory import Footprint
 
 
@@ -48,6 +53,12 @@ class Backend(Protocol):
         ...
 
 
+class ImageBackend(Backend, Protocol):
+    def images(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The model's output for a batch of images (see the module's table)."""
+        ...
+
+
 def encoder_only(config: ModelConfig) -> bool:
     """Whether the model answers hidden states: embeddings, and zero-shot prototypes on a bare
     encoder whatever the task."""
@@ -63,6 +74,11 @@ def load_backend(config: ModelConfig, version: str, cuda_devices: int | None = N
 
         return SileroBackend.load(config, version, onnx)
     if onnx:
+        if config.task.takes_images:
+            raise LoadFailed(
+                f"the onnxruntime backend serves text encoders, not {config.task.value}; set "
+                '[runtime] backend = "torch"'
+            )
         from services.inference.onnx_backend import OnnxBackend
 
         return OnnxBackend.load(config, version)

@@ -196,9 +196,34 @@ class ModelInstance:
             raise InvalidInput("input_values holds NaN or infinite samples")
 
     def _check_tokens(self, request: InferRequest, runner: Runner) -> None:
+        """Token ids, or an image model's pixel_values ([3, H, W] per image)."""
+        if request.sequences[0].ndim == 3:
+            self._check_images(request.sequences[0].shape)
+            return
         if request.sequences[0].dtype == np.float32:
             raise InvalidInput(
                 f"model {self.config.name!r} takes text: send input_ids, not input_values"
+            )
+        self._check_ids(request, runner)
+
+    def _check_images(self, shape: tuple[int, ...]) -> None:
+        task, size = self.config.task, self.config.image_size
+        if not task.takes_images:
+            raise InvalidInput(
+                f"model {self.config.name!r} does {task.value} and takes input_ids, not "
+                "pixel_values"
+            )
+        if shape != (3, size, size):
+            raise InvalidInput(
+                f"pixel_values: images of shape {list(shape)}; model {self.config.name!r} takes "
+                f"[3, {size}, {size}] (its processor's output: preprocess Featurize makes it)"
+            )
+
+    def _check_ids(self, request: InferRequest, runner: Runner) -> None:
+        if not self.config.task.takes_texts:
+            raise InvalidInput(
+                f"model {self.config.name!r} does {self.config.task.value} and takes "
+                "pixel_values [B, 3, H, W], not input_ids"
             )
         longest = max(len(s) for s in request.sequences)
         if longest > self.config.max_length:

@@ -20,6 +20,7 @@ from transformers import (
     AutoModelForAudioClassification,
     AutoModelForCausalLM,
     AutoModelForCTC,
+    AutoModelForImageClassification,
     AutoModelForSequenceClassification,
     AutoModelForTokenClassification,
     AutoTokenizer,
@@ -47,6 +48,8 @@ _AUTO_CLASSES = {
     TaskName.TEXT_GENERATION: AutoModelForCausalLM,
     TaskName.AUDIO_CLASSIFICATION: AutoModelForAudioClassification,
     TaskName.SPEECH_RECOGNITION: AutoModelForCTC,
+    TaskName.IMAGE_CLASSIFICATION: AutoModelForImageClassification,
+    TaskName.IMAGE_EMBEDDING: AutoModel,  # CLIPModel: both towers and their projections
 }
 # What transformers raises for a folder it cannot use: missing, truncated or mismatched files.
 _LIBRARY_ERRORS = (OSError, ValueError, KeyError, RuntimeError, TypeError, SafetensorError)

@@ -27,6 +27,9 @@ LENGTHS = TensorSpec("lengths", "INT32", (-1, 1), optional=True)
 per batch item, so tools that build inputs from ModelConfig (perf_analyzer) can shape it; [B]
 is accepted too (what fmserve's gateway sends)."""
 INPUTS = (INPUT_IDS, ATTENTION_MASK, LENGTHS)
+PIXEL_VALUES = "pixel_values"
+"""Image models: FP32 [B, 3, H, W], each image as the model's processor made it (preprocess's
+Featurize), H and W the model's image size."""
 
 # Audio models: clips at the model's rate, zero-padded to the longest, with each clip's samples
 # (all of every row when absent).
@@ -45,11 +48,23 @@ TOKEN_IDS = TensorSpec("token_ids", "INT64", (1, -1))
 
 
 def inputs(config: ModelConfig) -> tuple[TensorSpec, ...]:
+    """What a model takes. CLIP (image-embedding) takes images or texts: each input is
+    optional, and one request sends one kind."""
     if config.task is TaskName.TEXT_GENERATION:
         return (PROMPT_IDS, STOP_TOKEN_IDS)
     if config.task.takes_audio:
         return AUDIO_INPUTS
-    return INPUTS
+    if not config.task.takes_images:
+        return INPUTS
+    size = config.image_size
+    pixels = TensorSpec(PIXEL_VALUES, "FP32", (-1, 3, size, size))
+    if config.task is TaskName.IMAGE_CLASSIFICATION:
+        return (pixels,)
+    return (TensorSpec(PIXEL_VALUES, "FP32", pixels.shape, optional=True), *_optional(INPUTS))
+
+
+def _optional(specs: tuple[TensorSpec, ...]) -> tuple[TensorSpec, ...]:
+    return tuple(TensorSpec(s.name, s.datatype, s.shape, optional=True) for s in specs)
 
 
 def outputs(config: ModelConfig) -> tuple[TensorSpec, ...]:
@@ -60,16 +75,16 @@ def outputs(config: ModelConfig) -> tuple[TensorSpec, ...]:
 
 
 def output(config: ModelConfig) -> TensorSpec:
-    """The main output of a model: `embeddings` [B, D], `logits` [B, C] / [B, T, C] (a CTC
-    model's [clips, frames, vocab]), a voice-activity model's `probabilities` [clips, frames],
-    or a generation's streamed `token_ids` [1, k]."""
+    """The main output of a model: `embeddings` [B, D] (of texts or images), `logits` [B, C] /
+    [B, T, C] (a CTC model's [clips, frames, vocab]), a voice-activity model's `probabilities`
+    [clips, frames], or a generation's streamed `token_ids` [1, k]."""
     if config.task is TaskName.VOICE_ACTIVITY:
         return TensorSpec("probabilities", "FP32", (-1, -1))
     if config.task is TaskName.SPEECH_RECOGNITION:
         return TensorSpec("logits", "FP32", (-1, -1, -1))
     if config.task is TaskName.TEXT_GENERATION:
         return TOKEN_IDS
-    if config.task is TaskName.EMBEDDING:
+    if config.task in (TaskName.EMBEDDING, TaskName.IMAGE_EMBEDDING):
         return TensorSpec("embeddings", "FP32", (-1, config.dimensions or -1))
     classes = len(config.labels) or -1
     if config.task is TaskName.TOKEN_CLASSIFICATION:

@@ -30,8 +30,9 @@ class ModelOutputs:
 
     model: str
     output: np.ndarray
-    """"embeddings" [texts, dim], "logits" [texts, labels] / [total_tokens, labels], a CTC
-    model's "logits" [clips, frames, vocab] or a VAD's "probabilities" [clips, frames]."""
+    """"embeddings" [items, dim], "logits" [items, labels] / [total_tokens, labels] (an item is
+    a text or an image), a CTC model's "logits" [clips, frames, vocab] or a VAD's
+    "probabilities" [clips, frames]."""
     version: str = ""
     task: TaskName | None = None
     """None: the model's own task."""
@@ -148,4 +149,6 @@ _TASKS: dict[TaskName, Task] = {
     TaskName.TOKEN_CLASSIFICATION: entities,
     TaskName.AUDIO_CLASSIFICATION: classifications,
     TaskName.VOICE_ACTIVITY: voice_activities,
+    TaskName.IMAGE_CLASSIFICATION: classifications,
+    TaskName.IMAGE_EMBEDDING: embeddings,  # CLIP's image or text embeddings, as they are
 }

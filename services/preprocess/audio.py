@@ -1,7 +1,7 @@
 """Audio clips → a model's input tensors. The one entry point, for the Featurize dispatch:
 
-    featurize(config, version, media, limits) -> {"input_values": FP32 [clips, samples],
-                                                   "lengths": INT32 [clips]}
+    AudioFeaturizer(config, files, limits)(media) -> {"input_values": FP32 [clips, samples],
+                                                      "lengths": INT32 [clips]}
 
 CPU-bound (decoding, resampling): run it in the caller's executor, never on the event loop.
 
@@ -21,7 +21,9 @@ from __future__ import annotations
 
 import io
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -31,6 +33,7 @@ import soxr
 from fmserve.core.audio import AudioFeatures, audio_features, framing
 from fmserve.core.repository import ModelConfig
 from fmserve.errors import InputTooLong, InvalidInput
+from services.preprocess.settings import PreprocessSettings
 
 # The container each encoded type must be; audio/pcm is read as RAW with its stated layout.
 CONTAINERS = {"audio/wav": "WAV", "audio/x-wav": "WAV", "audio/wave": "WAV", "audio/flac": "FLAC"}
@@ -46,11 +49,16 @@ _STREAMED_SIZE = 0x7FFF_F000
 class Media(Protocol):
     """One clip as it came (fmserve.v1.Media, or anything with its fields)."""
 
-    mime_type: str
-    data: bytes
-    sample_rate: int
-    channels: int
-    sample_format: str
+    @property
+    def mime_type(self) -> str: ...
+    @property
+    def data(self) -> bytes: ...
+    @property
+    def sample_rate(self) -> int: ...
+    @property
+    def channels(self) -> int: ...
+    @property
+    def sample_format(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -61,19 +69,32 @@ class AudioLimits:
     max_seconds: float
 
 
-def featurize(
-    config: ModelConfig, version: str, media: list[Media], limits: AudioLimits
-) -> dict[str, np.ndarray]:
-    """The model's inputs for these clips, in order; the first bad clip raises."""
-    files = config.files(version)
-    features, least = audio_features(config.task, files), framing(config.task, files).min_samples
-    clips = []
-    for index, item in enumerate(media):
-        name = f"media[{index}]"
-        clip = load_clip(item, name, features.sampling_rate, limits)
-        _check_duration(clip, name, features.sampling_rate, least, config)
-        clips.append(clip)
-    return padded(clips, features)
+class AudioFeaturizer:
+    """A model version's featurizer for audio clips (featurizers.py's LOADERS): its rate,
+    normalisation and shortest clip read once from its files."""
+
+    def __init__(self, config: ModelConfig, files: Path, limits: AudioLimits) -> None:
+        self.config = config
+        self.limits = limits
+        self.features = audio_features(config.task, files)
+        self.least = framing(config.task, files).min_samples
+
+    @classmethod
+    def load(
+        cls, config: ModelConfig, files: Path, settings: PreprocessSettings
+    ) -> AudioFeaturizer:
+        return cls(config, files, AudioLimits(settings.max_audio_bytes, settings.max_audio_s))
+
+    def __call__(self, items: Sequence[Media]) -> dict[str, np.ndarray]:
+        """The model's inputs for these clips, in order; the first bad clip raises."""
+        rate = self.features.sampling_rate
+        clips = []
+        for index, item in enumerate(items):
+            name = f"media[{index}]"
+            clip = load_clip(item, name, rate, self.limits)
+            _check_duration(clip, name, rate, self.least, self.config)
+            clips.append(clip)
+        return padded(clips, self.features)
 
 
 def padded(clips: list[np.ndarray], features: AudioFeatures) -> dict[str, np.ndarray]:

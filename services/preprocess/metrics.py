@@ -19,3 +19,8 @@ TOKENIZER_LOADS = Counter(
     "Tokenizers loaded from a model's files, by model and outcome (ok, error).",
     ["model", "outcome"],
 )
+FEATURIZED_ITEMS = Counter(
+    "fmserve_preprocess_featurized_items_total",
+    "Media items (images, audio clips) decoded and featurized, by model.",
+    ["model"],
+)

@@ -24,6 +24,7 @@ from fmserve.errors import InvalidInput, ModelNotFound, NotFound, TooLarge, Wron
 from tests.conftest import require_binary, require_server
 from tests.deployment import all_panels, dashboards
 from tests.e2e.conftest import MAX_ITEMS
+from tests.images import drawn, encoded
 from tests.prometheus import SCRAPE_INTERVAL_S, Prometheus
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(180)]
@@ -114,6 +115,7 @@ def send_traffic(client: Client) -> None:
         client.embed(texts, model="minilm-embed", cache="bypass")
         client.classify(texts, model="minilm-sentiment")
         client.classify(texts, model="tiny-classifier")
+        client.classify_images([encoded(drawn(seed=1))], model="tiny-vit", cache="bypass")
         # Sampled (temperature > 0, no seed), so never a cache hit: the engine runs each time.
         client.generate(f"a prompt ({tag})", model="tiny-llama", max_new_tokens=4, temperature=1)
     for call, error in (

@@ -39,6 +39,7 @@ from tests.deployment import (
     scrape,
 )
 from tests.e2e.conftest import REDIS_DB, forget_keys
+from tests.images import drawn, encoded
 
 pytestmark = pytest.mark.e2e
 
@@ -157,6 +158,7 @@ def test_every_readme_metric_moves_and_the_dashboards_use_only_real_names(scaled
         client.classify(["a first text for tiny"], model="tiny-classifier")  # loads a model
         time.sleep(0.5)  # stores are not awaited by the reply
         client.classify(["a first text for tiny"], model="tiny-classifier")  # a cache hit
+        client.classify_images([encoded(drawn())], model="tiny-vit")  # preprocess's Featurize
         for _ in range(2):  # sampled, so never cached: the engine's metrics move too
             client.generate("a prompt", model="tiny-llama", max_new_tokens=8, temperature=1)
     after = {s: scrape_service(scaled, s) for s in SERVICES}

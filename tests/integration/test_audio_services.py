@@ -28,7 +28,7 @@ from services.inference.__main__ import build as build_inference
 from services.inference.settings import InferenceSettings
 from services.postprocess.__main__ import build as build_postprocess
 from services.postprocess.settings import PostprocessSettings
-from services.preprocess.audio import AudioLimits, featurize
+from services.preprocess.audio import AudioFeaturizer, AudioLimits
 from tests.conftest import require_binary
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,7 +103,7 @@ def noise_clips() -> list[common_pb2.Media]:
 
 
 def features_of(config: ModelConfig, media: list[common_pb2.Media]) -> dict[str, np.ndarray]:
-    return featurize(config, config.default_version, media, LIMITS)
+    return AudioFeaturizer(config, config.files(config.default_version), LIMITS)(media)
 
 
 async def infer(

@@ -15,7 +15,8 @@ pytestmark = pytest.mark.timeout(30)
 def write_model(root: Path, name: str, task: str) -> Path:
     folder = root / name
     (folder / "1").mkdir(parents=True)
-    (folder / "1" / "config.json").write_text(json.dumps({"id2label": {"0": "a", "1": "b"}}))
+    config = {"id2label": {"0": "a", "1": "b"}, "image_size": 32}
+    (folder / "1" / "config.json").write_text(json.dumps(config))
     (folder / "model.toml").write_text(f'task = "{task}"\n')
     return folder
 
@@ -33,6 +34,7 @@ def test_the_repository_is_the_services_by_default(
     ("task", "version", "message"),
     [
         ("text-generation", "", "text-generation models are not exported"),
+        ("image-classification", "", "image-classification models are not exported"),
         ("text-classification", "1", "already has version 1"),
         ("text-classification", "v2", "--version 'v2': version folders are numbers"),
     ],

@@ -135,6 +135,12 @@ def test_infer_needs_the_model_and_its_own_task_when_none_is_asked() -> None:
     assert TABLE.access("Infer", request).scopes == ("infer:minilm-embed:text-classification",)
 
 
+def test_each_image_counts_against_the_keys_limits_as_a_text_does() -> None:
+    image = common_pb2.Media(mime_type="image/png", data=b"\x89PNG")
+    request = gateway_pb2.InferRequest(model="vit", media=[image] * 3)
+    assert TABLE.access("Infer", request).items == 3
+
+
 def generate(model: str, **parameters: int) -> gateway_pb2.GenerateRequest:
     sampling = common_pb2.SamplingParameters(**parameters)
     return gateway_pb2.GenerateRequest(model=model, prompt="Hi", parameters=sampling)

@@ -17,7 +17,7 @@ from fmserve.core.audio import AudioFeatures
 from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.errors import InputTooLong, InvalidInput
 from fmserve.v1.common_pb2 import Media
-from services.preprocess.audio import AudioLimits, decode, featurize, load_clip, padded
+from services.preprocess.audio import AudioFeaturizer, AudioLimits, decode, load_clip, padded
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -178,7 +178,7 @@ def test_featurize_reads_the_models_rate_and_normalises(ctc: ModelConfig) -> Non
     tone = sine(440, 8000, 0.5) + 0.2
     media = [pcm_s16(tone, 8000), wav(sine(440, 16_000, 0.25))]
 
-    features = featurize(ctc, "1", media, LIMITS)
+    features = AudioFeaturizer(ctc, ctc.files("1"), LIMITS)(media)
 
     assert features["input_values"].shape == (2, 8000)
     np.testing.assert_array_equal(features["lengths"], [8000, 4000])
@@ -254,7 +254,7 @@ def test_each_bad_clip_is_invalid_input_naming_it(ctc: ModelConfig, case: str) -
     limits = AudioLimits(max_bytes=2000 if case == "too many bytes" else 1 << 20, max_seconds=2.0)
 
     with pytest.raises(InvalidInput) as caught:
-        featurize(ctc, "1", [good, bad], limits)
+        AudioFeaturizer(ctc, ctc.files("1"), limits)([good, bad])
 
     assert caught.value.message.startswith("media[1]: "), caught.value.message
     assert fragment in caught.value.message
@@ -265,11 +265,11 @@ def test_a_clip_shorter_than_the_models_receptive_field_is_refused(ctc: ModelCon
     media = [wav(sine(440, 16_000, 0.1)), pcm_s16(np.zeros(24, np.float32), 16_000)]
 
     with pytest.raises(InvalidInput, match=r"media\[1\]: 1\.5 ms of audio; .* at least 1\.5625 ms"):
-        featurize(ctc, "1", media, LIMITS)
+        AudioFeaturizer(ctc, ctc.files("1"), LIMITS)(media)
 
 
 def test_a_clip_over_the_models_max_length_is_too_long(ctc: ModelConfig) -> None:
     short = replace(ctc, max_length=16_000)
 
     with pytest.raises(InputTooLong, match=r"media\[0\]: 1\.5 s of audio; model .* at most 1\.0 s"):
-        featurize(short, "1", [wav(sine(440, 16_000, 1.5))], LIMITS)
+        AudioFeaturizer(short, short.files("1"), LIMITS)([wav(sine(440, 16_000, 1.5))])

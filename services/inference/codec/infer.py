@@ -1,6 +1,6 @@
 """ModelInfer on the wire ↔ the domain: Triton's request tensors (raw bytes or typed contents)
-become per-sequence arrays (token ids, or an audio clip's samples); the outputs become a response
-with raw_output_contents."""
+become per-sequence arrays (token ids, or an audio clip's samples), or per-image pixel arrays
+[3, H, W]; the outputs become a response with raw_output_contents."""
 
 from __future__ import annotations
 
@@ -14,7 +14,9 @@ from services.inference import signature
 from services.inference.instance import InferOutput, InferRequest
 from services.inference.ragged import Layout, split_clips, split_padded, split_ragged
 
-_SPECS = {spec.name: spec for spec in (*signature.INPUTS, signature.INPUT_VALUES)}
+_DATATYPES = {spec.name: spec.datatype for spec in (*signature.INPUTS, signature.INPUT_VALUES)} | {
+    signature.PIXEL_VALUES: "FP32"
+}
 _NUMPY: dict[str, np.dtype] = {
     "INT64": np.dtype("<i8"),
     "INT32": np.dtype("<i4"),
@@ -23,20 +25,21 @@ _NUMPY: dict[str, np.dtype] = {
 _CONTENTS = {"INT64": "int64_contents", "INT32": "int_contents", "FP32": "fp32_contents"}
 _FRAMES = signature.FRAMES.name
 _ACCEPTED = (
-    "input_ids with lengths (ragged form), input_ids with an optional attention_mask, or an "
-    "audio model's input_values with optional lengths"
+    "input_ids with lengths (ragged form), input_ids with an optional attention_mask, an "
+    "audio model's input_values with optional lengths, or an image model's pixel_values "
+    "[B, 3, H, W]"
 )
 
 
 def to_domain(request: service_pb2.ModelInferRequest) -> InferRequest:
     """The sequences of a request, in its layout, with its priority and requested outputs."""
     tensors = _tensors(request)
-    if "input_values" in tensors:
+    if signature.PIXEL_VALUES in tensors:
+        sequences, layout = _images(tensors)
+    elif "input_values" in tensors:
         sequences, layout = _clips(tensors)
-    elif "input_ids" in tensors:
-        sequences, layout = _token_sequences(tensors)
     else:
-        raise InvalidInput(f"input_ids is missing; send {_ACCEPTED}")
+        sequences, layout = _token_sequences(tensors)
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
@@ -48,6 +51,8 @@ def to_domain(request: service_pb2.ModelInferRequest) -> InferRequest:
 
 
 def _token_sequences(tensors: dict[str, np.ndarray]) -> tuple[list[np.ndarray], Layout]:
+    if "input_ids" not in tensors:
+        raise InvalidInput(f"input_ids is missing; send {_ACCEPTED}")
     ids, lengths, mask = tensors["input_ids"], tensors.get("lengths"), tensors.get("attention_mask")
     if lengths is not None and mask is not None:
         raise InvalidInput("send lengths (ragged form) or attention_mask (padded form), not both")
@@ -63,6 +68,20 @@ def _clips(tensors: dict[str, np.ndarray]) -> tuple[list[np.ndarray], Layout]:
             f"input_values (audio) goes with lengths only, not {sorted(extra)[0]}; send {_ACCEPTED}"
         )
     return split_clips(tensors["input_values"], tensors.get("lengths")), Layout()
+
+
+def _images(tensors: dict[str, np.ndarray]) -> tuple[list[np.ndarray], Layout]:
+    """One [3, H, W] array per image; the model checks H and W against its size."""
+    if len(tensors) > 1:
+        raise InvalidInput("send pixel_values alone: images and token ids go in separate requests")
+    pixels = tensors[signature.PIXEL_VALUES]
+    if pixels.ndim != 4 or pixels.shape[1] != 3 or pixels.shape[0] == 0:
+        raise InvalidInput(
+            f"pixel_values: send shape [B, 3, H, W] with B >= 1; got {list(pixels.shape)}"
+        )
+    if not np.isfinite(pixels).all():
+        raise InvalidInput("pixel_values: every value must be finite (no NaN or infinity)")
+    return list(pixels), Layout()
 
 
 def to_wire(
@@ -105,23 +124,23 @@ def _tensors(request: service_pb2.ModelInferRequest) -> dict[str, np.ndarray]:
 def _decode(
     tensor: service_pb2.ModelInferRequest.InferInputTensor, raw: bytes | None
 ) -> np.ndarray:
-    spec = _SPECS.get(tensor.name)
-    if spec is None:
+    datatype = _DATATYPES.get(tensor.name)
+    if datatype is None:
         raise InvalidInput(f"unknown input {tensor.name!r}; send {_ACCEPTED}")
-    if tensor.datatype != spec.datatype:
-        raise InvalidInput(f"{tensor.name}: datatype {tensor.datatype!r}; send {spec.datatype}")
+    if tensor.datatype != datatype:
+        raise InvalidInput(f"{tensor.name}: datatype {tensor.datatype!r}; send {datatype}")
     shape = tuple(tensor.shape)
     if any(d < 0 for d in shape):
         raise InvalidInput(f"{tensor.name}: shape {list(shape)} has a negative dimension")
-    count, dtype = int(np.prod(shape)), _NUMPY[spec.datatype]
+    count, dtype = int(np.prod(shape)), _NUMPY[datatype]
     if raw is not None:
         if len(raw) != count * dtype.itemsize:
             raise InvalidInput(
                 f"{tensor.name}: shape {list(shape)} needs {count * dtype.itemsize} bytes of "
-                f"{spec.datatype}, got {len(raw)}"
+                f"{datatype}, got {len(raw)}"
             )
         return np.frombuffer(raw, dtype=dtype).reshape(shape)
-    values = getattr(tensor.contents, _CONTENTS[spec.datatype])
+    values = getattr(tensor.contents, _CONTENTS[datatype])
     if len(values) != count:
         raise InvalidInput(
             f"{tensor.name}: shape {list(shape)} needs {count} values, got {len(values)}"

@@ -130,6 +130,8 @@ def _parameters(config: ModelConfig, version: str) -> dict[str, str]:
     }
     if config.labels:
         parameters["labels"] = ",".join(config.labels)
+    if config.image_size:
+        parameters["image_size"] = str(config.image_size)
     if config.task is TaskName.EMBEDDING:
         parameters |= {"pooling": config.pooling, "normalize": str(config.normalize).lower()}
     if config.task is TaskName.TEXT_GENERATION:
