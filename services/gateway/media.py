@@ -29,5 +29,8 @@ def media_problem(item: Media) -> str | None:
     if not item.data:
         return "is empty: send the encoded bytes"
     if not item.mime_type:
-        return "has no mime_type: say what the bytes are (image/jpeg, image/png, image/webp, …)"
+        return (
+            "has no mime_type: say what the bytes are (image/jpeg, image/png, image/webp, "
+            "audio/wav, audio/flac, or audio/pcm with its sample_rate)"
+        )
     return None

@@ -148,6 +148,11 @@ class ModelInstance:
             for clips in warmup.audio_batches(self.config, self.version):
                 self.runner.forward(clips)
             return
+        if self.config.task.takes_images:
+            for images in warmup.image_batches(self.config):
+                self.runner.forward(images)
+        if not self.config.task.takes_texts:
+            return
         samples = warmup.samples(self.config, self.version)
         for batch in warmup.batches(self.config, self.runner.vocab_size, samples):
             self.runner.forward(batch)

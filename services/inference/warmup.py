@@ -5,7 +5,9 @@ initialisation: on all-MiniLM-L6-v2 a first 8-token pass took 28 ms, the next on
 Encoders run the batch shapes they will see, bounded to stay fast (about 0.3 s for MiniLM on 2
 CPU cores, milliseconds for the tests' 2-layer models): one short sequence, one long one, a
 full batch of short ones, and the model.toml's `[warmup] samples` (tokenised) one at a time and
-together. Text generation prefills a short prompt and decodes a few steps.
+together. Image models run a blank image alone and in a full batch (CLIP its texts too),
+audio models a second of faint noise. Text generation prefills a short prompt and decodes a
+few steps.
 """
 
 from __future__ import annotations
@@ -43,6 +45,13 @@ def audio_batches(config: ModelConfig, version: str) -> list[list[np.ndarray]]:
     rate = audio_features(config.task, config.files(version)).sampling_rate
     clip = np.random.default_rng(0).normal(0, 0.01, rate).astype(np.float32)
     return [[clip], [clip] * max(1, min(config.batching.max_batch_size, 4))]
+
+
+def image_batches(config: ModelConfig) -> list[list[np.ndarray]]:
+    """The batches an image model warms up on: a blank image of the model's size (pixel
+    values as preprocess makes them), alone and as a full batch."""
+    image = np.zeros((3, config.image_size, config.image_size), dtype=np.float32)
+    return [[image], [image] * max(1, min(config.batching.max_batch_size, 4))]
 
 
 def samples(config: ModelConfig, version: str) -> list[np.ndarray]:
