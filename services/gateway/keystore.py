@@ -1,36 +1,22 @@
-"""The gateway's client of the cache service's KeyStore: the one boundary that sees those
-calls' gRPC errors (they leave as fmserve errors)."""
+"""The gateway's client of the cache service's KeyStore."""
 
 from __future__ import annotations
 
-from typing import Any
-
 import grpc
 
-from fmserve.errors import Unavailable, from_rpc_error
-from fmserve.rpc.channels import open_channel
-from fmserve.rpc.tls import Identity
 from fmserve.v1 import keys_pb2, keys_pb2_grpc
+from services.gateway.cache_service import CacheServiceClient
 
-CALL_TIMEOUT_S = 2.0
 
+class KeyStore(CacheServiceClient):
+    """Key records by id and name, kept by the cache service."""
 
-class KeyStore:
-    """Key records by id and name, kept by the cache service. `start()` opens the channel."""
+    unavailable = (
+        "the cache service (API keys) is unavailable, so keys cannot be checked; retry shortly"
+    )
 
-    def __init__(self, address: str, identity: Identity | None = None) -> None:
-        self.address = address
-        self._identity = identity
-        self._channel: grpc.aio.Channel | None = None
-
-    async def start(self) -> None:
-        self._channel = open_channel(self.address, identity=self._identity)
-        self._stub = keys_pb2_grpc.KeyStoreStub(self._channel)
-
-    async def stop(self) -> None:
-        if self._channel is not None:
-            await self._channel.close()
-            self._channel = None
+    def stub(self, channel: grpc.aio.Channel) -> keys_pb2_grpc.KeyStoreStub:
+        return keys_pb2_grpc.KeyStoreStub(channel)
 
     async def create(self, key: keys_pb2.StoredKey) -> keys_pb2.StoredKey:
         return await self._call("CreateKey", key)
@@ -43,14 +29,3 @@ class KeyStore:
 
     async def revoke(self, name: str) -> keys_pb2.StoredKey:
         return await self._call("RevokeKey", keys_pb2.RevokeApiKeyRequest(name=name))
-
-    async def _call(self, method: str, request: object) -> Any:
-        try:
-            return await getattr(self._stub, method)(request, timeout=CALL_TIMEOUT_S)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
-                raise Unavailable(
-                    "the cache service (API keys) is unavailable, so keys cannot be checked; "
-                    "retry shortly"
-                ) from None
-            raise from_rpc_error(exc) from None
