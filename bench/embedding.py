@@ -10,7 +10,8 @@ In one run it measures
    single-sentence requests at concurrency 1 and 32, cache bypassed: throughput, p50, p99;
 3. cache hits: the same sentence again and again, at concurrency 1 (p50) and 32 (throughput);
 and prints each figure with its ratio to the in-process baseline of the same run, since the
-machine is shared and absolute numbers drift."""
+machine is shared and absolute numbers drift; then, for the model at concurrency 1 and 32,
+where each request's time and CPU went (bench/budget.py)."""
 
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import grpc
 
+from bench.budget import Budget, Snapshot
 from fmserve.cli.cluster import SERVICES, Cluster, free_port
 from fmserve.core.repository import ModelRepository
 from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -213,15 +215,25 @@ def main() -> None:
     cluster = start_cluster(env)
     try:
         address = cluster.address("gateway")
-        loads = {
-            "model c=1": asyncio.run(closed_loop(address, 1, args.seconds, repeat=False)),
-            "model c=32": asyncio.run(closed_loop(address, 32, args.seconds, repeat=False)),
-            "cache hit c=1": asyncio.run(closed_loop(address, 1, args.seconds, repeat=True)),
-            "cache hit c=32": asyncio.run(closed_loop(address, 32, args.seconds, repeat=True)),
-        }
+        loads, budgets = {}, {}
+        for name, concurrency, repeat in (
+            ("model c=1", 1, False),
+            ("model c=32", 32, False),
+            ("cache hit c=1", 1, True),
+            ("cache hit c=32", 32, True),
+        ):
+            before = Snapshot.take(cluster)
+            load = asyncio.run(closed_loop(address, concurrency, args.seconds, repeat=repeat))
+            loads[name] = load
+            budgets[name] = Budget(before, Snapshot.take(cluster), load.requests, load.seconds)
     finally:
         cluster.stop()
     report(baselines, loads)
+    for name in ("model c=1", "model c=32"):
+        load = loads[name]
+        print(f"\nwhere the time and CPU of {name} went (per request; bench/budget.py):")
+        for line in budgets[name].lines(load.pct(0.5), statistics.mean(load.latencies_ms)):
+            print("  " + line)
 
 
 if __name__ == "__main__":
