@@ -26,8 +26,10 @@ CHUNK = 10
 
 
 class FakeRouter:
-    def route(self, model: str, version: str, task: object, truncate: bool, top_k: int) -> Route:
-        return Route(model, "1", TaskName.EMBEDDING, truncate, top_k)
+    def route(
+        self, model: str, version: str, task: object, truncate: bool, top_k: int, media: bool
+    ) -> Route:
+        return Route(model, "1", TaskName.EMBEDDING, truncate, top_k, media)
 
     def text_problem(self, text: str) -> str | None:
         return None
