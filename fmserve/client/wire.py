@@ -55,9 +55,10 @@ PRIORITIES = {
 PRIORITY_NAMES = {wire: name for name, wire in PRIORITIES.items()}
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 TEXTS_PER_MESSAGE = 500  # texts per SubmitJob message: small messages, few of them
-# Encoded media bytes per SubmitJob message (one item at least): far under the gateway's
-# message limit (64 MiB by default), while a job's items still travel a few at a time.
-MEDIA_MESSAGE_BYTES = 4 * 1024 * 1024
+# Encoded media bytes per SubmitJob message (one item at least): well under the gateway's
+# request limit (FMSERVE_GATEWAY_MAX_REQUEST_BYTES, 16 MiB by default), so a message of items
+# fits wherever one item does.
+MEDIA_MESSAGE_BYTES = 1024 * 1024
 RESULTS_PAGE = 1000  # items per results page
 
 
