@@ -147,7 +147,9 @@ def test_an_item_over_the_chunk_limit_refuses_the_job(client: Client) -> None:
 
 
 def test_big_images_travel_in_chunks_bounded_by_bytes(client: Client) -> None:
-    """Noise images of about 0.8 MB: two per chunk under the cluster's 2 MiB."""
+    """Noise images of about 0.8 MB, over a third of the cluster's 2 MiB chunk limit each, so
+    the job's chunks split by bytes (whose sizes test_gateway_job_limits.py checks): the answers
+    still equal the sync path's."""
     rng = np.random.default_rng(3)
     noise = [rng.integers(0, 256, (480, 560, 3), dtype=np.uint8) for _ in range(5)]
     batch = [encoded(Image.fromarray(pixels), "PNG") for pixels in noise]
