@@ -294,8 +294,42 @@ class AsyncClient:
             async for request in wire.async_text_chunks(texts):
                 yield request
 
+        return await self._submit(requests())
+
+    async def submit_media(
+        self,
+        items: media.Item | Iterable[media.Item],
+        model: str,
+        *,
+        task: str | None = None,
+        version: str = "",
+        top_k: int = 0,
+        sample_rate: int = 0,
+        idempotency_key: str = "",
+        priority: str = "normal",
+        retention_s: int = 0,
+        timeout_s: int = 0,
+        expected_items: int | None = None,
+    ) -> AsyncJob:
+        """Submit a batch job of images or audio clips to a media model (see
+        `Client.submit_media`)."""
+        header = wire.job_header(
+            model, task, version, False, top_k, idempotency_key, priority, retention_s, timeout_s
+        )
+        header.header.expected_items = (
+            wire.declared_media(items) if expected_items is None else expected_items
+        )
+
+        async def requests() -> AsyncIterator[gateway_pb2.SubmitJobRequest]:
+            yield header
+            for request in wire.media_chunks(items, sample_rate):
+                yield request
+
+        return await self._submit(requests())
+
+    async def _submit(self, requests: AsyncIterator[gateway_pb2.SubmitJobRequest]) -> AsyncJob:
         try:
-            job = await self._stub.SubmitJob(requests(), timeout=None, metadata=self._metadata)
+            job = await self._stub.SubmitJob(requests, timeout=None, metadata=self._metadata)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
         return AsyncJob(self, job.id)

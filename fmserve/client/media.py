@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import io
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -70,9 +70,17 @@ def waveform_to_wire(waveform: np.ndarray, sample_rate: int) -> common_pb2.Media
 def items_to_wire(items: Item | Sequence[Item], sample_rate: int = 0) -> list[common_pb2.Media]:
     """One item, or a sequence of them: a str, bytes, PIL image or numpy array is one item
     (a 2-D array is one clip's channels, not several clips: pass a list for several)."""
-    if isinstance(items, (str, bytes, os.PathLike, np.ndarray)) or hasattr(items, "save"):
-        return [to_wire(items, sample_rate)]
-    return [to_wire(item, sample_rate) for item in items]
+    return [to_wire(item, sample_rate) for item in each(items)]
+
+
+def is_one(items: object) -> bool:
+    """Whether `items` is one media item rather than a collection of them."""
+    return isinstance(items, (str, bytes, os.PathLike, np.ndarray)) or hasattr(items, "save")
+
+
+def each(items: Item | Iterable[Item]) -> Iterable[Item]:
+    """The items: one item as a list of it, a collection as it is."""
+    return [items] if is_one(items) else cast(Iterable[Item], items)
 
 
 def sniff(data: bytes) -> str:

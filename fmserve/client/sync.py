@@ -300,7 +300,36 @@ class Client:
         header.header.expected_items = (
             wire.declared_size(texts) if expected_items is None else expected_items
         )
-        requests = itertools.chain([header], wire.text_chunks(texts))
+        return self._submit(itertools.chain([header], wire.text_chunks(texts)))
+
+    def submit_media(
+        self,
+        items: media.Item | Iterable[media.Item],
+        model: str,
+        *,
+        task: str | None = None,
+        version: str = "",
+        top_k: int = 0,
+        sample_rate: int = 0,
+        idempotency_key: str = "",
+        priority: str = "normal",
+        retention_s: int = 0,
+        timeout_s: int = 0,
+        expected_items: int | None = None,
+    ) -> Job:
+        """Submit a batch job of images or audio clips to a media model, as `submit` submits
+        texts: items as `infer_media` takes them (paths, encoded bytes, PIL images, numpy
+        waveforms at `sample_rate`), any iterable, read lazily; each item's result is what
+        `infer_media` would answer for it."""
+        header = wire.job_header(
+            model, task, version, False, top_k, idempotency_key, priority, retention_s, timeout_s
+        )
+        header.header.expected_items = (
+            wire.declared_media(items) if expected_items is None else expected_items
+        )
+        return self._submit(itertools.chain([header], wire.media_chunks(items, sample_rate)))
+
+    def _submit(self, requests: Iterator[gateway_pb2.SubmitJobRequest]) -> Job:
         try:
             job = self._stub.SubmitJob(requests, timeout=None, metadata=self._metadata)
         except grpc.RpcError as exc:

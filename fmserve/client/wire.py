@@ -55,6 +55,10 @@ PRIORITIES = {
 PRIORITY_NAMES = {wire: name for name, wire in PRIORITIES.items()}
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
 TEXTS_PER_MESSAGE = 500  # texts per SubmitJob message: small messages, few of them
+# Encoded media bytes per SubmitJob message (one item at least): well under the gateway's
+# request limit (FMSERVE_GATEWAY_MAX_REQUEST_BYTES, 16 MiB by default), so a message of items
+# fits wherever one item does.
+MEDIA_MESSAGE_BYTES = 1024 * 1024
 RESULTS_PAGE = 1000  # items per results page
 
 
@@ -381,6 +385,30 @@ def text_chunks(texts: str | Iterable[str]) -> Iterator[gateway_pb2.SubmitJobReq
     iterator = iter([texts] if isinstance(texts, str) else texts)
     while chunk := list(itertools.islice(iterator, TEXTS_PER_MESSAGE)):
         yield gateway_pb2.SubmitJobRequest(items=gateway_pb2.JobItems(texts=chunk))
+
+
+def declared_media(items: object) -> int:
+    """How many media items a submission holds, when known without reading them (as
+    `declared_size`: one item, or a sequence's length; 0 for an iterator)."""
+    return 1 if media.is_one(items) else declared_size(items)
+
+
+def media_chunks(
+    items: media.Item | Iterable[media.Item], sample_rate: int
+) -> Iterator[gateway_pb2.SubmitJobRequest]:
+    """The items encoded in messages of up to MEDIA_MESSAGE_BYTES, read lazily: a job's files
+    are never all in memory at once."""
+    batch: list[common_pb2.Media] = []
+    size = 0
+    for item in media.each(items):
+        one = media.to_wire(item, sample_rate)
+        if batch and size + len(one.data) > MEDIA_MESSAGE_BYTES:
+            yield gateway_pb2.SubmitJobRequest(items=gateway_pb2.JobItems(media=batch))
+            batch, size = [], 0
+        batch.append(one)
+        size += len(one.data)
+    if batch:
+        yield gateway_pb2.SubmitJobRequest(items=gateway_pb2.JobItems(media=batch))
 
 
 async def async_text_chunks(

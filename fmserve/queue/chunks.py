@@ -25,13 +25,18 @@ def decode(body: bytes) -> jobs_pb2.JobChunk:
 
 
 def singles(chunk: jobs_pb2.JobChunk) -> list[jobs_pb2.JobChunk]:
-    """Each item of a chunk alone, as it entered the first stage (texts only)."""
-    return [
-        jobs_pb2.JobChunk(
-            route=chunk.route,
-            indexes=[index],
-            texts=[text],
-            submitted_unix_ms=chunk.submitted_unix_ms,
-        )
-        for index, text in zip(chunk.indexes, chunk.texts, strict=True)
-    ]
+    """Each item of a chunk alone, as it entered the first stage (its text, or its media)."""
+    return [_single(chunk, position) for position in range(len(chunk.indexes))]
+
+
+def _single(chunk: jobs_pb2.JobChunk, position: int) -> jobs_pb2.JobChunk:
+    one = jobs_pb2.JobChunk(
+        route=chunk.route,
+        indexes=[chunk.indexes[position]],
+        submitted_unix_ms=chunk.submitted_unix_ms,
+    )
+    if chunk.media:
+        one.media.append(chunk.media[position])
+    else:
+        one.texts.append(chunk.texts[position])
+    return one

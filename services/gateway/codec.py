@@ -14,7 +14,7 @@ from fmserve.v1 import common_pb2, gateway_pb2
 from services.gateway import sampling_codec
 from services.gateway.gateway import Answer, CachePolicy, InferCall
 from services.gateway.generator import Delta, Event, GenerateCall
-from services.gateway.jobs import Submission
+from services.gateway.jobs import MIXED, Items, Submission
 from services.gateway.media import Media
 from services.gateway.sampling import Prompt
 
@@ -108,14 +108,18 @@ def submission_to_domain(request: gateway_pb2.SubmitJobRequest | None) -> Submis
     )
 
 
-async def texts_to_domain(
+async def items_to_domain(
     requests: AsyncIterator[gateway_pb2.SubmitJobRequest],
-) -> AsyncIterator[list[str]]:
-    """The texts of the messages after the header, one list per message, as they arrive."""
+) -> AsyncIterator[Items]:
+    """The items of the messages after the header (texts, or media), one list per message, as
+    they arrive."""
     async for request in requests:
         if request.HasField("header"):
             raise InvalidInput("only the first SubmitJob message may carry a header")
-        yield list(request.items.texts)
+        items = request.items
+        if items.texts and items.media:
+            raise InvalidInput(MIXED)
+        yield [media_to_domain(m) for m in items.media] if items.media else list(items.texts)
 
 
 def model_to_wire(config: ModelConfig) -> gateway_pb2.ModelInfo:

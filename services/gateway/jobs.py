@@ -7,9 +7,16 @@ confirmed every chunk. Items travel in chunks of `job_chunk_size` (matched to th
 batches); publishes are pipelined, up to `job_publish_window` chunks awaiting their confirms
 while the stream goes on, so a big submission never sits in memory whole.
 
-Item content is checked per item: an empty or over-long text is recorded FAILED with its reason
-(one bad line must not sink a 100,000-item job); submission-level problems (unknown model or
-task, no items, too many items declared or sent, a full job queue: `backlog.py`) refuse the
+A job is texts, or a media model's media (images, audio clips), never both: its first items
+decide which, and the route (preprocess tokenizes the texts, or featurizes the media). A media
+job's chunks are also bounded by bytes, so every queue message stays small: as many items as
+fit `max_media_batch_bytes` once featurized (as the sync path's batches), and `max_job_chunk_bytes`
+of encoded media.
+
+Item content is checked per item: an empty or over-long text, or an empty media item, is
+recorded FAILED with its reason (one bad line must not sink a 100,000-item job); submission-level
+problems (unknown model or task, no items, texts and media mixed, a media item too large for a
+queue message, too many items declared or sent, a full job queue: `backlog.py`) refuse the
 submission. A submission that breaks off after its record was created (too many items, a job
 queue that filled, the client went away, RabbitMQ down past the timeout) marks the job FAILED
 with the reason, so it never waits for items that will not come. While the stream is open the
@@ -46,7 +53,6 @@ from fmserve.errors import (
     JobNotFound,
     TooLarge,
     Unavailable,
-    Unimplemented,
 )
 from fmserve.queue.broker import Broker
 from fmserve.queue.chunks import failure
@@ -55,6 +61,7 @@ from fmserve.queue.stage_worker import level_of
 from fmserve.v1 import common_pb2, jobs_pb2
 from services.gateway import principal, sampling_codec
 from services.gateway.backlog import Backlog
+from services.gateway.media import Media, media_problem, media_to_wire
 from services.gateway.routes import Route, Router
 from services.gateway.sampling import Sampling, StopLimits, checked
 from services.gateway.settings import GatewaySettings
@@ -78,6 +85,12 @@ class Submission:
     """How many items the client said will follow (0: not said)."""
     sampling: Sampling | None = None
     """A text-generation job's parameters (None: the defaults); refused on other tasks."""
+
+
+Items = list[str] | list[Media]
+"""One SubmitJob message's items: texts, or a media model's media."""
+
+MIXED = "a job is texts or media, not both: submit each kind as a job of its own"
 
 
 # What SubmitJob answers on a cluster running without RabbitMQ (jobs_enabled=false).
@@ -111,30 +124,26 @@ class Jobs:
             settings.max_watchers_per_connection,
         )
 
-    async def submit(self, submission: Submission, texts: AsyncIterator[list[str]]) -> jobs_pb2.Job:
+    async def submit(self, submission: Submission, items: AsyncIterator[Items]) -> jobs_pb2.Job:
         if self.broker is None:
             raise Unavailable(JOBS_OFF)
         s = submission
-        route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k)
-        if route.task.takes_media:
-            raise Unimplemented(
-                f"model {route.model!r} does {route.task.value}: jobs take texts for text "
-                "models only for now; send its images to Infer (classify_images, embed_images)"
-            )
-        parameters = self._parameters(route, s.sampling)
         if s.priority not in jobs_pb2.JobPriority.values():
             raise InvalidInput(f"unknown priority {s.priority}; use NORMAL, HIGH or LOW")
         await self._admit(s)
-        first = await _first_texts(texts)
+        first = await _first_items(items)  # texts or media: the route depends on which
+        media = bool(first) and isinstance(first[0], Media)
+        route = self.router.route(s.model, s.version, s.task, s.truncate, s.top_k, media=media)
+        parameters = self._parameters(route, s.sampling)
         if not first:
-            raise InvalidInput("the job has no items: send at least one text")
+            raise InvalidInput("the job has no items: send at least one text or media item")
         job, created = await self.records.create(self._template(route, s))
         if not created:
             return job  # the same idempotency key: that job, sealed or ended
         lease = asyncio.create_task(self._keep_lease(job.id))
         try:
             publication = _Publication(self, job, route, parameters, s.expected_items)
-            total = await publication.run(first, texts)
+            total = await publication.run(first, items)
         except BaseException as exc:
             await asyncio.shield(self._broke_off(job.id, exc))
             if isinstance(exc, Unavailable):  # say what became of the job, not only why
@@ -240,12 +249,20 @@ def _visible(job: jobs_pb2.Job) -> jobs_pb2.Job:
     raise JobNotFound.unknown(job.id)
 
 
+def _chunk_items(route: Route, settings: GatewaySettings) -> int:
+    """Items per chunk: one inference batch; for media, no more than the sync path's batches
+    hold once featurized (`max_media_batch_bytes`), since the chunk carries those inputs."""
+    if not route.media:
+        return settings.job_chunk_size
+    return min(settings.job_chunk_size, route.items_fitting(settings.max_media_batch_bytes))
+
+
 def _too_many(limit: int) -> str:
     return f"a job holds at most {limit} items; split it into several jobs"
 
 
-async def _first_texts(texts: AsyncIterator[list[str]]) -> list[str]:
-    async for batch in texts:
+async def _first_items(items: AsyncIterator[Items]) -> Items:
+    async for batch in items:
         if batch:
             return batch
     return []
@@ -281,16 +298,20 @@ class _Publication:
             )
         )
         self.level = level_of(job.priority)
+        self.media = route.media
+        self.chunk_items = _chunk_items(route, jobs.settings)
+        self.chunk_bytes = 0
+        """Encoded media bytes in the chunk being filled."""
         self.count = 0
         self.pending: set[asyncio.Task[None]] = set()
         self.failed: list[jobs_pb2.JobItemResult] = []
 
-    async def run(self, first: list[str], rest: AsyncIterator[list[str]]) -> int:
+    async def run(self, first: Items, rest: AsyncIterator[Items]) -> int:
         """Publish every item; returns how many there were."""
         try:
             await self._add(first)
-            async for texts in rest:
-                await self._add(texts)
+            async for items in rest:
+                await self._add(items)
             await self._flush()
             await self._settle(everything=True)
         finally:
@@ -298,26 +319,54 @@ class _Publication:
                 task.cancel()
         return self.count
 
-    async def _add(self, texts: list[str]) -> None:
-        if self.count + len(texts) > self.settings.job_max_items:
+    async def _add(self, items: Items) -> None:
+        if self.count + len(items) > self.settings.job_max_items:
             raise TooLarge(_too_many(self.settings.job_max_items))
-        if self.expected_items and self.count + len(texts) > self.expected_items:
+        if self.expected_items and self.count + len(items) > self.expected_items:
             raise InvalidInput(
-                f"the job sends more texts than the {self.expected_items} its header declared "
+                f"the job sends more items than the {self.expected_items} its header declared "
                 "(expected_items)"
             )
-        for text in texts:
-            self._take(self.count, text)
+        if items and isinstance(items[0], Media) != self.media:
+            raise InvalidInput(MIXED)
+        for item in items:
+            if isinstance(item, Media):
+                await self._make_room(self.count, item)
+            self._take(self.count, item)
             self.count += 1
-            if len(self.chunk.indexes) >= self.settings.job_chunk_size:
+            if len(self.chunk.indexes) >= self.chunk_items:
                 await self._flush()
 
-    def _take(self, index: int, text: str) -> None:
-        if problem := self.jobs.router.text_problem(text):
-            self.failed.append(failure(index, f"the text {problem}"))
+    async def _make_room(self, index: int, item: Media) -> None:
+        """Publish the chunk first if this item's bytes would take it over the limit."""
+        size, limit = len(item.data), self.settings.max_job_chunk_bytes
+        if size > limit:
+            raise InvalidInput(
+                f"media item {index} is {size} bytes; a job's item may be at most {limit} "
+                "(FMSERVE_GATEWAY_MAX_JOB_CHUNK_BYTES): send it smaller (resized, re-encoded), "
+                "or to Infer"
+            )
+        if self.chunk_bytes + size > limit:
+            await self._flush()
+
+    def _take(self, index: int, item: str | Media) -> None:
+        if problem := self._problem(item):
+            self.failed.append(failure(index, problem))
+            return
+        self.chunk.indexes.append(index)
+        if isinstance(item, Media):
+            self.chunk.media.append(media_to_wire(item))
+            self.chunk_bytes += len(item.data)
         else:
-            self.chunk.indexes.append(index)
-            self.chunk.texts.append(text)
+            self.chunk.texts.append(item)
+
+    def _problem(self, item: str | Media) -> str | None:
+        """Why the item fails, worded for the job's owner, or None."""
+        if isinstance(item, Media):
+            problem = media_problem(item)
+            return problem and f"the media item {problem}"
+        problem = self.jobs.router.text_problem(item)
+        return problem and f"the text {problem}"
 
     async def _flush(self) -> None:
         if self.failed:
@@ -329,6 +378,8 @@ class _Publication:
         body = self.chunk.SerializeToString()
         del self.chunk.indexes[:]
         del self.chunk.texts[:]
+        del self.chunk.media[:]
+        self.chunk_bytes = 0
         # Jobs.submit refuses without a broker
         assert self.jobs.broker is not None and self.jobs.backlog is not None
         await self.jobs.backlog.check()  # a full queue stops a stream between chunks too

@@ -7,6 +7,8 @@ import hashlib
 from dataclasses import dataclass
 from functools import cached_property
 
+from fmserve.v1 import common_pb2
+
 
 @dataclass(frozen=True)
 class Media:
@@ -34,3 +36,13 @@ def media_problem(item: Media) -> str | None:
             "audio/wav, audio/flac, or audio/pcm with its sample_rate)"
         )
     return None
+
+
+def media_to_wire(media: Media) -> common_pb2.Media:
+    return common_pb2.Media(
+        mime_type=media.mime_type,
+        data=media.data,
+        sample_rate=media.sample_rate,
+        channels=media.channels,
+        sample_format=media.sample_format,
+    )

@@ -149,7 +149,7 @@ class Pipeline:
         featurized (a 224x224 image is 602 KB of FP32), so that each hop's message does."""
         if not lane.media:
             return self.limits
-        fits = max(1, self.max_media_batch_bytes // max(1, lane.item_bytes))
+        fits = lane.items_fitting(self.max_media_batch_bytes)
         return replace(self.limits, max_batch_size=min(self.limits.max_batch_size, fits))
 
     async def _run_batch(

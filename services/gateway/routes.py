@@ -30,6 +30,10 @@ class Route:
     """Media routes: the bytes of one item once featurized (an image's FP32 pixel_values, an
     audio clip's longest FP32 samples), which size the batches so that each hop's message fits."""
 
+    def items_fitting(self, max_bytes: int) -> int:
+        """How many of a media route's items fit `max_bytes` once featurized (at least one)."""
+        return max(1, max_bytes // max(1, self.item_bytes))
+
     @property
     def lane(self) -> Route:
         """What a batch shares: what changes the work of each stage (model, version, task,

@@ -63,7 +63,7 @@ class GatewayServicer(gateway_pb2_grpc.GatewayServicer):
     ) -> jobs_pb2.Job:
         header = await anext(aiter(requests), None)
         submission = codec.submission_to_domain(header)
-        return await self.jobs.submit(submission, codec.texts_to_domain(requests))
+        return await self.jobs.submit(submission, codec.items_to_domain(requests))
 
     async def GetJob(
         self, request: jobs_pb2.GetJobRequest, context: grpc.aio.ServicerContext

@@ -55,6 +55,11 @@ class GatewaySettings(RepositorySettings, AmqpSettings, AuthSettings):
     answers UNAVAILABLE saying so, and jobs submitted before can still be read."""
     job_chunk_size: int = 32
     """Items per queue message of a job: one inference batch, so a chunk is one forward pass."""
+    max_job_chunk_bytes: int = 8 * 1024 * 1024
+    """Most encoded media bytes (images, audio clips) in one queue message of a media job, well
+    under RabbitMQ's largest message (128 MiB by default), which also carries the featurized
+    inputs (up to `max_media_batch_bytes`). A job with an item over it is refused
+    (INVALID_ARGUMENT naming the item)."""
     job_max_items: int = 1_000_000
     """Most items in one job; a bigger submission is refused with RESOURCE_EXHAUSTED."""
     job_retention_s: int = 86_400

@@ -31,7 +31,7 @@ from fmserve.v1 import (
     preprocess_pb2,
     preprocess_pb2_grpc,
 )
-from services.gateway.media import Media
+from services.gateway.media import Media, media_to_wire
 from services.gateway.routes import Route
 from services.gateway.sampling import Prompt, Sampling
 from services.gateway.settings import GatewaySettings
@@ -123,7 +123,7 @@ class StageClients:
     ) -> dict[str, common_pb2.Tensor]:
         """The media as the model's input tensors (pixel_values for images)."""
         request = preprocess_pb2.FeaturizeRequest(
-            model=route.model, version=route.version, media=[_media_to_wire(m) for m in media]
+            model=route.model, version=route.version, media=[media_to_wire(m) for m in media]
         )
         async with translated("preprocess"):
             reply = await self._preprocess.Featurize(request, timeout=timeout)
@@ -255,16 +255,6 @@ def _widest(top_ks: list[int]) -> int:
     (ties keep label order), so the first k of a longer answer are what k would have given.
     One call per batch; grouping the texts by value would pay a call per distinct value."""
     return 0 if 0 in top_ks else max(top_ks, default=0)
-
-
-def _media_to_wire(media: Media) -> common_pb2.Media:
-    return common_pb2.Media(
-        mime_type=media.mime_type,
-        data=media.data,
-        sample_rate=media.sample_rate,
-        channels=media.channels,
-        sample_format=media.sample_format,
-    )
 
 
 def _outputs(response: service_pb2.ModelInferResponse) -> dict[str, common_pb2.Tensor]:

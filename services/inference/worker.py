@@ -1,7 +1,8 @@
-"""The inference stage of the asynchronous path: runs each queued chunk through the model's
-dynamic batcher (the same one sync traffic uses) at background priority, so job work fills the
-gaps, in batches paced to be short (instance.py), and interactive requests never wait long
-behind it; forwards the outputs to postprocess. A text-generation job's chunk runs on the
+"""The inference stage of the asynchronous path: runs each queued chunk (token ids, or a media
+chunk's featurized inputs) through the model's dynamic batcher (the same one sync traffic uses)
+at background priority, so job work fills the gaps, in batches paced to be short (instance.py),
+and interactive requests never wait long behind it; forwards the outputs (with each clip's
+frames for a per-frame task) to postprocess. A text-generation job's chunk runs on the
 model's scheduler instead (job_generations.py), and forwards each item's generated tokens."""
 
 from __future__ import annotations
@@ -14,9 +15,9 @@ from fmserve.core import tensors
 from fmserve.queue.stage_worker import stage_resources
 from fmserve.v1 import common_pb2, jobs_pb2
 from services.inference.codec import job
+from services.inference.codec.infer import sequences_of
 from services.inference.instance import BACKGROUND_PRIORITY, InferRequest
 from services.inference.job_generations import JobGenerations
-from services.inference.ragged import split_ragged
 from services.inference.registry import ModelRegistry
 from services.inference.settings import InferenceSettings
 
@@ -28,9 +29,7 @@ def worker_resources(settings: InferenceSettings, registry: ModelRegistry) -> li
         if chunk.route.task == common_pb2.TASK_TEXT_GENERATION:
             return await generate(chunk)
         route = chunk.route
-        ids = tensors.to_domain(chunk.input_ids, "input_ids")
-        lengths = tensors.to_domain(chunk.lengths, "lengths")
-        sequences, layout = split_ragged(ids, lengths)
+        sequences, layout = sequences_of(_inputs(chunk))
         instance = await registry.instance(route.model, route.version)
         request = InferRequest(
             route.model, route.version, sequences, layout, priority=BACKGROUND_PRIORITY
@@ -38,6 +37,8 @@ def worker_resources(settings: InferenceSettings, registry: ModelRegistry) -> li
         output = await instance.infer(request)
         out = _forwarded(chunk)
         out.output.CopyFrom(tensors.to_wire(np.asarray(output.array, dtype=np.float32)))
+        if output.frames is not None:  # a per-frame task: postprocess cuts each clip's rows
+            out.lengths.CopyFrom(tensors.to_wire(output.frames))
         return out
 
     async def generate(chunk: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
@@ -50,9 +51,21 @@ def worker_resources(settings: InferenceSettings, registry: ModelRegistry) -> li
     return stage_resources("inference", settings, infer, None)
 
 
+def _inputs(chunk: jobs_pb2.JobChunk) -> dict[str, np.ndarray]:
+    """The model's inputs: a media chunk's featurized tensors, or a text chunk's ragged ids."""
+    wire = (
+        dict(chunk.inputs)
+        if chunk.media
+        else {"input_ids": chunk.input_ids, "lengths": chunk.lengths}
+    )
+    return {name: tensors.to_domain(tensor, name) for name, tensor in wire.items()}
+
+
 def _forwarded(chunk: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
-    """The chunk as postprocess gets it: lengths and offsets kept, the ids dropped."""
+    """The chunk as postprocess gets it: a text chunk's lengths and offsets kept, the model's
+    inputs (ids, featurized media) dropped."""
     out = jobs_pb2.JobChunk()
     out.CopyFrom(chunk)
     out.ClearField("input_ids")
+    out.ClearField("inputs")
     return out

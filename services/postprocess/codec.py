@@ -45,17 +45,19 @@ def to_domain(request: postprocess_pb2.PostprocessRequest) -> ModelOutputs:
 
 def chunk_to_domain(chunk: jobs_pb2.JobChunk) -> ModelOutputs:
     """A queued chunk's model outputs. As on the sync path, the texts, token counts and offsets
-    go along only for a task whose postprocessing needs them (entities cut out of texts)."""
+    go along only for a task whose postprocessing needs them (entities cut out of texts); a
+    per-frame audio task's lengths are each clip's frames (set by inference)."""
     route = chunk.route
     task = task_to_domain(route.task)
     tokens = task is not None and task.postprocess_needs_tokens
+    frames = task is not None and task.per_frame
     return ModelOutputs(
         model=route.model,
         version=route.version,
         task=task,
         output=output_to_domain(chunk),
         texts=list(chunk.texts) if tokens else [],
-        lengths=optional_tensor(chunk, "lengths") if tokens else None,
+        lengths=optional_tensor(chunk, "lengths") if tokens or frames else None,
         offsets=optional_tensor(chunk, "offsets") if tokens else None,
         top_k=route.top_k,
     )

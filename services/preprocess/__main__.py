@@ -14,12 +14,17 @@ from services.preprocess.worker import worker_resources
 
 def build(settings: PreprocessSettings) -> Service:
     """The service wired from its settings: model repository (watched) → tokenizers and
-    featurizers → servicer, and the queue worker (stopped first, while the tokenizers still
-    run)."""
+    featurizers → servicer, and the queue worker (stopped first, while the tokenizers and
+    featurizers still run)."""
     watcher = RepositoryWatcher.of(settings)
     tokenizers = Tokenizers(watcher.repository, settings.tokenizer_threads, settings.preload_models)
     featurizers = Featurizers(watcher.repository, settings)
-    resources = [watcher, tokenizers, featurizers, *worker_resources(settings, tokenizers)]
+    resources = [
+        watcher,
+        tokenizers,
+        featurizers,
+        *worker_resources(settings, tokenizers, featurizers),
+    ]
     servicers = [servicer(tokenizers, featurizers)]
     return Service("preprocess", settings, servicers, resources=resources)
 

@@ -23,6 +23,8 @@ MAX_ITEMS = 64
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 DELIVERY_LIMIT = 3
 MAX_JOB_ITEMS = 5000
+# Under MAX_REQUEST_BYTES, so that an item over it reaches the gateway (test_media_jobs.py).
+MAX_JOB_CHUNK_BYTES = 2 * 1024 * 1024
 
 
 @pytest.fixture(scope="session")
@@ -74,6 +76,7 @@ def cluster_env(model_repository: Path, key_prefix: str) -> dict[str, str]:
         "FMSERVE_GATEWAY_MAX_ITEMS": str(MAX_ITEMS),
         "FMSERVE_GATEWAY_JOB_MAX_ITEMS": str(MAX_JOB_ITEMS),
         "FMSERVE_GATEWAY_MAX_REQUEST_BYTES": str(MAX_REQUEST_BYTES),
+        "FMSERVE_GATEWAY_MAX_JOB_CHUNK_BYTES": str(MAX_JOB_CHUNK_BYTES),
         "FMSERVE_LOG_LEVEL": "DEBUG",
     }
 

@@ -18,7 +18,7 @@ from transformers import AutoTokenizer, CLIPModel, ViTForImageClassification
 from fmserve import Client
 from fmserve.cli import main as cli
 from fmserve.cli.cluster import Cluster
-from fmserve.errors import InvalidInput, TooLarge, Unimplemented
+from fmserve.errors import InvalidInput, TooLarge
 from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
 from services.preprocess.image_processor import ImageProcessor
 from services.preprocess.images import ImageLimits, decode_image
@@ -167,8 +167,6 @@ def test_wrong_kinds_of_input_are_refused_clearly(client: Client, gateway_addres
         client.infer_media(IMAGES[:1], "tiny-vit", labels=["x"])
     with pytest.raises(InvalidInput, match="holds a label twice"):
         client.classify_images(IMAGES[:1], "tiny-clip", labels=["cat", "dog", "cat"])
-    with pytest.raises(Unimplemented, match="jobs take texts"):
-        client.submit(["a cat"], model="tiny-clip")
 
 
 def _raw_infer(address: str, **fields: object) -> None:

@@ -282,7 +282,7 @@ async def test_jobs_spend_a_daily_quota_when_admitted_and_must_declare_their_siz
     # A job may not send more than it declared (and was charged for).
     more = await refused(submit(gateway, key, header(2), 3))
     assert more.code() is grpc.StatusCode.INVALID_ARGUMENT
-    assert "more texts than the 2 its header declared" in (more.details() or "")
+    assert "more items than the 2 its header declared" in (more.details() or "")
     assert (await submit(gateway, key, header(4), 4)).id
     over = await refused(submit(gateway, key, header(5), 5))  # 2 + 4 + 5 > 10
     assert over.code() is grpc.StatusCode.RESOURCE_EXHAUSTED

@@ -24,7 +24,8 @@ from fmserve.queue.consumer import Delivery
 from fmserve.queue.records import JobRecords, JobStates
 from fmserve.queue.stage_worker import Outcome, Splitter, StageRun, StageWorker
 from fmserve.queue.topology import Topology
-from fmserve.v1 import jobs_pb2
+from fmserve.v1 import common_pb2, jobs_pb2
+from services.preprocess.worker import media_alone
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -140,3 +141,24 @@ async def test_a_chunk_that_outlasts_several_looks_is_answered() -> None:
     outcome = await w._while_active("j", w.work(chunk("a")))
 
     assert isinstance(outcome, Outcome) and [c.texts[0] for c in outcome.forward] == ["a"]
+
+
+async def test_a_bad_media_item_fails_alone_worded_for_the_job() -> None:
+    """The preprocess stage's own wording (media_alone) of a featurizer's "media[0] …"."""
+
+    async def run(c: jobs_pb2.JobChunk) -> jobs_pb2.JobChunk:
+        if any(m.data == b"bad" for m in c.media):
+            if len(c.media) > 1:
+                raise InvalidInput("media[1] is not a readable image/png image")
+            raise media_alone(InvalidInput("media[0] is not a readable image/png image"))
+        return c
+
+    media = [common_pb2.Media(mime_type="image/png", data=d) for d in (b"a", b"bad", b"c")]
+    route = jobs_pb2.JobRoute(job_id="j", model="m")
+    outcome = await worker(run).work(jobs_pb2.JobChunk(route=route, indexes=[4, 5, 6], media=media))
+
+    assert [(c.indexes[0], c.media[0].data) for c in outcome.forward] == [(4, b"a"), (6, b"c")]
+    assert not any(c.texts for c in outcome.forward)
+    assert [(f.index, f.error) for f in outcome.failed] == [
+        (5, "the media item is not a readable image/png image")
+    ]

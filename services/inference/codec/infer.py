@@ -33,13 +33,7 @@ _ACCEPTED = (
 
 def to_domain(request: service_pb2.ModelInferRequest) -> InferRequest:
     """The sequences of a request, in its layout, with its priority and requested outputs."""
-    tensors = _tensors(request)
-    if signature.PIXEL_VALUES in tensors:
-        sequences, layout = _images(tensors)
-    elif "input_values" in tensors:
-        sequences, layout = _clips(tensors)
-    else:
-        sequences, layout = _token_sequences(tensors)
+    sequences, layout = sequences_of(_tensors(request))
     return InferRequest(
         model=request.model_name,
         version=request.model_version,
@@ -48,6 +42,16 @@ def to_domain(request: service_pb2.ModelInferRequest) -> InferRequest:
         priority=_priority(request.parameters),
         outputs=tuple(output.name for output in request.outputs),
     )
+
+
+def sequences_of(tensors: dict[str, np.ndarray]) -> tuple[list[np.ndarray], Layout]:
+    """The sequences named input tensors hold (token ids, audio clips or images), in their
+    layout: a ModelInfer request's, or a queued job chunk's."""
+    if signature.PIXEL_VALUES in tensors:
+        return _images(tensors)
+    if "input_values" in tensors:
+        return _clips(tensors)
+    return _token_sequences(tensors)
 
 
 def _token_sequences(tensors: dict[str, np.ndarray]) -> tuple[list[np.ndarray], Layout]:
