@@ -46,7 +46,10 @@ def main() -> None:
     # OpenMP reads these once, when torch first loads it, so they are set before anything
     # imports torch. PASSIVE: spinning threads slowed the model 6-23x whenever another process
     # kept a core busy (README, "Performance").
-    os.environ["OMP_WAIT_POLICY"] = settings.omp_wait_policy
+    if settings.omp_wait_policy == "DEFAULT":
+        os.environ.pop("OMP_WAIT_POLICY", None)  # OpenMP's own: spin briefly, then sleep
+    else:
+        os.environ["OMP_WAIT_POLICY"] = settings.omp_wait_policy
     os.environ["OMP_NUM_THREADS"] = str(settings.torch_threads)
     service.main(settings, build, "inference")
 

@@ -16,7 +16,8 @@
 - A failed load is remembered with its reason (UNAVAILABLE), retried after `RETRY_FAILED_S` on
   use, or at once on an explicit load.
 
-Weights load in a thread and batches run in the compute executor; the event loop keeps serving.
+Each version has a thread of its own (`compute_thread`) where its weights load and its batches
+run; the event loop keeps serving.
 Once every version's batches pause, the heap they freed goes back to the OS (heap.py).
 """
 
@@ -104,6 +105,14 @@ HOLDING = (State.LOADING, State.WARMING, State.READY)
 """States in which a version takes (or is about to take) its room."""
 
 
+def compute_thread() -> ThreadPoolExecutor:
+    """A version's compute thread. Loading the weights and running the forward passes on one
+    thread matters: with MiniLM loaded on another thread than the one running it, one
+    sentence's forward pass took 11-13 ms instead of 7 (bf16, 2 cores; bench/ and README,
+    "Performance"). One thread per version also keeps a version's batches in order."""
+    return ThreadPoolExecutor(1, thread_name_prefix="compute")
+
+
 @dataclass
 class _Slot:
     """One model version from the start of its load to its unload."""
@@ -121,6 +130,8 @@ class _Slot:
     """The weights' size: estimated from the files until loaded, then measured."""
     footprint: Footprint | None = None
     pinned: bool = False
+    compute: ThreadPoolExecutor = field(default_factory=lambda: compute_thread())
+    """The version's own thread: its load, warm-up and every forward pass run there."""
 
     def fail(self, reason: str) -> None:
         self.state, self.reason, self.failed_at = State.FAILED, reason, time.monotonic()
@@ -158,9 +169,9 @@ class ModelRegistry:
         self._closing: dict[Key, _Slot] = {}
         self._unloaded: dict[Key, str] = {}
         """Why a version that was loaded is no longer."""
-        # Each instance runs one batch at a time, so one thread per loadable version suffices.
-        self._compute = ThreadPoolExecutor(max_loaded_models, thread_name_prefix="inference")
-        self._heap = HeapTrimmer(heap_trim_idle_s, self._compute)
+        # Trims run off the event loop, beside the versions' own compute threads.
+        self._housekeeping = ThreadPoolExecutor(1, thread_name_prefix="heap-trim")
+        self._heap = HeapTrimmer(heap_trim_idle_s, self._housekeeping)
         self._sweeper: asyncio.Task[None] | None = None
         self.ready = False
 
@@ -184,7 +195,7 @@ class ModelRegistry:
         self._heap.stop()
         slots = [(key, self._begin_unload(key, "unloaded")) for key in list(self._slots)]
         await asyncio.gather(*(self._close(key, slot, 0.0) for key, slot in slots))
-        self._compute.shutdown(wait=False, cancel_futures=True)
+        self._housekeeping.shutdown(wait=False, cancel_futures=True)
 
     async def drain(self, grace_s: float) -> None:
         """The service is stopping: generation streams still running shortly before the grace
@@ -364,7 +375,7 @@ class ModelRegistry:
         what = f"model {config.name!r} version {version!r}"
         try:
             await asyncio.gather(*(self._close(k, v, self._grace_s, "evicted") for k, v in victims))
-            instance = await self._instance(config, version)
+            instance = await self._instance(config, version, slot.compute)
             slot.footprint = instance.footprint()
             slot.bytes = slot.footprint.bytes
             slot.state = State.WARMING
@@ -381,6 +392,8 @@ class ModelRegistry:
             slot.fail(f"{what} failed to load; the inference service's log has the details")
             self._record(config.name, version, "failed")
         finally:
+            if slot.state is State.FAILED:
+                slot.compute.shutdown(wait=False)
             slot.done.set()
             self._publish(key)
 
@@ -414,17 +427,21 @@ class ModelRegistry:
         victims = [(k, self._begin_unload(k, f"evicted to make room for {what}")) for k in chosen]
         await asyncio.gather(*(self._close(k, v, self._grace_s, "evicted") for k, v in victims))
 
-    async def _instance(self, config: ModelConfig, version: str) -> Instance:
-        """Load the weights in a thread; the instance (its batcher or scheduler) on the loop."""
+    async def _instance(
+        self, config: ModelConfig, version: str, compute: ThreadPoolExecutor
+    ) -> Instance:
+        """Load the weights on the version's compute thread; the instance (its batcher or
+        scheduler) on the loop."""
+        loop = asyncio.get_running_loop()
         if config.task is TaskName.TEXT_GENERATION:
-            engine = await asyncio.to_thread(load_engine, config, version)
-            return GenerationInstance(engine, config, version, self._compute, self._heap)
+            engine = await loop.run_in_executor(compute, load_engine, config, version)
+            return GenerationInstance(engine, config, version, compute, self._heap)
         runner: Runner | AudioRunner
         if config.task.takes_audio:
-            runner = await asyncio.to_thread(AudioRunner.load, config, version)
+            runner = await loop.run_in_executor(compute, AudioRunner.load, config, version)
         else:
-            runner = await asyncio.to_thread(Runner.load, config, version)
-        return ModelInstance(runner, version, self._compute, self._heap)
+            runner = await loop.run_in_executor(compute, Runner.load, config, version)
+        return ModelInstance(runner, version, compute, self._heap)
 
     async def _close(self, key: Key, slot: _Slot, grace_s: float, event: str = "unloaded") -> None:
         try:
@@ -432,6 +449,7 @@ class ModelRegistry:
             if slot.instance is not None:
                 await slot.instance.close(grace_s)
                 self._record(*key, event)
+            slot.compute.shutdown(wait=False)  # the thread ends once its last batch has
         finally:
             if self._closing.get(key) is slot:
                 del self._closing[key]

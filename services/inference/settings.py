@@ -16,16 +16,19 @@ class InferenceSettings(RepositorySettings, PreloadSettings, WorkerSettings):
     port: int = 50053
     """gRPC port of the KServe v2 / Triton protocol."""
     torch_threads: int = Field(2, ge=1)
-    """Intra-op threads of one forward pass, torch's and onnxruntime's sessions'. Two, with the
-    PASSIVE wait policy, served 40% more than one at concurrency 32 on a 2-core machine shared
-    with the other services (bench/); spinning threads are what slowed 6-23x when another
-    process kept a core busy."""
+    """Intra-op threads of one forward pass, torch's and onnxruntime's sessions'. Two served
+    40% more than one at concurrency 32 on a 2-core machine shared with the other services
+    (bench/)."""
     torch_interop_threads: int = Field(1, ge=1)
     """Inter-op threads (parallel operators of one graph), torch's and onnxruntime's; encoders
     gain nothing from more."""
-    omp_wait_policy: Literal["PASSIVE", "ACTIVE"] = "PASSIVE"
-    """Threads between parallel regions: PASSIVE sleeps, ACTIVE spins (burns a core); OpenMP's
-    for torch, and onnxruntime's allow_spinning (off under PASSIVE)."""
+    omp_wait_policy: Literal["DEFAULT", "PASSIVE", "ACTIVE"] = "DEFAULT"
+    """Torch's OpenMP threads between parallel regions: DEFAULT spins briefly, then sleeps
+    (OpenMP's own policy); PASSIVE sleeps at once; ACTIVE spins. With each version on its own
+    thread, DEFAULT cut MiniLM's lone forward pass from 12 to 8-10 ms and served 4-14% more
+    at concurrency 32 than PASSIVE (bench/), at more CPU and a higher p99 for lone requests;
+    choose PASSIVE on a host shared with CPU-bound processes, where brief spins cost them.
+    onnxruntime's sessions spin under ACTIVE only."""
     job_max_sequences: int = Field(8, ge=1)
     """Most sequences of text-generation jobs this replica generates at once, over all models.
     The scheduler admits sequences first come, first served, with no priorities: this bound

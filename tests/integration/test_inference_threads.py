@@ -1,0 +1,49 @@
+"""Where a version's work runs: its weights load, its warm-up and every batch run on one thread
+of its own (registry.compute_thread), since the same forward pass ran 1.5-2x slower on
+another thread than the one that loaded the weights; and the thread ends with the version."""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import tritonclient.grpc.aio as triton
+
+from services.inference.runner import Runner
+from tests.integration.test_inference_service import ragged, start
+
+pytestmark = pytest.mark.timeout(120)
+
+
+async def test_each_version_loads_warms_and_runs_on_one_thread_of_its_own(
+    model_repository: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, set[int]] = defaultdict(set)
+    load, forward = Runner.load.__func__, Runner.forward  # type: ignore[attr-defined]
+
+    def recorded_load(cls, config, version, *args):  # type: ignore[no-untyped-def]
+        seen[config.name].add(threading.get_ident())
+        return load(cls, config, version, *args)
+
+    def recorded_forward(self, sequences):  # type: ignore[no-untyped-def]
+        seen[self.config.name].add(threading.get_ident())
+        return forward(self, sequences)
+
+    monkeypatch.setattr(Runner, "load", classmethod(recorded_load))
+    monkeypatch.setattr(Runner, "forward", recorded_forward)
+    service = await start(model_repository)
+    try:
+        async with triton.InferenceServerClient(f"127.0.0.1:{service.port}") as client:
+            for model in ("tiny-classifier", "tiny-ner", "tiny-classifier"):
+                await client.infer(model, ragged([[101, 2000, 2001, 102]] * 3))
+            threads = {name: set(idents) for name, idents in seen.items()}
+            await client.unload_model("tiny-ner")
+    finally:
+        await service.stop()
+
+    assert len(threads["tiny-classifier"]) == 1 and len(threads["tiny-ner"]) == 1
+    assert threads["tiny-classifier"] != threads["tiny-ner"]
+    alive = {thread.ident for thread in threading.enumerate()}
+    assert not (threads["tiny-ner"] & alive)  # the unloaded version's thread has ended
