@@ -1,5 +1,5 @@
-"""How a stage's failure reaches the gateway's callers: `translated` turns a stage's gRPC (or
-tritonclient) error into an fmserve error that names the stage, not its address. Used by the
+"""How a stage's failure reaches the gateway's callers: `translated` turns a stage's gRPC error
+into an fmserve error that names the stage, not its address. Used by the
 stage clients (stages.py, streams.py), the one boundary that sees those errors."""
 
 from __future__ import annotations
@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import grpc
-from tritonclient.utils import InferenceServerException
 
 from fmserve.errors import DeadlineExceeded, FmserveError, Unavailable, from_rpc_error
 
@@ -28,10 +27,6 @@ async def translated(stage: str) -> AsyncIterator[None]:
         yield
     except grpc.aio.AioRpcError as exc:
         raise _stage_error(stage, exc) from None
-    except InferenceServerException as exc:
-        code = grpc.StatusCode[str(exc.status() or "StatusCode.UNKNOWN").split(".")[-1]]
-        error = grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), exc.message())
-        raise _stage_error(stage, error) from None
 
 
 def _stage_error(stage: str, exc: grpc.aio.AioRpcError) -> FmserveError:

@@ -1,5 +1,5 @@
 """The gateway's clients for the four stage services. This module is the one boundary that
-sees their gRPC (and tritonclient) errors, and translates them into fmserve errors."""
+sees their gRPC errors, and translates them into fmserve errors."""
 
 from __future__ import annotations
 
@@ -9,19 +9,12 @@ from dataclasses import dataclass, replace
 
 import grpc
 import numpy as np
-import tritonclient.grpc.aio as triton
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from fmserve.core import tensors
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
 from fmserve.rpc import tls
-from fmserve.rpc.channels import (
-    channel_options,
-    open_channel,
-    outgoing_metadata,
-    target,
-    tls_options,
-)
+from fmserve.rpc.channels import open_channel
 from fmserve.v1 import (
     cache_pb2,
     cache_pb2_grpc,
@@ -73,21 +66,10 @@ class StageClients:
         self._preprocess = preprocess_pb2_grpc.PreprocessStub(self._open(s.preprocess_address))
         self._postprocess = postprocess_pb2_grpc.PostprocessStub(self._open(s.postprocess_address))
         self._cache = cache_pb2_grpc.CacheStub(self._open(s.cache_address))
-        # Generation streams use the KServe stub itself: the call is cancelled the moment the
-        # client leaves, which tritonclient's stream wrapper leaves to its consumer.
-        self._streams = service_pb2_grpc.GRPCInferenceServiceStub(self._open(s.inference_address))
-        self._inference = self._triton(s.inference_address)
-
-    def _triton(self, address: str) -> triton.InferenceServerClient:
-        """tritonclient opens its own channel: same options, and mTLS when on."""
-        options = channel_options(self.settings.max_message_bytes)
-        if self._identity is None:
-            return triton.InferenceServerClient(target(address), channel_args=options)
-        return triton.InferenceServerClient(
-            target(address),
-            creds=self._identity.channel_credentials(),
-            channel_args=[*options, *tls_options(address)],
-        )
+        # The KServe stub itself, on the gateway's own channel (request id and trace ride along):
+        # tensors go out as the stages sent them, never through numpy, and a generation stream
+        # is cancelled the moment its client leaves.
+        self._kserve = service_pb2_grpc.GRPCInferenceServiceStub(self._open(s.inference_address))
 
     def _open(self, address: str) -> grpc.aio.Channel:
         channel = open_channel(address, self.settings.max_message_bytes, self._identity)
@@ -97,13 +79,11 @@ class StageClients:
     @property
     def inference_control(self) -> service_pb2_grpc.GRPCInferenceServiceStub:
         """The inference service's KServe stub, for its repository RPCs (inference_admin.py)."""
-        return self._streams
+        return self._kserve
 
     async def stop(self) -> None:
         for channel in self._channels:
             await channel.close()
-        if hasattr(self, "_inference"):
-            await self._inference.close()
 
     async def tokenize(
         self, route: Route, texts: list[str], timeout: float
@@ -148,22 +128,21 @@ class StageClients:
     ) -> ModelOutputs:
         """The model's output for its inputs by name, with each clip's frames for a per-frame
         task."""
-        inputs = [_triton_input(name, tensor) for name, tensor in named.items()]
+        request = service_pb2.ModelInferRequest(model_name=route.model, model_version=route.version)
+        for input_name, tensor in named.items():
+            request.inputs.add(name=input_name, datatype=tensor.dtype, shape=tensor.shape)
+            request.raw_input_contents.append(tensor.data)
         names = [OUTPUT_NAME.get(route.task, "logits")]
         if route.task.per_frame:
             names.append(FRAMES)
+        request.outputs.extend(
+            service_pb2.ModelInferRequest.InferRequestedOutputTensor(name=n) for n in names
+        )
+        if priority:
+            request.parameters["priority"].uint64_param = priority
         async with translated("inference"):
-            result = await self._inference.infer(
-                route.model,
-                inputs,
-                model_version=route.version,
-                outputs=[triton.InferRequestedOutput(name) for name in names],
-                priority=priority,
-                client_timeout=timeout,
-                # tritonclient opens its own channel: the request id and trace travel as headers.
-                headers=outgoing_metadata(),
-            )
-        tensors_by_name = _outputs(result.get_response())
+            response = await self._kserve.ModelInfer(request, timeout=timeout)
+        tensors_by_name = _outputs(response)
         frames = tensors_by_name[FRAMES] if route.task.per_frame else None
         return ModelOutputs(tensors_by_name[names[0]], frames)
 
@@ -228,7 +207,7 @@ class StageClients:
     ) -> InferenceStream:
         """The inference stream of one sequence (use with `async with`)."""
         request = infer_request(route, input_ids, sampling, request_id)
-        return InferenceStream(self._streams, request, timeout)
+        return InferenceStream(self._kserve, request, timeout)
 
     def detokenizer(self, route: Route, stop: tuple[str, ...], timeout: float) -> DetokenizeStream:
         """The detokenize stream of one sequence (use with `async with`)."""
@@ -262,9 +241,3 @@ def _outputs(response: service_pb2.ModelInferResponse) -> dict[str, common_pb2.T
         output.name: common_pb2.Tensor(dtype=output.datatype, shape=output.shape, data=raw)
         for output, raw in zip(response.outputs, response.raw_output_contents, strict=True)
     }
-
-
-def _triton_input(name: str, tensor: common_pb2.Tensor) -> triton.InferInput:
-    infer_input = triton.InferInput(name, list(tensor.shape), tensor.dtype)
-    infer_input.set_data_from_numpy(tensors.to_domain(tensor, name))
-    return infer_input
