@@ -140,17 +140,23 @@ class Pipeline:
                 for delay in delays:
                     QUEUE_DELAY.labels(lane.model).observe(delay)
 
-            batcher = Batcher(handler, self._limits(lane), observer=observe)
+            batcher = Batcher(handler, self._limits(lane), cost=_encoded_bytes, observer=observe)
             self._batchers[lane] = batcher
         return batcher
 
     def _limits(self, lane: Route) -> BatchLimits:
         """A media lane's batches hold as many items as fit max_media_batch_bytes once
-        featurized (a 224x224 image is 602 KB of FP32), so that each hop's message does."""
+        featurized (a 224x224 image is 602 KB of FP32), and as encoded (the Featurize request
+        carries the bytes as sent: a few long 48 kHz WAVs outweigh their features), so that
+        each hop's message fits; one item over it still goes, alone."""
         if not lane.media:
             return self.limits
         fits = lane.items_fitting(self.max_media_batch_bytes)
-        return replace(self.limits, max_batch_size=min(self.limits.max_batch_size, fits))
+        return replace(
+            self.limits,
+            max_batch_size=min(self.limits.max_batch_size, fits),
+            max_batch_cost=self.max_media_batch_bytes,
+        )
 
     async def _run_batch(
         self, lane: Route, items: list[_Item]
@@ -217,6 +223,12 @@ def _named(error: BaseException, index: int) -> BaseException:
         if error.message.startswith((first + " ", first + ":")):
             return type(error)(f"{kind}[{index}]" + error.message.removeprefix(first))
     return error
+
+
+def _encoded_bytes(item: _Item) -> int:
+    """A media item's weight in its batch: its encoded bytes (texts weigh 1, and text lanes
+    set no cost limit)."""
+    return len(item.input.data) if isinstance(item.input, Media) else 1
 
 
 def _identity(input_: Input) -> str:

@@ -43,9 +43,10 @@ class GatewaySettings(RepositorySettings, AmqpSettings, AuthSettings):
     max_batch_size: int = 64
     """Most texts the gateway sends downstream in one call per stage."""
     max_media_batch_bytes: int = 12 * 1024 * 1024
-    """Most bytes of featurized media (FP32 pixel tensors) in one downstream call: a media
-    batch holds at most this over one item's size (20 images of 224x224). Keep it under the
-    stages' FMSERVE_*_MAX_REQUEST_BYTES (16 MiB by default)."""
+    """Most bytes of media in one downstream call, featurized (FP32 pixels or samples: 20
+    images of 224x224) and as encoded (the Featurize request carries the bytes as sent); one
+    bigger item goes alone. Keep it under the stages' FMSERVE_*_MAX_REQUEST_BYTES (16 MiB by
+    default)."""
     max_batches_in_flight: int = 4
     """Concurrent downstream batches per model; more requests wait and join the next batch."""
     max_queue_size: int = 10_000

@@ -5,6 +5,7 @@ featurizers' dispatch by task."""
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from services.gateway.media import Media
 from services.gateway.pipeline import Pipeline
 from services.gateway.routes import Route, Router
 from services.gateway.settings import GatewaySettings
-from services.gateway.stages import StageClients
+from services.gateway.stages import ModelOutputs, StageClients
 from services.gateway.zero_shot import ZeroShot, check_labels, logit_scale
 from services.inference.codec import to_domain
 from services.preprocess.featurizers import Featurizers
@@ -275,3 +276,38 @@ async def test_a_media_batch_holds_what_fits_max_media_batch_bytes(
     route = replace(ROUTE, item_bytes=3 * image_size**2 * 4)
     assert pipeline._limits(route).max_batch_size == batch
     assert pipeline._limits(replace(route, media=False)).max_batch_size == 64
+
+
+class _RecordingStages:
+    """Stage clients that answer every media batch and record each batch's encoded bytes."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[int, int]] = []
+        """(items, encoded bytes) of each Featurize call."""
+
+    async def featurize(self, route: Route, media: list[Media], timeout: float) -> dict:
+        self.batches.append((len(media), sum(len(item.data) for item in media)))
+        return {}
+
+    async def infer_inputs(self, route: Route, inputs: dict, timeout: float, priority: int) -> Any:
+        return ModelOutputs(common_pb2.Tensor())
+
+    async def postprocess(self, route: Route, *rest: Any) -> list[common_pb2.Result]:
+        return [common_pb2.Result() for _ in range(self.batches[-1][0])]
+
+
+async def test_media_batches_are_bounded_by_their_encoded_bytes_too() -> None:
+    """Long clips at a high rate weigh more encoded than featurized: the Featurize request
+    carries them as sent, so a batch holds at most max_media_batch_bytes of them."""
+    mb = 1024 * 1024
+    settings = GatewaySettings(max_media_batch_bytes=12 * mb, max_batches_in_flight=1)
+    stages = _RecordingStages()
+    pipeline = Pipeline(stages, settings)  # type: ignore[arg-type]
+    route = replace(ROUTE, item_bytes=1000)  # small once featurized: 12,582 would fit
+    clips = [Media("audio/wav", bytes([i]) * 5 * mb) for i in range(5)]
+
+    results = await pipeline.run(route, clips, deadline=time.monotonic() + 10)
+
+    assert len(results) == 5
+    assert stages.batches == [(2, 10 * mb), (2, 10 * mb), (1, 5 * mb)]  # not three: 15 MiB
+    await pipeline.stop()
