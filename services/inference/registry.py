@@ -16,8 +16,8 @@
 - A failed load is remembered with its reason (UNAVAILABLE), retried after `RETRY_FAILED_S` on
   use, or at once on an explicit load.
 
-Each version has a thread of its own (`compute_thread`) where its weights load and its batches
-run; the event loop keeps serving.
+Each version has a thread of its own (`compute_threads`; one per `[runtime] instances`) where
+its weights load and its batches run; the event loop keeps serving.
 Once every version's batches pause, the heap they freed goes back to the OS (heap.py).
 """
 
@@ -105,12 +105,13 @@ HOLDING = (State.LOADING, State.WARMING, State.READY)
 """States in which a version takes (or is about to take) its room."""
 
 
-def compute_thread() -> ThreadPoolExecutor:
-    """A version's compute thread. Loading the weights and running the forward passes on one
-    thread matters: with MiniLM loaded on another thread than the one running it, one
+def compute_threads(instances: int = 1) -> ThreadPoolExecutor:
+    """A version's compute thread: its weights load and its forward passes run there. One
+    thread for both matters: with MiniLM loaded on another thread than the one running it, one
     sentence's forward pass took 11-13 ms instead of 7 (bf16, 2 cores; bench/ and README,
-    "Performance"). One thread per version also keeps a version's batches in order."""
-    return ThreadPoolExecutor(1, thread_name_prefix="compute")
+    "Performance"). A version with `[runtime] instances` > 1 asked for that many forward
+    passes at once, so it gets that many threads."""
+    return ThreadPoolExecutor(instances, thread_name_prefix="compute")
 
 
 @dataclass
@@ -130,8 +131,8 @@ class _Slot:
     """The weights' size: estimated from the files until loaded, then measured."""
     footprint: Footprint | None = None
     pinned: bool = False
-    compute: ThreadPoolExecutor = field(default_factory=lambda: compute_thread())
-    """The version's own thread: its load, warm-up and every forward pass run there."""
+    compute: ThreadPoolExecutor = field(default_factory=compute_threads)
+    """The version's own thread(s): its load, warm-up and every forward pass run there."""
 
     def fail(self, reason: str) -> None:
         self.state, self.reason, self.failed_at = State.FAILED, reason, time.monotonic()
@@ -341,7 +342,8 @@ class ModelRegistry:
         key = (config.name, version)
         need = memory.estimate(config, version)
         victims = self._make_room(key, need, f"model {config.name!r} version {version!r}")
-        slot = _Slot(bytes=need, pinned=pinned)
+        instances = config.runtime_of(version).instances
+        slot = _Slot(bytes=need, pinned=pinned, compute=compute_threads(instances))
         self._slots[key] = slot
         self._unloaded.pop(key, None)
         self._publish(key)

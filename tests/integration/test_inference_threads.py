@@ -1,5 +1,5 @@
 """Where a version's work runs: its weights load, its warm-up and every batch run on one thread
-of its own (registry.compute_thread), since the same forward pass ran 1.5-2x slower on
+of its own (registry.compute_threads), since the same forward pass ran 1.5-2x slower on
 another thread than the one that loaded the weights; and the thread ends with the version."""
 
 from __future__ import annotations
@@ -11,8 +11,10 @@ from pathlib import Path
 import pytest
 import tritonclient.grpc.aio as triton
 
+from services.inference.registry import ModelRegistry
 from services.inference.runner import Runner
 from tests.integration.test_inference_service import ragged, start
+from tests.models import build_classifier
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -47,3 +49,21 @@ async def test_each_version_loads_warms_and_runs_on_one_thread_of_its_own(
     assert threads["tiny-classifier"] != threads["tiny-ner"]
     alive = {thread.ident for thread in threading.enumerate()}
     assert not (threads["tiny-ner"] & alive)  # the unloaded version's thread has ended
+
+
+async def test_a_version_with_several_instances_runs_that_many_batches_at_once(
+    tmp_path: Path,
+) -> None:
+    build_classifier(tmp_path / "twice" / "1")
+    (tmp_path / "twice" / "model.toml").write_text(
+        'task = "text-classification"\n[runtime]\ninstances = 2\n[batching]\nmax_batch_size = 1\n'
+    )
+    service = await start(tmp_path)
+    try:
+        async with triton.InferenceServerClient(f"127.0.0.1:{service.port}") as client:
+            await client.load_model("twice")
+            registry = next(r for r in service.resources if isinstance(r, ModelRegistry))
+            [slot] = registry._slots.values()
+            assert slot.compute._max_workers == 2
+    finally:
+        await service.stop()
