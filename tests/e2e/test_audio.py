@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.errors import InputTooLong, InvalidInput
 from fmserve.v1 import common_pb2
 from services.preprocess.audio import AudioFeaturizer, AudioLimits
-from tests.conftest import require_binary
+from tests.audio import spoken
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(300)]
 
@@ -44,10 +43,7 @@ def repository(model_repository: Path) -> ModelRepository:
 
 @pytest.fixture(scope="module")
 def speech_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    espeak = require_binary("espeak-ng", "espeak-ng")
-    path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run([espeak, "-w", str(path), SPEECH], check=True, timeout=30)
-    return path
+    return spoken(SPEECH, tmp_path_factory.mktemp("speech"))
 
 
 def wav(samples: np.ndarray, rate: int) -> bytes:

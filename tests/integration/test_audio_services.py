@@ -7,7 +7,6 @@ against speech synthesised by espeak-ng and against silence."""
 from __future__ import annotations
 
 import io
-import subprocess
 from pathlib import Path
 
 import grpc
@@ -24,12 +23,11 @@ from fmserve.core import tensors
 from fmserve.core.repository import ModelConfig, ModelRepository
 from fmserve.rpc.service import Service
 from fmserve.v1 import common_pb2, postprocess_pb2, postprocess_pb2_grpc
-from services.inference.__main__ import build as build_inference
-from services.inference.settings import InferenceSettings
 from services.postprocess.__main__ import build as build_postprocess
 from services.postprocess.settings import PostprocessSettings
 from services.preprocess.audio import AudioFeaturizer, AudioLimits
-from tests.conftest import require_binary
+from tests.audio import spoken
+from tests.integration.test_inference_service import start
 
 pytestmark = pytest.mark.timeout(120)
 torch.set_num_threads(1)
@@ -41,16 +39,7 @@ Code = grpc.StatusCode
 
 @pytest.fixture(scope="module")
 async def inference(model_repository: Path):
-    settings = InferenceSettings(
-        host="127.0.0.1",
-        port=0,
-        metrics_port=-1,
-        grace_period_s=1.0,
-        model_repository=model_repository,
-        worker_enabled=False,
-    )
-    service = build_inference(settings)
-    await service.start()
+    service = await start(model_repository)
     client = triton.InferenceServerClient(f"127.0.0.1:{service.port}")
     yield client
     await client.close()
@@ -82,10 +71,7 @@ def repository(model_repository: Path) -> ModelRepository:
 
 @pytest.fixture(scope="module")
 def speech_wav(tmp_path_factory: pytest.TempPathFactory) -> bytes:
-    espeak = require_binary("espeak-ng", "espeak-ng")
-    path = tmp_path_factory.mktemp("speech") / "speech.wav"
-    subprocess.run([espeak, "-w", str(path), SPEECH], check=True, timeout=30)
-    return path.read_bytes()
+    return spoken(SPEECH, tmp_path_factory.mktemp("speech")).read_bytes()
 
 
 def pcm(samples: np.ndarray, rate: int = 16_000) -> common_pb2.Media:
