@@ -58,18 +58,6 @@ def _literal(address: str) -> str:
     return f"{host}:{port}"
 
 
-class _PropagatingInterceptor(
-    grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor
-):
-    """Carries the current request id and trace context on every call."""
-
-    async def intercept_unary_unary(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_propagating(details), request)
-
-    async def intercept_unary_stream(self, continuation: Any, details: Any, request: Any) -> Any:
-        return await continuation(_propagating(details), request)
-
-
 def outgoing_metadata() -> dict[str, str]:
     """What a downstream call carries: the request id and the trace context (`traceparent`)."""
     metadata = tracing.inject()
@@ -78,14 +66,74 @@ def outgoing_metadata() -> dict[str, str]:
     return metadata
 
 
-def _propagating(details: grpc.aio.ClientCallDetails) -> grpc.aio.ClientCallDetails:
-    extra = outgoing_metadata()
-    if not extra:
-        return details
-    metadata = grpc.aio.Metadata(*(details.metadata or ()), *extra.items())
-    return grpc.aio.ClientCallDetails(
-        details.method, details.timeout, metadata, details.credentials, details.wait_for_ready
-    )
+class PropagatingChannel(grpc.aio.Channel):
+    """A channel whose every call carries the current request id and trace context.
+
+    Its multicallables add the metadata themselves, whatever the call's shape. An aio client
+    interceptor did it before, for unary-request calls only (the gateway's streams added it
+    by hand), with an extra task and call object per call: ~80 us of CPU in-process against
+    ~620 us for the call and its server, too little to show through the cluster."""
+
+    def __init__(self, channel: grpc.aio.Channel) -> None:
+        self._channel = channel
+
+    async def __aenter__(self) -> PropagatingChannel:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self._channel.close(None)
+
+    async def close(self, grace: float | None = None) -> None:
+        await self._channel.close(grace)
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return self._channel.get_state(try_to_connect)
+
+    async def wait_for_state_change(self, last_observed_state: grpc.ChannelConnectivity) -> None:
+        await self._channel.wait_for_state_change(last_observed_state)
+
+    async def channel_ready(self) -> None:
+        await self._channel.channel_ready()
+
+    def unary_unary(self, *args: Any, **kwargs: Any) -> grpc.aio.UnaryUnaryMultiCallable:
+        return _UnaryUnary(self._channel.unary_unary(*args, **kwargs))
+
+    def unary_stream(self, *args: Any, **kwargs: Any) -> grpc.aio.UnaryStreamMultiCallable:
+        return _UnaryStream(self._channel.unary_stream(*args, **kwargs))
+
+    def stream_unary(self, *args: Any, **kwargs: Any) -> grpc.aio.StreamUnaryMultiCallable:
+        return _StreamUnary(self._channel.stream_unary(*args, **kwargs))
+
+    def stream_stream(self, *args: Any, **kwargs: Any) -> grpc.aio.StreamStreamMultiCallable:
+        return _StreamStream(self._channel.stream_stream(*args, **kwargs))
+
+
+class _Carrying:
+    """A multicallable whose calls add the request id and trace to their metadata."""
+
+    def __init__(self, multicallable: Any) -> None:
+        self._multicallable = multicallable
+
+    def __call__(self, *args: Any, metadata: Any = None, **kwargs: Any) -> Any:
+        if extra := outgoing_metadata():
+            metadata = (*(metadata or ()), *extra.items())
+        return self._multicallable(*args, metadata=metadata, **kwargs)
+
+
+class _UnaryUnary(_Carrying, grpc.aio.UnaryUnaryMultiCallable):
+    pass
+
+
+class _UnaryStream(_Carrying, grpc.aio.UnaryStreamMultiCallable):
+    pass
+
+
+class _StreamUnary(_Carrying, grpc.aio.StreamUnaryMultiCallable):
+    pass
+
+
+class _StreamStream(_Carrying, grpc.aio.StreamStreamMultiCallable):
+    pass
 
 
 # gRPC re-resolves a `dns:///` name when a connection fails or closes (a replica stopped, or
@@ -121,16 +169,12 @@ def tls_options(address: str) -> list[tuple[str, Any]]:
 
 def open_channel(
     address: str, max_message_bytes: int = 64 * 1024 * 1024, identity: Identity | None = None
-) -> grpc.aio.Channel:
-    """An asyncio channel to a service (one address or several replicas); mTLS with
-    `identity`, plaintext without."""
+) -> PropagatingChannel:
+    """An asyncio channel to a service (one address or several replicas), whose calls carry
+    the request id and trace; mTLS with `identity`, plaintext without."""
     options = channel_options(max_message_bytes)
-    interceptors = [_PropagatingInterceptor()]
     if identity is None:
-        return grpc.aio.insecure_channel(target(address), options, interceptors=interceptors)
-    return grpc.aio.secure_channel(
-        target(address),
-        identity.channel_credentials(),
-        [*options, *tls_options(address)],
-        interceptors=interceptors,
-    )
+        return PropagatingChannel(grpc.aio.insecure_channel(target(address), options))
+    credentials = identity.channel_credentials()
+    tls = [*options, *tls_options(address)]
+    return PropagatingChannel(grpc.aio.secure_channel(target(address), credentials, tls))

@@ -12,7 +12,6 @@ import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
 from fmserve.errors import FmserveError, Unavailable, error_for_code, scrub_paths
-from fmserve.rpc.channels import outgoing_metadata
 from fmserve.v1 import common_pb2, postprocess_pb2, postprocess_pb2_grpc
 from services.gateway.routes import Route
 from services.gateway.sampling import Sampling
@@ -45,9 +44,7 @@ class InferenceStream:
         self._timeout = timeout
 
     async def __aenter__(self) -> InferenceStream:
-        self._call = self._stub.ModelStreamInfer(
-            metadata=tuple(outgoing_metadata().items()), timeout=self._timeout
-        )
+        self._call = self._stub.ModelStreamInfer(timeout=self._timeout)
         async with translated("inference"):
             await self._call.write(self._request)
         return self
@@ -85,9 +82,7 @@ class DetokenizeStream:
         )
 
     async def __aenter__(self) -> DetokenizeStream:
-        self._call = self._stub.Detokenize(
-            metadata=tuple(outgoing_metadata().items()), timeout=self._timeout
-        )
+        self._call = self._stub.Detokenize(timeout=self._timeout)
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
