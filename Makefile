@@ -59,6 +59,7 @@ bench: install
 	$(PY) -m bench.routing
 	$(PY) -m bench.onnx
 	$(PY) -m bench.images
+	$(PY) -m bench.hops
 
 up: install
 	$(VENV)/bin/fmserve up
