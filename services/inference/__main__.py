@@ -44,8 +44,7 @@ def build(settings: InferenceSettings) -> Service:
 def main() -> None:
     settings = InferenceSettings()
     # OpenMP reads these once, when torch first loads it, so they are set before anything
-    # imports torch. PASSIVE: spinning threads slowed the model 6-23x whenever another process
-    # kept a core busy (README, "Performance").
+    # imports torch. The policy's trade-offs are measured in the README ("Performance").
     if settings.omp_wait_policy == "DEFAULT":
         os.environ.pop("OMP_WAIT_POLICY", None)  # OpenMP's own: spin briefly, then sleep
     else:
