@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
@@ -142,9 +143,19 @@ class AsyncClient:
     ) -> Answer:
         """Run `model` on images or audio clips: paths, encoded bytes, PIL images, or numpy
         waveforms at `sample_rate`. `labels`: zero-shot candidate labels for an
-        image-embedding model (CLIP)."""
-        request = wire.media_request(
-            items, model, task, version, top_k, cache, labels, sample_rate, routing_key
+        image-embedding model (CLIP). Files are read and encoded in a worker thread, off the
+        event loop."""
+        request = await asyncio.to_thread(
+            wire.media_request,
+            items,
+            model,
+            task,
+            version,
+            top_k,
+            cache,
+            labels,
+            sample_rate,
+            routing_key,
         )
         try:
             return wire.to_answer(
@@ -312,7 +323,7 @@ class AsyncClient:
         expected_items: int | None = None,
     ) -> AsyncJob:
         """Submit a batch job of images or audio clips to a media model (see
-        `Client.submit_media`)."""
+        `Client.submit_media`); files are read in a worker thread, off the event loop."""
         header = wire.job_header(
             model, task, version, False, top_k, idempotency_key, priority, retention_s, timeout_s
         )
@@ -322,7 +333,9 @@ class AsyncClient:
 
         async def requests() -> AsyncIterator[gateway_pb2.SubmitJobRequest]:
             yield header
-            for request in wire.media_chunks(items, sample_rate):
+            # Each chunk's files are read and encoded in a worker thread, off the event loop.
+            chunks = wire.media_chunks(items, sample_rate)
+            while (request := await asyncio.to_thread(next, chunks, None)) is not None:
                 yield request
 
         return await self._submit(requests())
