@@ -142,11 +142,11 @@ async def measure(
 ) -> tuple[dict[Key, Load], dict[tuple[Key, str], float]]:
     """Every (path, mode, concurrency), interleaved: each round runs concurrency 1 with the
     modes taking turns, then each mode once at concurrency 32, starting with the mode after
-    the one the last round started with. Returns the loads and, per
-    group of processes in `pids` and for "checks" (the cache service's Admit calls), their CPU
-    milliseconds (checks: calls) per request at concurrency 32."""
+    the one the previous round started with. Returns the loads and, per request at
+    concurrency 32, each group of processes' CPU milliseconds (the groups of `pids`) and the
+    limit checks the cache service answered ("checks")."""
     runs: dict[Key, list[Load]] = defaultdict(list)
-    cpu: dict[tuple[Key, str], float] = defaultdict(float)
+    spent: dict[tuple[Key, str], float] = defaultdict(float)
     for round_ in range(rounds):
         # Each round starts with the next mode: a drift within a round favours none of them.
         turn = round_ % len(callers)
@@ -156,18 +156,16 @@ async def measure(
             for mode, load in (await taking_turns(callers, seconds, repeat)).items():
                 runs[path, mode, 1].append(load)
             for mode, (address, key) in order:
+                key32 = (path, mode, 32)
                 before = {group: cpu_s(p) for group, p in pids.items()}
                 checks = admit_calls(cache_metrics_port)
                 load = await closed_loop(address, 32, seconds, repeat=repeat, metadata=_bearer(key))
                 for group, p in pids.items():
-                    cpu[(path, mode, 32), group] += cpu_s(p) - before[group]
-                cpu[(path, mode, 32), "checks"] += (admit_calls(cache_metrics_port) - checks) / 1e3
-                runs[path, mode, 32].append(load)
+                    spent[key32, group] += (cpu_s(p) - before[group]) * 1e3
+                spent[key32, "checks"] += admit_calls(cache_metrics_port) - checks
+                runs[key32].append(load)
     loads = {k: merged(v) for k, v in runs.items()}
-    groups = [*pids, "checks"]
-    return loads, {
-        (k, g): 1e3 * cpu[k, g] / loads[k].requests for k in loads if k[2] == 32 for g in groups
-    }
+    return loads, {(k, group): total / loads[k].requests for (k, group), total in spent.items()}
 
 
 async def taking_turns(
