@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
-import os
 import statistics
 import tempfile
 import time
@@ -48,7 +47,7 @@ from pathlib import Path
 import grpc
 import redis
 
-from bench.budget import scrape
+from bench.budget import cpu_seconds, scrape
 from bench.embedding import MODEL, SYNC_ONLY, Load, closed_loop, sentence
 from fmserve.cli.cluster import SERVICES, Cluster, Replica, free_port
 from fmserve.core import apikeys
@@ -112,12 +111,8 @@ async def create_key(address: str, name: str, **limits: int) -> str:
 
 
 def cpu_s(pids: list[int]) -> float:
-    """CPU time (user + system) the processes have used so far, from /proc (Linux)."""
-    ticks = 0
-    for pid in pids:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        ticks += int(fields[11]) + int(fields[12])  # utime, stime: the stat file's 14th, 15th
-    return ticks / os.sysconf("SC_CLK_TCK")
+    """CPU time (user + system) the processes have used so far."""
+    return sum(cpu_seconds(pid) for pid in pids)
 
 
 def merged(loads: list[Load]) -> Load:
@@ -172,7 +167,8 @@ async def taking_turns(
     callers: dict[str, tuple[str, str]], seconds: float, repeat: bool
 ) -> dict[str, Load]:
     """Concurrency 1, the callers taking turns of TURN requests for `seconds` each in all:
-    each mode's latencies, measured under the same conditions as the others'."""
+    each mode's latencies, measured under the same conditions as the others'. Only the
+    latencies mean anything: every mode's load spans the whole shared window."""
     channels = {address: grpc.aio.insecure_channel(address) for address, _ in callers.values()}
     stubs = {address: gateway_pb2_grpc.GatewayStub(c) for address, c in channels.items()}
     policy = common_pb2.CACHE_POLICY_USE if repeat else common_pb2.CACHE_POLICY_BYPASS

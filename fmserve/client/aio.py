@@ -323,7 +323,8 @@ class AsyncClient:
         expected_items: int | None = None,
     ) -> AsyncJob:
         """Submit a batch job of images or audio clips to a media model (see
-        `Client.submit_media`); files are read in a worker thread, off the event loop."""
+        `Client.submit_media`). Items are read and encoded in worker threads, off the event
+        loop: an iterator of items is advanced there too, one item at a time."""
         header = wire.job_header(
             model, task, version, False, top_k, idempotency_key, priority, retention_s, timeout_s
         )

@@ -1,7 +1,7 @@
 """A job belongs to the key that submitted it whatever its items: a media job (images) is seen,
-cancelled and listed by its owner and admins only; any other key gets the NOT_FOUND an unknown
-id gets. In-memory records and broker, the test repository's real models (text jobs: the auth
-e2e test)."""
+read, cancelled and listed by its owner and admins only; any other key gets the NOT_FOUND an
+unknown id gets. In-memory records and broker, the test repository's real models (text jobs:
+the auth e2e test)."""
 
 from __future__ import annotations
 
@@ -38,6 +38,9 @@ class Records(FakeRecords):
             raise JobNotFound.unknown(job_id)
         return self.jobs[job_id]
 
+    async def results(self, job_id: str, start: int, limit: int) -> jobs_pb2.GetJobResultsResponse:
+        return jobs_pb2.GetJobResultsResponse(job=await self.get(job_id))
+
     async def list(self, limit: int, owner: str) -> list[jobs_pb2.Job]:
         return [j for j in self.jobs.values() if not owner or j.owner_key_id == owner][:limit]
 
@@ -68,7 +71,7 @@ async def test_a_media_job_is_its_submitters_and_the_admins_only(jobs: Jobs) -> 
 
     unknown = "0" * 32
     with calling_as(OTHER):
-        for ask in (jobs.get, jobs.cancel):
+        for ask in (jobs.get, jobs.cancel, lambda i: jobs.results(i, 0, 10)):
             with pytest.raises(JobNotFound) as theirs:
                 await ask(job.id)
             with pytest.raises(JobNotFound) as nobodys:
@@ -76,9 +79,9 @@ async def test_a_media_job_is_its_submitters_and_the_admins_only(jobs: Jobs) -> 
             assert theirs.value.message == nobodys.value.message.replace(unknown, job.id)
         assert await jobs.list(10) == []
 
-    with calling_as(OWNER):
-        assert (await jobs.get(job.id)).id == job.id
-        assert [j.id for j in await jobs.list(10)] == [job.id]
-    with calling_as(ADMIN):
-        assert (await jobs.get(job.id)).id == job.id
-        assert [j.id for j in await jobs.list(10)] == [job.id]
+    for caller in (OWNER, ADMIN):
+        with calling_as(caller):
+            assert (await jobs.get(job.id)).id == job.id
+            assert (await jobs.results(job.id, 0, 10)).job.id == job.id
+            assert [j.id for j in await jobs.list(10)] == [job.id]
+            assert (await jobs.cancel(job.id)).id == job.id
