@@ -10,6 +10,7 @@
     fmserve generate --model smollm2 "Once upon a time"   text, printed as it arrives
     fmserve submit --model minilm-embed --input items.jsonl --output results.jsonl --wait
     fmserve submit --model smollm2 --task generate --max-new-tokens 32 --input prompts.jsonl
+    fmserve submit --model silero-vad --input clips.jsonl     lines of {"file": "a.wav"}
     fmserve results JOB_ID                        a finished job's results, one JSON line each
     fmserve job ID / fmserve jobs / fmserve cancel ID
     fmserve keys create|list|revoke|generate    API keys (FMSERVE_API_KEY: the key sent)
@@ -161,7 +162,13 @@ def _parser() -> argparse.ArgumentParser:
 def _job_commands(commands: Any) -> None:
     submit = commands.add_parser("submit", help="submit a batch job from a JSONL file")
     submit.add_argument("--model", required=True)
-    submit.add_argument("--input", type=Path, required=True, help='JSONL: {"text": ...} per line')
+    submit.add_argument(
+        "--input",
+        type=Path,
+        required=True,
+        help='JSONL, a line per item: {"text": ...}, or {"file": path} (an image or audio file '
+        "for a media model; relative to the JSONL's folder)",
+    )
     submit.add_argument("--output", type=Path, help="write the results here as JSONL (waits)")
     submit.add_argument("--wait", action="store_true", help="wait for the job, with progress")
     submit.add_argument("--task", default=None, choices=[*wire.TASKS, *wire.TASK_ALIASES])
@@ -203,21 +210,36 @@ def _certs(args: argparse.Namespace) -> None:
 
 
 def _submit(args: argparse.Namespace) -> None:
-    count = _check_jsonl(args.input)  # every line read once first: a bad one stops us here
+    count, files = _check_jsonl(args.input)  # every line read once first: a bad one stops us
     with gateway_client(args) as client:
-        job = client.submit(
-            _texts(args.input),
-            args.model,
-            task=args.task,
-            version=args.version,
-            truncate=args.truncate,
-            top_k=args.top_k,
-            idempotency_key=args.idempotency_key,
-            priority=args.priority,
-            timeout_s=args.timeout_s,
-            params=generate.sampling_of(args) if wire.generates(args.task) else None,
-            expected_items=count,
-        )
+        if files:
+            if wire.generates(args.task):
+                raise InputError('a text-generation job takes prompts: write {"text": ...} lines')
+            job = client.submit_media(
+                _items(args.input),
+                args.model,
+                task=args.task,
+                version=args.version,
+                top_k=args.top_k,
+                idempotency_key=args.idempotency_key,
+                priority=args.priority,
+                timeout_s=args.timeout_s,
+                expected_items=count,
+            )
+        else:
+            job = client.submit(
+                _items(args.input),
+                args.model,
+                task=args.task,
+                version=args.version,
+                truncate=args.truncate,
+                top_k=args.top_k,
+                idempotency_key=args.idempotency_key,
+                priority=args.priority,
+                timeout_s=args.timeout_s,
+                params=generate.sampling_of(args) if wire.generates(args.task) else None,
+                expected_items=count,
+            )
         print(f"submitted job {job.id} ({count} items)", flush=True)
         if args.wait or args.output:
             status = job.wait(progress=sys.stderr.isatty())
@@ -227,24 +249,39 @@ def _submit(args: argparse.Namespace) -> None:
             print(f"results written to {args.output}")
 
 
-def _check_jsonl(path: Path) -> int:
-    """Items in the file; InputError naming the first malformed line (the file is streamed)."""
-    return sum(1 for _ in _texts(path))
+def _check_jsonl(path: Path) -> tuple[int, bool]:
+    """Items in the file, and whether they are files (else texts); InputError naming the first
+    malformed line, a file that is not there, or the first line of the other kind (the file
+    is streamed)."""
+    count, files = 0, False
+    for line, item in _items(path, numbered=True):
+        is_file = isinstance(item, Path)
+        if count and is_file != files:
+            raise InputError(
+                f"{path} line {line}: a job is texts or files, not both: submit each kind as a "
+                "job of its own"
+            )
+        if is_file and not item.is_file():
+            raise InputError(f"{path} line {line}: no file at {item}")
+        count, files = count + 1, is_file
+    return count, files
 
 
-def _texts(path: Path) -> Any:
+def _items(path: Path, numbered: bool = False) -> Any:
+    """Each line's text, or its file's path; with `numbered`, (line number, item) pairs."""
     try:
         with path.open(encoding="utf-8") as lines:
             for number, line in enumerate(lines, start=1):
                 if line.strip():
-                    yield _text_of(line, path, number)
+                    item = _item_of(line, path, number)
+                    yield (number, item) if numbered else item
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
     except UnicodeDecodeError:
         raise InputError(f"{path} is not UTF-8 text") from None
 
 
-def _text_of(line: str, path: Path, number: int) -> str:
+def _item_of(line: str, path: Path, number: int) -> str | Path:
     where = f"{path} line {number}"
     try:
         value = json.loads(line)
@@ -252,9 +289,11 @@ def _text_of(line: str, path: Path, number: int) -> str:
         raise InputError(f"{where}: not JSON ({exc.msg}); write one JSON value per line") from None
     if isinstance(value, dict) and isinstance(value.get("text"), str):
         return str(value["text"])
+    if isinstance(value, dict) and isinstance(value.get("file"), str):
+        return path.parent / value["file"]  # an absolute path stays itself
     if isinstance(value, str):
         return value
-    raise InputError(f'{where}: expected {{"text": "..."}} or a JSON string')
+    raise InputError(f'{where}: expected {{"text": "..."}}, {{"file": "..."}} or a JSON string')
 
 
 def _write_results(items: Any, path: Path) -> None:

@@ -4,12 +4,16 @@ and a bad item failing alone."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import grpc
 import numpy as np
 import pytest
 from PIL import Image
 
 from fmserve import Client
+from fmserve.cli import main as cli
 from fmserve.client import Job
 from fmserve.errors import InvalidInput, from_rpc_error
 from fmserve.v1 import common_pb2, gateway_pb2, gateway_pb2_grpc
@@ -173,3 +177,51 @@ def _raw_submit(address: str, model: str, items: list[gateway_pb2.JobItems]) -> 
             gateway_pb2_grpc.GatewayStub(channel).SubmitJob(iter(requests), timeout=30)
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
+
+
+def test_the_cli_submits_files_and_writes_their_results(
+    client: Client, gateway_address: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    batch = images(3)
+    for i, data in enumerate(batch):
+        (tmp_path / f"{i}.png").write_bytes(data)
+    source = tmp_path / "images.jsonl"
+    lines = [{"file": "0.png"}, {"file": "1.png"}, {"file": str(tmp_path / "2.png")}]
+    source.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    out = tmp_path / "results.jsonl"
+    args = ["--address", gateway_address, "submit", "--model", "tiny-vit"]
+
+    assert cli([*args, "--input", str(source), "--output", str(out), "--wait"]) == 0
+
+    assert "(3 items)" in capsys.readouterr().out
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [row["index"] for row in rows] == [0, 1, 2]
+    expected = client.classify_images(batch, "tiny-vit", cache="bypass")
+    assert [[s["label"] for s in row["result"]] for row in rows] == [
+        [s.label for s in labels] for labels in expected
+    ]
+
+
+@pytest.mark.parametrize(
+    ("lines", "problem"),
+    [
+        ([{"file": "a.png"}, {"text": "a text"}], "line 2: a job is texts or files, not both"),
+        ([{"text": "a text"}, {"file": "a.png"}], "line 2: a job is texts or files, not both"),
+        ([{"file": "missing.png"}], "line 1: no file at"),
+    ],
+)
+def test_the_cli_refuses_a_file_job_it_cannot_send(
+    gateway_address: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    lines: list[dict[str, str]],
+    problem: str,
+) -> None:
+    (tmp_path / "a.png").write_bytes(images(1)[0])
+    source = tmp_path / "job.jsonl"
+    source.write_text("\n".join(json.dumps(line) for line in lines) + "\n")
+    args = ["--address", gateway_address, "submit", "--model", "tiny-vit"]
+
+    assert cli([*args, "--input", str(source)]) == 1
+
+    assert f"{source} {problem}" in capsys.readouterr().err
