@@ -211,35 +211,23 @@ def _certs(args: argparse.Namespace) -> None:
 
 def _submit(args: argparse.Namespace) -> None:
     count, files = _check_jsonl(args.input)  # every line read once first: a bad one stops us
+    if files and wire.generates(args.task):
+        raise InputError('a text-generation job takes prompts: write {"text": ...} lines')
+    options: dict[str, Any] = {
+        "task": args.task,
+        "version": args.version,
+        "top_k": args.top_k,
+        "idempotency_key": args.idempotency_key,
+        "priority": args.priority,
+        "timeout_s": args.timeout_s,
+        "expected_items": count,
+    }
+    if not files:  # what only a text job has
+        options["truncate"] = args.truncate
+        options["params"] = generate.sampling_of(args) if wire.generates(args.task) else None
     with gateway_client(args) as client:
-        if files:
-            if wire.generates(args.task):
-                raise InputError('a text-generation job takes prompts: write {"text": ...} lines')
-            job = client.submit_media(
-                _items(args.input),
-                args.model,
-                task=args.task,
-                version=args.version,
-                top_k=args.top_k,
-                idempotency_key=args.idempotency_key,
-                priority=args.priority,
-                timeout_s=args.timeout_s,
-                expected_items=count,
-            )
-        else:
-            job = client.submit(
-                _items(args.input),
-                args.model,
-                task=args.task,
-                version=args.version,
-                truncate=args.truncate,
-                top_k=args.top_k,
-                idempotency_key=args.idempotency_key,
-                priority=args.priority,
-                timeout_s=args.timeout_s,
-                params=generate.sampling_of(args) if wire.generates(args.task) else None,
-                expected_items=count,
-            )
+        send = client.submit_media if files else client.submit
+        job = send(_items(args.input), args.model, **options)
         print(f"submitted job {job.id} ({count} items)", flush=True)
         if args.wait or args.output:
             status = job.wait(progress=sys.stderr.isatty())
