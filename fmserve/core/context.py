@@ -1,14 +1,23 @@
-"""Request-scoped values that follow a call through every hop: its id and its deadline.
-The server interceptor binds them; stage clients read them for each downstream call."""
+"""Request-scoped values that follow a call through every hop: its id and its deadline; and
+within a server, the call's request metadata. The server interceptor binds them; stage clients
+read the id and deadline for each downstream call."""
 
 from __future__ import annotations
 
 import contextvars
 import time
+from collections.abc import Mapping
+from types import MappingProxyType
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 # Absolute time.monotonic() by which the caller wants its answer; None when it set no deadline.
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
+# The request metadata of the call being served, read once by the server interceptor (each read
+# of grpc's invocation_metadata() builds it anew, a measurable cost on a busy gateway); for a
+# repeated key, its last value.
+metadata: contextvars.ContextVar[Mapping[str, str | bytes]] = contextvars.ContextVar(
+    "metadata", default=MappingProxyType({})
+)
 
 
 def set_deadline_from(time_remaining: float | None) -> None:

@@ -21,6 +21,7 @@ from google.protobuf.message import DecodeError
 from fmserve.core import context, tracing
 from fmserve.core.metrics import RpcMetrics
 from fmserve.errors import ERROR_TYPE_KEY, FmserveError, InvalidInput, Unimplemented
+from fmserve.rpc.wrapping import MethodWrapper
 
 log = logging.getLogger("fmserve.rpc")
 
@@ -29,23 +30,15 @@ REQUEST_ID_KEY = "x-request-id"
 PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
 
 
-class ServiceInterceptor(grpc.aio.ServerInterceptor):
-    """Wraps unary-unary, unary-stream and stream-unary handlers with request id, metrics, logs
-    and errors."""
+class ServiceInterceptor(MethodWrapper):
+    """Wraps every method's handler with request id, metrics, logs and errors."""
 
     def __init__(self, service: str, metrics: RpcMetrics) -> None:
+        super().__init__()
         self.service = service
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(("/grpc.health", "/grpc.reflection")):
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         deserialize = _tolerant(handler.request_deserializer)
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(
@@ -160,6 +153,7 @@ class _CallScope:
 
     def __enter__(self) -> _CallScope:
         incoming = dict(self.context.invocation_metadata() or ())
+        context.metadata.set(incoming)  # the call's own task: gone with it, as is its deadline
         self.request_id = incoming.get(REQUEST_ID_KEY) or uuid.uuid4().hex
         if incoming.get(PREVIOUS_ATTEMPTS_KEY):
             self.metrics.observe_retry(self.method)
