@@ -22,8 +22,10 @@ TokensOf = Callable[[str], tuple[int, int]]
 not know, or one that does not generate)."""
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Access:
+    """Read, never changed (not frozen: a frozen dataclass is slower to build, on every call)."""
+
     scopes: tuple[str, ...]
     model: str = ""
     items: int = 0
@@ -70,14 +72,12 @@ class AccessTable:
         task = TASK_FROM_WIRE.get(request.task)
         return task.value if task else self.task_of(request.model)
 
-    def _infer_scope(self, request: Any) -> str:
-        return scopes.infer_scope(request.model, self._task(request))
-
     def _infer(self, request: Any) -> Access:
-        needed = self._infer_scope(request)
+        model = request.model  # each read of a message's field builds it anew: once
+        task = TASK_FROM_WIRE.get(request.task)
+        needed = scopes.infer_scope(model, task.value if task else self.task_of(model))
         items = len(request.texts) + len(request.media)  # an image counts as a text does
-        asked = {"model": request.model, "items": items}
-        return Access((needed,), request.model, items, asked)
+        return Access((needed,), model, items, {"model": model, "items": items})
 
     def generation_tokens(self, model: str, max_new_tokens: int, items: int = 1) -> int:
         """The tokens `items` generations reserve of their key's daily quota when admitted:

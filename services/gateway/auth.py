@@ -13,37 +13,31 @@ logged, nor put in an error: only its key id and name.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 
 from fmserve.core import apikeys
+from fmserve.core import context as call_context
 from fmserve.errors import FmserveError, InvalidInput, PermissionDenied, Unauthenticated
+from fmserve.rpc.wrapping import MethodWrapper
 from services.gateway import audit, scopes
 from services.gateway.access import Access, AccessTable
 from services.gateway.keyring import KeyRing
-from services.gateway.principal import Admission, Meter, Principal, current, meter
+from services.gateway.principal import ADMITTED, Admission, Meter, Principal, current, meter
 
-_OPEN = ("/grpc.health", "/grpc.reflection")
 _SCHEME = "bearer "
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):
+class AuthInterceptor(MethodWrapper):
     def __init__(self, keyring: KeyRing, table: AccessTable, admission: Admission) -> None:
+        super().__init__()
         self.keyring = keyring
         self.table = table
         self.admission = admission
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
-        if handler is None or details.method.startswith(_OPEN):
-            return handler
-        method = details.method.rsplit("/", 1)[-1]
+    def wrap(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         kind, behavior = _behavior(handler)
         wrap = getattr(self, f"_wrap_{kind}")
         factory = getattr(grpc, f"{kind}_rpc_method_handler")
@@ -55,14 +49,14 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap_unary_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._guarded(method, request, context):
+            async with _Guard(self, method, request):
                 return await behavior(request, context)
 
         return wrapped
 
     def _wrap_unary_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            async with self._guarded(method, request, context):
+            async with _Guard(self, method, request):
                 async for reply in behavior(request, context):
                     yield reply
 
@@ -71,7 +65,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream_unary(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             first = await anext(aiter(requests), None)
-            async with self._guarded(method, first, context):
+            async with _Guard(self, method, first):
                 return await behavior(_prepend(first, requests), context)
 
         return wrapped
@@ -79,22 +73,21 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
     def _wrap_stream_stream(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
         async def wrapped(requests: Any, context: grpc.aio.ServicerContext) -> Any:
             first = await anext(aiter(requests), None)
-            async with self._guarded(method, first, context):
+            async with _Guard(self, method, first):
                 async for reply in behavior(_prepend(first, requests), context):
                     yield reply
 
         return wrapped
 
-    def _guarded(self, method: str, request: Any, context: Any) -> _Guard:
-        return _Guard(self, method, request, context)
-
-    async def _authorize(self, method: str, request: Any, api_key: str) -> tuple[Principal, Access]:
+    async def _authenticate(self, method: str, api_key: str) -> Principal:
         try:
-            principal = await self.keyring.authenticate(api_key)
+            return await self.keyring.authenticate(api_key)
         except Unauthenticated:
             claimed = apikeys.key_id_of(api_key) or ""
             audit.record(method, "UNAUTHENTICATED", claimed, "", {})
             raise
+
+    def _access(self, method: str, request: Any, principal: Principal) -> Access:
         try:
             access = self.table.access(method, request)
         except PermissionDenied:
@@ -115,28 +108,29 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 f"the API key {principal.name!r} has a daily quota, so a job must say how many "
                 "texts it sends (expected_items in its header; the Python client and the CLI do)"
             )
-        return principal, access
+        return access
 
 
 class _Guard:
     """One call: authorize, bind the principal, admit; on the way out, release the admission
     and audit an admin action's outcome. A class, not a generator: it runs on every call."""
 
-    def __init__(self, owner: AuthInterceptor, method: str, request: Any, context: Any) -> None:
-        self.owner, self.method, self.request, self.context = owner, method, request, context
+    def __init__(self, owner: AuthInterceptor, method: str, request: Any) -> None:
+        self.owner, self.method, self.request = owner, method, request
 
     async def __aenter__(self) -> None:
-        api_key = _bearer(self.context)
-        self.principal, self.access = await self.owner._authorize(
-            self.method, self.request, api_key
-        )
-        self.token = current.set(self.principal)
-        access = self.access
+        owner, api_key = self.owner, _bearer()
+        principal = owner.keyring.known(api_key)  # a busy key: no await, no lookup
+        if principal is None:
+            principal = await owner._authenticate(self.method, api_key)
+        self.principal = principal
+        self.access = access = owner._access(self.method, self.request, principal)
+        self.token = current.set(principal)
         metered = Meter() if access.metered else None
         self.meter_token = meter.set(metered)
-        self.admitted = self.owner.admission.admit(
-            self.principal, access.model, access.items, metered
-        )
+        self.admitted = owner.admission.admit(principal, access.model, access.items, metered)
+        if self.admitted is ADMITTED:
+            return  # nothing held: no limits, or a token leased ahead
         try:
             await self.admitted.__aenter__()
         except BaseException as exc:
@@ -147,7 +141,8 @@ class _Guard:
 
     async def __aexit__(self, *exc_info: Any) -> None:
         try:
-            await self.admitted.__aexit__(*exc_info)
+            if self.admitted is not ADMITTED:
+                await self.admitted.__aexit__(*exc_info)
         finally:
             self._unbind()
             if scopes.ADMIN in self.access.scopes:
@@ -169,11 +164,12 @@ def _behavior(handler: grpc.RpcMethodHandler) -> tuple[str, Callable[..., Any]]:
     raise ValueError("a method handler without a behavior")
 
 
-def _bearer(context: Any) -> str:
-    """The key from `authorization: Bearer <key>`, or '' when there is none."""
-    for name, value in context.invocation_metadata() or ():
-        if name == "authorization" and isinstance(value, str):
-            return value[len(_SCHEME) :].strip() if value.lower().startswith(_SCHEME) else ""
+def _bearer() -> str:
+    """The key from `authorization: Bearer <key>`, or '' when there is none (read from the
+    metadata the service interceptor, outside this one, bound for the call)."""
+    value = call_context.metadata.get().get("authorization")
+    if isinstance(value, str) and value[: len(_SCHEME)].lower() == _SCHEME:
+        return value[len(_SCHEME) :].strip()
     return ""
 
 

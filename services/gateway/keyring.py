@@ -7,7 +7,7 @@ effect within `cache_s` on every replica (expiry is also checked on every call).
 that verified are cached, under the SHA-256 of the key, never the key itself; the cache is
 bounded. Concurrent first calls with one key share a single lookup.
 
-The admin key from FMSERVE_ADMIN_KEY is verified here in memory, never stored: it works on a
+The admin key from FMSERVE_ADMIN_KEY is known here by its SHA-256, never stored: it works on a
 new cluster before any key exists, and stops working when the setting changes.
 """
 
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import time
 from collections.abc import Callable
 
@@ -59,28 +60,30 @@ class KeyRing:
         self._pending: dict[bytes, asyncio.Future[tuple[Principal, int]]] = {}
         self._admin = _admin(admin_key) if admin_key else None
 
+    def known(self, api_key: str) -> Principal | None:
+        """The principal of the admin key or of a key verified within `cache_s`, at once;
+        None when the key must be looked up (`authenticate`). Unauthenticated when it is
+        known to have expired."""
+        if not api_key or len(api_key) > MAX_KEY_CHARS:
+            return None
+        fingerprint = _fingerprint(api_key)
+        cached = self._verified.get(fingerprint)
+        if cached is not None and cached[2] > self.clock():
+            _check_expiry(cached[1])
+            return cached[0]
+        if self._admin is not None and hmac.compare_digest(fingerprint, self._admin[1]):
+            return self._admin[0]
+        return None
+
     async def authenticate(self, api_key: str) -> Principal:
         if not api_key:
             raise Unauthenticated(NO_KEY)
         if len(api_key) > MAX_KEY_CHARS:
             raise Unauthenticated(NOT_VALID)
-        if self._admin is not None and self._admin[0].key_id == apikeys.key_id_of(api_key):
-            return self._check_admin(api_key)
-        fingerprint = hashlib.sha256(api_key.encode()).digest()
-        cached = self._verified.get(fingerprint)
-        if cached is None or cached[2] <= self.clock():
-            principal, expires_ms = await self._verify_shared(fingerprint, api_key)
-        else:
-            principal, expires_ms = cached[0], cached[1]
-        if expires_ms and expires_ms <= time.time() * 1000:
-            raise Unauthenticated(NOT_VALID)
-        return principal
-
-    def _check_admin(self, api_key: str) -> Principal:
-        assert self._admin is not None
-        principal, salt, expected = self._admin
-        if not apikeys.verify(api_key, salt, expected):
-            raise Unauthenticated(NOT_VALID)
+        if (principal := self.known(api_key)) is not None:
+            return principal
+        principal, expires_ms = await self._verify_shared(_fingerprint(api_key), api_key)
+        _check_expiry(expires_ms)
         return principal
 
     async def _verify_shared(self, fingerprint: bytes, api_key: str) -> tuple[Principal, int]:
@@ -108,14 +111,24 @@ class KeyRing:
         return principal_of(stored.info), stored.info.expires_unix_ms
 
 
-def _admin(admin_key: str) -> tuple[Principal, bytes, bytes]:
-    """The configured admin key's principal and a salted hash to check it against."""
+def _admin(admin_key: str) -> tuple[Principal, bytes]:
+    """The configured admin key's principal and the fingerprint to know it by."""
     key_id = apikeys.key_id_of(admin_key)
     if key_id is None:
         raise ConfigError(
             "FMSERVE_ADMIN_KEY is not an fmserve API key (fms_<16 hex>_<secret of 32+ "
             "characters>); leave it empty to have the gateway create a first admin key"
         )
-    salt = apikeys.generate().salt
     principal = Principal(key_id, "admin", (scopes.ADMIN,), admin=True)
-    return principal, salt, apikeys.digest(admin_key, salt)
+    return principal, _fingerprint(admin_key)
+
+
+def _fingerprint(api_key: str) -> bytes:
+    """What a key is known by in memory: its SHA-256 (the secret has 256 bits of entropy, so
+    a fast hash is as safe as a slow one), compared in constant time where it matters."""
+    return hashlib.sha256(api_key.encode()).digest()
+
+
+def _check_expiry(expires_ms: int) -> None:
+    if expires_ms and expires_ms <= time.time() * 1000:
+        raise Unauthenticated(NOT_VALID)

@@ -15,7 +15,7 @@ or quota items need the shared state every time.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from fmserve.v1 import limits_pb2
@@ -44,13 +44,13 @@ class Leases:
         self._held: dict[tuple[str, str], _Lease] = {}
         self._asking: set[tuple[str, str]] = set()
 
-    def spend(self, claim: limits_pb2.Claim) -> bool:
-        """Admit a tokens-only claim from held leases (a token of each bucket), if they have
-        them; False: the claim goes to the cache service."""
-        if claim.max_concurrency or claim.items or not claim.buckets:
+    def spend(self, key_id: str, buckets: Sequence[str]) -> bool:
+        """Admit a tokens-only call from held leases (a token of each of its buckets, by
+        name), if they have them; False: the call goes to the cache service."""
+        if not buckets:
             return False
         now = self.clock()
-        leases = [self._held.get((claim.key_id, b.name)) for b in claim.buckets]
+        leases = [self._held.get((key_id, name)) for name in buckets]
         if any(lease is None or lease.tokens < 1 or lease.ends <= now for lease in leases):
             return False
         for lease in leases:

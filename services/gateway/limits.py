@@ -35,7 +35,7 @@ from fmserve.v1 import limits_pb2
 from services.gateway.leases import LEASE_S, Leases, lease_size
 from services.gateway.limits_client import LimitsClient
 from services.gateway.metrics import LIMIT_REFUSALS
-from services.gateway.principal import Meter, Principal
+from services.gateway.principal import ADMITTED, Meter, Principal
 
 log = logging.getLogger("fmserve.gateway.limits")
 
@@ -43,7 +43,6 @@ KEY_BUCKET = "key"
 MODEL_BUCKET = "model:"
 # Longest model name kept in a bucket's Redis key: the name comes from the client.
 MAX_MODEL_CHARS = 128
-_NOTHING: AbstractAsyncContextManager[None] = contextlib.nullcontext()
 
 
 class KeyLimits:
@@ -76,9 +75,13 @@ class KeyLimits:
     def admit(
         self, principal: Principal, model: str, items: int, metered: Meter | None = None
     ) -> AbstractAsyncContextManager[None]:
+        buckets = self._buckets(principal, model)
+        if not (buckets or principal.max_concurrency or principal.daily_items):
+            return ADMITTED  # no limits: no call to the cache service
+        if _tokens_only(principal, items) and self.leases.spend(principal.key_id, buckets):
+            return ADMITTED  # a token of each bucket held: no call either, nor a Claim built
         claim = self.claim(principal, model, items)
-        if claim is None or self.leases.spend(claim):
-            return _NOTHING  # no limits, or a token held: no call to the cache service
+        assert claim is not None
         return self._admitted(principal, claim, metered)
 
     @contextlib.asynccontextmanager
@@ -96,18 +99,18 @@ class KeyLimits:
 
     def claim(self, principal: Principal, model: str, items: int) -> limits_pb2.Claim | None:
         """What a call by this key claims from its limits; None when the key has none."""
-        buckets = []
-        if principal.rpm > 0:
-            buckets.append(limits_pb2.Bucket(name=KEY_BUCKET, per_minute=principal.rpm))
-        if self.key_model_rpm > 0 and model:
-            name = MODEL_BUCKET + model[:MAX_MODEL_CHARS]
-            buckets.append(limits_pb2.Bucket(name=name, per_minute=self.key_model_rpm))
-        if not (buckets or principal.max_concurrency or principal.daily_items):
+        names = self._buckets(principal, model)
+        if not (names or principal.max_concurrency or principal.daily_items):
             return None
-        tokens_only = not (principal.max_concurrency or (items and principal.daily_items))
-        for bucket in buckets:
-            bucket.burst = bucket.per_minute  # a full minute's worth, as documented
-            bucket.take = lease_size(bucket.per_minute) if tokens_only else 1
+        tokens_only = _tokens_only(principal, items)
+        buckets = []
+        for name in names:
+            per_minute = principal.rpm if name == KEY_BUCKET else self.key_model_rpm
+            take = lease_size(per_minute) if tokens_only else 1
+            # burst: a full minute's worth, as documented
+            buckets.append(
+                limits_pb2.Bucket(name=name, per_minute=per_minute, burst=per_minute, take=take)
+            )
         return limits_pb2.Claim(
             key_id=principal.key_id,
             buckets=buckets,
@@ -117,6 +120,13 @@ class KeyLimits:
             daily_items=principal.daily_items,
             items=items if principal.daily_items else 0,
         )
+
+    def _buckets(self, principal: Principal, model: str) -> tuple[str, ...]:
+        """The names of the token buckets a call of `model` by this key takes from."""
+        key = (KEY_BUCKET,) if principal.rpm > 0 else ()
+        if self.key_model_rpm > 0 and model:
+            return (*key, MODEL_BUCKET + model[:MAX_MODEL_CHARS])
+        return key
 
     async def _enter(
         self, principal: Principal, claim: limits_pb2.Claim, metered: bool
@@ -175,6 +185,12 @@ _REASONS = {
     limits_pb2.LIMIT_REASON_CONCURRENCY: "concurrency",
     limits_pb2.LIMIT_REASON_QUOTA: "quota",
 }
+
+
+def _tokens_only(principal: Principal, items: int) -> bool:
+    """Whether a call claims nothing but tokens: no slot, no quota items (only such a call
+    may be admitted from a lease)."""
+    return not (principal.max_concurrency or (items and principal.daily_items))
 
 
 def refusal(

@@ -61,12 +61,15 @@ class Admission(Protocol):
     ) -> AbstractAsyncContextManager[None]: ...
 
 
-class AdmitAll:
-    """The default `Admission`: no limits (one shared no-op context, nothing per call)."""
+ADMITTED: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+"""What `admit` returns for a call admitted with nothing to hold or give back: the caller may
+skip entering it (one shared object, nothing per call)."""
 
-    _NOTHING: AbstractAsyncContextManager[None] = contextlib.nullcontext()
+
+class AdmitAll:
+    """The default `Admission`: no limits."""
 
     def admit(
         self, principal: Principal, model: str, items: int, metered: Meter | None = None
     ) -> AbstractAsyncContextManager[None]:
-        return self._NOTHING
+        return ADMITTED

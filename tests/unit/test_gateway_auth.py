@@ -292,12 +292,32 @@ async def test_an_expired_key_is_refused_even_while_cached() -> None:
         await keyring(store, Clock()).authenticate(expired)
 
 
+async def test_a_key_verified_lately_is_known_at_once_until_its_interval_passes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store, clock = MemoryKeyStore(), Clock()
+    expires_ms = int(time.time() * 1000) + 60_000
+    key = store.add("ci", ["jobs:read"], expires_ms=expires_ms)
+    ring = keyring(store, clock)
+    assert ring.known(key) is None and store.reads == 0  # not verified yet: authenticate asks
+    await ring.authenticate(key)
+    known = ring.known(key)
+    assert known is not None and known.name == "ci" and store.reads == 1
+    clock.now = 0.6
+    assert ring.known(key) is None  # its interval passed: to be verified again
+    clock.now = 0.4
+    monkeypatch.setattr(time, "time", lambda: expires_ms / 1000 + 1)
+    with pytest.raises(Unauthenticated):
+        ring.known(key)  # expired while still cached
+
+
 async def test_the_configured_admin_key_works_without_the_store() -> None:
     store = MemoryKeyStore()
     admin_key = apikeys.generate().api_key
     ring = keyring(store, Clock(), admin_key)
     principal = await ring.authenticate(admin_key)
     assert principal.admin and principal.scopes == ("admin",) and store.reads == 0
+    assert ring.known(admin_key) == principal
     forged = admin_key[:-4] + "AAAA" if not admin_key.endswith("AAAA") else admin_key[:-4] + "BBBB"
     with pytest.raises(Unauthenticated):
         await ring.authenticate(forged)
