@@ -282,7 +282,7 @@ async def interceptor_cpu_us(rpm: int = 0, calls: int = 20_000) -> float:
     details = _Details("/fmserve.v1.Gateway/Infer")
     request = gateway_pb2.InferRequest(model=MODEL, texts=["a sentence"])
     # as the service interceptor binds it for each call
-    call_context.metadata.set({"user-agent": "bench", "authorization": f"Bearer {key.api_key}"})
+    call_context.metadata.set((("user-agent", "bench"), ("authorization", f"Bearer {key.api_key}")))
 
     async def run(intercepted: bool) -> float:
         started = time.process_time()

@@ -6,18 +6,15 @@ from __future__ import annotations
 
 import contextvars
 import time
-from collections.abc import Mapping
-from types import MappingProxyType
 
 request_id: contextvars.ContextVar[str] = contextvars.ContextVar("request_id", default="")
 # Absolute time.monotonic() by which the caller wants its answer; None when it set no deadline.
 deadline: contextvars.ContextVar[float | None] = contextvars.ContextVar("deadline", default=None)
-# The request metadata of the call being served, read once by the server interceptor (each read
-# of grpc's invocation_metadata() builds it anew, a measurable cost on a busy gateway); for a
-# repeated key, its last value.
-metadata: contextvars.ContextVar[Mapping[str, str | bytes]] = contextvars.ContextVar(
-    "metadata", default=MappingProxyType({})
-)
+# The request metadata of the call being served, as the server interceptor read it (each read of
+# grpc's invocation_metadata() builds it anew, a measurable cost on a busy gateway); None
+# outside a call, so that a layer reading it outside the server interceptor fails loudly.
+Metadata = tuple[tuple[str, str | bytes], ...]
+metadata: contextvars.ContextVar[Metadata | None] = contextvars.ContextVar("metadata", default=None)
 
 
 def set_deadline_from(time_remaining: float | None) -> None:

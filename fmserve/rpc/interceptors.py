@@ -152,8 +152,9 @@ class _CallScope:
         self.code = "OK"
 
     def __enter__(self) -> _CallScope:
-        incoming = dict(self.context.invocation_metadata() or ())
-        context.metadata.set(incoming)  # the call's own task: gone with it, as is its deadline
+        metadata = tuple(self.context.invocation_metadata() or ())
+        self.metadata_token = context.metadata.set(metadata)  # for the layers inside this one
+        incoming = dict(metadata)
         self.request_id = incoming.get(REQUEST_ID_KEY) or uuid.uuid4().hex
         if incoming.get(PREVIOUS_ATTEMPTS_KEY):
             self.metrics.observe_retry(self.method)
@@ -175,6 +176,7 @@ class _CallScope:
         log.debug("rpc", extra={"method": self.method, "code": self.code, "ms": elapsed * 1e3})
         self.span.set_attribute("rpc.grpc.status_code", self.code)
         self.tracing.__exit__(None, None, None)
+        context.metadata.reset(self.metadata_token)
         context.request_id.reset(self.token)
 
     async def run(self, behavior: Callable[..., Awaitable[Any]], request: Any) -> Any:

@@ -77,8 +77,9 @@ class Service:
     public: bool = False
     """Serves clients outside the cluster: with TLS on, no client certificate is asked for."""
     interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
-    """Inside the service interceptor (which maps their errors to statuses), in order: the
-    gateway's auth."""
+    """Inside the service interceptor (which maps their errors to statuses and binds each call's
+    metadata in `fmserve.core.context.metadata`, where the gateway's auth reads the key), in
+    order: the gateway's auth."""
 
     def __post_init__(self) -> None:
         self._health = health.aio.HealthServicer()

@@ -3,7 +3,8 @@ Bearer <key>` metadata → a `Principal`, keyring.py), authorized against the me
 (access.py: deny by default), and admitted (the `Admission` seam: per-key limits) before its
 handler runs; the principal is bound in `principal.current` for the handler (job ownership).
 Health and reflection stay open. A streaming request (SubmitJob) is checked on its first
-message, the header.
+message, the header. The key is read from the metadata the service interceptor, outside this
+one, bound for the call (one `authorization` header; a call with several is refused).
 
 Refusals leave as Unauthenticated or PermissionDenied (the service interceptor, outside this
 one, puts them on the wire) and are audited, as is every admin action. The key itself is never
@@ -79,14 +80,6 @@ class AuthInterceptor(MethodWrapper):
 
         return wrapped
 
-    async def _authenticate(self, method: str, api_key: str) -> Principal:
-        try:
-            return await self.keyring.authenticate(api_key)
-        except Unauthenticated:
-            claimed = apikeys.key_id_of(api_key) or ""
-            audit.record(method, "UNAUTHENTICATED", claimed, "", {})
-            raise
-
     def _access(self, method: str, request: Any, principal: Principal) -> Access:
         try:
             access = self.table.access(method, request)
@@ -119,10 +112,14 @@ class _Guard:
         self.owner, self.method, self.request = owner, method, request
 
     async def __aenter__(self) -> None:
-        owner, api_key = self.owner, _bearer()
-        principal = owner.keyring.known(api_key)  # a busy key: no await, no lookup
-        if principal is None:
-            principal = await owner._authenticate(self.method, api_key)
+        owner, api_key = self.owner, ""
+        try:
+            api_key = _bearer()
+            # a busy key is known: no await, no lookup
+            principal = owner.keyring.known(api_key) or await owner.keyring.authenticate(api_key)
+        except Unauthenticated:
+            audit.record(self.method, "UNAUTHENTICATED", apikeys.key_id_of(api_key) or "", "", {})
+            raise
         self.principal = principal
         self.access = access = owner._access(self.method, self.request, principal)
         self.token = current.set(principal)
@@ -165,9 +162,16 @@ def _behavior(handler: grpc.RpcMethodHandler) -> tuple[str, Callable[..., Any]]:
 
 
 def _bearer() -> str:
-    """The key from `authorization: Bearer <key>`, or '' when there is none (read from the
-    metadata the service interceptor, outside this one, bound for the call)."""
-    value = call_context.metadata.get().get("authorization")
+    """The key from `authorization: Bearer <key>`, or '' when there is none; Unauthenticated
+    when the call carries more than one (which one would a proxy in front have checked?). Read
+    from the metadata the service interceptor, outside this one, bound for the call."""
+    metadata = call_context.metadata.get()
+    if metadata is None:
+        raise RuntimeError("the auth interceptor runs inside the service interceptor, not alone")
+    values = [value for name, value in metadata if name == "authorization"]
+    if len(values) > 1:
+        raise Unauthenticated("send one `authorization` header, not several")
+    value = values[0] if values else ""
     if isinstance(value, str) and value[: len(_SCHEME)].lower() == _SCHEME:
         return value[len(_SCHEME) :].strip()
     return ""

@@ -124,8 +124,9 @@ def _admin(admin_key: str) -> tuple[Principal, bytes]:
 
 
 def _fingerprint(api_key: str) -> bytes:
-    """What a key is known by in memory: its SHA-256 (the secret has 256 bits of entropy, so
-    a fast hash is as safe as a slow one), compared in constant time where it matters."""
+    """What a key is known by in memory, never the key itself: its SHA-256. A fast hash suffices:
+    a key made by fmserve has a 256-bit secret, and the admin key, which the operator may have
+    chosen, is in the gateway's environment anyway."""
     return hashlib.sha256(api_key.encode()).digest()
 
 

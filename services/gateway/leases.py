@@ -45,8 +45,9 @@ class Leases:
         self._asking: set[tuple[str, str]] = set()
 
     def spend(self, key_id: str, buckets: Sequence[str]) -> bool:
-        """Admit a tokens-only call from held leases (a token of each of its buckets, by
-        name), if they have them; False: the call goes to the cache service."""
+        """Admit a call from held leases (a token of each of its buckets, by name), if they
+        have them; False: the call goes to the cache service. Only for a call that claims
+        nothing but tokens (its caller checks: a slot or quota items need the shared state)."""
         if not buckets:
             return False
         now = self.clock()

@@ -306,3 +306,30 @@ async def test_a_busy_key_pays_one_check_per_lease() -> None:
         async with gate.admit(key(rpm=6000), "m", 1):
             pass
     assert fake.checks == 3  # 10 calls per lease
+
+
+@pytest.mark.parametrize(
+    ("limited", "items"), [({"max_concurrency": 2}, 1), ({"daily_items": 9}, 1)]
+)
+async def test_a_call_that_needs_a_slot_or_quota_items_is_checked_even_with_tokens_leased(
+    limited: dict[str, int], items: int
+) -> None:
+    class Counting(FakeLimits):
+        checks = 0
+
+        async def admit(self, claim: limits_pb2.Claim) -> limits_pb2.Verdict:
+            self.checks += 1
+            return limits_pb2.Verdict(admitted=True, day=DAY, taken=[b.take for b in claim.buckets])
+
+    fake = Counting()
+    gate = limits(fake)
+    leased = gate.claim(key(rpm=6000), "m", 1)  # as a tokens-only call of the key took them
+    assert leased is not None
+    gate.leases.keep(leased, limits_pb2.Verdict(admitted=True, taken=[10]))
+    async with gate.admit(key(rpm=6000), "m", 1):
+        pass
+    assert fake.checks == 0  # tokens only: one of the lease's
+    for _ in range(3):
+        async with gate.admit(key(rpm=6000, **limited), "m", items):
+            pass
+    assert fake.checks == 3  # every call checked against the shared state

@@ -51,11 +51,15 @@ async def test_a_method_is_wrapped_on_its_first_call_and_the_wrapper_kept() -> N
 
 
 async def test_a_changed_handler_is_wrapped_anew() -> None:
+    async def other(request: object, context: object) -> object:
+        return None
+
     interceptor = Counting()
     old = grpc.unary_unary_rpc_method_handler(answer)
-    new = grpc.unary_unary_rpc_method_handler(answer)
+    new = grpc.unary_unary_rpc_method_handler(other)
     await intercept(interceptor, "/fmserve.v1.Gateway/Infer", old)
-    assert await intercept(interceptor, "/fmserve.v1.Gateway/Infer", new) is not None
+    wrapped = await intercept(interceptor, "/fmserve.v1.Gateway/Infer", new)
+    assert wrapped is not None and wrapped.unary_unary is other  # the new handler's behaviour
     assert interceptor.wrapped == ["Infer", "Infer"]
 
 
