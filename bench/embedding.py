@@ -9,6 +9,8 @@ In one run it measures
 2. the cluster (five processes, `fmserve up`'s code path) under closed-loop load of
    single-sentence requests at concurrency 1 and 32, cache bypassed: throughput, p50, p99;
 3. cache hits: the same sentence again and again, at concurrency 1 (p50) and 32 (throughput);
+4. cache misses at concurrency 1: new sentences with the cache in use, the default: what the
+   lookup before the model adds to a lone request;
 and prints each figure with its ratio to the in-process baseline of the same run, since the
 machine is shared and absolute numbers drift; then, for the model at concurrency 1 and 32,
 where each request's time and CPU went (bench/budget.py)."""
@@ -112,12 +114,16 @@ async def closed_loop(
     metadata: tuple[tuple[str, str], ...] = (),
     version: str = "",
     model: str = MODEL,
+    cache: bool | None = None,
 ) -> Load:
     """`concurrency` clients each sending one single-sentence request after another (with
-    `metadata` on each, e.g. an API key) to the model's `version` (default: its default)."""
+    `metadata` on each, e.g. an API key) to the model's `version` (default: its default): the
+    same sentence (`repeat`) or a new one each time; the cache in use (`cache`; by default for
+    repeated sentences only) or bypassed."""
     async with grpc.aio.insecure_channel(address) as channel:
         stub = gateway_pb2_grpc.GatewayStub(channel)
-        policy = common_pb2.CACHE_POLICY_USE if repeat else common_pb2.CACHE_POLICY_BYPASS
+        use = repeat if cache is None else cache
+        policy = common_pb2.CACHE_POLICY_USE if use else common_pb2.CACHE_POLICY_BYPASS
         options = gateway_pb2.InferOptions(cache_policy=policy)
         latencies: list[float] = []
         stop_at = time.perf_counter() + seconds
@@ -188,6 +194,8 @@ def report(baselines: list[Baseline], loads: dict[str, Load]) -> None:
             f"  c=1 p50 minus in-process single p50:   {c1.pct(0.5) - b.single_ms:+.2f} ms [<= 3]"
         )
     print(f"\ncache-hit p50: {hit1.pct(0.5):.2f} ms [<= 1.5 ms]")
+    miss1 = loads["cache miss c=1"]
+    print(f"cache-miss p50 minus bypass p50 at c=1: {miss1.pct(0.5) - c1.pct(0.5):+.2f} ms")
     print(f"cache-hit/model throughput at c=32: {hit32.rate / c32.rate:.2f} [>= 3]")
 
 
@@ -216,20 +224,23 @@ def main() -> None:
     try:
         address = cluster.address("gateway")
         loads, budgets = {}, {}
-        for name, concurrency, repeat in (
-            ("model c=1", 1, False),
-            ("model c=32", 32, False),
-            ("cache hit c=1", 1, True),
-            ("cache hit c=32", 32, True),
+        for name, concurrency, repeat, cache in (
+            ("model c=1", 1, False, False),
+            ("model c=32", 32, False, False),
+            ("cache hit c=1", 1, True, True),
+            ("cache hit c=32", 32, True, True),
+            ("cache miss c=1", 1, False, True),
         ):
             before = Snapshot.take(cluster)
-            load = asyncio.run(closed_loop(address, concurrency, args.seconds, repeat=repeat))
+            load = asyncio.run(
+                closed_loop(address, concurrency, args.seconds, repeat=repeat, cache=cache)
+            )
             loads[name] = load
             budgets[name] = Budget(before, Snapshot.take(cluster), load.requests, load.seconds)
     finally:
         cluster.stop()
     report(baselines, loads)
-    for name in ("model c=1", "model c=32"):
+    for name in ("model c=1", "model c=32", "cache miss c=1"):
         load = loads[name]
         print(f"\nwhere the time and CPU of {name} went (per request; bench/budget.py):")
         for line in budgets[name].lines(load.pct(0.5), statistics.mean(load.latencies_ms)):
