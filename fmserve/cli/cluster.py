@@ -124,6 +124,11 @@ class Cluster:
         # The stages' job workers read job states from, and record items in, the cache service.
         for stage in ("preprocess", "inference", "postprocess"):
             env.setdefault(f"FMSERVE_{stage.upper()}_CACHE_ADDRESS", self.address("cache"))
+        # A gateway keeps at most its batches in flight of inference replicas busy per model:
+        # two per replica (the default for one, the best measured on one machine).
+        inference = len(self.replicas_of["inference"])
+        if inference > 1:
+            env.setdefault("FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT", str(2 * inference))
         return env
 
     def _tls_env(self, service: str) -> dict[str, str]:

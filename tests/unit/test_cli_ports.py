@@ -66,3 +66,21 @@ def test_the_ready_line_says_whether_auth_is_on(
     _print_cluster(cluster, "", auth)
     ready = capsys.readouterr().out.splitlines()[-1]
     assert ready.startswith("fmserve is ready: gateway at 127.0.0.1:") and says in ready
+
+
+def test_the_gateway_keeps_two_batches_in_flight_per_inference_replica(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT", raising=False)
+    one = Cluster(log_dir=tmp_path)
+    gateway = one.replicas_of["gateway"][0]
+    assert "FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT" not in one.child_env(gateway)  # default: 2
+    three = Cluster(log_dir=tmp_path, replicas={"inference": 3})
+    env = three.child_env(three.replicas_of["gateway"][0])
+    assert env["FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT"] == "6"
+    chosen = Cluster(
+        log_dir=tmp_path,
+        replicas={"inference": 3},
+        env={"FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT": "1"},
+    )
+    assert chosen.child_env(gateway)["FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT"] == "1"
