@@ -100,6 +100,8 @@ def scaled(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> 
             "FMSERVE_CACHE_KEY_PREFIX": f"{prefix}:",
             "FMSERVE_AMQP_QUEUE_PREFIX": f"{prefix}.",
             "FMSERVE_INFERENCE_TORCH_THREADS": "1",
+            # what the README asks of `--scale inference=2`: two batches in flight per replica
+            "FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT": str(2 * REPLICAS["inference"]),
             # Compose runs with auth on and takes its admin key from `.env`: this run's own.
             "FMSERVE_ADMIN_KEY": ADMIN_KEY,
         }
