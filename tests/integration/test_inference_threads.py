@@ -47,7 +47,10 @@ async def test_each_version_loads_warms_and_runs_on_one_thread_of_its_own(
 
     assert len(threads["tiny-classifier"]) == 1 and len(threads["tiny-ner"]) == 1
     assert threads["tiny-classifier"] != threads["tiny-ner"]
-    # the unloaded version's thread has ended (the thread itself: an ident may be reused)
+    # The unloaded version's thread ends: its pool is shut down without waiting (it ends once
+    # its last batch is done), so give it a moment, as the process itself would.
+    for thread in threads["tiny-ner"]:
+        thread.join(timeout=10)
     assert not any(thread.is_alive() for thread in threads["tiny-ner"])
 
 
