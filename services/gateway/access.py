@@ -13,6 +13,7 @@ from typing import Any
 
 from fmserve.core.tasks import TASK_FROM_WIRE, TaskName
 from fmserve.errors import PermissionDenied
+from fmserve.v1 import common_pb2
 from services.gateway import scopes
 
 TaskOf = Callable[[str], str]
@@ -67,15 +68,14 @@ class AccessTable:
             raise PermissionDenied(f"{method} has no access rule, so it is refused to every key")
         return rule(request)
 
-    def _task(self, request: Any) -> str:
+    def _task(self, model: str, wire_task: common_pb2.Task) -> str:
         """The task a request asks for: its own, or else its model's."""
-        task = TASK_FROM_WIRE.get(request.task)
-        return task.value if task else self.task_of(request.model)
+        task = TASK_FROM_WIRE.get(wire_task)
+        return task.value if task else self.task_of(model)
 
     def _infer(self, request: Any) -> Access:
         model = request.model  # each read of a message's field builds it anew: once
-        task = TASK_FROM_WIRE.get(request.task)
-        needed = scopes.infer_scope(model, task.value if task else self.task_of(model))
+        needed = scopes.infer_scope(model, self._task(model, request.task))
         items = len(request.texts) + len(request.media)  # an image counts as a text does
         return Access((needed,), model, items, {"model": model, "items": items})
 
@@ -99,7 +99,7 @@ class AccessTable:
         header = request.header if request is not None else None
         if header is None or request.WhichOneof("part") != "header":
             return Access((scopes.JOBS_SUBMIT, scopes.infer_scope("", "")))
-        task = self._task(header)
+        task = self._task(header.model, header.task)
         needed = (scopes.JOBS_SUBMIT, scopes.infer_scope(header.model, task))
         items = header.expected_items
         if task == TaskName.TEXT_GENERATION.value:
