@@ -129,6 +129,11 @@ class Cluster:
         inference = len(self.replicas_of["inference"])
         if inference > 1:
             env.setdefault("FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT", str(2 * inference))
+        # Its calls to a stage travel on streams kept open, each on one replica: two per replica
+        # of the most scaled stage (the default, 4, covers two).
+        most = max(len(self.replicas_of[s]) for s in ("preprocess", "inference", "postprocess"))
+        if most > 2:
+            env.setdefault("FMSERVE_GATEWAY_STAGE_STREAMS", str(2 * most))
         return env
 
     def _tls_env(self, service: str) -> dict[str, str]:

@@ -58,7 +58,7 @@ def _literal(address: str) -> str:
     return f"{host}:{port}"
 
 
-def _outgoing_metadata() -> dict[str, str]:
+def outgoing_metadata() -> dict[str, str]:
     """What a downstream call carries: the request id and the trace context (`traceparent`)."""
     metadata = tracing.inject()
     if rid := context.request_id.get():
@@ -116,7 +116,7 @@ class _Carrying:
     ) -> Any:
         """The request (or request iterator), timeout and metadata by position or by name, as
         the stream-request shapes take them."""
-        if extra := _outgoing_metadata():
+        if extra := outgoing_metadata():
             metadata = (*(metadata or ()), *extra.items())
         return self._multicallable(request, timeout=timeout, metadata=metadata, **kw)
 
@@ -173,9 +173,16 @@ def open_channel(
 ) -> PropagatingChannel:
     """An asyncio channel to a service (one address or several replicas), whose calls carry
     the request id and trace; mTLS with `identity`, plaintext without."""
+    return PropagatingChannel(bare_channel(address, max_message_bytes, identity))
+
+
+def bare_channel(
+    address: str, max_message_bytes: int, identity: Identity | None
+) -> grpc.aio.Channel:
+    """`open_channel`'s channel without the request id and trace on its calls."""
     options = channel_options(max_message_bytes)
     if identity is None:
-        return PropagatingChannel(grpc.aio.insecure_channel(target(address), options))
+        return grpc.aio.insecure_channel(target(address), options)
     credentials = identity.channel_credentials()
     tls = [*options, *tls_options(address)]
-    return PropagatingChannel(grpc.aio.secure_channel(target(address), credentials, tls))
+    return grpc.aio.secure_channel(target(address), credentials, tls)

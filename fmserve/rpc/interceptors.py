@@ -28,6 +28,9 @@ log = logging.getLogger("fmserve.rpc")
 REQUEST_ID_KEY = "x-request-id"
 # Set by gRPC's retry policy on every attempt after the first (gRFC A6).
 PREVIOUS_ATTEMPTS_KEY = "grpc-previous-rpc-attempts"
+# Set by the tunnel's client on a call it sends again as a unary call, after its stream broke
+# under it (gRPC keeps the `grpc-` prefix to itself).
+RESENT_KEY = "x-fmserve-resent"
 
 
 class ServiceInterceptor(MethodWrapper):
@@ -156,7 +159,7 @@ class _CallScope:
         self.metadata_token = context.metadata.set(metadata)  # for the layers inside this one
         incoming = dict(metadata)
         self.request_id = incoming.get(REQUEST_ID_KEY) or uuid.uuid4().hex
-        if incoming.get(PREVIOUS_ATTEMPTS_KEY):
+        if incoming.get(PREVIOUS_ATTEMPTS_KEY) or incoming.get(RESENT_KEY):
             self.metrics.observe_retry(self.method)
         self.token = context.request_id.set(self.request_id)
         context.set_deadline_from(self.context.time_remaining())

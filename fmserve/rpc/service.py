@@ -21,6 +21,10 @@ from fmserve.core.settings import ServiceSettings
 from fmserve.rpc import reflection, tls
 from fmserve.rpc.interceptors import ServiceInterceptor
 from fmserve.rpc.options import grpc_options
+from fmserve.rpc.tunnel_server import SERVICE as TUNNEL_SERVICE
+from fmserve.rpc.tunnel_server import HandlerRecorder, TunnelServicer
+from fmserve.rpc.wrapping import MethodWrapper
+from fmserve.v1 import tunnel_pb2_grpc
 
 log = logging.getLogger("fmserve.rpc.service")
 
@@ -76,7 +80,7 @@ class Service:
     metrics_port: int | None = None
     public: bool = False
     """Serves clients outside the cluster: with TLS on, no client certificate is asked for."""
-    interceptors: list[grpc.aio.ServerInterceptor] = field(default_factory=list)
+    interceptors: list[MethodWrapper] = field(default_factory=list)
     """Inside the service interceptor (which maps their errors to statuses and binds each call's
     metadata in `fmserve.core.context.metadata`, where the gateway's auth reads the key), in
     order: the gateway's auth."""
@@ -85,19 +89,29 @@ class Service:
         self._health = health.aio.HealthServicer()
         self._server: grpc.aio.Server | None = None
         self._metrics = RpcMetrics(self.name)
+        self._tunnel: TunnelServicer | None = None
+
+    @property
+    def tunnel(self) -> TunnelServicer | None:
+        """The stages' `fmserve.v1.Tunnel` servicer, once serving; None for the gateway."""
+        return self._tunnel
 
     async def start(self) -> None:
         tracing.configure(self.name, self.settings.otlp_endpoint)
         for resource in self.resources:
             await resource.start()
-        server = grpc.aio.server(
-            interceptors=[ServiceInterceptor(self.name, self._metrics), *self.interceptors],
-            options=server_options(self.settings),
-        )
+        interceptors = [ServiceInterceptor(self.name, self._metrics), *self.interceptors]
+        server = grpc.aio.server(interceptors=interceptors, options=server_options(self.settings))
+        recorder = HandlerRecorder(server)
         for s in self.servicers:
-            s.add_to_server(s.servicer, server)
+            s.add_to_server(s.servicer, recorder)
+        names = [s.name for s in self.servicers]
+        if not self.public:  # the stages: the gateway's calls come on the tunnel
+            self._tunnel = TunnelServicer(recorder.handlers, interceptors)
+            tunnel_pb2_grpc.add_TunnelServicer_to_server(self._tunnel, server)
+            names.append(TUNNEL_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)
-        reflection.enable([*(s.name for s in self.servicers), health.SERVICE_NAME], server)
+        reflection.enable([*names, health.SERVICE_NAME], server)
         self.port = self._listen(server)
         await server.start()
         self._server = server
@@ -130,11 +144,8 @@ class Service:
         if self._server is not None:
             await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
             grace = self.settings.grace_period_s
-            drains = [
-                asyncio.create_task(r.drain(grace))
-                for r in self.resources
-                if isinstance(r, Draining)
-            ]
+            draining = [r for r in [*self.resources, self._tunnel] if isinstance(r, Draining)]
+            drains = [asyncio.create_task(r.drain(grace)) for r in draining]
             await self._server.stop(grace)
             for drain in drains:
                 drain.cancel()

@@ -14,8 +14,11 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-OPEN_SERVICES = ("/grpc.health", "/grpc.reflection")
-"""Left unwrapped: probes and tooling must reach them whatever the other interceptors do."""
+UNWRAPPED = ("/grpc.health", "/grpc.reflection", "/fmserve.v1.Tunnel/")
+"""Left unwrapped. Health and reflection: probes and tooling must reach them whatever the other
+interceptors do. The tunnel: a stream of it is transport, not a call (counted in flight, it
+would hold the autoscalers' signal up for as long as it stays open); each call it carries is
+wrapped as its unary call is (fmserve/rpc/tunnel_server.py)."""
 
 
 class MethodWrapper(grpc.aio.ServerInterceptor):
@@ -34,7 +37,7 @@ class MethodWrapper(grpc.aio.ServerInterceptor):
         known = self._wrapped.get(path)
         if known is None or known[0] is not handler:
             wrapped = handler
-            if not path.startswith(OPEN_SERVICES):
+            if not path.startswith(UNWRAPPED):
                 wrapped = self.wrap(handler, path.rsplit("/", 1)[-1])
             known = self._wrapped[path] = (handler, wrapped)
         return known[1]

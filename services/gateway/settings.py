@@ -53,6 +53,15 @@ class GatewaySettings(RepositorySettings, AmqpSettings, AuthSettings):
     served 8-9% more at concurrency 32 than 4, and 4 more than 8 (bench/). A gateway keeps at
     most this many inference replicas busy per model: raise it when inference scales out
     (Kubernetes sets 4)."""
+    stage_streams: int = 4
+    """Streams the gateway keeps open to each stage service, its calls to the stage taken in
+    turn as messages on them (fmserve.v1.Tunnel: about half a unary call's cost). A stream stays
+    on the replica it opened on: keep this at least the replicas of the most scaled stage.
+    0: plain unary calls."""
+    stage_stream_age_s: float = 30.0
+    """How long a stream to a stage carries new calls before a new one replaces it, which the
+    channel's round robin may open on another replica: replicas added since get their share
+    within this."""
     max_queue_size: int = 10_000
     """Texts waiting per model before requests are refused with RESOURCE_EXHAUSTED."""
     jobs_enabled: bool = True

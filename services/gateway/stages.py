@@ -15,6 +15,7 @@ from fmserve.core import tensors
 from fmserve.core.tasks import TASK_TO_WIRE, TaskName
 from fmserve.rpc import tls
 from fmserve.rpc.channels import open_channel
+from fmserve.rpc.tunnel_client import open_tunnel_channel
 from fmserve.v1 import (
     cache_pb2,
     cache_pb2_grpc,
@@ -72,7 +73,15 @@ class StageClients:
         self._kserve = service_pb2_grpc.GRPCInferenceServiceStub(self._open(s.inference_address))
 
     def _open(self, address: str) -> grpc.aio.Channel:
-        channel = open_channel(address, self.settings.max_message_bytes, self._identity)
+        """A channel to a stage; its unary calls go on the stage's tunnel (stage_streams)."""
+        s = self.settings
+        channel: grpc.aio.Channel
+        if s.stage_streams > 0:
+            channel = open_tunnel_channel(
+                address, s.max_message_bytes, self._identity, s.stage_streams, s.stage_stream_age_s
+            )
+        else:
+            channel = open_channel(address, s.max_message_bytes, self._identity)
         self._channels.append(channel)
         return channel
 

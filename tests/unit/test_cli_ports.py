@@ -84,3 +84,15 @@ def test_the_gateway_keeps_two_batches_in_flight_per_inference_replica(
         env={"FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT": "1"},
     )
     assert chosen.child_env(gateway)["FMSERVE_GATEWAY_MAX_BATCHES_IN_FLIGHT"] == "1"
+
+
+def test_the_gateway_keeps_two_streams_per_replica_of_its_most_scaled_stage(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("FMSERVE_GATEWAY_STAGE_STREAMS", raising=False)
+    two = Cluster(log_dir=tmp_path, replicas={"inference": 2})
+    gateway = two.replicas_of["gateway"][0]
+    assert "FMSERVE_GATEWAY_STAGE_STREAMS" not in two.child_env(gateway)  # default: 4
+    scaled = Cluster(log_dir=tmp_path, replicas={"inference": 2, "preprocess": 3})
+    env = scaled.child_env(scaled.replicas_of["gateway"][0])
+    assert env["FMSERVE_GATEWAY_STAGE_STREAMS"] == "6"

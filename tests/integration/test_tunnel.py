@@ -1,0 +1,201 @@
+"""The tunnel (fmserve/rpc/tunnel_*.py) on real grpc.aio servers: a stage's unary calls sent
+as messages on streams kept open keep everything a unary call has (outcome, status and
+trailers, request id, deadline, cancellation), run concurrently on one stream, fall back to
+unary calls where the tunnel is not served, and do not hold a stopping server up."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+import pytest
+
+from fmserve.core import context
+from fmserve.core.settings import ServiceSettings
+from fmserve.errors import InputTooLong, from_rpc_error
+from fmserve.rpc.service import Service, Servicer
+from fmserve.rpc.tunnel_client import TunnelChannel, open_tunnel_channel
+from fmserve.rpc.tunnel_server import MessageContext
+from fmserve.v1 import preprocess_pb2, preprocess_pb2_grpc
+from tests.integration.stage_fakes import FakePreprocess, Stage
+
+
+class Recording(FakePreprocess):
+    """The fake preprocess, noting how each call came (its context's type) and whether its
+    handler was cancelled."""
+
+    def __init__(self, stage: Stage) -> None:
+        super().__init__(stage)
+        self.contexts: list[type] = []
+        self.cancelled = asyncio.Event()
+
+    async def Tokenize(
+        self, request: preprocess_pb2.TokenizeRequest, context: Any
+    ) -> preprocess_pb2.TokenizeResponse:
+        self.contexts.append(type(context))
+        try:
+            return await super().Tokenize(request, context)
+        except asyncio.CancelledError:
+            self.cancelled.set()
+            raise
+
+
+def request(*texts: str) -> preprocess_pb2.TokenizeRequest:
+    return preprocess_pb2.TokenizeRequest(model="m", texts=list(texts))
+
+
+def servicer(recording: Recording) -> Servicer:
+    return Servicer(
+        preprocess_pb2_grpc.add_PreprocessServicer_to_server, recording, "fmserve.v1.Preprocess"
+    )
+
+
+@pytest.fixture
+def recording() -> Recording:
+    return Recording(Stage())
+
+
+@pytest.fixture
+async def service(recording: Recording) -> AsyncIterator[Service]:
+    settings = ServiceSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_period_s=5.0)
+    service = Service("tunnel_test", settings, [servicer(recording)])
+    await service.start()
+    yield service
+    await service.stop()
+
+
+def channel_to(port: int, streams: int = 2, max_age_s: float = 30.0) -> TunnelChannel:
+    return open_tunnel_channel(f"127.0.0.1:{port}", 4 * 1024 * 1024, None, streams, max_age_s)
+
+
+async def test_calls_travel_as_messages_and_keep_request_id_and_deadline(
+    service: Service, recording: Recording
+) -> None:
+    async with channel_to(service.port) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        token = context.request_id.set("req-tunnel-1")
+        try:
+            replies = [await stub.Tokenize(request("a bb", "ccc"), timeout=5) for _ in range(3)]
+        finally:
+            context.request_id.reset(token)
+    assert [list(r.lengths.shape) for r in replies] == [[2]] * 3
+    assert recording.contexts == [MessageContext] * 3
+    assert [c.request_id for c in recording.stage.calls] == ["req-tunnel-1"] * 3
+    for call in recording.stage.calls:
+        assert call.time_left_s is not None and 4.0 < call.time_left_s <= 5.0
+
+
+async def test_an_error_keeps_its_status_message_and_type(
+    service: Service, recording: Recording
+) -> None:
+    async with channel_to(service.port) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Tokenize(request("fine", "please refuse me"), timeout=5)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    error = from_rpc_error(caught.value)
+    assert isinstance(error, InputTooLong)
+    assert error.message == "texts[1] is over m's maximum length"
+    assert recording.contexts == [MessageContext]
+
+
+async def test_a_call_past_its_timeout_is_deadline_exceeded_and_its_handler_stopped(
+    service: Service, recording: Recording
+) -> None:
+    recording.stage.delay_s = 10.0
+    async with channel_to(service.port) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Tokenize(request("slow"), timeout=0.3)
+        assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 2.0
+        await asyncio.wait_for(recording.cancelled.wait(), 2.0)
+
+
+async def test_a_caller_that_gives_up_stops_the_handler(
+    service: Service, recording: Recording
+) -> None:
+    recording.stage.gate = asyncio.Event()
+    async with channel_to(service.port) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        call = asyncio.create_task(stub.Tokenize(request("held"), timeout=30))
+        while not recording.stage.calls:
+            await asyncio.sleep(0.01)
+        call.cancel()
+        await asyncio.wait_for(recording.cancelled.wait(), 2.0)
+
+
+async def test_calls_on_one_stream_run_at_once_and_are_answered_as_they_finish(
+    service: Service, recording: Recording
+) -> None:
+    gate = recording.stage.gate = asyncio.Event()
+    async with channel_to(service.port, streams=1) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        held = asyncio.create_task(stub.Tokenize(request("first"), timeout=10))
+        while not recording.stage.calls:
+            await asyncio.sleep(0.01)
+        recording.stage.gate = None
+        second = await asyncio.wait_for(stub.Tokenize(request("second one"), timeout=10), 5.0)
+        assert not held.done()
+        gate.set()
+        first = await held
+    assert (list(first.lengths.shape), list(second.lengths.shape)) == ([1], [1])
+    assert recording.contexts == [MessageContext] * 2
+
+
+async def test_a_server_without_the_tunnel_gets_plain_unary_calls(recording: Recording) -> None:
+    server = grpc.aio.server()
+    preprocess_pb2_grpc.add_PreprocessServicer_to_server(recording, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with channel_to(port) as channel:
+            stub = preprocess_pb2_grpc.PreprocessStub(channel)
+            replies = [await stub.Tokenize(request("a", "b c"), timeout=5) for _ in range(3)]
+    finally:
+        await server.stop(None)
+    assert [list(r.lengths.shape) for r in replies] == [[2]] * 3
+    assert MessageContext not in recording.contexts
+    assert len(recording.contexts) == 3
+
+
+async def test_streams_are_replaced_when_they_age(service: Service, recording: Recording) -> None:
+    """Each call on a fresh stream (max age 0): retired streams end once answered, so the
+    server is left holding one stream, not one per call."""
+    async with channel_to(service.port, streams=1, max_age_s=0.0) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        for _ in range(5):
+            await stub.Tokenize(request("x"), timeout=5)
+        tunnel = service.tunnel
+        assert tunnel is not None
+        deadline = time.monotonic() + 5
+        while tunnel.open_streams > 1 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        assert tunnel.open_streams == 1
+    assert recording.contexts == [MessageContext] * 5
+
+
+async def test_a_stopping_server_answers_what_it_started_without_waiting_its_grace(
+    recording: Recording,
+) -> None:
+    settings = ServiceSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_period_s=20.0)
+    service = Service("tunnel_stop", settings, [servicer(recording)])
+    await service.start()
+    gate = recording.stage.gate = asyncio.Event()
+    async with channel_to(service.port) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        held = asyncio.create_task(stub.Tokenize(request("in flight"), timeout=30))
+        while not recording.stage.calls:
+            await asyncio.sleep(0.01)
+        started = time.monotonic()
+        stopping = asyncio.create_task(service.stop())
+        await asyncio.sleep(0.2)
+        gate.set()
+        reply = await asyncio.wait_for(held, 5.0)
+        await asyncio.wait_for(stopping, 5.0)
+    assert list(reply.lengths.shape) == [1]
+    assert time.monotonic() - started < 5.0  # the grace is 20 s: the stream did not hold it
