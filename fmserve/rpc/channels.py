@@ -30,7 +30,10 @@ SERVICE_CONFIG = json.dumps(
                     "backoffMultiplier": 2,
                     "retryableStatusCodes": ["UNAVAILABLE"],
                 },
-            }
+            },
+            # Not the tunnel's streams: replayed, they would run calls again unseen; the tunnel
+            # sends a call its stream dropped again as a unary call, retried as above.
+            {"name": [{"service": "fmserve.v1.Tunnel"}]},
         ],
         "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
     }

@@ -29,7 +29,7 @@ import grpc
 from fmserve.rpc.channels import PropagatingChannel, bare_channel, outgoing_metadata
 from fmserve.rpc.interceptors import RESENT_KEY
 from fmserve.rpc.tls import Identity
-from fmserve.rpc.tunnel_server import SERVICE
+from fmserve.rpc.tunnel_server import NOT_RUN_KEY, SERVICE
 from fmserve.v1 import tunnel_pb2
 
 log = logging.getLogger("fmserve.rpc.tunnel")
@@ -40,18 +40,15 @@ UNSERVED_PAUSE_S = 60.0
 the tunnel again (a service of an older release, or another server speaking the protocol)."""
 BROKEN_PAUSE_S = 1.0
 """How long a channel whose stream failed (the service was unreachable) sends plain calls."""
-
-
-class _Broken(Exception):
-    """The call's stream ended before its reply: the call must go again as a unary call."""
-
-    def __init__(self, error: grpc.aio.AioRpcError | None) -> None:
-        self.error = error
+MAX_PAYLOAD_BYTES = 1024 * 1024
+"""Bigger requests go as unary calls: one message over a limit (the stage's request bound)
+would end the stream and every call on it, and a big one holds up the small ones behind it,
+while saving nothing that matters against its own size."""
 
 
 class NotCarried(Exception):
-    """The tunnel did not carry the call: send it as a unary call. `attempted`: it was sent on
-    a stream that broke (or drained) before its reply, so the unary call is a retry."""
+    """The tunnel did not carry the call: send it as a unary call. `attempted`: the call may
+    have run (its stream broke under it), so the unary call is a retry."""
 
     def __init__(self, attempted: bool) -> None:
         self.attempted = attempted
@@ -63,6 +60,7 @@ class _Stream:
     def __init__(self, open_: grpc.aio.StreamStreamMultiCallable) -> None:
         self.opened = time.monotonic()
         self.closed = False
+        self._retiring = False
         self._outbox: asyncio.Queue[tunnel_pb2.TunnelRequest | None] = asyncio.Queue()
         self._pending: dict[int, asyncio.Future[tunnel_pb2.TunnelReply]] = {}
         self._call = open_(self._requests())
@@ -76,16 +74,32 @@ class _Stream:
 
     def cancel(self, id_: int) -> None:
         """The caller gave up on call `id_`: the server stops it, no reply is awaited."""
-        if self._pending.pop(id_, None) is not None and not self.closed:
+        if self._forget(id_) and not self.closed:
             self._outbox.put_nowait(tunnel_pb2.TunnelRequest(id=id_, cancel=True))
+            self._end_if_retired()
+
+    def forget(self, id_: int) -> None:
+        """No reply is awaited for call `id_` any more, and the server is not told: its own
+        timer ends the call as a deadline (a cancel would be counted as the caller's)."""
+        self._forget(id_)
+        self._end_if_retired()
 
     def retire(self) -> None:
-        """Send nothing more; the calls under way are still answered, then the stream ends."""
-        self._outbox.put_nowait(None)
+        """Send nothing more; the calls under way are still answered (or cancelled), then the
+        stream ends."""
+        self._retiring = True
+        self._end_if_retired()
 
     async def close(self) -> None:
         self._call.cancel()
         await asyncio.gather(self._reader, return_exceptions=True)
+
+    def _forget(self, id_: int) -> bool:
+        return self._pending.pop(id_, None) is not None
+
+    def _end_if_retired(self) -> None:
+        if self._retiring and not self._pending:
+            self._outbox.put_nowait(None)  # the request iterator ends: done writing
 
     async def _requests(self) -> AsyncIterator[tunnel_pb2.TunnelRequest]:
         while (request := await self._outbox.get()) is not None:
@@ -98,16 +112,29 @@ class _Stream:
                 future = self._pending.pop(reply.id, None)
                 if future is not None and not future.done():
                     future.set_result(reply)
+                    self._end_if_retired()
         except grpc.aio.AioRpcError as exc:
             error = exc
         except asyncio.CancelledError:
             pass  # closed: the calls still pending go as unary calls
         finally:
             self.closed = True
+            self._outbox.put_nowait(None)  # gRPC's task that reads our requests may end
+            # A stream the server ended (OK: it drained) answered every call it started; a
+            # server without the tunnel ran none. Otherwise a pending call may have run.
+            attempted = error is not None and error.code() is not grpc.StatusCode.UNIMPLEMENTED
             for future in self._pending.values():
                 if not future.done():
-                    future.set_exception(_Broken(error))
+                    future.set_exception(_Broken(error, attempted))
             self._pending.clear()
+
+
+class _Broken(Exception):
+    """The call's stream ended before its reply."""
+
+    def __init__(self, error: grpc.aio.AioRpcError | None, attempted: bool) -> None:
+        self.error = error
+        self.attempted = attempted
 
 
 class Tunnel:
@@ -129,7 +156,7 @@ class Tunnel:
         self, method: str, payload: bytes, timeout: float | None, metadata: dict[str, str]
     ) -> tunnel_pb2.TunnelReply:
         """The call's reply; raises NotCarried if the tunnel could not carry it."""
-        if time.monotonic() < self._paused_until:
+        if len(payload) > MAX_PAYLOAD_BYTES or time.monotonic() < self._paused_until:
             raise NotCarried(attempted=False)
         stream = self._stream()
         id_ = next(self._ids)
@@ -142,16 +169,13 @@ class Tunnel:
                 return await future
         except _Broken as broken:
             self._pause(broken.error)
-            raise NotCarried(attempted=True) from None
+            raise NotCarried(broken.attempted) from None
         except asyncio.CancelledError:
             stream.cancel(id_)
             raise
         except TimeoutError:
-            stream.cancel(id_)
-            empty = grpc.aio.Metadata()
-            raise grpc.aio.AioRpcError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, empty, empty, "Deadline Exceeded"
-            ) from None
+            stream.forget(id_)
+            raise _deadline_exceeded() from None
 
     async def close(self) -> None:
         streams = [s for s in self._streams if s is not None]
@@ -174,6 +198,12 @@ class Tunnel:
         if unserved:
             log.info("the service does not serve the tunnel: plain unary calls for a while")
         self._paused_until = time.monotonic() + (UNSERVED_PAUSE_S if unserved else BROKEN_PAUSE_S)
+
+
+def _deadline_exceeded() -> grpc.aio.AioRpcError:
+    empty = grpc.aio.Metadata()
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    return grpc.aio.AioRpcError(code, empty, empty, "Deadline Exceeded")
 
 
 def open_tunnel_channel(
@@ -238,6 +268,7 @@ class _Tunnelled(grpc.aio.UnaryUnaryMultiCallable):
     async def _call(
         self, request: Any, timeout: float | None, metadata: Any, kwargs: dict[str, Any]
     ) -> Any:
+        deadline = None if timeout is None else time.monotonic() + timeout
         carried = outgoing_metadata()
         carried.update(metadata or ())
         if not kwargs and all(isinstance(v, str) for v in carried.values()):
@@ -249,10 +280,16 @@ class _Tunnelled(grpc.aio.UnaryUnaryMultiCallable):
                 if not_carried.attempted:
                     metadata = (*(metadata or ()), (RESENT_KEY, "1"))
             else:
-                # UNAVAILABLE goes again as a unary call, which the channel's policy retries.
                 if reply.code != grpc.StatusCode.UNAVAILABLE.value[0]:
                     return self._outcome(reply)
-                metadata = (*(metadata or ()), (RESENT_KEY, "1"))
+                # Again as a unary call, which the channel's policy retries; a call refused
+                # by a draining stage did not run.
+                if NOT_RUN_KEY not in reply.trailing_metadata:
+                    metadata = (*(metadata or ()), (RESENT_KEY, "1"))
+            if deadline is not None:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    raise _deadline_exceeded()
         return await self._unary(request, timeout=timeout, metadata=metadata, **kwargs)
 
     def _outcome(self, reply: tunnel_pb2.TunnelReply) -> Any:

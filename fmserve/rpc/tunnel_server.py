@@ -7,9 +7,10 @@ context of its own that answers what a handler asks of a call's context. Message
 run concurrently and are answered as they finish. A message's timeout cancels its handler as
 gRPC cancels a unary call's at its deadline.
 
-When the server drains, each stream stops reading, answers the calls it started and ends: the
-client sends what it had sent after that again as unary calls, which the server's stop then
-refuses, so they go to another replica (the channels retry UNAVAILABLE)."""
+When the server drains, each stream answers the calls it started, refuses new ones at once
+(UNAVAILABLE, marked as not run) and ends once the started ones are answered: the client sends
+the refused ones again as unary calls, which the stopping server refuses too, so they go to
+another replica (the channels retry UNAVAILABLE)."""
 
 from __future__ import annotations
 
@@ -28,6 +29,10 @@ from fmserve.v1 import tunnel_pb2, tunnel_pb2_grpc
 log = logging.getLogger("fmserve.rpc.tunnel")
 
 SERVICE = tunnel_pb2.DESCRIPTOR.services_by_name["Tunnel"].full_name
+ENVELOPE_BYTES = 4096
+"""Room left in a reply's message for what wraps the payload (id, status, trailers)."""
+NOT_RUN_KEY = "x-fmserve-not-run"
+"""In the trailing metadata of a call a draining server refused without running it."""
 
 
 class HandlerRecorder:
@@ -75,6 +80,15 @@ class MessageContext:
     def code(self) -> grpc.StatusCode | None:
         return self.status
 
+    def set_code(self, code: grpc.StatusCode) -> None:
+        self.status = code
+
+    def set_details(self, details: str) -> None:
+        self.details = details
+
+    def peer(self) -> str:
+        return "tunnel"
+
     async def abort(self, code: grpc.StatusCode, details: str = "") -> None:
         self.status, self.details = code, details
         raise grpc.aio.AbortError()
@@ -82,14 +96,20 @@ class MessageContext:
 
 class TunnelServicer(tunnel_pb2_grpc.TunnelServicer):
     def __init__(
-        self, handlers: Sequence[grpc.GenericRpcHandler], wrappers: Sequence[MethodWrapper]
+        self,
+        handlers: Sequence[grpc.GenericRpcHandler],
+        wrappers: Sequence[MethodWrapper],
+        max_reply_bytes: int,
     ) -> None:
         """`handlers`: the server's own (a `HandlerRecorder`'s); `wrappers`: its interceptors,
-        outermost first, as the server applies them."""
+        outermost first, as the server applies them; `max_reply_bytes`: the server's send
+        limit, which a unary call's reply would have met."""
         self._handlers = handlers
         self._wrappers = wrappers
+        self.max_reply_bytes = max_reply_bytes
         self._methods: dict[str, grpc.RpcMethodHandler | None] = {}
         self._streams: set[_Stream] = set()
+        self.draining = False
 
     async def Open(
         self, requests: AsyncIterator[tunnel_pb2.TunnelRequest], context: Any
@@ -107,9 +127,11 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServicer):
         return len(self._streams)
 
     async def drain(self, grace_s: float) -> None:
-        """Every open stream stops reading, answers what it started, and ends."""
+        """Every stream, open or opened from now on, refuses new calls, answers what it
+        started, and ends."""
+        self.draining = True
         for stream in list(self._streams):
-            stream.stop_reading()
+            stream.end_when_answered()
 
     def method(self, path: str) -> grpc.RpcMethodHandler | None:
         """The unary method at `path` wrapped as the server's interceptors wrap it; None if
@@ -154,15 +176,18 @@ class _Stream:
             for task in [self._reader, *self._calls.values()]:
                 task.cancel()
 
-    def stop_reading(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+    def end_when_answered(self) -> None:
+        """The server drains: end once the calls started are answered."""
+        self._end_when_answered()
 
     async def _read(self, requests: AsyncIterator[tunnel_pb2.TunnelRequest]) -> None:
         async for request in requests:
             if request.cancel:
                 if call := self._calls.get(request.id):
                     call.cancel()
+                continue
+            if self._servicer.draining:
+                self._replies.put_nowait(_refused(request.id))
                 continue
             task = asyncio.create_task(self._answer(request))
             self._calls[request.id] = task
@@ -173,7 +198,9 @@ class _Stream:
         self._end_when_answered()
 
     def _end_when_answered(self) -> None:
-        if self._reader is not None and self._reader.done() and not self._calls:
+        if self._calls or self._reader is None:
+            return
+        if self._reader.done() or self._servicer.draining:
             self._replies.put_nowait(_End())
 
     async def _answer(self, request: tunnel_pb2.TunnelRequest) -> None:
@@ -205,7 +232,14 @@ class _Stream:
             return _status(code, context.details, context.trailing)
         except TimeoutError:
             return _status(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded")
-        return tunnel_pb2.TunnelReply(payload=handler.response_serializer(response))
+        payload = handler.response_serializer(response)
+        if len(payload) > self._servicer.max_reply_bytes - ENVELOPE_BYTES:
+            message = (
+                f"the reply is {len(payload)} bytes, over this service's limit of "
+                f"{self._servicer.max_reply_bytes}"
+            )
+            return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+        return tunnel_pb2.TunnelReply(payload=payload)
 
 
 def _status(
@@ -213,6 +247,12 @@ def _status(
 ) -> tunnel_pb2.TunnelReply:
     text = {k: v for k, v in trailing if isinstance(v, str)}  # a "-bin" key's bytes stay out
     return tunnel_pb2.TunnelReply(code=code.value[0], message=message, trailing_metadata=text)
+
+
+def _refused(id_: int) -> tunnel_pb2.TunnelReply:
+    reply = _status(grpc.StatusCode.UNAVAILABLE, "the service is stopping", ((NOT_RUN_KEY, "1"),))
+    reply.id = id_
+    return reply
 
 
 def _loop_time(deadline: float | None) -> float | None:

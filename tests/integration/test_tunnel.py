@@ -15,7 +15,8 @@ import pytest
 
 from fmserve.core import context
 from fmserve.core.settings import ServiceSettings
-from fmserve.errors import InputTooLong, from_rpc_error
+from fmserve.errors import InputTooLong, Unavailable, from_rpc_error
+from fmserve.rpc.interceptors import RESENT_KEY
 from fmserve.rpc.service import Service, Servicer
 from fmserve.rpc.tunnel_client import TunnelChannel, open_tunnel_channel
 from fmserve.rpc.tunnel_server import MessageContext
@@ -30,12 +31,14 @@ class Recording(FakePreprocess):
     def __init__(self, stage: Stage) -> None:
         super().__init__(stage)
         self.contexts: list[type] = []
+        self.metadata: list[dict[str, str]] = []
         self.cancelled = asyncio.Event()
 
     async def Tokenize(
         self, request: preprocess_pb2.TokenizeRequest, context: Any
     ) -> preprocess_pb2.TokenizeResponse:
         self.contexts.append(type(context))
+        self.metadata.append(dict(context.invocation_metadata() or ()))
         try:
             return await super().Tokenize(request, context)
         except asyncio.CancelledError:
@@ -161,6 +164,39 @@ async def test_a_server_without_the_tunnel_gets_plain_unary_calls(recording: Rec
     assert [list(r.lengths.shape) for r in replies] == [[2]] * 3
     assert MessageContext not in recording.contexts
     assert len(recording.contexts) == 3
+    assert all(RESENT_KEY not in m for m in recording.metadata)  # refused streams ran nothing
+    await asyncio.sleep(0.1)
+    # The streams the server refused left no task of gRPC's waiting for requests to send.
+    leftover = [t for t in asyncio.all_tasks() if "request_iterator" in repr(t.get_coro())]
+    assert not leftover
+
+
+async def test_a_call_the_stage_answers_unavailable_goes_again_within_its_deadline(
+    service: Service, recording: Recording
+) -> None:
+    """Unavailable after 1 s on the tunnel, the call goes again as a unary call (marked as a
+    retry) with what is left of its 1.5 s, not 1.5 s again."""
+    recording.stage.delay_s, recording.stage.error = 1.0, Unavailable("warming up")
+    async with channel_to(service.port) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await stub.Tokenize(request("x"), timeout=1.5)
+        elapsed = time.monotonic() - started
+    assert caught.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+    assert elapsed < 2.2
+    second = recording.stage.calls[1]
+    assert recording.contexts[0] is MessageContext and recording.contexts[1] is not MessageContext
+    assert second.time_left_s is not None and second.time_left_s < 0.6
+    assert RESENT_KEY not in recording.metadata[0] and recording.metadata[1][RESENT_KEY] == "1"
+
+
+async def test_a_big_request_goes_as_a_unary_call(service: Service, recording: Recording) -> None:
+    async with channel_to(service.port) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        reply = await stub.Tokenize(request("word " * 250_000), timeout=10)
+    assert list(reply.lengths.shape) == [1]
+    assert len(recording.contexts) == 1 and recording.contexts[0] is not MessageContext
 
 
 async def test_streams_are_replaced_when_they_age(service: Service, recording: Recording) -> None:
@@ -186,7 +222,7 @@ async def test_a_stopping_server_answers_what_it_started_without_waiting_its_gra
     service = Service("tunnel_stop", settings, [servicer(recording)])
     await service.start()
     gate = recording.stage.gate = asyncio.Event()
-    async with channel_to(service.port) as channel:
+    async with channel_to(service.port, streams=1) as channel:
         stub = preprocess_pb2_grpc.PreprocessStub(channel)
         held = asyncio.create_task(stub.Tokenize(request("in flight"), timeout=30))
         while not recording.stage.calls:
@@ -194,8 +230,17 @@ async def test_a_stopping_server_answers_what_it_started_without_waiting_its_gra
         started = time.monotonic()
         stopping = asyncio.create_task(service.stop())
         await asyncio.sleep(0.2)
+        # A call sent while the stage drains is refused at once (as not run), not held
+        # behind the one in flight; sent again as a unary call, the stopping server refuses it.
+        refused_at = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.Tokenize(request("too late"), timeout=5)
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - refused_at < 2.0
+        assert not held.done()
         gate.set()
         reply = await asyncio.wait_for(held, 5.0)
         await asyncio.wait_for(stopping, 5.0)
     assert list(reply.lengths.shape) == [1]
     assert time.monotonic() - started < 5.0  # the grace is 20 s: the stream did not hold it
+    assert len(recording.stage.calls) == 1  # the refused call never ran
