@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+from prometheus_client import REGISTRY
 
 from fmserve.core import context
 from fmserve.core.settings import ServiceSettings
@@ -244,3 +245,68 @@ async def test_a_stopping_server_answers_what_it_started_without_waiting_its_gra
     assert list(reply.lengths.shape) == [1]
     assert time.monotonic() - started < 5.0  # the grace is 20 s: the stream did not hold it
     assert len(recording.stage.calls) == 1  # the refused call never ran
+
+
+def requests_counted(service: str, code: str) -> float:
+    """The service's Tokenize calls that ended with `code`, over every model label."""
+    name = f"fmserve_{service}_requests_total"
+    return sum(
+        sample.value
+        for metric in REGISTRY.collect()
+        for sample in metric.samples
+        if sample.name == name
+        and sample.labels.get("method") == "Tokenize"
+        and sample.labels.get("code") == code
+    )
+
+
+async def test_the_stage_counts_a_call_past_its_timeout_as_a_deadline(
+    service: Service, recording: Recording
+) -> None:
+    """As for a unary call: the stage's own timer ends it, not a cancel from the caller."""
+    before = requests_counted("tunnel_test", "DEADLINE_EXCEEDED")
+    cancelled_before = requests_counted("tunnel_test", "CANCELLED")
+    recording.stage.delay_s = 10.0
+    async with channel_to(service.port) as channel:
+        stub = preprocess_pb2_grpc.PreprocessStub(channel)
+        for _ in range(3):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.Tokenize(request("slow"), timeout=0.2)
+        deadline = time.monotonic() + 5
+        while requests_counted("tunnel_test", "DEADLINE_EXCEEDED") - before < 3:
+            assert time.monotonic() < deadline, "the stage did not count three deadlines"
+            await asyncio.sleep(0.02)
+    assert requests_counted("tunnel_test", "CANCELLED") == cancelled_before
+
+
+async def test_a_replica_that_dies_mid_call_has_its_calls_sent_to_another(
+    recording: Recording,
+) -> None:
+    """Two replicas; a call held on one when it stops at once (no grace) goes again, as a
+    unary call marked as a retry, and the other answers it."""
+    survivor_recording = Recording(Stage())
+    settings = ServiceSettings(host="127.0.0.1", port=0, metrics_port=-1, grace_period_s=0.0)
+    doomed = Service("tunnel_doomed", settings, [servicer(recording)])
+    survivor = Service("tunnel_survivor", settings, [servicer(survivor_recording)])
+    await doomed.start()
+    await survivor.start()
+    recording.stage.gate = asyncio.Event()  # the doomed replica never answers
+    address = f"127.0.0.1:{doomed.port},127.0.0.1:{survivor.port}"
+    try:
+        # Streams replaced every 50 ms, so that round robin soon opens one on each replica.
+        async with open_tunnel_channel(address, 4 * 1024 * 1024, None, 2, 0.05) as channel:
+            stub = preprocess_pb2_grpc.PreprocessStub(channel)
+            calls: list[asyncio.Task[preprocess_pb2.TokenizeResponse]] = []
+            deadline = time.monotonic() + 5
+            while not recording.stage.calls:
+                assert time.monotonic() < deadline, "no call reached the first replica"
+                call = stub.Tokenize(request(f"call {len(calls)}"), timeout=10)
+                calls.append(asyncio.create_task(call))
+                await asyncio.sleep(0.02)
+            await doomed.stop()
+            replies = await asyncio.wait_for(asyncio.gather(*calls), 8.0)
+    finally:
+        await survivor.stop()
+    assert [list(r.lengths.shape) for r in replies] == [[1]] * len(calls)
+    resent = [m for m in survivor_recording.metadata if m.get(RESENT_KEY) == "1"]
+    assert len(resent) == len(recording.stage.calls) >= 1
