@@ -1,6 +1,7 @@
 """Benchmark: what one hop between two services costs in grpc.aio, the transport every fmserve
-service speaks, as a unary call (what the gateway makes to each stage today) and as one
-message each way on a bidirectional stream kept open (the candidate that would halve it).
+service speaks, as a unary call (what a client makes to the gateway, and the gateway to a
+stage that does not serve the tunnel) and as one message each way on a bidirectional stream
+kept open (how the gateway's calls reach the stages: fmserve/rpc/tunnel_*.py).
 
     python -m bench.hops            (also in `make bench`)
 
