@@ -280,13 +280,16 @@ def test_a_stage_killed_mid_stream_fails_it_unavailable_then_recovers(client, cl
 
     cluster.supervise_once()
     cluster.wait_healthy(replica, time.monotonic() + 120)
-    deadline = time.monotonic() + 30
-    while True:
+    # Recovered: three answers in a row (one can slip through while the channel still
+    # settles; a CI run once saw the next test's first call refused right after one).
+    deadline, answered = time.monotonic() + 30, 0
+    while answered < 3:
         try:
             assert client.generate("back", model="tiny-llama", max_new_tokens=4).token_ids
-            break
+            answered += 1
         except Unavailable:
             assert time.monotonic() < deadline, f"the gateway did not reach the restarted {stage}"
+            answered = 0
             time.sleep(0.2)
 
 
