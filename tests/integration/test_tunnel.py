@@ -75,6 +75,16 @@ def channel_to(port: int, streams: int = 2, max_age_s: float = 30.0) -> TunnelCh
     return open_tunnel_channel(f"127.0.0.1:{port}", 4 * 1024 * 1024, None, streams, max_age_s)
 
 
+async def held_call(
+    stub: preprocess_pb2_grpc.PreprocessStub, recording: Recording, text: str, timeout: float
+) -> asyncio.Task[preprocess_pb2.TokenizeResponse]:
+    """A call started, once the stage has it (held there by the stage's gate)."""
+    call = asyncio.create_task(stub.Tokenize(request(text), timeout=timeout))
+    while not recording.stage.calls:
+        await asyncio.sleep(0.01)
+    return call
+
+
 async def test_calls_travel_as_messages_and_keep_request_id_and_deadline(
     service: Service, recording: Recording
 ) -> None:
@@ -126,9 +136,7 @@ async def test_a_caller_that_gives_up_stops_the_handler(
     recording.stage.gate = asyncio.Event()
     async with channel_to(service.port) as channel:
         stub = preprocess_pb2_grpc.PreprocessStub(channel)
-        call = asyncio.create_task(stub.Tokenize(request("held"), timeout=30))
-        while not recording.stage.calls:
-            await asyncio.sleep(0.01)
+        call = await held_call(stub, recording, "held", 30)
         call.cancel()
         await asyncio.wait_for(recording.cancelled.wait(), 2.0)
 
@@ -139,9 +147,7 @@ async def test_calls_on_one_stream_run_at_once_and_are_answered_as_they_finish(
     gate = recording.stage.gate = asyncio.Event()
     async with channel_to(service.port, streams=1) as channel:
         stub = preprocess_pb2_grpc.PreprocessStub(channel)
-        held = asyncio.create_task(stub.Tokenize(request("first"), timeout=10))
-        while not recording.stage.calls:
-            await asyncio.sleep(0.01)
+        held = await held_call(stub, recording, "first", 10)
         recording.stage.gate = None
         second = await asyncio.wait_for(stub.Tokenize(request("second one"), timeout=10), 5.0)
         assert not held.done()
@@ -225,9 +231,7 @@ async def test_a_stopping_server_answers_what_it_started_without_waiting_its_gra
     gate = recording.stage.gate = asyncio.Event()
     async with channel_to(service.port, streams=1) as channel:
         stub = preprocess_pb2_grpc.PreprocessStub(channel)
-        held = asyncio.create_task(stub.Tokenize(request("in flight"), timeout=30))
-        while not recording.stage.calls:
-            await asyncio.sleep(0.01)
+        held = await held_call(stub, recording, "in flight", 30)
         started = time.monotonic()
         stopping = asyncio.create_task(service.stop())
         await asyncio.sleep(0.2)
