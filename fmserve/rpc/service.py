@@ -107,8 +107,12 @@ class Service:
             s.add_to_server(s.servicer, recorder)
         names = [s.name for s in self.servicers]
         if not self.public:  # the stages: the gateway's calls come on the tunnel
-            limit = self.settings.max_message_bytes
-            self._tunnel = TunnelServicer(recorder.handlers, interceptors, limit)
+            self._tunnel = TunnelServicer(
+                recorder.handlers,
+                interceptors,
+                self.settings.max_message_bytes,
+                self.settings.max_metadata_bytes,
+            )
             tunnel_pb2_grpc.add_TunnelServicer_to_server(self._tunnel, server)
             names.append(TUNNEL_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self._health, server)

@@ -100,13 +100,16 @@ class TunnelServicer(tunnel_pb2_grpc.TunnelServicer):
         handlers: Sequence[grpc.GenericRpcHandler],
         wrappers: Sequence[MethodWrapper],
         max_reply_bytes: int,
+        max_metadata_bytes: int,
     ) -> None:
         """`handlers`: the server's own (a `HandlerRecorder`'s); `wrappers`: its interceptors,
-        outermost first, as the server applies them; `max_reply_bytes`: the server's send
-        limit, which a unary call's reply would have met."""
+        outermost first, as the server applies them; `max_reply_bytes` and
+        `max_metadata_bytes`: the server's send limit and metadata bound, which a unary call
+        would have met."""
         self._handlers = handlers
         self._wrappers = wrappers
         self.max_reply_bytes = max_reply_bytes
+        self.max_metadata_bytes = max_metadata_bytes
         self._methods: dict[str, grpc.RpcMethodHandler | None] = {}
         self._streams: set[_Stream] = set()
         self.draining = False
@@ -215,15 +218,23 @@ class _Stream:
         self._replies.put_nowait(reply)
 
     async def _run(self, request: tunnel_pb2.TunnelRequest) -> tunnel_pb2.TunnelReply:
+        # Refused as gRPC refuses a unary call: metadata over the bound, or no such method.
+        # The stream carries on with its other calls.
+        size, limit = _metadata_bytes(request.metadata), self._servicer.max_metadata_bytes
+        if size > limit:
+            message = f"the call's metadata is {size} bytes, over this service's limit of {limit}"
+            return _status(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
         handler = self._servicer.method(request.method)
         if handler is None:
             return _status(
                 grpc.StatusCode.UNIMPLEMENTED,
                 f"{request.method} is not a unary method of this service",
             )
+        # the service interceptor's deserializer turns bytes that do not decode into a call
+        # its handler refuses INVALID_ARGUMENT, as on a unary call
+        message = handler.request_deserializer(request.payload)
         deadline = time.monotonic() + request.timeout_s if request.timeout_s > 0 else None
         context = MessageContext(tuple(request.metadata.items()), deadline)
-        message = handler.request_deserializer(request.payload)
         try:
             async with asyncio.timeout_at(_loop_time(deadline)):
                 response = await handler.unary_unary(message, context)
@@ -247,6 +258,11 @@ def _status(
 ) -> tunnel_pb2.TunnelReply:
     text = {k: v for k, v in trailing if isinstance(v, str)}  # a "-bin" key's bytes stay out
     return tunnel_pb2.TunnelReply(code=code.value[0], message=message, trailing_metadata=text)
+
+
+def _metadata_bytes(metadata: Any) -> int:
+    """Metadata's size as HTTP/2 counts a header list (RFC 7540 §6.5.2), gRPC's bound too."""
+    return sum(len(key.encode()) + len(value.encode()) + 32 for key, value in metadata.items())
 
 
 def _refused(id_: int) -> tunnel_pb2.TunnelReply:

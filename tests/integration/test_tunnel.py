@@ -21,7 +21,7 @@ from fmserve.rpc.interceptors import RESENT_KEY
 from fmserve.rpc.service import Service, Servicer
 from fmserve.rpc.tunnel_client import TunnelChannel, open_tunnel_channel
 from fmserve.rpc.tunnel_server import MessageContext
-from fmserve.v1 import preprocess_pb2, preprocess_pb2_grpc
+from fmserve.v1 import preprocess_pb2, preprocess_pb2_grpc, tunnel_pb2, tunnel_pb2_grpc
 from tests.integration.stage_fakes import FakePreprocess, Stage
 
 
@@ -114,6 +114,47 @@ async def test_an_error_keeps_its_status_message_and_type(
     assert isinstance(error, InputTooLong)
     assert error.message == "texts[1] is over m's maximum length"
     assert recording.contexts == [MessageContext]
+
+
+def status(reply: tunnel_pb2.TunnelReply) -> grpc.StatusCode:
+    return next(code for code in grpc.StatusCode if code.value[0] == reply.code)
+
+
+async def test_a_bad_message_is_refused_as_a_unary_call_would_be_and_the_stream_goes_on(
+    service: Service, recording: Recording
+) -> None:
+    tokenize, good = "/fmserve.v1.Preprocess/Tokenize", request("a bb").SerializeToString()
+    sent = {
+        1: tunnel_pb2.TunnelRequest(method=tokenize, payload=b"\xff\xff\xff"),  # cut short
+        2: tunnel_pb2.TunnelRequest(method="/fmserve.v1.Preprocess/Detokenize", payload=good),
+        3: tunnel_pb2.TunnelRequest(method=tokenize, payload=good, metadata={"x-big": "x" * 9000}),
+        4: tunnel_pb2.TunnelRequest(method=tokenize, payload=good, timeout_s=5),
+    }
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.port}") as channel:
+        stream = tunnel_pb2_grpc.TunnelStub(channel).Open()
+        for id_, message in sent.items():
+            message.id = id_
+            await stream.write(message)
+        replies = {}
+        for _ in sent:
+            reply = await stream.read()
+            replies[reply.id] = reply
+        await stream.done_writing()
+
+    assert status(replies[1]) is grpc.StatusCode.INVALID_ARGUMENT
+    assert replies[1].message == (
+        "the request is not a valid fmserve.v1.TokenizeRequest message; "
+        "build it with the stubs generated from protos/"
+    )
+    assert status(replies[2]) is grpc.StatusCode.UNIMPLEMENTED
+    assert "Detokenize is not a unary method of this service" in replies[2].message
+    assert status(replies[3]) is grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert replies[3].message == (
+        "the call's metadata is 9037 bytes, over this service's limit of 8192"
+    )
+    assert status(replies[4]) is grpc.StatusCode.OK
+    assert list(preprocess_pb2.TokenizeResponse.FromString(replies[4].payload).lengths.shape) == [1]
+    assert [c.request.texts for c in recording.stage.calls] == [["a bb"]]  # the bad ones never ran
 
 
 async def test_a_call_past_its_timeout_is_deadline_exceeded_and_its_handler_stopped(
