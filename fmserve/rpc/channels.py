@@ -14,6 +14,7 @@ from fmserve.core import context, tracing
 from fmserve.rpc.interceptors import REQUEST_ID_KEY
 from fmserve.rpc.service import grpc_options
 from fmserve.rpc.tls import Identity
+from fmserve.v1 import tunnel_pb2
 
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:")
 
@@ -33,7 +34,7 @@ SERVICE_CONFIG = json.dumps(
             },
             # Not the tunnel's streams: replayed, they would run calls again unseen; the tunnel
             # sends a call its stream dropped again as a unary call, retried as above.
-            {"name": [{"service": "fmserve.v1.Tunnel"}]},
+            {"name": [{"service": tunnel_pb2.DESCRIPTOR.services_by_name["Tunnel"].full_name}]},
         ],
         "retryThrottling": {"maxTokens": 100, "tokenRatio": 0.1},
     }

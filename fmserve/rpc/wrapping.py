@@ -14,7 +14,10 @@ from collections.abc import Awaitable, Callable
 
 import grpc
 
-UNWRAPPED = ("/grpc.health", "/grpc.reflection", "/fmserve.v1.Tunnel/")
+from fmserve.v1 import tunnel_pb2
+
+_TUNNEL = tunnel_pb2.DESCRIPTOR.services_by_name["Tunnel"].full_name
+UNWRAPPED = ("/grpc.health", "/grpc.reflection", f"/{_TUNNEL}/")
 """Left unwrapped. Health and reflection: probes and tooling must reach them whatever the other
 interceptors do. The tunnel: a stream of it is transport, not a call (counted in flight, it
 would hold the autoscalers' signal up for as long as it stays open); each call it carries is
