@@ -21,6 +21,12 @@ LOOKUPS = Counter(
     "Result cache lookups per text, by outcome (hit, miss, error).",
     ["model", "outcome"],
 )
+NEAR_HITS = Counter(
+    "fmserve_gateway_near_cache_hits_total",
+    "Result cache hits answered from the gateway's own memory, per text (counted as hits in "
+    "fmserve_gateway_cache_lookups_total too).",
+    ["model"],
+)
 LIMIT_REFUSALS = Counter(
     "fmserve_gateway_limit_refusals_total",
     "Calls refused by an API key's limits, by the key's name (never the key) and reason: rate, "

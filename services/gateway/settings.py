@@ -1,5 +1,6 @@
 """Gateway settings (`FMSERVE_GATEWAY_*`)."""
 
+from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
 from fmserve.core.settings import AmqpSettings, AuthSettings, RepositorySettings
@@ -30,6 +31,14 @@ class GatewaySettings(RepositorySettings, AmqpSettings, AuthSettings):
     """A cache lookup slower than this counts as a miss: the cache never holds up an answer."""
     cache_ttl_s: int = 0
     """Time to live of stored results; 0 uses the cache service's default."""
+    near_cache_entries: int = Field(4096, ge=0)
+    """Results this gateway keeps in its own memory, the most recently used, so that a repeat
+    is answered without a call to the cache service (a cache hit's p50 0.9 ms against 2.4-2.9,
+    2.0-2.4x the hits per second at concurrency 32; bench/); 0: none."""
+    near_cache_ttl_s: float = Field(5.0, gt=0)
+    """How long a result stays in the gateway's memory. A result is the same whenever it is
+    computed (its key names the model version, options and input), so this bounds only how long
+    a copy may outlive the cache service's."""
     limits_timeout_s: float = 2.0
     """Longest wait for the cache service to check an API key's limits; a call whose limits
     cannot be checked in time is refused UNAVAILABLE (limits fail closed). A cache service

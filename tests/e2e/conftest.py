@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -118,3 +119,16 @@ def forget_keys(prefix: str) -> None:
 @pytest.fixture(scope="session")
 def gateway_address(cluster: Cluster) -> str:
     return cluster.address("gateway")
+
+
+def metric(cluster: Cluster, service: str, name: str, **labels: str) -> float:
+    """The sum of a metric's series with these labels, as the first replica of `service`
+    exports it now."""
+    port = cluster.replicas_of[service][0].metrics_port
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") and all(w in line for w in want)
+    )

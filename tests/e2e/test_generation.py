@@ -8,7 +8,6 @@ import asyncio
 import json
 import shutil
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -16,11 +15,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from fmserve.cli.cluster import Cluster
 from fmserve.cli.commands import main as cli_main
 from fmserve.client import AsyncClient, Client, Generation, GenerationDelta
 from fmserve.core.repository import ModelRepository
 from fmserve.errors import DeadlineExceeded, InputTooLong, InvalidInput, Unavailable, WrongTask
+from tests.e2e.conftest import metric
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -67,17 +66,6 @@ def greedy(reference, model: str, prompt: str, max_new_tokens: int) -> list[int]
 def unique(prompt: str) -> str:
     """A prompt no other test sent: its first answer cannot come from the cache."""
     return f"{prompt} {uuid.uuid4().hex[:6]}"
-
-
-def metric(cluster: Cluster, service: str, name: str, **labels: str) -> float:
-    port = cluster.replicas_of[service][0].metrics_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") and all(w in line for w in want)
-    )
 
 
 @pytest.mark.parametrize("model", ["tiny-llama", "tiny-gpt2"])

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import time
-import urllib.request
 import uuid
 from pathlib import Path
 
@@ -21,7 +20,7 @@ from fmserve.cli import main as cli
 from fmserve.cli.cluster import Cluster
 from fmserve.client import Job
 from fmserve.errors import Conflict, InvalidInput, NotFound, Overloaded
-from tests.e2e.conftest import DELIVERY_LIMIT, MAX_ITEMS, MAX_JOB_ITEMS
+from tests.e2e.conftest import DELIVERY_LIMIT, MAX_ITEMS, MAX_JOB_ITEMS, metric
 
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(120)]
 
@@ -70,17 +69,6 @@ def assert_exactly_once(job: Job, count: int) -> list:
     assert [item.index for item in items] == list(range(count))
     assert all(item.ok for item in items)
     return items
-
-
-def metric(cluster: Cluster, service: str, name: str, **labels: str) -> float:
-    port = cluster.replicas_of[service][0].metrics_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(label in line for label in want):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
 
 
 # --- results -------------------------------------------------------------------------------

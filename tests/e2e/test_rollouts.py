@@ -8,7 +8,6 @@ from __future__ import annotations
 import shutil
 import threading
 import time
-import urllib.request
 from collections import Counter
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from fmserve.cli import commands
 from fmserve.cli.cluster import Cluster
 from fmserve.client import Client, Guard, TrafficPolicy
 from fmserve.errors import Conflict, FmserveError
+from tests.e2e.conftest import metric
 from tests.models import build_classifier
 
 pytestmark = pytest.mark.timeout(300)
@@ -72,17 +72,6 @@ def policy(**fields: object) -> TrafficPolicy:
 
 def version_of(client: Client, text: str = SHORT, **options: object) -> str:
     return client.infer(text, MODEL, **options).version  # type: ignore[arg-type]
-
-
-def metric(cluster: Cluster, name: str, **labels: str) -> float:
-    port = cluster.replicas_of["gateway"][0].metrics_port
-    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    want = [f'{k}="{v}"' for k, v in labels.items()]
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") and all(label in line for label in want)
-    )
 
 
 def test_a_canary_of_10_percent_gets_10_percent_of_requests(client: Client) -> None:
@@ -188,7 +177,9 @@ def test_a_canary_answering_errors_is_rolled_back_on_its_own(
 ) -> None:
     guard = Guard(max_error_ratio=0.2, window_s=30, min_requests=10)
     client.set_traffic_policy(policy(canary="4", canary_percent=50, guard=guard))
-    before = metric(cluster, "fmserve_gateway_rollbacks_total", model=MODEL, reason="error_ratio")
+    before = metric(
+        cluster, "gateway", "fmserve_gateway_rollbacks_total", model=MODEL, reason="error_ratio"
+    )
     canary_errors = 0
     deadline = time.monotonic() + 30
     while client.traffic_policy(MODEL).canary:
@@ -201,7 +192,9 @@ def test_a_canary_answering_errors_is_rolled_back_on_its_own(
     assert (rolled.state, rolled.state_version) == ("rolled_back", "4")
     assert "error ratio" in rolled.reason
     assert canary_errors >= 10
-    after = metric(cluster, "fmserve_gateway_rollbacks_total", model=MODEL, reason="error_ratio")
+    after = metric(
+        cluster, "gateway", "fmserve_gateway_rollbacks_total", model=MODEL, reason="error_ratio"
+    )
     assert after == before + 1
     assert {version_of(client, LONG) for _ in range(30)} == {"1"}
 
@@ -209,7 +202,7 @@ def test_a_canary_answering_errors_is_rolled_back_on_its_own(
 def test_shadow_answers_are_counted_and_never_returned(client: Client, cluster: Cluster) -> None:
     client.set_traffic_policy(policy(shadow="2"))
     copies = dict(model=MODEL, version="2", outcome="ok")
-    before = metric(cluster, "fmserve_gateway_shadow_requests_total", **copies)
+    before = metric(cluster, "gateway", "fmserve_gateway_shadow_requests_total", **copies)
     texts = [f"shadowed text {i}" for i in range(40)]
     answers = [rounded(client.classify(t, MODEL, cache="bypass")[0]) for t in texts]
     pinned = [rounded(client.classify(t, MODEL, version="1", cache="bypass")[0]) for t in texts]
@@ -217,7 +210,10 @@ def test_shadow_answers_are_counted_and_never_returned(client: Client, cluster: 
     other = [rounded(client.classify(t, MODEL, version="2", cache="bypass")[0]) for t in texts]
     assert answers != other
     wait_until(
-        lambda: metric(cluster, "fmserve_gateway_shadow_requests_total", **copies) >= before + 40,
+        lambda: (
+            metric(cluster, "gateway", "fmserve_gateway_shadow_requests_total", **copies)
+            >= before + 40
+        ),
         timeout_s=10,
     )
 
@@ -270,9 +266,12 @@ def test_generate_streams_are_counted_for_the_version_that_answered(
     client: Client, cluster: Cluster
 ) -> None:
     counted = dict(model="tiny-llama", version="1", outcome="ok")
-    before = metric(cluster, "fmserve_gateway_version_requests_total", **counted)
+    before = metric(cluster, "gateway", "fmserve_gateway_version_requests_total", **counted)
     generation = client.generate(
         "count me", model="tiny-llama", max_new_tokens=4, routing_key="user-1", cache="bypass"
     )
     assert generation.version == "1"
-    assert metric(cluster, "fmserve_gateway_version_requests_total", **counted) == before + 1
+    assert (
+        metric(cluster, "gateway", "fmserve_gateway_version_requests_total", **counted)
+        == before + 1
+    )

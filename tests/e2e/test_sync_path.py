@@ -28,7 +28,7 @@ from fmserve.errors import (
 )
 from fmserve.v1 import gateway_pb2, gateway_pb2_grpc
 from tests import reference
-from tests.e2e.conftest import MAX_ITEMS, MAX_REQUEST_BYTES
+from tests.e2e.conftest import MAX_ITEMS, MAX_REQUEST_BYTES, metric
 
 pytestmark = pytest.mark.e2e
 
@@ -120,6 +120,21 @@ def test_repeat_request_is_a_cache_hit(client: Client) -> None:
     assert not client.infer([text], "minilm-embed", cache="refresh").cache_hit
     mixed = client.infer([text, unique("new")], "minilm-embed")
     assert mixed.cached == [True, False]
+
+
+def test_a_repeat_is_answered_from_the_gateways_memory(cluster: Cluster, client: Client) -> None:
+    text, model = unique("near"), "minilm-embed"
+    first = client.infer([text], model)
+
+    def counted() -> tuple[float, float]:
+        near = metric(cluster, "gateway", "fmserve_gateway_near_cache_hits_total", model=model)
+        lookups = metric(cluster, "cache", "fmserve_cache_requests_total", method="Lookup")
+        return near, lookups
+
+    near, lookups = counted()
+    again = client.infer([text], model)
+    assert again.cache_hit and np.array_equal(first.results[0], again.results[0])
+    assert counted() == (near + 1, lookups)  # answered by the gateway, no call to the cache
 
 
 def test_cache_keys_include_the_version(client: Client) -> None:

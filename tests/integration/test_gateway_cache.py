@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from prometheus_client import REGISTRY
 
 from fmserve.core.repository import ModelRepository
 from fmserve.errors import Overloaded, Unavailable
@@ -202,6 +203,79 @@ async def test_a_store_while_stopping_is_skipped_without_an_error(
         side.cache.store([("k1", result(1.0))])  # a reply being sent as the gateway stops
     assert [r.name for r in caplog.records] == ["fmserve.gateway.cache"]
     assert side.fakes.cache.calls == []
+
+
+# --- the near cache: results this gateway saw lately, answered without a call ------------------
+
+
+def near_hits(model: str) -> float:
+    return REGISTRY.get_sample_value("fmserve_gateway_near_cache_hits_total", {"model": model}) or 0
+
+
+async def test_a_result_stored_lately_is_answered_without_a_call(side: Side) -> None:
+    fresh = result(1.0, 2.0)
+    side.cache.store([("k1", fresh)])
+    await side.stored(1)
+    before = near_hits("embedder")
+    [hit] = await side.cache.lookup("embedder", ["k1"])
+    assert hit is not None and list(hit.embedding.values) == [1.0, 2.0]
+    assert hit.cached and not fresh.cached  # kept as the cache answers it; the caller's as it was
+    assert side.lookups() == []
+    assert near_hits("embedder") == before + 1
+
+
+async def test_a_result_the_cache_service_found_is_kept_near(side: Side) -> None:
+    side.fakes.stored["k1"] = result(3.0)  # stored by another gateway
+    for _ in range(3):
+        [hit] = await side.cache.lookup("embedder", ["k1"])
+        assert hit is not None and list(hit.embedding.values) == [3.0] and hit.cached
+    assert side.lookups() == [["k1"]]
+
+
+async def test_a_near_result_expires_and_is_asked_of_the_cache_service_again(
+    make_side: Callable[..., Any],
+) -> None:
+    side = await make_side(near_cache_ttl_s=0.2)
+    side.cache.store([("k1", result(1.0))])
+    await side.stored(1)
+    assert (await side.cache.lookup("embedder", ["k1"]))[0] is not None
+    assert side.lookups() == []
+    await asyncio.sleep(0.25)
+    assert (await side.cache.lookup("embedder", ["k1"]))[0] is not None
+    assert side.lookups() == [["k1"]]
+
+
+async def test_the_near_cache_keeps_the_most_recently_used(make_side: Callable[..., Any]) -> None:
+    side = await make_side(near_cache_entries=2)
+    side.cache.store([("k1", result(1.0)), ("k2", result(2.0))])
+    await side.stored(2)
+    await side.cache.lookup("embedder", ["k1"])  # k2 is now the least recently used
+    side.cache.store([("k3", result(3.0))])
+    await side.stored(3)
+    assert len(side.cache.near) == 2
+    found = await side.cache.lookup("embedder", ["k1", "k2", "k3"])
+    assert [list(r.embedding.values) for r in found if r] == [[1.0], [2.0], [3.0]]
+    assert side.lookups() == [["k2"]]
+
+
+async def test_without_a_near_cache_every_lookup_asks_the_cache_service(
+    make_side: Callable[..., Any],
+) -> None:
+    side = await make_side(near_cache_entries=0)
+    side.cache.store([("k1", result(1.0))])
+    await side.stored(1)
+    for _ in range(2):
+        assert (await side.cache.lookup("embedder", ["k1"]))[0] is not None
+    assert side.lookups() == [["k1"], ["k1"]]
+
+
+async def test_near_results_are_answered_while_the_cache_service_fails(side: Side) -> None:
+    side.cache.store([("k1", result(1.0))])
+    await side.stored(1)
+    side.fakes.cache.error = Unavailable("redis is down")
+    hit, miss = await side.cache.lookup("embedder", ["k1", "k2"])
+    assert hit is not None and list(hit.embedding.values) == [1.0]
+    assert miss is None
 
 
 # --- Gateway.infer: the cache on the request path --------------------------------------------
