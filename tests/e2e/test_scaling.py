@@ -26,6 +26,7 @@ from fmserve.core import apikeys
 from fmserve.core.settings import ServiceSettings
 from fmserve.queue.topology import Topology, delete_queues
 from fmserve.rpc.service import Service
+from services.gateway.settings import GatewaySettings
 from tests.conftest import AMQP_URL, REDIS_URL, require_server
 from tests.deployment import (
     COMPOSE_FILE,
@@ -63,6 +64,8 @@ ONLY_ON_FAILURE = {
     # and only when a policy is rolled back, by hand or by a broken guard (test_rollouts.py)
     "fmserve_gateway_rollbacks_total",
 }
+# How long the gateway keeps a result in its own memory (compose leaves the default).
+NEAR_CACHE_TTL_S = GatewaySettings.model_fields["near_cache_ttl_s"].default
 # Dashboard metrics that no fmserve service exports: RabbitMQ's (per-object endpoint, names from
 # the rabbitmq_prometheus plugin) and Prometheus's own `up`.
 EXTERNAL = {
@@ -164,7 +167,9 @@ def test_every_readme_metric_moves_and_the_dashboards_use_only_real_names(scaled
         send(scaled, 4)
         client.classify(["a first text for tiny"], model="tiny-classifier")  # loads a model
         time.sleep(0.5)  # stores are not awaited by the reply
-        client.classify(["a first text for tiny"], model="tiny-classifier")  # a cache hit
+        client.classify(["a first text for tiny"], model="tiny-classifier")  # the gateway's hit
+        time.sleep(NEAR_CACHE_TTL_S + 0.2)  # gone from the gateway's memory, kept in Redis
+        client.classify(["a first text for tiny"], model="tiny-classifier")  # the cache's hit
         client.classify_images([encoded(drawn())], model="tiny-vit")  # preprocess's Featurize
         for _ in range(2):  # sampled, so never cached: the engine's metrics move too
             client.generate("a prompt", model="tiny-llama", max_new_tokens=8, temperature=1)
