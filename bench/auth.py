@@ -144,9 +144,13 @@ async def measure(
     runs: dict[Key, list[Load]] = defaultdict(list)
     spent: dict[tuple[Key, str], float] = defaultdict(float)
     for round_ in range(rounds):
-        # Each round starts with the next mode: a drift within a round favours none of them.
+        # Each round starts with the next mode, so a drift within a round favours none of them;
+        # every other round runs backwards, so each mode follows more than one other (a mode
+        # may leave work behind, such as every limit's checks, for whichever comes next).
         turn = round_ % len(callers)
         order = [*callers.items()][turn:] + [*callers.items()][:turn]
+        if round_ % 2:
+            order.reverse()
         for path in paths:
             repeat = path == "cache hit"
             for mode, load in (await taking_turns(callers, seconds, repeat)).items():
